@@ -1,0 +1,83 @@
+"""Certified bounds on <q, y> over the targets y below a tree node.
+
+Every node v stores its center c, ||c||^2, a radius R >= max ||y - c||, and the
+range [nu_min, nu_max] of ||y|| over its targets. Two bounds hold for every y:
+
+* Cauchy-Schwarz (BRIEF §2):   |<q, y> - <q, c>| <= ||q|| R
+* norm + triangle inequality: for t > 0,
+      <q, y> = (||t q||^2 + ||y||^2 - ||t q - y||^2) / (2 t),
+  and ||t q - c|| - R <= ||t q - y|| <= ||t q - c|| + R.
+  With t = nu_max / ||q|| this is the spherical-cap bound when targets have
+  unit norm; its width is ~2 D R instead of 2 ||q|| R, where D = ||t q - c|| is
+  small for the nodes near q, which are the ones that carry softmax mass.
+
+We return the tighter of the two on each side. `dot` arrives computed in
+float32, so it is widened by a rigorous rounding margin first: a bound must
+never be violated by rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+# Unit roundoff of float32; gamma_n = n u / (1 - n u) bounds a length-n dot product error.
+F32_EPS = float(np.finfo(np.float32).eps) / 2.0
+
+
+@nb.njit(cache=True, inline="always")
+def dot_error(dim: int, qnorm: float, cnorm: float) -> float:
+    """Upper bound on |fl32(<q, c>) - <q, c>| for a float32 sequential dot product."""
+    nu = (dim + 2) * F32_EPS
+    return 2.0 * nu / (1.0 - nu) * qnorm * cnorm + 1e-30
+
+
+@nb.njit(cache=True, inline="always")
+def node_bounds(dot: float, qnorm: float, csq: float, radius: float,
+                nu_min: float, nu_max: float, dim: int) -> tuple[float, float]:
+    """Lower and upper bound of <q, y> over every target y below the node.
+
+    dot   -- <q, c> as computed in float32
+    qnorm -- ||q|| (float64)
+    csq   -- ||c||^2 (float64)
+    """
+    cnorm = math.sqrt(csq)
+    err = dot_error(dim, qnorm, cnorm)
+    a_hi = dot + err
+    a_lo = dot - err
+    # Cauchy-Schwarz, and the trivial |<q, y>| <= ||q|| nu_max.
+    upper = min(a_hi + qnorm * radius, qnorm * nu_max)
+    lower = max(a_lo - qnorm * radius, -qnorm * nu_max)
+    if qnorm > 0.0 and nu_max > 0.0:
+        t = nu_max / qnorm
+        # ||t q - c||^2 = nu_max^2 - 2 t <q, c> + ||c||^2, taken at its smallest
+        # (upper bound) and largest (lower bound) over the rounding interval of dot.
+        d2_small = nu_max * nu_max - 2.0 * t * a_hi + csq
+        d2_large = nu_max * nu_max - 2.0 * t * a_lo + csq
+        d_small = math.sqrt(max(d2_small, 0.0))
+        d_large = math.sqrt(max(d2_large, 0.0))
+        near = max(d_small - radius, 0.0)
+        far = d_large + radius
+        up2 = (2.0 * nu_max * nu_max - near * near) / (2.0 * t)
+        lo2 = (nu_max * nu_max + nu_min * nu_min - far * far) / (2.0 * t)
+        # The algebra above is in float64 on float64 inputs: pad by a relative
+        # margin far above its rounding error.
+        pad = 1e-12 * (nu_max * nu_max + far * far) / t
+        upper = min(upper, up2 + pad)
+        lower = max(lower, lo2 - pad)
+    return lower, upper
+
+
+# reassoc lets LLVM vectorise the reduction; the gamma_n error bound above holds
+# for any summation order, and contract (FMA) only makes it more accurate.
+FAST = {"reassoc", "contract"}
+
+
+@nb.njit(cache=True, inline="always", fastmath=FAST)
+def dot32(a: np.ndarray, b: np.ndarray) -> float:
+    """float32 dot product of two 1-d float32 arrays (vectorised by LLVM)."""
+    s = np.float32(0.0)
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s

@@ -1,0 +1,152 @@
+"""Exact maximum-inner-product search: best-first branch and bound over the tree.
+
+Nodes are expanded in order of their certified upper bound on <q, y>; the search
+stops when the best remaining bound cannot beat the current k-th score, so the
+result is exact (ties aside).
+"""
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from ._bounds import FAST, dot32, node_bounds
+
+
+@nb.njit(cache=True, inline="always")
+def heap_push(keys, vals, size, key, val):
+    """Push onto a max-heap stored in (keys, vals); grows the arrays when full."""
+    if size == keys.shape[0]:
+        nk = np.empty(2 * size, keys.dtype)
+        nv = np.empty(2 * size, vals.dtype)
+        nk[:size] = keys
+        nv[:size] = vals
+        keys, vals = nk, nv
+    i = size
+    while i > 0:
+        p = (i - 1) >> 1
+        if keys[p] >= key:
+            break
+        keys[i] = keys[p]
+        vals[i] = vals[p]
+        i = p
+    keys[i] = key
+    vals[i] = val
+    return keys, vals, size + 1
+
+
+@nb.njit(cache=True, inline="always")
+def heap_pop(keys, vals, size):
+    """Remove the max of a max-heap; returns (key, val, new size)."""
+    top_k, top_v = keys[0], vals[0]
+    size -= 1
+    k, v = keys[size], vals[size]
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= size:
+            break
+        if c + 1 < size and keys[c + 1] > keys[c]:
+            c += 1
+        if keys[c] <= k:
+            break
+        keys[i] = keys[c]
+        vals[i] = vals[c]
+        i = c
+    if size > 0:
+        keys[i] = k
+        vals[i] = v
+    return top_k, top_v, size
+
+
+@nb.njit(cache=True, inline="always")
+def topk_replace_min(scores, ids, k, score, idv):
+    """Replace the minimum of a size-k min-heap (scores, ids) and sift down."""
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= k:
+            break
+        if c + 1 < k and scores[c + 1] < scores[c]:
+            c += 1
+        if scores[c] >= score:
+            break
+        scores[i] = scores[c]
+        ids[i] = ids[c]
+        i = c
+    scores[i] = score
+    ids[i] = idv
+
+
+@nb.njit(cache=True, inline="always")
+def is_excluded(excl_ptr, excl_ids, b, idv):
+    lo, hi = excl_ptr[b], excl_ptr[b + 1]
+    if lo == hi:
+        return False
+    j = lo + np.searchsorted(excl_ids[lo:hi], idv)
+    return j < hi and excl_ids[j] == idv
+
+
+@nb.njit(cache=True, parallel=True, nogil=True, fastmath=FAST)
+def search_batch(queries, k, root, vecs, slot_id, center, csq, radius, nu_min, nu_max,
+                 first_child, next_sibling, leaf_start, leaf_size, excl_ptr, excl_ids,
+                 out_scores, out_ids, out_visited):
+    """Exact top-k by inner product for each query row (parallel over queries)."""
+    dim = queries.shape[1]
+    for b in nb.prange(queries.shape[0]):
+        q = queries[b]
+        qn = 0.0
+        for t in range(dim):
+            qn += float(q[t]) * float(q[t])
+        qnorm = math.sqrt(qn)
+        ts = np.full(k, -np.inf, np.float32)
+        ti = np.full(k, -1, np.int64)
+        filled = 0
+        hk = np.empty(256, np.float64)
+        hv = np.empty(256, np.int64)
+        hk, hv, hs = heap_push(hk, hv, 0, np.inf, root)
+        visited = 0
+        while hs > 0:
+            ub, v, hs = heap_pop(hk, hv, hs)
+            if filled == k and ub <= ts[0]:
+                break
+            visited += 1
+            s0 = leaf_start[v]
+            if s0 >= 0:
+                for s in range(s0, s0 + leaf_size[v]):
+                    sc = dot32(q, vecs[s])
+                    if filled < k or sc > ts[0]:
+                        idv = slot_id[s]
+                        if is_excluded(excl_ptr, excl_ids, b, idv):
+                            continue
+                        if filled < k:  # fill phase: keep a valid min-heap by sifting up
+                            i = filled
+                            while i > 0:
+                                p = (i - 1) >> 1
+                                if ts[p] <= sc:
+                                    break
+                                ts[i] = ts[p]
+                                ti[i] = ti[p]
+                                i = p
+                            ts[i] = sc
+                            ti[i] = idv
+                            filled += 1
+                        else:
+                            topk_replace_min(ts, ti, k, sc, idv)
+            else:
+                c = first_child[v]
+                while c >= 0:
+                    a = dot32(q, center[c])
+                    lo, up = node_bounds(a, qnorm, csq[c], radius[c], nu_min[c], nu_max[c], dim)
+                    if filled < k or up > ts[0]:
+                        hk, hv, hs = heap_push(hk, hv, hs, up, c)
+                    c = next_sibling[c]
+        order = np.argsort(-ts[:filled])
+        for j in range(filled):
+            out_scores[b, j] = ts[order[j]]
+            out_ids[b, j] = ti[order[j]]
+        for j in range(filled, k):
+            out_scores[b, j] = -np.inf
+            out_ids[b, j] = -1
+        out_visited[b] = visited

@@ -1,0 +1,367 @@
+"""Exact brute-force baselines and oracles: top-k search and softmax sampling.
+
+These are ground truth for the tests and the yardstick for the benchmarks, so they are
+both exact and as fast as we could make them on a 2-core CPU (see bench/brute_yardstick.py
+for the variants measured).
+
+Scores are the float32 BLAS product <q, x> (one reused batch_size x N buffer). Everything
+derived from them (weights, log Z, log P, the sampling CDF) is computed in float64, so the
+"exact" softmax here is the softmax of the float32 scores, evaluated to float64 precision:
+
+* exp is a float64 polynomial (error ~1 ulp); weights below e^-700 of their chunk's
+  maximum are set to 0 (they cannot be represented in float64 anyway): the total mass
+  dropped is < N * e^-700 relative to Z, i.e. nothing.
+* log Z = logsumexp over chunks of (beta*c + log sum_chunk exp(beta*(s - c))), all float64.
+* sampling is inverse-CDF with sorted float64 uniforms over a float64 two-level
+  (chunk, element) cumulative sum, so no weight is lost to float32 prefix-sum rounding
+  (torch.multinomial accumulates float32 weights in float32 and silently drops weights
+  below ~eps * running sum: on a 4M row that is a visible bias). The remaining error is
+  float64 rounding of the sums, ~1e-16 relative per probability.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numba as nb
+import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+from ._validate import as_exclude, as_ids, as_vectors, check_k
+
+_CHUNK = 2048  # floats per chunk: 8 KiB of scores + 16 KiB of float64 weights stay in L1/L2
+
+
+# ---------------------------------------------------------------------------------------
+# numba kernels
+# ---------------------------------------------------------------------------------------
+
+@intrinsic
+def _i64_as_f64(typingctx, x):
+    """Reinterpret int64 bits as float64 (vectorizable; numba has no bitcast)."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return sig, codegen
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.693147180369123816490  # Cody-Waite split of ln 2: n*_LN2_HI is exact
+_LN2_LO = 1.90821492927058770002e-10
+
+
+@nb.njit(inline="always")
+def _exp_nonpos(x: float) -> float:
+    """exp(x) in float64 for x <= 0 (or -inf), ~1 ulp; 0 below -700.
+
+    Written out because numba has no SVML here and libm's scalar exp does not vectorize;
+    this polynomial does (AVX-512), which is what makes the fused kernel fast.
+    """
+    xc = max(x, -708.0)
+    n = math.floor(xc * _LOG2E + 0.5)
+    r = (xc - n * _LN2_HI) - n * _LN2_LO  # |r| <= ln2/2
+    # Taylor to degree 13: truncation < 2e-17 relative on |r| <= 0.347
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    scale = _i64_as_f64((np.int64(n) + 1023) << 52)
+    return p * scale if x > -700.0 else 0.0
+
+
+@nb.njit(fastmath={"nnan"}, inline="always")
+def _max_f32(s, lo: int, hi: int) -> float:
+    m = -np.inf
+    for i in range(lo, hi):
+        v = s[i]
+        m = v if v > m else m
+    return m
+
+
+@nb.njit(inline="always")
+def _weights(s, lo: int, hi: int, c: float, beta: float, w) -> None:
+    """w[i-lo] = exp(beta*(s[i] - c)) in float64 (c = chunk max, so arguments are <= 0)."""
+    for i in range(lo, hi):
+        w[i - lo] = _exp_nonpos(beta * (np.float64(s[i]) - c))
+
+
+@nb.njit(fastmath={"reassoc", "nsz", "contract"}, inline="always")
+def _sum(w, n: int) -> float:
+    t = 0.0
+    for i in range(n):
+        t += w[i]
+    return t
+
+
+@nb.njit(parallel=True, cache=True)
+def _softmax_rows(buf, nrows: int, beta: float, u, out_idx, out_logp, out_logz) -> int:
+    """Per row of buf[:nrows]: exact float64 log Z and k inverse-CDF draws.
+
+    u: (nrows, k) uniforms in [0, 1) (k may be 0: log Z only). Returns the first row
+    whose scores are not finite or all -inf (then outputs are unspecified), else -1.
+    """
+    n = buf.shape[1]
+    k = u.shape[1]
+    nchunk = (n + _CHUNK - 1) // _CHUNK
+    bad = -1
+    for r in nb.prange(nrows):
+        s = buf[r]
+        w = np.empty(_CHUNK, np.float64)
+        cmax = np.empty(nchunk, np.float64)   # chunk max score
+        clog = np.empty(nchunk, np.float64)   # log of chunk mass in absolute units
+        csum = np.empty(nchunk, np.float64)   # chunk mass relative to its max
+        big = -np.inf
+        ok = True
+        # pass 1: one read of the row from memory; exp+sum on the L1-resident chunk
+        for ci in range(nchunk):
+            lo = ci * _CHUNK
+            hi = min(lo + _CHUNK, n)
+            c = np.float64(_max_f32(s, lo, hi))
+            cmax[ci] = c
+            if c == -np.inf:
+                csum[ci] = 0.0
+                clog[ci] = -np.inf
+                continue
+            if not (c < np.inf):
+                ok = False
+                break
+            _weights(s, lo, hi, c, beta, w)
+            t = _sum(w, hi - lo)
+            csum[ci] = t
+            clog[ci] = beta * c + math.log(t)
+            if clog[ci] > big:
+                big = clog[ci]
+        if not ok or big == -np.inf:
+            bad = r
+            continue
+        # chunk masses relative to the largest: float64 two-level CDF
+        tot = 0.0
+        lastc = 0
+        for ci in range(nchunk):
+            if clog[ci] != -np.inf:
+                tot += math.exp(clog[ci] - big)
+                lastc = ci
+        logz = big + math.log(tot)
+        out_logz[r] = logz
+        if k == 0:
+            continue
+        order = np.argsort(u[r])  # walk the row once with sorted targets
+        j = 0
+        acc = 0.0  # mass (relative to big) of chunks before ci
+        for ci in range(nchunk):
+            if j >= k:
+                break
+            if clog[ci] == -np.inf:
+                continue
+            e = math.exp(clog[ci] - big)
+            last = ci == lastc  # targets rounding past the total land here
+            if not last and u[r, order[j]] * tot >= acc + e:
+                acc += e
+                continue
+            # at least one target falls in this chunk: expand it
+            lo = ci * _CHUNK
+            hi = min(lo + _CHUNK, n)
+            c = cmax[ci]
+            _weights(s, lo, hi, c, beta, w)
+            scale = csum[ci] / e  # target mass -> chunk-relative units
+            inner = 0.0
+            i = lo
+            while j < k:
+                t = u[r, order[j]] * tot
+                if not last and t >= acc + e:
+                    break  # rounding at chunk edge is resolved by the chunk test
+                tt = (t - acc) * scale
+                while i < hi and inner + w[i - lo] <= tt:
+                    inner += w[i - lo]
+                    i += 1
+                if i >= hi:
+                    # float64 rounding at the chunk's end: the last nonzero weight
+                    pick = hi - 1
+                    while w[pick - lo] == 0.0:
+                        pick -= 1
+                else:
+                    pick = i
+                dst = order[j]
+                out_idx[r, dst] = pick
+                out_logp[r, dst] = beta * np.float64(s[pick]) - logz
+                j += 1
+            acc += e
+    return bad
+
+
+@nb.njit(parallel=True, cache=True)
+def _mask_rows(buf, nrows: int, ptr, rows) -> None:
+    """buf[b, rows[ptr[b]:ptr[b+1]]] = -inf (exclusions)."""
+    for b in nb.prange(nrows):
+        for t in range(ptr[b], ptr[b + 1]):
+            buf[b, rows[t]] = -np.inf
+
+
+# ---------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------
+
+def _check_beta(beta) -> float:
+    try:
+        b = float(beta)
+    except (TypeError, ValueError):
+        raise ValueError(f"beta: expected a positive finite number, got {beta!r}") from None
+    if not (math.isfinite(b) and b > 0):
+        raise ValueError(f"beta: expected a positive finite number, got {beta!r}")
+    return b
+
+
+class BruteForce:
+    """Exact inner-product search and softmax sampling over all N vectors.
+
+    Holds a float32 C-contiguous copy of the vectors and one reused float32
+    (batch_size x N) score buffer, allocated on first use, so repeated calls do not
+    allocate large arrays. Not thread-safe (the buffer is shared).
+    """
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None, *,
+                 batch_size: int = 256) -> None:
+        self.vectors = np.array(as_vectors(vectors, None, "vectors"), dtype=np.float32, order="C",
+                                copy=True)
+        n, self.dim = self.vectors.shape
+        self.ids = (np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, n).copy())
+        self.batch_size = check_k(batch_size, "batch_size")
+        order = np.argsort(self.ids, kind="stable")
+        self._sorted_ids = self.ids[order]
+        self._sorted_rows = order.astype(np.int64)
+        self._buf: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _buffer(self, rows: int) -> np.ndarray:
+        if self._buf is None:
+            self._buf = np.empty((self.batch_size, len(self)), np.float32)
+        return self._buf[:rows]
+
+    def _excluded_rows(self, exclude, nq: int) -> tuple[np.ndarray, np.ndarray]:
+        """CSR of excluded *row* indices per query (unknown ids dropped)."""
+        ptr, ex = as_exclude(exclude, nq)
+        if ex.size == 0:
+            return ptr, ex
+        pos = np.searchsorted(self._sorted_ids, ex)
+        pos_c = np.minimum(pos, len(self) - 1)
+        known = self._sorted_ids[pos_c] == ex
+        counts = np.add.reduceat(known.astype(np.int64), ptr[:-1]) if ex.size else None
+        counts = np.where(np.diff(ptr) > 0, counts, 0)  # reduceat quirk on empty segments
+        newptr = np.zeros(nq + 1, np.int64)
+        np.cumsum(counts, out=newptr[1:])
+        return newptr, self._sorted_rows[pos_c[known]]
+
+    def _scores(self, q: np.ndarray, lo: int, hi: int, ptr, rows) -> np.ndarray:
+        buf = self._buffer(hi - lo)
+        # numpy's BLAS sgemm was 2-2.5x faster than torch.matmul here
+        np.matmul(q[lo:hi], self.vectors.T, out=buf)
+        if ptr[hi] > ptr[lo]:
+            _mask_rows(buf, hi - lo, ptr[lo:hi + 1] - ptr[lo], rows[ptr[lo]:ptr[hi]])
+        return buf
+
+    # -- search -------------------------------------------------------------------------
+
+    def search(self, queries: np.ndarray, k: int,
+               exclude: Sequence[Iterable[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by inner product: (scores (B, k) float32 descending, ids (B, k) int64)."""
+        q = as_vectors(queries, self.dim, "queries")
+        k = check_k(k)
+        nq = q.shape[0]
+        ptr, rows = self._excluded_rows(exclude, nq)
+        allowed = len(self) - np.diff(ptr)
+        if k > allowed.min():
+            raise ValueError(f"k={k} exceeds the number of allowed rows ({int(allowed.min())})")
+        out_s = np.empty((nq, k), np.float32)
+        out_i = np.empty((nq, k), np.int64)
+        for lo in range(0, nq, self.batch_size):
+            hi = min(lo + self.batch_size, nq)
+            buf = self._scores(q, lo, hi, ptr, rows)
+            if not np.isfinite(buf.max(axis=1)).all():
+                raise ValueError("scores overflow float32 (vector/query norms too large)")
+            # argpartition + sort of k beat torch.topk here (bench/brute_yardstick.py)
+            part = np.argpartition(buf, -k, axis=1)[:, -k:]
+            ps = np.take_along_axis(buf, part, axis=1)
+            o = np.argsort(-ps, axis=1, kind="stable")
+            out_s[lo:hi] = np.take_along_axis(ps, o, axis=1)
+            out_i[lo:hi] = self.ids[np.take_along_axis(part, o, axis=1)]
+        return out_s, out_i
+
+    # -- softmax ------------------------------------------------------------------------
+
+    def _softmax(self, queries, k: int, beta, exclude, seed):
+        q = as_vectors(queries, self.dim, "queries")
+        beta = _check_beta(beta)
+        nq = q.shape[0]
+        ptr, rows = self._excluded_rows(exclude, nq)
+        empty = np.flatnonzero(len(self) - np.diff(ptr) == 0)
+        if empty.size:
+            raise ValueError(f"query {int(empty[0])}: every row is excluded")
+        # all uniforms drawn up front: output depends on the seed, not on batch_size
+        u = np.random.default_rng(seed).random((nq, k))
+        idx = np.zeros((nq, k), np.int64)
+        logp = np.empty((nq, k), np.float64)
+        logz = np.empty(nq, np.float64)
+        for lo in range(0, nq, self.batch_size):
+            hi = min(lo + self.batch_size, nq)
+            buf = self._scores(q, lo, hi, ptr, rows)
+            bad = _softmax_rows(buf, hi - lo, beta, u[lo:hi], idx[lo:hi], logp[lo:hi], logz[lo:hi])
+            if bad >= 0:
+                raise ValueError(f"query {lo + bad}: scores are not finite "
+                                 "(vector/query norms too large for float32)")
+        return idx, logp, logz
+
+    def sample(self, queries: np.ndarray, k: int, beta: float,
+               exclude: Sequence[Iterable[int]] | None = None,
+               seed: int | np.random.SeedSequence | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """k exact draws with replacement from P(y|q) ∝ exp(beta <q, y>) over allowed rows.
+
+        Returns (ids (B, k) int64, log P of each draw (B, k) float64 = beta*s - log Z,
+        log Z (B,) float64). Same seed -> same output, whatever batch_size. Draws are
+        i.i.d. in output order (the uniforms keep their original order).
+        """
+        k = check_k(k)
+        idx, logp, logz = self._softmax(queries, k, beta, exclude, seed)
+        return self.ids[idx], logp, logz
+
+    def log_partition(self, queries: np.ndarray, beta: float,
+                      exclude: Sequence[Iterable[int]] | None = None) -> np.ndarray:
+        """Exact float64 log Z = logsumexp(beta <q, y>) over allowed rows, per query."""
+        return self._softmax(queries, 0, beta, exclude, 0)[2]
+
+    def probabilities(self, query: np.ndarray, beta: float,
+                      exclude: Iterable[int] | None = None) -> np.ndarray:
+        """Exact float64 softmax over all N rows (row order) for one query; excluded rows get 0."""
+        q = as_vectors(query, self.dim, "query")
+        if q.shape[0] != 1:
+            raise ValueError(f"query: expected a single query, got {q.shape[0]}")
+        beta = _check_beta(beta)
+        ex = None if exclude is None else [exclude]
+        ptr, rows = self._excluded_rows(ex, 1)
+        if ptr[1] >= len(self):
+            raise ValueError("query 0: every row is excluded")
+        s = (q @ self.vectors.T)[0].astype(np.float64)  # same float32 scores as the sampler
+        if not np.isfinite(s).all():
+            raise ValueError("scores overflow float32 (vector/query norms too large)")
+        x = beta * s
+        x[rows] = -np.inf
+        m = x.max()
+        p = np.exp(x - m)
+        return p / p.sum()

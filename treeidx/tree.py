@@ -1,0 +1,512 @@
+"""TreeIndex: a cover-tree-style hierarchy over target vectors in flat arrays.
+
+Layout (see `_mutate.Arrays`): node 0 is the root; its children are a wide
+k-means top level (~2 sqrt N clusters, as in IVF); below them, recursive k-means
+splits down to leaf buckets. Every node stores a center, a radius that bounds
+the distance from the center to every target below it, the range of target
+norms below it, and the count of targets below it. Leaves own contiguous slot
+ranges of the vector array. These are the quantities the certified bounds of
+`_bounds.node_bounds` (and the softmax sampler) rely on; `check()` verifies them.
+
+Concurrency: any number of threads may call the read methods (`search`,
+`vectors`, sampling) at once. Writes (`insert`, `remove`, `update`, `rebuild`)
+are exclusive: do not run them while another thread reads or writes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from . import _build, _mutate
+from ._mutate import Arrays
+from ._search import search_batch
+from ._threads import run_parallel
+from ._validate import as_exclude, as_ids, as_vectors, check_k
+
+_DEFAULT_SHAPE = dict(leaf_size=32, fanout=4, top_fanout=None, kmeans_iters=6)
+
+
+class InvariantError(RuntimeError):
+    """A tree invariant does not hold (raised by `TreeIndex.check`)."""
+
+
+class TreeIndex:
+    """Exact maximum-inner-product index over float32 target vectors with int64 ids.
+
+    Build with `TreeIndex.build(vectors, ids)`. Shape options (keyword arguments
+    of `build`): `leaf_size` (max targets per leaf at build, default 32; leaves
+    may grow to 2x before they split), `fanout` (k-means split width below the
+    top level, default 4), `top_fanout` (number of top-level clusters, default
+    ~2 sqrt N), `kmeans_iters` (default 6).
+    """
+
+    # ------------------------------------------------------------------ build
+    def __init__(self, *, _arrays: Arrays, _keys: np.ndarray, _key_slot: np.ndarray,
+                 _n_slots: int, _n_nodes: int, _dead_slots: int, _shape: dict, _seed: int):
+        self._A = _arrays
+        self._keys = _keys
+        self._key_slot = _key_slot
+        self._n_slots = _n_slots
+        self._n_nodes = _n_nodes
+        self._dead_slots = _dead_slots
+        self._shape = dict(_shape)
+        self._seed = int(_seed)
+        self._mutations = 0  # varies the split seeds of successive inserts
+
+    @classmethod
+    def build(cls, vectors, ids=None, *, seed: int = 0, progress: bool = False,
+              **shape_options: Any) -> "TreeIndex":
+        """Build an index over `vectors` (N x d, converted to float32).
+
+        ids: N unique integers (default 0..N-1). Deterministic given `seed`.
+        progress: print build stages to stderr (a tqdm bar when tqdm is installed).
+        """
+        shape = cls._check_shape(shape_options)
+        x = as_vectors(vectors, None, "vectors")
+        ids_arr = np.arange(x.shape[0], dtype=np.int64) if ids is None else as_ids(ids, x.shape[0])
+        return cls._from_data(x, ids_arr, shape, int(seed), progress)
+
+    @staticmethod
+    def _check_shape(opts: dict) -> dict:
+        unknown = set(opts) - set(_DEFAULT_SHAPE)
+        if unknown:
+            raise ValueError(f"unknown shape option(s) {sorted(unknown)}; expected {sorted(_DEFAULT_SHAPE)}")
+        shape = {**_DEFAULT_SHAPE, **opts}
+        for name in ("leaf_size", "fanout", "kmeans_iters"):
+            v = shape[name]
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (2 if name == "fanout" else 1):
+                raise ValueError(f"{name}: expected an integer >= {2 if name == 'fanout' else 1}, got {v!r}")
+        if shape["top_fanout"] is not None and (not isinstance(shape["top_fanout"], (int, np.integer))
+                                                or shape["top_fanout"] < 1):
+            raise ValueError(f"top_fanout: expected a positive integer or None, got {shape['top_fanout']!r}")
+        return shape
+
+    @classmethod
+    def _from_data(cls, x: np.ndarray, ids: np.ndarray, shape: dict, seed: int,
+                   progress: bool) -> "TreeIndex":
+        say = _progress_printer(progress, "build")
+        t = _build.build_arrays(x, leaf_size=shape["leaf_size"], fanout=shape["fanout"],
+                                top_fanout=shape["top_fanout"], kmeans_iters=shape["kmeans_iters"],
+                                seed=seed, progress=say)
+        say(None)
+        n = x.shape[0]
+        slot_leaf = np.full(n, -1, np.int32)
+        leaves = np.flatnonzero(t["leaf_start"] >= 0)
+        slot_leaf[_ranges(t["leaf_start"][leaves], t["leaf_size"][leaves])] = \
+            np.repeat(leaves, t["leaf_size"][leaves]).astype(np.int32)
+        slot_id = ids[t["perm"]]
+        order = np.argsort(slot_id, kind="stable")
+        A = Arrays(vecs=t["vecs"], slot_id=slot_id, slot_leaf=slot_leaf, center=t["center"],
+                   csq=t["csq"], radius=t["radius"], nu_min=t["nu_min"], nu_max=t["nu_max"],
+                   sqsum=t["sqsum"], count=t["count"].astype(np.int64), parent=t["parent"],
+                   first_child=t["first_child"], next_sibling=t["next_sibling"],
+                   leaf_start=t["leaf_start"].astype(np.int64),
+                   leaf_size=t["leaf_size"].astype(np.int64), leaf_cap=t["leaf_cap"].astype(np.int64))
+        return cls(_arrays=A, _keys=slot_id[order].copy(), _key_slot=order.astype(np.int64),
+                   _n_slots=n, _n_nodes=t["center"].shape[0], _dead_slots=0, _shape=shape,
+                   _seed=seed)
+
+    # --------------------------------------------------------------- accessors
+    def __len__(self) -> int:
+        return int(self._keys.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the target vectors."""
+        return int(self._A.vecs.shape[1])
+
+    @property
+    def ids(self) -> np.ndarray:
+        """All stored ids, sorted ascending (a copy)."""
+        return self._keys.copy()
+
+    @property
+    def max_leaf(self) -> int:
+        return 2 * self._shape["leaf_size"]
+
+    def __contains__(self, idv: int) -> bool:
+        i = np.searchsorted(self._keys, idv)
+        return bool(i < self._keys.shape[0] and self._keys[i] == idv)
+
+    def vectors(self, ids) -> np.ndarray:
+        """The stored float32 vectors of `ids` (KeyError for unknown ids)."""
+        arr = np.atleast_1d(np.asarray(ids.detach().cpu().numpy() if hasattr(ids, "detach") else ids))
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"ids: expected a 1-d array of integer ids, got {arr.dtype} {arr.shape}")
+        slots = self._slots_of(arr.astype(np.int64))
+        return self._A.vecs[slots].copy()
+
+    def _slots_of(self, ids: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self._keys, ids)
+        pos_c = np.minimum(pos, max(self._keys.shape[0] - 1, 0))
+        found = (pos < self._keys.shape[0]) & (self._keys[pos_c] == ids) if self._keys.size else \
+            np.zeros(ids.shape, bool)
+        if not found.all():
+            missing = ids[~found]
+            raise KeyError(f"{missing.size} unknown id(s), e.g. {missing[:5].tolist()}")
+        return self._key_slot[pos_c]
+
+    def __repr__(self) -> str:
+        return (f"TreeIndex(n={len(self)}, dim={self.dim}, nodes={self._live_nodes()}, "
+                f"leaf_size={self._shape['leaf_size']}, fanout={self._shape['fanout']}, "
+                f"top_fanout={self._top_count()})")
+
+    def _live_nodes(self) -> int:
+        return int(np.count_nonzero(self._A.parent[: self._n_nodes] != _mutate.DEAD))
+
+    def _top_count(self) -> int:
+        c, n = self._A.first_child[0], 0
+        while c >= 0:
+            n += 1
+            c = self._A.next_sibling[c]
+        return n
+
+    def stats(self) -> dict:
+        """Shape figures: depth, fan-out, leaf sizes, radii by level, memory."""
+        A, m = self._A, self._n_nodes
+        live = np.flatnonzero(A.parent[:m] != _mutate.DEAD)
+        depth = _depths(A.parent[:m], live)
+        leaves = live[A.leaf_start[live] >= 0]
+        internal = live[A.leaf_start[live] < 0]
+        nchild = np.bincount(A.parent[live[1:]], minlength=m)[internal] if live.size > 1 else np.zeros(0)
+        levels = []
+        for lvl in range(int(depth[live].max()) + 1 if live.size else 0):
+            at = live[depth[live] == lvl]
+            r = A.radius[at]
+            levels.append(dict(level=lvl, nodes=int(at.size), radius_mean=float(r.mean()),
+                               radius_max=float(r.max())))
+        return dict(
+            n=len(self), dim=self.dim, nodes=int(live.size), leaves=int(leaves.size),
+            depth=int(depth[leaves].max()) if leaves.size else 0,
+            mean_leaf_depth=float(depth[leaves].mean()) if leaves.size else 0.0,
+            top_fanout=self._top_count(),
+            fanout_mean=float(nchild.mean()) if nchild.size else 0.0,
+            fanout_max=int(nchild.max()) if nchild.size else 0,
+            leaf_size_mean=float(A.leaf_size[leaves].mean()) if leaves.size else 0.0,
+            leaf_size_max=int(A.leaf_size[leaves].max()) if leaves.size else 0,
+            dead_slots=int(self._dead_slots), radii_by_level=levels, bytes=self.nbytes,
+            bytes_per_target=self.nbytes / max(len(self), 1),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the index arrays (vectors included)."""
+        return int(sum(a.nbytes for a in self._A) + self._keys.nbytes + self._key_slot.nbytes)
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries, k: int, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by inner product.
+
+        queries: (B, d) or (d,) array-like (numpy or torch). exclude: None, or one
+        id set per query (list of iterables, or a (B,) array of one id each).
+        Returns (scores (B, k) float32, descending; ids (B, k) int64).
+        """
+        q = as_vectors(queries, self.dim, "queries")
+        k = check_k(k)
+        ptr, ex = as_exclude(exclude, q.shape[0])
+        self._check_k_fits(k, ptr, ex)
+        scores = np.empty((q.shape[0], k), np.float32)
+        out_ids = np.empty((q.shape[0], k), np.int64)
+        visited = np.empty(q.shape[0], np.int64)
+        A = self._A
+        run_parallel(search_batch, q, k, 0, A.vecs, A.slot_id, A.center, A.csq, A.radius,
+                     A.nu_min, A.nu_max, A.first_child, A.next_sibling, A.leaf_start,
+                     A.leaf_size, ptr, ex, scores, out_ids, visited)
+        self.last_search_visited = visited
+        return scores, out_ids
+
+    def _check_k_fits(self, k: int, ptr: np.ndarray, ex: np.ndarray) -> None:
+        n = len(self)
+        if n == 0:
+            raise ValueError("the index is empty")
+        present = np.isin(ex, self._keys) if ex.size else np.zeros(0, bool)
+        per_query = np.add.reduceat(present.astype(np.int64), ptr[:-1]) if ex.size else \
+            np.zeros(ptr.shape[0] - 1, np.int64)
+        per_query = np.where(ptr[1:] > ptr[:-1], per_query, 0)
+        allowed = n - per_query
+        if (k > allowed).any():
+            b = int(np.argmax(k > allowed))
+            raise ValueError(f"k={k} is larger than the {int(allowed[b])} targets available to "
+                             f"query {b} (index size {n}, {int(per_query[b])} excluded)")
+
+    # ------------------------------------------------------------------ writes
+    def insert(self, vectors, ids) -> None:
+        """Add targets. ids must be new and unique; nothing changes if any input is bad."""
+        x = as_vectors(vectors, self.dim, "vectors")
+        ids_arr = as_ids(ids, x.shape[0])
+        present = np.isin(ids_arr, self._keys)
+        if present.any():
+            raise ValueError(f"{int(present.sum())} id(s) already in the index, e.g. "
+                             f"{ids_arr[present][:5].tolist()}; use update() to move them")
+        pos = np.searchsorted(self._keys, ids_arr)
+        order = np.argsort(pos, kind="stable")
+        self._keys = np.insert(self._keys, pos[order], ids_arr[order])
+        self._key_slot = np.insert(self._key_slot, pos[order], -1)
+        self._insert_rows(x, ids_arr)
+
+    def _insert_rows(self, x: np.ndarray, ids: np.ndarray) -> None:
+        """Place rows whose ids are already keys. Grows arrays between kernel calls."""
+        shp = self._shape
+        i = 0
+        self._mutations += 1
+        while i < x.shape[0]:
+            self._reserve(slots=self._n_slots + 2 * self.max_leaf + 2 + (x.shape[0] - i),
+                          nodes=self._n_nodes + shp["fanout"] + 2 + (x.shape[0] - i) // 8)
+            i, self._n_slots, self._n_nodes, self._dead_slots = _mutate.insert_batch(
+                self._A, self._keys, self._key_slot, x, ids, i, 0, self._n_slots, self._n_nodes,
+                self._dead_slots, shp["fanout"], self.max_leaf, self._seed + self._mutations)
+        self._maybe_compact()
+
+    def remove(self, ids) -> None:
+        """Remove targets by id (KeyError if any is unknown; nothing changes then)."""
+        ids_arr = as_ids(ids, None)
+        if ids_arr.size == 0:
+            raise ValueError("remove: empty input (0 ids)")
+        self._slots_of(ids_arr)  # raises KeyError before anything changes
+        self._dead_slots = _mutate.remove_batch(self._A, self._keys, self._key_slot, ids_arr, 0,
+                                                self._dead_slots)
+        keep = self._key_slot >= 0
+        self._keys = self._keys[keep]
+        self._key_slot = self._key_slot[keep]
+        self._maybe_compact()
+
+    def update(self, ids, vectors) -> None:
+        """Move existing targets to new vectors; the tree is repaired locally.
+
+        Each target is removed from its leaf and re-inserted along the path of
+        nearest centers, widening radii on the way, so every bound stays true.
+        """
+        ids_arr = as_ids(ids, None)
+        x = as_vectors(vectors, self.dim, "vectors")
+        if x.shape[0] != ids_arr.shape[0]:
+            raise ValueError(f"update: {ids_arr.shape[0]} ids but {x.shape[0]} vectors")
+        self._slots_of(ids_arr)
+        self._dead_slots = _mutate.remove_batch(self._A, self._keys, self._key_slot, ids_arr, 0,
+                                                self._dead_slots)
+        self._insert_rows(x, ids_arr)
+
+    def rebuild(self, node: int | None = None, *, progress: bool = False) -> None:
+        """Rebuild the whole tree (node=None or 0), or the subtree below `node`.
+
+        A subtree rebuild re-clusters the targets below `node` from scratch and
+        tightens that node's radius; nodes elsewhere keep their indices.
+        """
+        if node is None or node == 0:
+            if len(self) == 0:
+                raise ValueError("cannot rebuild an empty index")
+            slots = self._key_slot
+            fresh = TreeIndex._from_data(self._A.vecs[slots], self._keys.copy(), self._shape,
+                                         self._seed, progress)
+            self.__dict__.update(fresh.__dict__)
+            return
+        node = int(node)
+        if not (0 < node < self._n_nodes) or self._A.parent[node] == _mutate.DEAD:
+            raise ValueError(f"rebuild: node {node} is not a live node of this index")
+        self._rebuild_subtree(node)
+
+    def _rebuild_subtree(self, v: int) -> None:
+        A = self._A
+        out = np.empty(int(A.count[v]), np.int64)
+        n = _mutate.subtree_slots(A, v, out)
+        slots = out[:n]
+        x, ids = A.vecs[slots].copy(), A.slot_id[slots].copy()
+        sub = _build.build_arrays(x, leaf_size=self._shape["leaf_size"], fanout=self._shape["fanout"],
+                                  top_fanout=self._shape["fanout"], kmeans_iters=self._shape["kmeans_iters"],
+                                  seed=self._seed + v)
+        m = sub["center"].shape[0]
+        self._reserve(slots=self._n_slots + n, nodes=self._n_nodes + m)
+        A = self._A
+        # retire the old nodes below v and their slots
+        old, stack = [], _children(A, v)
+        while stack:
+            u = stack.pop()
+            old.append(u)
+            stack.extend(_children(A, u))
+        for u in old:
+            if A.leaf_start[u] >= 0:
+                A.slot_leaf[A.leaf_start[u]: A.leaf_start[u] + A.leaf_cap[u]] = -1
+                self._dead_slots += int(A.leaf_cap[u])
+            A.parent[u] = _mutate.DEAD
+        if A.leaf_start[v] >= 0:
+            A.slot_leaf[A.leaf_start[v]: A.leaf_start[v] + A.leaf_cap[v]] = -1
+            self._dead_slots += int(A.leaf_cap[v])
+        # graft: sub-root (index 0) is v itself; its descendants get fresh indices
+        base, sbase = self._n_nodes - 1, self._n_slots
+        new = np.arange(1, m)
+        tgt = base + new
+        for name in ("center", "csq", "radius", "nu_min", "nu_max", "sqsum", "count"):
+            getattr(A, name)[tgt] = sub[name][new]
+        par = sub["parent"][new]
+        A.parent[tgt] = np.where(par == 0, v, par + base)
+        A.leaf_start[tgt] = np.where(sub["leaf_start"][new] >= 0, sub["leaf_start"][new] + sbase, -1)
+        A.leaf_size[tgt] = sub["leaf_size"][new]
+        A.leaf_cap[tgt] = sub["leaf_cap"][new]
+        A.first_child[v] = -1
+        fc, ns = sub["first_child"][new], sub["next_sibling"][new]
+        A.first_child[tgt] = np.where(fc >= 0, fc + base, -1)
+        A.next_sibling[tgt] = np.where(ns >= 0, ns + base, -1)
+        A.first_child[v] = sub["first_child"][0] + base if sub["first_child"][0] >= 0 else -1
+        A.leaf_start[v], A.leaf_size[v], A.leaf_cap[v] = -1, 0, 0
+        sl = slice(sbase, sbase + n)
+        A.vecs[sl] = sub["vecs"]
+        A.slot_id[sl] = ids[sub["perm"]]
+        leaves = tgt[A.leaf_start[tgt] >= 0]
+        A.slot_leaf[_ranges(A.leaf_start[leaves], A.leaf_size[leaves])] = \
+            np.repeat(leaves, A.leaf_size[leaves]).astype(np.int32)
+        self._key_slot[np.searchsorted(self._keys, A.slot_id[sl])] = np.arange(sbase, sbase + n)
+        # tighten v's own radius about its (unchanged) center
+        r = np.sqrt(((A.vecs[sl].astype(np.float64) - A.center[v]) ** 2).sum(axis=1)).max()
+        A.radius[v] = _build.pad_up(float(r))
+        self._n_nodes += m - 1
+        self._n_slots += n
+        self._maybe_compact()
+
+    # -------------------------------------------------------------- capacity
+    def _reserve(self, *, slots: int, nodes: int) -> None:
+        A = self._A
+        grow = {}
+        if slots > A.vecs.shape[0]:
+            cap = max(slots, int(A.vecs.shape[0] * 1.5) + 16)
+            grow.update(vecs=_grown(A.vecs, cap), slot_id=_grown(A.slot_id, cap),
+                        slot_leaf=_grown(A.slot_leaf, cap, fill=-1))
+        if nodes > A.center.shape[0]:
+            cap = max(nodes, int(A.center.shape[0] * 1.5) + 16)
+            for name in ("center", "csq", "radius", "nu_min", "nu_max", "sqsum", "count", "parent",
+                         "first_child", "next_sibling", "leaf_start", "leaf_size", "leaf_cap"):
+                grow[name] = _grown(getattr(A, name), cap)
+        if grow:
+            self._A = A._replace(**grow)
+
+    def _maybe_compact(self) -> None:
+        """Reclaim slots left behind by moved/split/emptied leaves when they pile up."""
+        if self._dead_slots > max(1024, self._n_slots // 2):
+            self.compact()
+
+    def compact(self) -> None:
+        """Move every leaf's targets into one dense slot array (depth-first order)."""
+        A = self._A
+        out = np.empty(len(self), np.int64)
+        n = _mutate.subtree_slots(A, 0, out)
+        gather = out[:n]  # depth-first: each leaf's used slots are consecutive here
+        slot_leaf = A.slot_leaf[gather]
+        leaves = slot_leaf[np.r_[True, slot_leaf[1:] != slot_leaf[:-1]]] if n else slot_leaf
+        new_start = np.zeros(leaves.shape[0], np.int64)
+        np.cumsum(A.leaf_size[leaves][:-1], out=new_start[1:])
+        vecs = A.vecs[gather]
+        slot_id = A.slot_id[gather]
+        A.leaf_start[leaves] = new_start
+        A.leaf_cap[leaves] = A.leaf_size[leaves]
+        self._A = A._replace(vecs=vecs, slot_id=slot_id, slot_leaf=slot_leaf)
+        self._key_slot = np.empty(len(self), np.int64)
+        self._key_slot[np.searchsorted(self._keys, slot_id)] = np.arange(slot_id.shape[0])
+        self._n_slots = slot_id.shape[0]
+        self._dead_slots = 0
+
+    # ------------------------------------------------------------------ check
+    def check(self) -> None:
+        """Verify every invariant; raise InvariantError with a precise message if one fails.
+
+        Checked: parent/child links form a tree rooted at node 0; every count is the
+        sum of its children's counts (a leaf's is its size); no non-root node is
+        empty; leaves hold at most 2 * leaf_size targets in slots they alone own;
+        every stored id is in exactly one slot and maps back to it; ||c||^2 is exact;
+        and for every target and every ancestor v: ||y - c_v|| <= radius_v and
+        nu_min_v <= ||y|| <= nu_max_v (computed in float64).
+        """
+        if len(np.unique(self._keys)) != self._keys.shape[0] or (np.diff(self._keys) <= 0).any():
+            raise InvariantError("id keys are not strictly increasing (an id is stored twice)")
+        code, v, s, got, bound = _mutate.check_kernel(self._A, self._keys, self._key_slot, 0,
+                                                      self._n_nodes, self._n_slots, self.max_leaf)
+        if code != _mutate.OK:
+            raise InvariantError(_CHECK_MESSAGES[code].format(v=v, s=s, got=got, bound=bound))
+
+    # ------------------------------------------------------------------ io
+    def save(self, path) -> None:
+        """Write the index to `path` atomically (see treeidx.io for the format)."""
+        from .io import save_index
+        save_index(self, path)
+
+    @classmethod
+    def load(cls, path) -> "TreeIndex":
+        """Read an index written by `save`; verifies checksums and invariants."""
+        from .io import load_index
+        return load_index(path)
+
+
+_CHECK_MESSAGES = {
+    _mutate.E_CYCLE: "node {v}: child {s} is reached twice (cycle or shared child)",
+    _mutate.E_PARENT: "node {v}: parent pointer is {got:.0f}, but it is listed under node {bound:.0f}",
+    _mutate.E_COUNT: "node {v}: count is {got:.0f} but its children/slots hold {bound:.0f}",
+    _mutate.E_LEAF_CHILDREN: "leaf {v} has children",
+    _mutate.E_LEAF_SIZE: "leaf {v}: size {got:.0f} / capacity {bound:.0f} violates size <= capacity <= 2*leaf_size",
+    _mutate.E_SLOT_OWNER: "leaf {v}: slot {s} is owned by {got:.0f}, expected {bound:.0f}",
+    _mutate.E_KEY: "id map: key #{bound:.0f} (id {got:.0f}) does not map to a live slot holding it (slot {s})",
+    _mutate.E_RADIUS: "node {v}: target in slot {s} is at distance {got!r} from the center, beyond radius {bound!r}",
+    _mutate.E_NORM: "node {v}: target in slot {s} has norm {got!r} outside the node's norm range (bound {bound!r})",
+    _mutate.E_CSQ: "node {v}: stored ||c||^2 = {got!r} but the center gives {bound!r}",
+    _mutate.E_EMPTY: "node {v} is empty but still linked into the tree",
+    _mutate.E_SLOT_SHARED: "leaf {v}: slot {s} is out of range or owned by two leaves",
+    _mutate.E_INTERNAL_NO_CHILD: "internal node {v} has no children and is not a leaf",
+}
+
+
+def _children(A: Arrays, v: int) -> list[int]:
+    out, c = [], A.first_child[v]
+    while c >= 0:
+        out.append(int(c))
+        c = A.next_sibling[c]
+    return out
+
+
+def _depths(parent: np.ndarray, live: np.ndarray) -> np.ndarray:
+    depth = np.full(parent.shape[0], -1, np.int64)
+    depth[0] = 0
+    todo = live[live != 0]
+    while todo.size:  # resolve nodes whose parent depth is known, level by level
+        p = parent[todo]
+        ready = depth[p] >= 0
+        depth[todo[ready]] = depth[p[ready]] + 1
+        todo = todo[~ready]
+    return depth
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + l) for each (s, l)."""
+    lengths = np.asarray(lengths, np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.empty(0, np.int64)
+    offs = np.repeat(np.asarray(starts, np.int64) - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    return offs + np.arange(total, dtype=np.int64)
+
+
+def _grown(a: np.ndarray, cap: int, fill=0) -> np.ndarray:
+    out = np.full((cap,) + a.shape[1:], fill, a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
+def _progress_printer(enabled: bool, label: str):
+    """A callable that reports build stages; None closes it. tqdm if available."""
+    if not enabled:
+        return lambda msg: None
+    try:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=3, desc=label, unit="stage")
+
+        def say(msg):
+            if msg is None:
+                bar.close()
+            else:
+                bar.set_postfix_str(msg)
+                bar.update(1)
+        return say
+    except ImportError:  # tqdm is optional
+        import sys
+
+        def say(msg):
+            if msg is not None:
+                print(f"[{label}] {msg}", file=sys.stderr, flush=True)
+        return say
