@@ -27,7 +27,8 @@ def as_vectors(x, dim: int | None, what: str = "vectors", allow_empty: bool = Fa
         raise ValueError(f"{what}: empty input (0 rows)")
     if arr.shape[1] == 0:
         raise ValueError(f"{what}: dimension must be >= 1")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # overflow to inf is reported just below
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
         raise ValueError(f"{what}: {bad.size} row(s) contain NaN or inf (first at row {bad[0]}); "

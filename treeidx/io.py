@@ -1,0 +1,162 @@
+"""Saving and loading a TreeIndex: one versioned file, written atomically, verified on load.
+
+Format (little-endian):
+    8 bytes   magic b"TREEIDX\\0"
+    4 bytes   format version (uint32)
+    8 bytes   header length H (uint64)
+    4 bytes   CRC32 of the header
+    H bytes   UTF-8 JSON header: shape options, counters, and for each array its
+              name, dtype, shape, offset, byte length and CRC32
+    ...       the raw arrays, each at its 64-byte aligned offset
+
+Loading checks the magic, the version, every length against the file size and
+every checksum before building anything, then runs `TreeIndex.check()`; any
+failure raises `IndexFileError` (a ValueError) naming what was wrong.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"TREEIDX\0"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sIQI")
+_ALIGN = 64
+
+
+class IndexFileError(ValueError):
+    """A saved index file is truncated, corrupted, or of an unknown format."""
+
+
+def _crc(buf) -> int:
+    return zlib.crc32(memoryview(buf).cast("B")) & 0xFFFFFFFF
+
+
+def save_index(index, path) -> None:
+    """Write `index` to `path` via a temporary file in the same folder + os.replace."""
+    from . import __version__
+    path = Path(path)
+    A = index._A
+    arrays = {name: getattr(A, name)[: index._n_slots if name in ("vecs", "slot_id", "slot_leaf")
+                                     else index._n_nodes] for name in A._fields}
+    arrays["keys"] = index._keys
+    arrays["key_slot"] = index._key_slot
+    entries, offset = [], 0
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        arrays[name] = a
+        entries.append(dict(name=name, dtype=a.dtype.str, shape=list(a.shape), offset=offset,
+                            nbytes=int(a.nbytes), crc32=_crc(a)))
+        offset += -(-a.nbytes // _ALIGN) * _ALIGN
+    header = json.dumps(dict(
+        treeidx_version=__version__, shape=index._shape, seed=index._seed,
+        n_slots=index._n_slots, n_nodes=index._n_nodes, dead_slots=index._dead_slots,
+        arrays=entries)).encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), _crc(header)))
+            f.write(header)
+            base = _data_start(len(header))
+            f.write(b"\0" * (base - _PREFIX.size - len(header)))
+            for e in entries:
+                a = arrays[e["name"]]
+                f.seek(base + e["offset"])
+                f.write(memoryview(a).cast("B"))
+            f.truncate(base + offset)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _data_start(header_len: int) -> int:
+    return -(-(_PREFIX.size + header_len) // _ALIGN) * _ALIGN
+
+
+def load_index(path, *, verify: bool = True):
+    """Read an index file; raise IndexFileError if it is not a complete, intact one."""
+    from ._mutate import Arrays
+    from .tree import InvariantError, TreeIndex
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(_PREFIX.size)
+        if len(prefix) < _PREFIX.size:
+            raise IndexFileError(f"{path}: file is {size} bytes, too short to be a treeidx index")
+        magic, version, hlen, hcrc = _PREFIX.unpack(prefix)
+        if magic != MAGIC:
+            raise IndexFileError(f"{path}: not a treeidx index (bad magic {magic!r})")
+        if version != FORMAT_VERSION:
+            raise IndexFileError(f"{path}: format version {version}, this treeidx reads version {FORMAT_VERSION}")
+        if hlen > size - _PREFIX.size:
+            raise IndexFileError(f"{path}: truncated (header of {hlen} bytes does not fit in {size})")
+        header = f.read(hlen)
+        if _crc(header) != hcrc:
+            raise IndexFileError(f"{path}: header checksum mismatch (file corrupted)")
+        try:
+            meta = json.loads(header)
+            entries = {e["name"]: e for e in meta["arrays"]}
+        except (ValueError, KeyError, TypeError) as e:
+            raise IndexFileError(f"{path}: unreadable header ({e})") from None
+        base = _data_start(hlen)
+        arrays = {}
+        for name in list(Arrays._fields) + ["keys", "key_slot"]:
+            e = entries.get(name)
+            if e is None:
+                raise IndexFileError(f"{path}: array '{name}' missing from the header")
+            end = base + e["offset"] + e["nbytes"]
+            if end > size:
+                raise IndexFileError(f"{path}: truncated: array '{name}' ends at byte {end}, file has {size}")
+            dtype = np.dtype(e["dtype"])
+            if int(np.prod(e["shape"], dtype=np.int64)) * dtype.itemsize != e["nbytes"]:
+                raise IndexFileError(f"{path}: array '{name}' shape {e['shape']} does not match its length")
+            f.seek(base + e["offset"])
+            buf = bytearray(e["nbytes"])
+            if f.readinto(buf) != e["nbytes"]:
+                raise IndexFileError(f"{path}: truncated while reading array '{name}'")
+            if _crc(buf) != e["crc32"]:
+                raise IndexFileError(f"{path}: checksum mismatch in array '{name}' (file corrupted)")
+            arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(e["shape"])
+    keys, key_slot = arrays.pop("keys"), arrays.pop("key_slot")
+    try:
+        index = TreeIndex(_arrays=Arrays(**arrays), _keys=keys, _key_slot=key_slot,
+                          _n_slots=int(meta["n_slots"]), _n_nodes=int(meta["n_nodes"]),
+                          _dead_slots=int(meta["dead_slots"]),
+                          _shape=TreeIndex._check_shape(meta["shape"]), _seed=int(meta["seed"]))
+        if arrays["vecs"].shape[0] != index._n_slots or arrays["center"].shape[0] != index._n_nodes:
+            raise IndexFileError(f"{path}: array lengths disagree with the header counters")
+        _check_pointer_ranges(index)  # the kernels below trust these: never index out of bounds
+        if verify:
+            index.check()
+    except (InvariantError, KeyError, TypeError, IndexError) as e:
+        raise IndexFileError(f"{path}: inconsistent index ({e})") from None
+    return index
+
+
+def _check_pointer_ranges(index) -> None:
+    A, m, n = index._A, index._n_nodes, index._n_slots
+    from .tree import InvariantError
+    for name in ("parent", "first_child", "next_sibling"):
+        a = getattr(A, name)
+        if a.size and (a.min() < -2 or a.max() >= m):
+            raise InvariantError(f"{name} points outside the {m} nodes")
+    ls, cap = A.leaf_start, A.leaf_cap
+    leaf = ls >= 0
+    if (ls < -1).any() or (ls[leaf] + cap[leaf] > n).any() or (A.leaf_size > cap).any():
+        raise InvariantError("leaf slot ranges point outside the slot arrays")
+    if A.slot_leaf.size and (A.slot_leaf.min() < -1 or A.slot_leaf.max() >= m):
+        raise InvariantError("slot owners point outside the nodes")
+    if index._key_slot.size and (index._key_slot.min() < 0 or index._key_slot.max() >= n):
+        raise InvariantError("id map points outside the slot arrays")
+    if m < 1 or A.vecs.ndim != 2 or A.center.shape[1:] != A.vecs.shape[1:]:
+        raise InvariantError("array shapes are inconsistent")
