@@ -7,7 +7,9 @@ Main entry points:
 from __future__ import annotations
 
 from .io import IndexFileError
+from .sampling import SampleResult, SoftmaxSampler
 from .tree import InvariantError, TreeIndex
 
 __version__ = "0.1.0"
-__all__ = ["TreeIndex", "InvariantError", "IndexFileError", "__version__"]
+__all__ = ["TreeIndex", "SoftmaxSampler", "SampleResult", "InvariantError", "IndexFileError",
+           "__version__"]

@@ -1,0 +1,362 @@
+"""numba kernels of the softmax sampler (BRIEF §3): frontier refinement, then draws.
+
+Per query: a frontier (a cut of the tree) whose entries are either unopened
+nodes, with certified log-mass bounds [log n + beta*lo, log n + beta*up], or
+evaluated leaves, whose targets' exact log-weights beta*<q, y> sit in a score
+buffer. The entry with the largest gap (upper - lower mass) is refined first.
+
+Sums are kept in float64 relative to a shift M (the largest log-upper seen), so
+exp never overflows; they are recomputed from the frontier whenever a large
+cancellation could have eaten their precision.
+"""
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from ._bounds import FAST, dot32, dot_error, node_bounds
+from ._build import U64, splitmix64, uniform01
+from ._search import heap_pop, heap_push
+
+NEG_INF = -np.inf
+
+# per-query statistics columns
+ST_OPENED, ST_DOTS, ST_PROPOSALS, ST_ACCEPTED, ST_FRONTIER = range(5)
+
+
+@nb.njit(cache=True, inline="always")
+def log_gap(lo: float, up: float) -> float:
+    """log(e^up - e^lo), for lo <= up."""
+    if up == NEG_INF:
+        return NEG_INF
+    d = lo - up
+    if d > -1e-300:
+        return NEG_INF
+    return up + math.log(-math.expm1(d))
+
+
+@nb.njit(cache=True, inline="always")
+def grow_f(a, n):
+    if n < a.shape[0]:
+        return a
+    b = np.empty(2 * a.shape[0] + 16, a.dtype)
+    b[: a.shape[0]] = a
+    return b
+
+
+@nb.njit(cache=True, inline="always")
+def lse_shifted(x, M):
+    return math.exp(x - M) if x > NEG_INF else 0.0
+
+
+@nb.njit(cache=True, fastmath=FAST)
+def _sample_one(q, beta, k, exact, tol, budget, draw_cost, key,
+                vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
+                first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
+                ex_slots, out_ids, out_logq, out_logz, out_tv, stats):
+    dim = q.shape[0]
+    qn2 = 0.0
+    for t in range(dim):
+        qn2 += float(q[t]) * float(q[t])
+    qnorm = math.sqrt(qn2)
+    # --- frontier arrays (entry e): node, log-lower, log-upper, log-proposal, exact-leaf offset
+    cap = 256
+    f_node = np.empty(cap, np.int64)
+    f_lo = np.empty(cap, np.float64)
+    f_up = np.empty(cap, np.float64)
+    f_w = np.empty(cap, np.float64)
+    f_off = np.empty(cap, np.int64)      # >= 0: evaluated leaf, offset into the score buffer
+    f_alive = np.empty(cap, np.bool_)
+    f_blo = np.empty(cap, np.float64)    # node's bounds on <q, y> (for acceptance)
+    f_bup = np.empty(cap, np.float64)
+    nf = 0
+    sc_w = np.empty(1024, np.float64)    # beta * <q, y> of evaluated targets (-inf if excluded)
+    sc_slot = np.empty(1024, np.int64)
+    nsc = 0
+    hk = np.empty(256, np.float64)
+    hv = np.empty(256, np.int64)
+    hs = 0
+    # excluded targets: exact weights, and whether they still hide inside an unopened node
+    nex = ex_slots.shape[0]
+    ex_w = np.empty(nex, np.float64)
+    for j in range(nex):
+        s = ex_slots[j]
+        ex_w[j] = beta * dot32(q, vecs[s])
+    ex_open = np.ones(nex, np.bool_)
+    # --- root entry
+    root = 0
+    f_node[0], f_off[0], f_alive[0] = root, -1, True
+    rlo, rup = -qnorm * nu_max[root], qnorm * nu_max[root]
+    lc = math.log(max(count[root], 1))
+    f_lo[0], f_up[0] = lc + beta * rlo, lc + beta * rup
+    f_blo[0], f_bup[0], f_w[0] = rlo, rup, lc
+    nf = 1
+    hk, hv, hs = heap_push(hk, hv, hs, log_gap(f_lo[0], f_up[0]), 0)
+    M = f_up[0]
+    U = math.exp(f_up[0] - M)
+    L = math.exp(f_lo[0] - M)
+    dots, opened = nex, 0
+    while hs > 0:
+        # --- stopping rule
+        exw = 0.0
+        for j in range(nex):
+            if ex_open[j]:
+                exw += lse_shifted(ex_w[j], M)
+        La = L - exw
+        Ua = U - exw
+        if La > 0.0 and Ua <= (1.0 + tol) * La:
+            break
+        if dots >= budget:
+            break
+        gk, e, hs = heap_pop(hk, hv, hs)
+        if not f_alive[e] or gk == NEG_INF:
+            continue
+        v = f_node[e]
+        cost = leaf_size[v] if leaf_start[v] >= 0 else 0
+        if leaf_start[v] < 0:
+            c = first_child[v]
+            while c >= 0:
+                cost += 1
+                c = next_sibling[c]
+        if exact and La > 0.0:
+            # cost-aware: refining e saves at most k * gap/La proposals of draw_cost each
+            saved = k * math.exp(gk - M) / La * draw_cost
+            if saved < cost:
+                hk, hv, hs = heap_push(hk, hv, hs, gk, e)  # keep it; its mass is still drawable
+                break
+        f_alive[e] = False
+        opened += 1
+        U -= lse_shifted(f_up[e], M)
+        L -= lse_shifted(f_lo[e], M)
+        oldU = U + lse_shifted(f_up[e], M)
+        if leaf_start[v] >= 0:
+            s0 = leaf_start[v]
+            m = leaf_size[v]
+            while nsc + m > sc_w.shape[0]:
+                sc_w = grow_f(sc_w, sc_w.shape[0])
+                sc_slot = grow_f(sc_slot, sc_slot.shape[0])
+            mx, lsum_lo, lsum_up = NEG_INF, 0.0, 0.0
+            for i in range(m):
+                s = s0 + i
+                sc = dot32(q, vecs[s])
+                w = beta * sc
+                # a target excluded for this query weighs nothing here
+                for j in range(nex):
+                    if ex_slots[j] == s:
+                        w = NEG_INF
+                        ex_open[j] = False
+                sc_w[nsc + i] = w
+                sc_slot[nsc + i] = s
+            dots += m
+            err = beta * dot_error(dim, qnorm, nu_max[v])
+            for i in range(m):
+                w = sc_w[nsc + i]
+                if w > NEG_INF:
+                    lsum_lo += math.exp(w - err - M)
+                    lsum_up += math.exp(w + err - M)
+            nf_i = nf
+            f_node = grow_f(f_node, nf); f_lo = grow_f(f_lo, nf); f_up = grow_f(f_up, nf)
+            f_w = grow_f(f_w, nf); f_off = grow_f(f_off, nf); f_alive = grow_f(f_alive, nf)
+            f_blo = grow_f(f_blo, nf); f_bup = grow_f(f_bup, nf)
+            f_node[nf_i], f_off[nf_i], f_alive[nf_i] = v, nsc, True
+            f_lo[nf_i] = math.log(lsum_lo) + M if lsum_lo > 0.0 else NEG_INF
+            f_up[nf_i] = math.log(lsum_up) + M if lsum_up > 0.0 else NEG_INF
+            f_w[nf_i] = 0.0
+            f_blo[nf_i], f_bup[nf_i] = 0.0, 0.0
+            nf += 1
+            nsc += m
+            U += lsum_up
+            L += lsum_lo
+            # float32 rounding of the scores is the only gap left: never refine again
+        else:
+            plo, pup = f_blo[e], f_bup[e]
+            c = first_child[v]
+            while c >= 0:
+                a = dot32(q, center[c])
+                lo, up = node_bounds(a, qnorm, csq[c], radius[c], nu_min[c], nu_max[c], dim)
+                lo, up = max(lo, plo), min(up, pup)  # both bound the child's targets
+                if up < lo:
+                    up = lo
+                lc = math.log(count[c])
+                f_node = grow_f(f_node, nf); f_lo = grow_f(f_lo, nf); f_up = grow_f(f_up, nf)
+                f_w = grow_f(f_w, nf); f_off = grow_f(f_off, nf); f_alive = grow_f(f_alive, nf)
+                f_blo = grow_f(f_blo, nf); f_bup = grow_f(f_bup, nf)
+                f_node[nf], f_off[nf], f_alive[nf] = c, -1, True
+                f_lo[nf], f_up[nf] = lc + beta * lo, lc + beta * up
+                f_blo[nf], f_bup[nf] = lo, up
+                # proposal (approx mode): second-moment estimate of the node's mass,
+                # clipped into its certified interval
+                msd = sqsum[c] / max(count[c], 1)
+                est = lc + beta * a + 0.5 * beta * beta * qn2 * msd / dim
+                f_w[nf] = min(max(est, f_lo[nf]), f_up[nf])
+                U += lse_shifted(f_up[nf], M)
+                L += lse_shifted(f_lo[nf], M)
+                hk, hv, hs = heap_push(hk, hv, hs, log_gap(f_lo[nf], f_up[nf]), nf)
+                nf += 1
+                c = next_sibling[c]
+            dots += cost
+        # precision guard: re-sum from the frontier after a large cancellation
+        if U < 1e-6 * oldU or U < 1e-250:
+            M2 = NEG_INF
+            for j in range(nf):
+                if f_alive[j] and f_up[j] > M2:
+                    M2 = f_up[j]
+            M = M2
+            U, L = 0.0, 0.0
+            for j in range(nf):
+                if f_alive[j]:
+                    U += lse_shifted(f_up[j], M)
+                    L += lse_shifted(f_lo[j], M)
+    # --- certified log Z interval of the allowed targets
+    exw = 0.0
+    for j in range(nex):
+        if ex_open[j]:
+            exw += lse_shifted(ex_w[j], M)
+    La = L - exw
+    Ua = U - exw
+    if Ua <= 0.0:
+        return -1  # everything excluded
+    log_lo = math.log(La) + M if La > 0.0 else NEG_INF
+    log_up = math.log(Ua) + M
+    # --- proposal: per alive entry a weight; exact leaves expand to their targets
+    ent = np.empty(nf, np.int64)
+    cw = np.empty(nf, np.float64)
+    tot = 0.0
+    ne = 0
+    for j in range(nf):
+        if not f_alive[j]:
+            continue
+        if f_off[j] >= 0:
+            wsum = 0.0
+            for i in range(f_off[j], f_off[j] + leaf_size[f_node[j]]):
+                wsum += lse_shifted(sc_w[i], M)
+            w = wsum
+        else:
+            w = lse_shifted(f_up[j] if exact else f_w[j], M)
+        tot += w
+        ent[ne] = j
+        cw[ne] = tot
+        ne += 1
+    # proposal mass sitting on excluded targets inside unopened nodes (renormalised away)
+    q_ex = 0.0
+    if not exact:
+        for jx in range(nex):
+            if ex_open[jx]:
+                e = find_entry(ex_slots[jx], slot_leaf, parent, f_node, f_alive, f_off, nf)
+                q_ex += lse_shifted(f_w[e], M) / count[f_node[e]]
+    # certified TV bound (approx): 1 - sum_v min(L_v / U_alw, W_v / W_alw)
+    tv = 0.0
+    if not exact:
+        overlap = 0.0
+        for jj in range(ne):
+            j = ent[jj]
+            wj = cw[jj] - (cw[jj - 1] if jj > 0 else 0.0)
+            overlap += min(lse_shifted(f_lo[j], M) / Ua, wj / (tot - q_ex))
+        # counting excluded targets as overlap above over-counts it by at most this much
+        tv = min(1.0, max(0.0, 1.0 - overlap + q_ex / (tot - q_ex)))
+    out_tv[0] = tv
+    # --- draws
+    props, acc = 0, 0
+    ctr = U64(0)
+    max_props = 1000 * k + 100000
+    while acc < k:
+        if props >= max_props:
+            return -2  # acceptance collapsed (cannot happen with valid bounds)
+        props += 1
+        r = uniform01(key + ctr) * tot
+        ctr += U64(1)
+        jj = np.searchsorted(cw[:ne], r, side="right")
+        if jj >= ne:
+            jj = ne - 1
+        j = ent[jj]
+        v = f_node[j]
+        if f_off[j] >= 0:  # evaluated leaf: pick a target by its exact weight
+            wsum = cw[jj] - (cw[jj - 1] if jj > 0 else 0.0)
+            r2 = uniform01(key + ctr) * wsum
+            ctr += U64(1)
+            i = f_off[j]
+            end = f_off[j] + leaf_size[v]
+            run = lse_shifted(sc_w[i], M)
+            while run <= r2 and i + 1 < end:
+                i += 1
+                run += lse_shifted(sc_w[i], M)
+            if sc_w[i] == NEG_INF:
+                continue
+            s = sc_slot[i]
+            w_y = sc_w[i]
+            lq = sc_w[i] - M - math.log(tot - q_ex)
+        else:  # unopened node: a uniform target below it
+            r2 = int(uniform01(key + ctr) * count[v])
+            ctr += U64(1)
+            s = uniform_descendant(v, r2, first_child, next_sibling, leaf_start, count)
+            excluded = False
+            for jx in range(nex):
+                if ex_slots[jx] == s:
+                    excluded = True
+            if excluded:
+                continue
+            w_y = beta * dot32(q, vecs[s])
+            dots += 1
+            if exact:
+                if uniform01(key + ctr) >= math.exp(w_y - f_up[j] + math.log(count[v])):
+                    ctr += U64(1)
+                    continue
+                ctr += U64(1)
+            lq = f_w[j] - math.log(count[v]) - M - math.log(tot - q_ex)
+        out_ids[acc] = slot_id[s]
+        out_logq[acc] = w_y if exact else lq
+        acc += 1
+    if exact:
+        # log Z estimate: the acceptance rate is Z / (proposal total), clipped into the certificate
+        est = math.log(tot) + M + math.log(acc / props)
+        logz = min(max(est, log_lo), log_up)
+        for i in range(k):
+            out_logq[i] = out_logq[i] - logz
+    out_logz[0] = log_lo
+    out_logz[1] = log_up
+    stats[ST_OPENED] = opened
+    stats[ST_DOTS] = dots
+    stats[ST_PROPOSALS] = props
+    stats[ST_ACCEPTED] = acc
+    stats[ST_FRONTIER] = ne
+    return 0
+
+
+@nb.njit(cache=True, inline="always")
+def uniform_descendant(v, r, first_child, next_sibling, leaf_start, count):
+    """The r-th target (0 <= r < count[v]) below v, descending by child counts."""
+    while leaf_start[v] < 0:
+        c = first_child[v]
+        while r >= count[c]:
+            r -= count[c]
+            c = next_sibling[c]
+        v = c
+    return leaf_start[v] + r
+
+
+@nb.njit(cache=True)
+def find_entry(s, slot_leaf, parent, f_node, f_alive, f_off, nf):
+    """Frontier entry whose unopened node holds slot s."""
+    u = slot_leaf[s]
+    while u >= 0:
+        for j in range(nf):
+            if f_alive[j] and f_off[j] < 0 and f_node[j] == u:
+                return j
+        u = parent[u]
+    return 0
+
+
+@nb.njit(cache=True, parallel=True, nogil=True)
+def sample_batch(queries, beta, k, exact, tol, budget, draw_cost, seed,
+                 vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
+                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
+                 ex_ptr, ex_slots, out_ids, out_logq, out_logz, out_tv, stats, status):
+    for b in nb.prange(queries.shape[0]):
+        key = splitmix64(splitmix64(U64(seed)) ^ U64(b))
+        status[b] = _sample_one(queries[b], beta, k, exact, tol, budget, draw_cost, key,
+                                vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
+                                first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
+                                ex_slots[ex_ptr[b]: ex_ptr[b + 1]],
+                                out_ids[b], out_logq[b], out_logz[b], out_tv[b:b + 1], stats[b])

@@ -1,0 +1,167 @@
+"""SoftmaxSampler: exact or certified-approximate samples of P(y|q) ∝ exp(<q, y> / temperature).
+
+How it works (BRIEF §3, docs/sampling.md). For each query the sampler keeps a
+cut of the tree. Each node on the cut carries certified bounds n·e^{β lo} ≤ Z_v ≤
+n·e^{β up} on its share of the partition function. The node with the largest gap
+is refined (its children, or a leaf's exact scores, replace it) until a stopping
+rule fires. Then:
+
+* mode="exact": draw a node ∝ its upper bound, a uniform target below it, and
+  accept with probability e^{β<q,y> - β up} (evaluated leaves are drawn by their
+  exact weights). Accepted ids follow the softmax over the allowed ids exactly, for
+  any cut; refinement only changes the speed. Refinement stops when the rejection
+  draws it would save cost less than the refinement itself (cost-aware rule), or
+  when U ≤ (1 + tolerance) L.
+* mode="approx": no rejection. Unopened nodes are proposed by a second-moment
+  estimate of their mass, clipped into their certified interval; refinement stops
+  at `budget` inner products (or U ≤ (1 + tolerance) L). The returned log_q is the
+  true log-probability of each id under that proposal, and `tv_bound` a certified
+  upper bound on its total-variation distance to the softmax.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._sample import ST_ACCEPTED, ST_DOTS, ST_FRONTIER, ST_OPENED, ST_PROPOSALS, sample_batch
+from ._threads import run_parallel
+from ._validate import as_exclude, as_vectors, check_k
+from .tree import TreeIndex
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """What `SoftmaxSampler.sample` returns (arrays over B queries).
+
+    ids:        (B, k) int64 sampled target ids, with replacement.
+    log_q:      (B, k) float64 log-probability of each id under the distribution
+                it was drawn from. Exact mode: β<q,y> − log Ẑ, the log-softmax over
+                the allowed ids, where log Ẑ is the rejection-rate estimate of log Z
+                clipped into the certified interval log_z (so its error is at most the
+                interval's width). Approx mode: the proposal's true log-probability.
+    log_z:      (B, 2) certified lower and upper bounds of log Z(q) over the allowed ids.
+    tv_bound:   (B,) certified bound on the total-variation distance between the
+                distribution sampled and the softmax (0 in exact mode).
+    nodes_opened, inner_products, proposals: (B,) per-query work; proposals / k
+                is the number of draws per accepted sample.
+    """
+    ids: np.ndarray
+    log_q: np.ndarray
+    log_z: np.ndarray
+    tv_bound: np.ndarray
+    nodes_opened: np.ndarray
+    inner_products: np.ndarray
+    proposals: np.ndarray
+    frontier_size: np.ndarray
+
+    @property
+    def draws_per_sample(self) -> np.ndarray:
+        return self.proposals / self.ids.shape[1]
+
+
+class SoftmaxSampler:
+    """Samples target ids from the softmax of inner products over a TreeIndex.
+
+    temperature: P(y|q) ∝ exp(<q, y> / temperature).
+    mode: "exact" (rejection; exact distribution) or "approx" (hard work budget).
+    tolerance: stop refining once U ≤ (1 + tolerance) · L.
+    budget: cap on inner products per query spent refining (approx mode default
+        2% of the index + 256; exact mode default: none, the cost-aware rule decides).
+    draw_cost: cost of one rejection draw in inner products (tunes the exact
+        mode's stopping rule; the result's distribution does not depend on it).
+    """
+
+    def __init__(self, index: TreeIndex, *, temperature: float, mode: str = "exact",
+                 tolerance: float = 0.05, budget: int | None = None, draw_cost: float = 3.0):
+        if not isinstance(index, TreeIndex):
+            raise TypeError(f"index: expected a TreeIndex, got {type(index).__name__}")
+        if mode not in ("exact", "approx"):
+            raise ValueError(f"mode: expected 'exact' or 'approx', got {mode!r}")
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature: expected a finite positive number, got {temperature!r}")
+        if not (np.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(f"tolerance: expected a finite number >= 0, got {tolerance!r}")
+        if budget is not None and (not isinstance(budget, (int, np.integer)) or budget < 1):
+            raise ValueError(f"budget: expected a positive integer or None, got {budget!r}")
+        if not (np.isfinite(draw_cost) and draw_cost > 0):
+            raise ValueError(f"draw_cost: expected a finite positive number, got {draw_cost!r}")
+        self.index = index
+        self.temperature = float(temperature)
+        self.mode = mode
+        self.tolerance = float(tolerance)
+        self.budget = budget
+        self.draw_cost = float(draw_cost)
+
+    @property
+    def beta(self) -> float:
+        return 1.0 / self.temperature
+
+    def _budget(self) -> int:
+        if self.budget is not None:
+            return int(self.budget)
+        if self.mode == "approx":
+            return int(0.02 * len(self.index)) + 256
+        return np.iinfo(np.int64).max // 4
+
+    def __repr__(self) -> str:
+        return (f"SoftmaxSampler(mode={self.mode!r}, temperature={self.temperature}, "
+                f"tolerance={self.tolerance}, budget={self.budget}, index={self.index!r})")
+
+    def sample(self, queries, k: int, *, exclude=None, seed: int | None = None) -> SampleResult:
+        """Draw k ids per query (with replacement). See SampleResult for the fields.
+
+        exclude: None, or per query an id set never to return (e.g. the positive);
+        unknown ids are ignored; a query whose every id is excluded raises ValueError.
+        seed: the same seed gives the same samples whatever the number of threads.
+        """
+        index = self.index
+        q = as_vectors(queries, index.dim, "queries")
+        k = check_k(k)
+        if len(index) == 0:
+            raise ValueError("the index is empty")
+        ptr, ex_slots = self._excluded_slots(exclude, q.shape[0])
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1)[0])
+        B = q.shape[0]
+        ids = np.empty((B, k), np.int64)
+        log_q = np.empty((B, k), np.float64)
+        log_z = np.empty((B, 2), np.float64)
+        tv = np.empty(B, np.float64)
+        stats = np.zeros((B, 5), np.int64)
+        status = np.zeros(B, np.int64)
+        A = index._A
+        run_parallel(sample_batch, q, self.beta, k, self.mode == "exact", self.tolerance,
+                     self._budget(), self.draw_cost, int(seed) & (2**63 - 1),
+                     A.vecs, A.slot_id, A.center, A.csq, A.radius, A.nu_min, A.nu_max, A.sqsum,
+                     A.count, A.first_child, A.next_sibling, A.leaf_start, A.leaf_size,
+                     A.slot_leaf, A.parent, ptr, ex_slots, ids, log_q, log_z, tv, stats, status)
+        if (status == -1).any():
+            b = int(np.flatnonzero(status == -1)[0])
+            raise ValueError(f"query {b}: every target in the index is excluded; nothing to sample")
+        if (status == -2).any():
+            b = int(np.flatnonzero(status == -2)[0])
+            raise RuntimeError(f"query {b}: rejection acceptance collapsed; raise `budget` "
+                               "(exact mode with a small budget leaves bounds too loose)")
+        return SampleResult(ids=ids, log_q=log_q, log_z=log_z, tv_bound=tv,
+                            nodes_opened=stats[:, ST_OPENED], inner_products=stats[:, ST_DOTS],
+                            proposals=stats[:, ST_PROPOSALS], frontier_size=stats[:, ST_FRONTIER])
+
+    def log_partition(self, queries, *, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+        """Certified (lower, upper) bounds of log Z(q) for each query."""
+        r = self.sample(queries, 1, exclude=exclude, seed=0)
+        return r.log_z[:, 0].copy(), r.log_z[:, 1].copy()
+
+    def _excluded_slots(self, exclude, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-query CSR of the slots of excluded ids that are in the index."""
+        ptr, ex = as_exclude(exclude, n_queries)
+        if ex.size == 0:
+            return ptr, ex
+        keys = self.index._keys
+        pos = np.minimum(np.searchsorted(keys, ex), max(keys.size - 1, 0))
+        present = keys[pos] == ex if keys.size else np.zeros(ex.shape, bool)
+        rows = np.repeat(np.arange(n_queries), np.diff(ptr))[present]
+        slots = self.index._key_slot[pos[present]]
+        new_ptr = np.zeros(n_queries + 1, np.int64)
+        np.cumsum(np.bincount(rows, minlength=n_queries), out=new_ptr[1:])
+        return new_ptr, slots.astype(np.int64)
