@@ -14,7 +14,8 @@ import numpy as np
 from ._bounds import FAST, dot32, node_bounds
 
 
-@nb.njit(cache=True, inline="always")
+# Not IR-inlined: parfor array analysis rejects the array rebinding of a growing heap.
+@nb.njit(cache=True)
 def heap_push(keys, vals, size, key, val):
     """Push onto a max-heap stored in (keys, vals); grows the arrays when full."""
     if size == keys.shape[0]:
@@ -36,7 +37,7 @@ def heap_push(keys, vals, size, key, val):
     return keys, vals, size + 1
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True)
 def heap_pop(keys, vals, size):
     """Remove the max of a max-heap; returns (key, val, new size)."""
     top_k, top_v = keys[0], vals[0]

@@ -368,7 +368,7 @@ class TreeIndex:
         A = self._A
         grow = {}
         if slots > A.vecs.shape[0]:
-            cap = max(slots, int(A.vecs.shape[0] * 1.5) + 16)
+            cap = max(slots, int(A.vecs.shape[0] * 1.125) + 1024)  # gentle: vectors dominate memory
             grow.update(vecs=_grown(A.vecs, cap), slot_id=_grown(A.slot_id, cap),
                         slot_leaf=_grown(A.slot_leaf, cap, fill=-1))
         if nodes > A.center.shape[0]:

@@ -1,0 +1,59 @@
+"""Shared benchmark plumbing: arguments, timing, machine facts and the JSON line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--n", type=int, default=100_000, help="number of targets (code: default all)")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--dataset", choices=["clustered", "code"], default="clustered")
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print only the JSON result line")
+    return p
+
+
+def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
+    """Best wall time of `repeat` calls, and the last result."""
+    best, out = np.inf, None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each row of `truth` found in the same row of `found`."""
+    hits = [len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth)]
+    return float(np.sum(hits) / truth.size)
+
+
+def machine() -> dict:
+    import numba
+    import torch
+    return dict(cpus=os.cpu_count(), numba_threads=numba.get_num_threads(),
+                torch_threads=torch.get_num_threads(), python=platform.python_version(),
+                numpy=np.__version__, numba=numba.__version__, torch=torch.__version__)
+
+
+def emit(result: dict, quiet: bool) -> None:
+    """Human-readable summary unless quiet; the JSON object is always the last stdout line."""
+    if not quiet:
+        print(json.dumps(result, indent=2), file=sys.stderr)
+    print(json.dumps(result))
+
+
+def log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,176 @@
+"""Benchmark datasets, one entry point: `load(name, n, dim)`.
+
+* `clustered`: a seeded hierarchical Gaussian mixture of unit vectors shaped like
+  real embeddings (BRIEF §6: ~2000 wide, low-dimensional clusters).
+* `code`: hashed embeddings of a real code-search corpus mined from the installed
+  Python sources (`treeidx.corpus`): targets = code, queries = docstrings.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+__all__ = ["clustered", "code", "load"]
+
+# Generation runs in fixed-size chunks, each from its own seeded stream, so memory
+# is bounded and the first n targets never depend on the total n.
+_CHUNK = 1 << 16
+
+
+def _cluster_params(dim: int, seed: int, n_super: int, n_clusters: int, patch_dim: int) -> dict:
+    """The mixture itself: super-directions, centers, bases, scales, weights."""
+    rng = np.random.default_rng([seed, dim, 0xC1])
+    sup = rng.standard_normal((n_super, dim))
+    sup /= np.linalg.norm(sup, axis=1, keepdims=True)
+    parent = rng.integers(0, n_super, n_clusters)
+    # Centers scatter around their super-direction at ~27 degrees.
+    cen = sup[parent] + 0.5 * rng.standard_normal((n_clusters, dim)) / np.sqrt(dim)
+    cen /= np.linalg.norm(cen, axis=1, keepdims=True)
+    # A random orthonormal patch_dim-basis per cluster (QR of a Gaussian).
+    basis = np.linalg.qr(rng.standard_normal((n_clusters, dim, patch_dim)))[0]
+    # Wide clusters with unequal widths: per-coefficient scale ~0.25 (log-normal),
+    # i.e. a cluster's typical angular radius ~30 degrees.
+    scale = 0.25 * np.exp(0.25 * rng.standard_normal(n_clusters))
+    # Unequal sizes: log-normal weights (largest/smallest ~ e^6).
+    w = np.exp(rng.standard_normal(n_clusters))
+    return {
+        "cen": cen.astype(np.float32),
+        # basis[:, :, j] as (n_clusters, dim) C-arrays: one fast gather per patch coordinate
+        "basis": [np.ascontiguousarray(basis[:, :, j], dtype=np.float32) for j in range(patch_dim)],
+        "scale": scale.astype(np.float32),
+        "cdf": np.cumsum(w / w.sum()),
+    }
+
+
+def _draw(params: dict, m: int, dim: int, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """m unit vectors from the mixture."""
+    a = np.minimum(np.searchsorted(params["cdf"], rng.random(m)), len(params["cdf"]) - 1)
+    z = rng.standard_normal((m, len(params["basis"])), dtype=np.float32) * params["scale"][a, None]
+    x = params["cen"][a]
+    for j, bj in enumerate(params["basis"]):
+        x += bj[a] * z[:, j:j + 1]
+    x += rng.standard_normal((m, dim), dtype=np.float32) * np.float32(noise / np.sqrt(dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def clustered(n: int, dim: int, *, n_queries: int = 1000, seed: int = 0,
+              n_super: int = 32, n_clusters: int = 2048, patch_dim: int = 6,
+              noise: float = 0.1, return_labels: bool = False):
+    """Targets (n, dim) and queries (n_queries, dim): float32 unit vectors.
+
+    Generative process (all seeded by (seed, dim)):
+      * `n_super`=32 super-cluster directions uniform on the sphere;
+      * `n_clusters`=2048 centers, each its super-direction + N(0, 0.5²/dim) per
+        coordinate, normalised (~27° from the super-direction);
+      * per cluster a random orthonormal `patch_dim`=6 basis B, a width
+        s = 0.25·exp(0.25·N(0,1)) and a log-normal weight (unequal sizes);
+      * a point = center + B @ (s·N(0, I_6)) + N(0, noise²/dim · I), normalised
+        (noise=0.1 in norm): a wide, 6-dimensional patch, neighbouring clusters
+        overlapping a little.
+    Queries come from the same process with an independent stream, so they are
+    near the data but never copies of targets. Targets are generated in chunks of
+    65536 from per-chunk streams: memory stays O(chunk) beyond the output and
+    `clustered(m)` is a prefix of `clustered(n)` for m ≤ n. If `return_labels`,
+    also returns the cluster ids of targets and queries.
+    """
+    params = _cluster_params(dim, seed, n_super, n_clusters, patch_dim)
+    labels = [np.empty(n, np.int64), np.empty(n_queries, np.int64)] if return_labels else None
+    out = []
+    for stream, total in ((1, n), (2, n_queries)):
+        x = np.empty((total, dim), np.float32)
+        for c, s in enumerate(range(0, total, _CHUNK)):
+            rng = np.random.default_rng([seed, dim, stream, c])
+            e = min(s + _CHUNK, total)
+            if labels is not None:
+                # Re-derive the assignments exactly as _draw does (same stream).
+                a = np.minimum(np.searchsorted(params["cdf"], np.random.default_rng([seed, dim, stream, c]).random(_CHUNK)),
+                               n_clusters - 1)
+                labels[stream - 1][s:e] = a[: e - s]
+            # Always draw a full chunk so a prefix never depends on the total size.
+            x[s:e] = _draw(params, _CHUNK, dim, rng, noise)[: e - s]
+        out.append(x)
+    if labels is not None:
+        return out[0], out[1], labels[0], labels[1]
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------- code
+
+def _save_atomic(path: str, arr: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_npy(path: str, dim: int) -> np.ndarray | None:
+    try:
+        a = np.load(path)
+        return a if a.dtype == np.float32 and a.ndim == 2 and a.shape[1] == dim else None
+    except Exception:  # missing or damaged: recompute
+        return None
+
+
+def code_query_ids(items, n_queries: int, seed: int) -> np.ndarray:
+    """Ids of the items whose docstrings are the queries (sorted draw, seeded)."""
+    with_doc = np.array([it.id for it in items if it.docstring.strip()], np.int64)
+    rng = np.random.default_rng([seed, 0xC0DE])
+    return rng.choice(with_doc, size=min(n_queries, len(with_doc)), replace=False)
+
+
+def code(dim: int, *, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None,
+         roots=None, max_files: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Targets = hash_embed(code) of every corpus item; queries = hash_embed(docstring)
+    of `n_queries` items drawn (seeded) among those with a docstring.
+
+    The embedding itself is always `hash_embed(..., seed=0)` so targets are the same
+    for every `seed`; `seed` only picks the queries. Arrays are cached as .npy next to
+    the corpus cache, keyed by the corpus key. `roots`/`max_files` restrict mining
+    (tests).
+    """
+    from treeidx.corpus import corpus_cache_key, default_cache_dir, hash_embed, mine_code_corpus
+
+    cache_dir = cache_dir or default_cache_dir()
+    key = corpus_cache_key(roots, max_files)
+    base = os.path.join(cache_dir, f"code-{key[:20]}-d{dim}")
+    t_path, q_path = base + "-targets.npy", base + f"-q{n_queries}-s{seed}.npy"
+    targets, queries = _load_npy(t_path, dim), _load_npy(q_path, dim)
+    if targets is not None and queries is not None:
+        return targets, queries
+    items = mine_code_corpus(roots, cache_dir=cache_dir, max_files=max_files)
+    os.makedirs(cache_dir, exist_ok=True)
+    if targets is None:
+        targets = hash_embed([it.code for it in items], dim)
+        _save_atomic(t_path, targets)
+    if queries is None:
+        qid = code_query_ids(items, n_queries, seed)
+        queries = hash_embed([items[i].docstring for i in qid], dim)
+        _save_atomic(q_path, queries)
+    return targets, queries
+
+
+def load(name: str, n: int | None, dim: int, *, n_queries: int = 1000,
+         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, queries) of a named dataset: 'clustered' (n required) or 'code'
+    (n None = all items, else the first n of a seeded permutation of the items)."""
+    if name == "clustered":
+        if n is None:
+            raise ValueError("load('clustered', n, dim): n is required")
+        return clustered(n, dim, n_queries=n_queries, seed=seed)
+    if name == "code":
+        targets, queries = code(dim, n_queries=n_queries, seed=seed)
+        if n is not None:
+            if n > len(targets):
+                raise ValueError(f"code corpus has {len(targets)} items, asked for {n}")
+            perm = np.random.default_rng([seed, 0x5EB]).permutation(len(targets))[:n]
+            targets = np.ascontiguousarray(targets[perm])
+        return targets, queries
+    raise ValueError(f"unknown dataset {name!r}; expected 'clustered' or 'code'")
