@@ -26,14 +26,14 @@ import numpy as np
 F32_EPS = float(np.finfo(np.float32).eps) / 2.0
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True)
 def dot_error(dim: int, qnorm: float, cnorm: float) -> float:
     """Upper bound on |fl32(<q, c>) - <q, c>| for a float32 sequential dot product."""
     nu = (dim + 2) * F32_EPS
     return 2.0 * nu / (1.0 - nu) * qnorm * cnorm + 1e-30
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True)
 def node_bounds(dot: float, qnorm: float, csq: float, radius: float,
                 nu_min: float, nu_max: float, dim: int) -> tuple[float, float]:
     """Lower and upper bound of <q, y> over every target y below the node.
@@ -70,11 +70,15 @@ def node_bounds(dot: float, qnorm: float, csq: float, radius: float,
 
 
 # reassoc lets LLVM vectorise the reduction; the gamma_n error bound above holds
-# for any summation order, and contract (FMA) only makes it more accurate.
+# for any summation order, and contract (FMA) only makes it more accurate. Use it
+# only in such reductions: in running sums with cancellation (the sampler's
+# frontier totals) reassociation silently destroys precision.
 FAST = {"reassoc", "contract"}
 
 
-@nb.njit(cache=True, inline="always", fastmath=FAST)
+# Not IR-inlined on purpose: numba would compile the body with the caller's
+# (strict) flags; LLVM still inlines it and keeps these fast-math flags.
+@nb.njit(cache=True, fastmath=FAST)
 def dot32(a: np.ndarray, b: np.ndarray) -> float:
     """float32 dot product of two 1-d float32 arrays (vectorised by LLVM)."""
     s = np.float32(0.0)

@@ -16,7 +16,7 @@ import math
 import numba as nb
 import numpy as np
 
-from ._bounds import FAST, dot32, dot_error, node_bounds
+from ._bounds import dot32, dot_error, node_bounds
 from ._build import U64, splitmix64, uniform01
 from ._search import heap_pop, heap_push
 
@@ -51,7 +51,7 @@ def lse_shifted(x, M):
     return math.exp(x - M) if x > NEG_INF else 0.0
 
 
-@nb.njit(cache=True, fastmath=FAST)
+@nb.njit(cache=True)  # no fastmath: the frontier sums rely on IEEE order
 def _sample_one(q, beta, k, exact, tol, budget, draw_cost, key,
                 vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
@@ -97,6 +97,9 @@ def _sample_one(q, beta, k, exact, tol, budget, draw_cost, key,
     M = f_up[0]
     U = math.exp(f_up[0] - M)
     L = math.exp(f_lo[0] - M)
+    # running sums drive the stopping rule only; `scale` is the largest term since the
+    # last re-sum, which sets their absolute rounding error
+    scale = U
     dots, opened = nex, 0
     while hs > 0:
         # --- stopping rule
@@ -130,7 +133,7 @@ def _sample_one(q, beta, k, exact, tol, budget, draw_cost, key,
         opened += 1
         U -= lse_shifted(f_up[e], M)
         L -= lse_shifted(f_lo[e], M)
-        oldU = U + lse_shifted(f_up[e], M)
+        scale = max(scale, lse_shifted(f_up[e], M))
         if leaf_start[v] >= 0:
             s0 = leaf_start[v]
             m = leaf_size[v]
@@ -151,24 +154,30 @@ def _sample_one(q, beta, k, exact, tol, budget, draw_cost, key,
                 sc_slot[nsc + i] = s
             dots += m
             err = beta * dot_error(dim, qnorm, nu_max[v])
+            # log-sum with the leaf's own max as shift: relative to M its mass may underflow
+            for i in range(m):
+                mx = max(mx, sc_w[nsc + i])
             for i in range(m):
                 w = sc_w[nsc + i]
                 if w > NEG_INF:
-                    lsum_lo += math.exp(w - err - M)
-                    lsum_up += math.exp(w + err - M)
+                    lsum_lo += math.exp(w - mx)
+            lsum_up = lsum_lo
             nf_i = nf
             f_node = grow_f(f_node, nf); f_lo = grow_f(f_lo, nf); f_up = grow_f(f_up, nf)
             f_w = grow_f(f_w, nf); f_off = grow_f(f_off, nf); f_alive = grow_f(f_alive, nf)
             f_blo = grow_f(f_blo, nf); f_bup = grow_f(f_bup, nf)
             f_node[nf_i], f_off[nf_i], f_alive[nf_i] = v, nsc, True
-            f_lo[nf_i] = math.log(lsum_lo) + M if lsum_lo > 0.0 else NEG_INF
-            f_up[nf_i] = math.log(lsum_up) + M if lsum_up > 0.0 else NEG_INF
+            f_lo[nf_i] = math.log(lsum_lo) + mx - err if lsum_lo > 0.0 else NEG_INF
+            f_up[nf_i] = math.log(lsum_up) + mx + err if lsum_up > 0.0 else NEG_INF
+            lsum_lo = lse_shifted(f_lo[nf_i], M)
+            lsum_up = lse_shifted(f_up[nf_i], M)
             f_w[nf_i] = 0.0
             f_blo[nf_i], f_bup[nf_i] = 0.0, 0.0
             nf += 1
             nsc += m
             U += lsum_up
             L += lsum_lo
+            scale = max(scale, lsum_up)
             # float32 rounding of the scores is the only gap left: never refine again
         else:
             plo, pup = f_blo[e], f_bup[e]
@@ -197,25 +206,20 @@ def _sample_one(q, beta, k, exact, tol, budget, draw_cost, key,
                 nf += 1
                 c = next_sibling[c]
             dots += cost
-        # precision guard: re-sum from the frontier after a large cancellation
-        if U < 1e-6 * oldU or U < 1e-250:
-            M2 = NEG_INF
-            for j in range(nf):
-                if f_alive[j] and f_up[j] > M2:
-                    M2 = f_up[j]
-            M = M2
-            U, L = 0.0, 0.0
-            for j in range(nf):
-                if f_alive[j]:
-                    U += lse_shifted(f_up[j], M)
-                    L += lse_shifted(f_lo[j], M)
-    # --- certified log Z interval of the allowed targets
+        # precision guard: re-sum from the frontier once cancellation could matter
+        if U < 1e-6 * scale or U < 1e-250:
+            M, U, L = resum(f_up, f_lo, f_alive, nf)
+            scale = U
+    # --- certified log Z interval of the allowed targets, from an exact re-sum
+    # (sums of <= nf positive terms: relative error < nf * 2^-52, padded below)
+    M, U, L = resum(f_up, f_lo, f_alive, nf)
     exw = 0.0
     for j in range(nex):
         if ex_open[j]:
             exw += lse_shifted(ex_w[j], M)
-    La = L - exw
-    Ua = U - exw
+    pad = (nf + nex + 8) * 2.3e-16
+    La = L * (1.0 - pad) - exw * (1.0 + pad)
+    Ua = U * (1.0 + pad) - exw * (1.0 - pad)
     if Ua <= 0.0:
         return -1  # everything excluded
     log_lo = math.log(La) + M if La > 0.0 else NEG_INF
@@ -322,6 +326,21 @@ def _sample_one(q, beta, k, exact, tol, budget, draw_cost, key,
     stats[ST_ACCEPTED] = acc
     stats[ST_FRONTIER] = ne
     return 0
+
+
+@nb.njit(cache=True)
+def resum(f_up, f_lo, f_alive, nf):
+    """(shift, upper sum, lower sum) of the alive frontier, shifted by its max log-upper."""
+    M = NEG_INF
+    for j in range(nf):
+        if f_alive[j] and f_up[j] > M:
+            M = f_up[j]
+    U, L = 0.0, 0.0
+    for j in range(nf):
+        if f_alive[j]:
+            U += lse_shifted(f_up[j], M)
+            L += lse_shifted(f_lo[j], M)
+    return M, U, L
 
 
 @nb.njit(cache=True, inline="always")

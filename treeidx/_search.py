@@ -11,7 +11,7 @@ import math
 import numba as nb
 import numpy as np
 
-from ._bounds import FAST, dot32, node_bounds
+from ._bounds import dot32, node_bounds
 
 
 # Not IR-inlined: parfor array analysis rejects the array rebinding of a growing heap.
@@ -89,7 +89,7 @@ def is_excluded(excl_ptr, excl_ids, b, idv):
     return j < hi and excl_ids[j] == idv
 
 
-@nb.njit(cache=True, parallel=True, nogil=True, fastmath=FAST)
+@nb.njit(cache=True, parallel=True, nogil=True)
 def search_batch(queries, k, root, vecs, slot_id, center, csq, radius, nu_min, nu_max,
                  first_child, next_sibling, leaf_start, leaf_size, excl_ptr, excl_ids,
                  out_scores, out_ids, out_visited):
