@@ -26,14 +26,14 @@ import numpy as np
 F32_EPS = float(np.finfo(np.float32).eps) / 2.0
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def dot_error(dim: int, qnorm: float, cnorm: float) -> float:
     """Upper bound on |fl32(<q, c>) - <q, c>| for a float32 sequential dot product."""
     nu = (dim + 2) * F32_EPS
     return 2.0 * nu / (1.0 - nu) * qnorm * cnorm + 1e-30
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def node_bounds(dot: float, qnorm: float, csq: float, radius: float,
                 nu_min: float, nu_max: float, dim: int) -> tuple[float, float]:
     """Lower and upper bound of <q, y> over every target y below the node.

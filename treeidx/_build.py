@@ -281,6 +281,7 @@ def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int 
     local_par = node_par[rows]
     parent[1:] = np.where(local_par < 0, 0, local_par + offsets[block_of_row] + 1)
     del node_lo, node_hi, node_par
+    lo, hi, parent = breadth_first(lo, hi, parent)
     vecs = x[perm]
     say(f"node statistics for {m} nodes")
     center = np.empty((m, d), np.float32)
@@ -299,6 +300,37 @@ def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int 
                 nu_max=nu_max, sqsum=sqsum, count=(hi - lo), parent=parent,
                 first_child=first_child, next_sibling=next_sibling, leaf_start=leaf_start,
                 leaf_size=leaf_size_arr, leaf_cap=leaf_size_arr.copy())
+
+
+def breadth_first(lo: np.ndarray, hi: np.ndarray, parent: np.ndarray):
+    """Renumber nodes level by level so that siblings are adjacent in memory.
+
+    Expanding a node then reads its children's centers from one contiguous block
+    instead of one cache miss each (preorder numbering scatters them).
+    Requires parent[v] < v (true of the preorder the builder produces).
+    """
+    m = parent.shape[0]
+    depth = np.zeros(m, np.int64)
+    _depth_from_parents(parent, depth)
+    new_of_old = np.empty(m, np.int64)
+    new_of_old[0] = 0
+    order_parts = [np.array([0])]
+    next_id = 1
+    for d in range(1, int(depth.max()) + 1 if m > 1 else 1):
+        level = np.flatnonzero(depth == d)
+        level = level[np.argsort(new_of_old[parent[level]], kind="stable")]
+        new_of_old[level] = np.arange(next_id, next_id + level.shape[0])
+        next_id += level.shape[0]
+        order_parts.append(level)
+    order = np.concatenate(order_parts)
+    new_parent = np.where(parent[order] >= 0, new_of_old[np.maximum(parent[order], 0)], -1)
+    return lo[order], hi[order], new_parent
+
+
+@nb.njit(cache=True)
+def _depth_from_parents(parent, depth):
+    for v in range(1, parent.shape[0]):
+        depth[v] = depth[parent[v]] + 1
 
 
 def link_children(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

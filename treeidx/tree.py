@@ -54,6 +54,7 @@ class TreeIndex:
         self._shape = dict(_shape)
         self._seed = int(_seed)
         self._mutations = 0  # varies the split seeds of successive inserts
+        self._top: tuple[np.ndarray, np.ndarray] | None = None  # see _top_level()
 
     @classmethod
     def build(cls, vectors, ids=None, *, seed: int = 0, progress: bool = False,
@@ -207,15 +208,38 @@ class TreeIndex:
         k = check_k(k)
         ptr, ex = as_exclude(exclude, q.shape[0])
         self._check_k_fits(k, ptr, ex)
+        top_nodes, top_centers, top_region = self._top_level()
+        top_dots = q @ top_centers.T  # one BLAS product scores the wide top level
+        # Queries of one region read the same leaves: run them back to back so
+        # those leaves are still in cache (results are put back in input order).
+        order = locality_order(top_dots, top_region)
+        q, top_dots = q[order], top_dots[order]
+        ptr, ex = _permute_csr(ptr, ex, order)
         scores = np.empty((q.shape[0], k), np.float32)
         out_ids = np.empty((q.shape[0], k), np.int64)
         visited = np.empty(q.shape[0], np.int64)
+        dots = np.empty(q.shape[0], np.int64)
         A = self._A
-        run_parallel(search_batch, q, k, 0, A.vecs, A.slot_id, A.center, A.csq, A.radius,
+        run_parallel(search_batch, q, k, top_nodes, top_dots, A.vecs, A.slot_id, A.center, A.csq, A.radius,
                      A.nu_min, A.nu_max, A.first_child, A.next_sibling, A.leaf_start,
-                     A.leaf_size, ptr, ex, scores, out_ids, visited)
-        self.last_search_visited = visited
-        return scores, out_ids
+                     A.leaf_size, ptr, ex, scores, out_ids, visited, dots)
+        # per-query work of the last call (diagnostics; not synchronised between threads)
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.shape[0])
+        self.last_search_visited = visited[inv]
+        self.last_search_inner_products = dots[inv]
+        return scores[inv], out_ids[inv]
+
+    def _top_level(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The root's children, a contiguous copy of their centers, and a coarse
+        region label for each (k-means of the centers); cached until a write."""
+        if self._top is None:
+            nodes = np.array(_children(self._A, 0), dtype=np.int64)
+            centers = np.ascontiguousarray(self._A.center[nodes])
+            n_regions = max(1, nodes.shape[0] // 32)
+            region = _build.kmeans_top(centers, n_regions, self._seed)[1] if nodes.size else nodes
+            self._top = (nodes, centers, region)
+        return self._top
 
     def _check_k_fits(self, k: int, ptr: np.ndarray, ex: np.ndarray) -> None:
         n = len(self)
@@ -251,6 +275,7 @@ class TreeIndex:
         shp = self._shape
         i = 0
         self._mutations += 1
+        self._top = None
         while i < x.shape[0]:
             self._reserve(slots=self._n_slots + 2 * self.max_leaf + 2 + (x.shape[0] - i),
                           nodes=self._n_nodes + shp["fanout"] + 2 + (x.shape[0] - i) // 8)
@@ -267,6 +292,7 @@ class TreeIndex:
         self._slots_of(ids_arr)  # raises KeyError before anything changes
         self._dead_slots = _mutate.remove_batch(self._A, self._keys, self._key_slot, ids_arr, 0,
                                                 self._dead_slots)
+        self._top = None
         keep = self._key_slot >= 0
         self._keys = self._keys[keep]
         self._key_slot = self._key_slot[keep]
@@ -285,6 +311,7 @@ class TreeIndex:
         self._slots_of(ids_arr)
         self._dead_slots = _mutate.remove_batch(self._A, self._keys, self._key_slot, ids_arr, 0,
                                                 self._dead_slots)
+        self._top = None
         self._insert_rows(x, ids_arr)
 
     def rebuild(self, node: int | None = None, *, progress: bool = False) -> None:
@@ -307,6 +334,7 @@ class TreeIndex:
         self._rebuild_subtree(node)
 
     def _rebuild_subtree(self, v: int) -> None:
+        self._top = None
         A = self._A
         out = np.empty(int(A.count[v]), np.int64)
         n = _mutate.subtree_slots(A, v, out)
@@ -450,6 +478,24 @@ _CHECK_MESSAGES = {
     _mutate.E_SLOT_SHARED: "leaf {v}: slot {s} is out of range or owned by two leaves",
     _mutate.E_INTERNAL_NO_CHILD: "internal node {v} has no children and is not a leaf",
 }
+
+
+def locality_order(top_dots: np.ndarray, top_region: np.ndarray) -> np.ndarray:
+    """Query order grouping queries by the region, then the cluster, they score best in."""
+    if top_dots.shape[1] == 0:
+        return np.arange(top_dots.shape[0])
+    best = top_dots.argmax(axis=1)
+    return np.lexsort((best, top_region[best]))
+
+
+def _permute_csr(ptr: np.ndarray, vals: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a CSR (ptr, vals) taken in the given order."""
+    if vals.size == 0:
+        return np.zeros(order.shape[0] + 1, np.int64), vals
+    lens = np.diff(ptr)[order]
+    new_ptr = np.zeros(order.shape[0] + 1, np.int64)
+    np.cumsum(lens, out=new_ptr[1:])
+    return new_ptr, vals[_ranges(ptr[:-1][order], lens)]
 
 
 def _children(A: Arrays, v: int) -> list[int]:
