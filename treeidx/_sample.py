@@ -39,9 +39,10 @@ def log_gap(lo: float, up: float) -> float:
 
 @nb.njit(cache=True, inline="always")
 def grow_f(a, n):
+    """a, or a copy with room for index n (capacity at least doubled)."""
     if n < a.shape[0]:
         return a
-    b = np.empty(2 * a.shape[0] + 16, a.dtype)
+    b = np.empty(max(2 * a.shape[0] + 16, n + 1), a.dtype)
     b[: a.shape[0]] = a
     return b
 
@@ -52,7 +53,7 @@ def lse_shifted(x, M):
 
 
 @nb.njit(cache=True)  # no fastmath: the frontier sums rely on IEEE order
-def _sample_one(q, beta, k, exact, tol, budget, draw_cost, key,
+def _sample_one(q, top_row, beta, k, exact, tol, budget, draw_cost, key,
                 vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
                 ex_slots, out_ids, out_logq, out_logz, out_tv, stats):
@@ -163,9 +164,10 @@ def _sample_one(q, beta, k, exact, tol, budget, draw_cost, key,
                     lsum_lo += math.exp(w - mx)
             lsum_up = lsum_lo
             nf_i = nf
-            f_node = grow_f(f_node, nf); f_lo = grow_f(f_lo, nf); f_up = grow_f(f_up, nf)
-            f_w = grow_f(f_w, nf); f_off = grow_f(f_off, nf); f_alive = grow_f(f_alive, nf)
-            f_blo = grow_f(f_blo, nf); f_bup = grow_f(f_bup, nf)
+            if nf >= f_node.shape[0]:
+                f_node = grow_f(f_node, nf); f_lo = grow_f(f_lo, nf); f_up = grow_f(f_up, nf)
+                f_w = grow_f(f_w, nf); f_off = grow_f(f_off, nf); f_alive = grow_f(f_alive, nf)
+                f_blo = grow_f(f_blo, nf); f_bup = grow_f(f_bup, nf)
             f_node[nf_i], f_off[nf_i], f_alive[nf_i] = v, nsc, True
             f_lo[nf_i] = math.log(lsum_lo) + mx - err if lsum_lo > 0.0 else NEG_INF
             f_up[nf_i] = math.log(lsum_up) + mx + err if lsum_up > 0.0 else NEG_INF
@@ -181,17 +183,22 @@ def _sample_one(q, beta, k, exact, tol, budget, draw_cost, key,
             # float32 rounding of the scores is the only gap left: never refine again
         else:
             plo, pup = f_blo[e], f_bup[e]
+            last = nf + cost
+            if last >= f_node.shape[0]:  # room for every child at once
+                f_node = grow_f(f_node, last); f_lo = grow_f(f_lo, last); f_up = grow_f(f_up, last)
+                f_w = grow_f(f_w, last); f_off = grow_f(f_off, last); f_alive = grow_f(f_alive, last)
+                f_blo = grow_f(f_blo, last); f_bup = grow_f(f_bup, last)
             c = first_child[v]
+            j = 0
             while c >= 0:
-                a = dot32(q, center[c])
+                # the root's children (the wide top level) come pre-scored by BLAS
+                a = top_row[j] if v == root else dot32(q, center[c])
+                j += 1
                 lo, up = node_bounds(a, qnorm, csq[c], radius[c], nu_min[c], nu_max[c], dim)
                 lo, up = max(lo, plo), min(up, pup)  # both bound the child's targets
                 if up < lo:
                     up = lo
                 lc = math.log(count[c])
-                f_node = grow_f(f_node, nf); f_lo = grow_f(f_lo, nf); f_up = grow_f(f_up, nf)
-                f_w = grow_f(f_w, nf); f_off = grow_f(f_off, nf); f_alive = grow_f(f_alive, nf)
-                f_blo = grow_f(f_blo, nf); f_bup = grow_f(f_bup, nf)
                 f_node[nf], f_off[nf], f_alive[nf] = c, -1, True
                 f_lo[nf], f_up[nf] = lc + beta * lo, lc + beta * up
                 f_blo[nf], f_bup[nf] = lo, up
@@ -202,7 +209,10 @@ def _sample_one(q, beta, k, exact, tol, budget, draw_cost, key,
                 f_w[nf] = min(max(est, f_lo[nf]), f_up[nf])
                 U += lse_shifted(f_up[nf], M)
                 L += lse_shifted(f_lo[nf], M)
-                hk, hv, hs = heap_push(hk, hv, hs, log_gap(f_lo[nf], f_up[nf]), nf)
+                # exact mode refines where the envelope wastes most (the gap); approx
+                # mode where the estimated mass is largest, as an IVF probes its best lists
+                prio = log_gap(f_lo[nf], f_up[nf]) if exact else f_w[nf]
+                hk, hv, hs = heap_push(hk, hv, hs, prio, nf)
                 nf += 1
                 c = next_sibling[c]
             dots += cost
@@ -368,13 +378,15 @@ def find_entry(s, slot_leaf, parent, f_node, f_alive, f_off, nf):
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
-def sample_batch(queries, beta, k, exact, tol, budget, draw_cost, seed,
+def sample_batch(queries, qidx, top_dots, beta, k, exact, tol, budget, draw_cost, seed,
                  vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                  first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
                  ex_ptr, ex_slots, out_ids, out_logq, out_logz, out_tv, stats, status):
+    """Rows may come in any order: each row's random stream is keyed by its
+    original index qidx[b], so results do not depend on order or thread count."""
     for b in nb.prange(queries.shape[0]):
-        key = splitmix64(splitmix64(U64(seed)) ^ U64(b))
-        status[b] = _sample_one(queries[b], beta, k, exact, tol, budget, draw_cost, key,
+        key = splitmix64(splitmix64(U64(seed)) ^ U64(qidx[b]))
+        status[b] = _sample_one(queries[b], top_dots[b], beta, k, exact, tol, budget, draw_cost, key,
                                 vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
                                 ex_slots[ex_ptr[b]: ex_ptr[b + 1]],

@@ -27,7 +27,7 @@ import numpy as np
 from ._sample import ST_ACCEPTED, ST_DOTS, ST_FRONTIER, ST_OPENED, ST_PROPOSALS, sample_batch
 from ._threads import run_parallel
 from ._validate import as_exclude, as_vectors, check_k
-from .tree import TreeIndex
+from .tree import TreeIndex, _permute_csr, locality_order
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,12 @@ class SoftmaxSampler:
         if len(index) == 0:
             raise ValueError("the index is empty")
         ptr, ex_slots = self._excluded_slots(exclude, q.shape[0])
+        top_nodes, top_centers, top_region = index._top_level()
+        top_dots = q @ top_centers.T  # one BLAS product scores the wide top level
+        # region by region, so consecutive queries on a thread share cached leaves
+        order = locality_order(top_dots, top_region)
+        q, top_dots = q[order], top_dots[order]
+        ptr, ex_slots = _permute_csr(ptr, ex_slots, order)
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
         B = q.shape[0]
@@ -131,11 +137,14 @@ class SoftmaxSampler:
         stats = np.zeros((B, 5), np.int64)
         status = np.zeros(B, np.int64)
         A = index._A
-        run_parallel(sample_batch, q, self.beta, k, self.mode == "exact", self.tolerance,
+        run_parallel(sample_batch, q, order, top_dots, self.beta, k, self.mode == "exact", self.tolerance,
                      self._budget(), self.draw_cost, int(seed) & (2**63 - 1),
                      A.vecs, A.slot_id, A.center, A.csq, A.radius, A.nu_min, A.nu_max, A.sqsum,
                      A.count, A.first_child, A.next_sibling, A.leaf_start, A.leaf_size,
                      A.slot_leaf, A.parent, ptr, ex_slots, ids, log_q, log_z, tv, stats, status)
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.shape[0])
+        ids, log_q, log_z, tv, stats, status = ids[inv], log_q[inv], log_z[inv], tv[inv], stats[inv], status[inv]
         if (status == -1).any():
             b = int(np.flatnonzero(status == -1)[0])
             raise ValueError(f"query {b}: every target in the index is excluded; nothing to sample")

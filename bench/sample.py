@@ -1,0 +1,139 @@
+"""Softmax sampling: treeidx exact and approx vs the fastest exact brute-force sampler.
+
+    python -m bench.sample --n 4000000 --dim 64 --dataset clustered --k 64 --json
+
+For each target perplexity (default 10, 100, 1000) the temperature is found by
+bisection on the exact softmax of a few queries. Then, in the same process on the
+same data: per-query milliseconds of brute force (numpy sgemm into a reused
+buffer + an exact float64 sampling pass, treeidx.brute) and of treeidx exact and
+approx; draws per accepted sample; inner products as a share of brute force's;
+total-variation distance of each sampler's empirical distribution to the exact
+softmax on a few queries, beside the sampling-noise floor (brute force's own
+empirical TV at the same number of draws); for approx mode the mean of P/Q over
+its own samples (1 for a correct log q) and a TV-versus-budget curve.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from scipy.special import logsumexp
+
+from bench._common import base_parser, emit, log, machine, timed
+from bench.datasets import load
+from treeidx import SoftmaxSampler, TreeIndex
+from treeidx.brute import BruteForce
+
+
+def perplexity(scores: np.ndarray, beta: float) -> np.ndarray:
+    """exp(entropy) of softmax(beta * scores) per row (float64)."""
+    z = beta * scores
+    lz = logsumexp(z, axis=1, keepdims=True)
+    p = np.exp(z - lz)
+    return np.exp(-(p * (z - lz)).sum(axis=1))
+
+
+def beta_for(scores: np.ndarray, target: float) -> float:
+    lo, hi = 1e-3, 1e5
+    for _ in range(50):
+        mid = np.sqrt(lo * hi)
+        lo, hi = (mid, hi) if np.median(perplexity(scores, mid)) > target else (lo, mid)
+    return float(np.sqrt(lo * hi))
+
+
+def empirical_tv(ids: np.ndarray, p: np.ndarray) -> float:
+    u, c = np.unique(ids, return_counts=True)
+    emp = c / ids.size
+    return float(0.5 * (np.abs(emp - p[u]).sum() + (p.sum() - p[u].sum())))
+
+
+def main(argv=None) -> dict:
+    p = base_parser(__doc__.splitlines()[0], datasets=("clustered", "code", "minilm"))
+    p.set_defaults(queries=256)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--perplexities", default="10,100,1000")
+    p.add_argument("--temperature", type=float, action="append",
+                   help="also run at this temperature (e.g. 0.05 on minilm); repeatable")
+    p.add_argument("--tv-queries", type=int, default=4)
+    p.add_argument("--tv-draws", type=int, default=200_000)
+    p.add_argument("--budgets", default="0.001,0.003,0.01,0.03",
+                   help="approx-mode budgets as fractions of N for the TV-vs-speed curve")
+    a = p.parse_args(argv)
+    quiet = a.json
+    dim = 384 if a.dataset == "minilm" else a.dim
+    n_arg = None if (a.dataset != "clustered" and a.n <= 0) else a.n
+    x, queries = load(a.dataset, n_arg, dim, n_queries=a.queries, seed=a.seed)
+    n = x.shape[0]
+    log(f"data: {a.dataset} {x.shape}, {queries.shape[0]} queries", quiet)
+    res: dict = dict(benchmark="sample", dataset=a.dataset, n=n, dim=dim, k=a.k,
+                     queries=int(queries.shape[0]), machine=machine())
+    t = time.perf_counter()
+    warm = TreeIndex.build(x[:3000])
+    SoftmaxSampler(warm, temperature=0.1).sample(queries[:4], 4, seed=0)
+    SoftmaxSampler(warm, temperature=0.1, mode="approx").sample(queries[:4], 4, seed=0)
+    res["compile_s"] = time.perf_counter() - t
+    build_s, index = timed(lambda: TreeIndex.build(x, seed=a.seed))
+    res["build_s"] = build_s
+    brute = BruteForce(x)
+    probe = queries[: min(16, queries.shape[0])]
+    probe_scores = (probe.astype(np.float64) @ x.T.astype(np.float64)) if n <= 2_000_000 else \
+        (probe @ x.T).astype(np.float64)
+    settings = [("perplexity", float(t_)) for t_ in a.perplexities.split(",") if t_]
+    settings += [("temperature", t_) for t_ in (a.temperature or [])]
+    res["runs"] = []
+    for kind, value in settings:
+        beta = beta_for(probe_scores, value) if kind == "perplexity" else 1.0 / value
+        ppl = float(np.median(perplexity(probe_scores, beta)))
+        log(f"{kind} {value}: beta {beta:.3g}, median perplexity {ppl:.1f}", quiet)
+        res["runs"].append(run_one(a, x, queries, index, brute, beta, ppl, kind, value, quiet))
+    emit(res, quiet)
+    return res
+
+
+def run_one(a, x, queries, index, brute, beta, ppl, kind, value, quiet) -> dict:
+    n, nq, k = x.shape[0], queries.shape[0], a.k
+    out: dict = dict(temperature=1.0 / beta, median_perplexity=ppl, **{f"target_{kind}": value})
+    brute.sample(queries[:8], k, beta, seed=0)
+    bf_s, _ = timed(lambda: brute.sample(queries, k, beta, seed=1), repeat=2)
+    out["brute_force"] = dict(ms_per_query=1e3 * bf_s / nq)
+    samplers = {"exact": SoftmaxSampler(index, temperature=1.0 / beta, mode="exact"),
+                "approx": SoftmaxSampler(index, temperature=1.0 / beta, mode="approx")}
+    tvq = queries[: a.tv_queries]
+    exact_p = [np.exp(lp - logsumexp(lp)) for lp in
+               (beta * (tvq[i].astype(np.float64) @ x.T.astype(np.float64)) for i in range(tvq.shape[0]))]
+    # sampling-noise floor: brute force's own empirical TV at the same number of draws
+    bf_ids = brute.sample(tvq, a.tv_draws, beta, seed=2)[0]
+    out["tv_noise_floor"] = float(np.mean([empirical_tv(bf_ids[i], exact_p[i]) for i in range(tvq.shape[0])]))
+    for name, sampler in samplers.items():
+        sampler.sample(queries[:8], k, seed=0)
+        s, r = timed(lambda: sampler.sample(queries, k, seed=1), repeat=2)
+        entry = dict(ms_per_query=1e3 * s / nq, speedup_vs_brute=bf_s / s,
+                     draws_per_sample=float(r.draws_per_sample.mean()),
+                     inner_product_share=float(r.inner_products.mean() / n),
+                     nodes_opened=float(r.nodes_opened.mean()),
+                     tv_bound_median=float(np.median(r.tv_bound)))
+        big = sampler.sample(tvq, a.tv_draws, seed=3)
+        entry["tv_measured"] = float(np.mean([empirical_tv(big.ids[i], exact_p[i]) for i in range(tvq.shape[0])]))
+        lp = np.stack([np.log(exact_p[i][big.ids[i]]) for i in range(tvq.shape[0])])
+        entry["mean_p_over_q"] = float(np.mean(np.exp(lp - big.log_q)))
+        out[f"treeidx_{name}"] = entry
+        log(f"  {name}: {entry['ms_per_query']:.3f} ms/q ({entry['speedup_vs_brute']:.1f}x), "
+            f"TV {entry['tv_measured']:.3f} (floor {out['tv_noise_floor']:.3f}), "
+            f"ip share {entry['inner_product_share']:.4f}", quiet)
+    curve = []
+    for frac in [float(f) for f in a.budgets.split(",") if f]:
+        budget = max(64, int(frac * n))
+        sampler = SoftmaxSampler(index, temperature=1.0 / beta, mode="approx", budget=budget)
+        s, r = timed(lambda: sampler.sample(queries, k, seed=1))
+        big = sampler.sample(tvq, a.tv_draws, seed=3)
+        curve.append(dict(budget=budget, ms_per_query=1e3 * s / nq, speedup_vs_brute=bf_s / s,
+                          inner_product_share=float(r.inner_products.mean() / n),
+                          tv_measured=float(np.mean([empirical_tv(big.ids[i], exact_p[i])
+                                                     for i in range(tvq.shape[0])])),
+                          tv_bound_median=float(np.median(r.tv_bound))))
+    out["approx_curve"] = curve
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""PyTorch integration: softmax negatives for a training step, and the sampled-softmax loss.
+
+`TreeNegativeSampler` turns query embeddings (any device, any float dtype) into
+`Negatives` (target ids and the log-probability of each under the proposal) by sampling
+a tree index on the host CPU, optionally for the next batch on a background thread
+while the accelerator works on the current one (BRIEF §5). `sampled_softmax_loss`
+scores the positive against those negatives (encoded by the caller with the current
+encoder, so gradients flow through fresh vectors) with the log Q correction.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .sampling import SampleResult, SoftmaxSampler
+from .tree import TreeIndex
+
+__all__ = ["Negatives", "TreeNegativeSampler", "sampled_softmax_loss"]
+
+
+@dataclass
+class Negatives:
+    """Negatives for one batch of B queries.
+
+    ids:    (B, k) int64 target ids, on the queries' device.
+    log_q:  (B, k) log-probability of each id under the distribution it was drawn from
+            (float64 for float64 queries, else float32: half precision is too coarse
+            for a log-probability), on the queries' device. Pass it to
+            `sampled_softmax_loss(log_q=...)`.
+    result: the host-side `SampleResult` (certified log Z interval, tv_bound, work
+            counters) when the negatives come from a tree sampler; None otherwise.
+    """
+    ids: torch.Tensor
+    log_q: torch.Tensor
+    result: SampleResult | None = field(default=None, repr=False, compare=False)
+
+
+class HostSampler(Protocol):
+    """What TreeNegativeSampler needs from an index other than a TreeIndex."""
+
+    def sample(self, queries: np.ndarray, k: int, *, exclude: Any = None,
+               seed: int | None = None) -> SampleResult: ...
+
+
+# ---------------------------------------------------------------------------------------
+# shared input handling (also used by treeidx.baselines)
+# ---------------------------------------------------------------------------------------
+
+def check_queries(query_emb: Any, dim: int | None = None) -> torch.Tensor:
+    """The (B, d) floating-point query tensor, detached from autograd."""
+    if not isinstance(query_emb, torch.Tensor):
+        raise TypeError(f"query_emb: expected a torch.Tensor, got {type(query_emb).__name__}")
+    if query_emb.dim() != 2:
+        raise ValueError(f"query_emb: expected shape (B, d), got {tuple(query_emb.shape)}")
+    if not query_emb.is_floating_point():
+        raise ValueError(f"query_emb: expected a floating-point tensor, got {query_emb.dtype}")
+    if dim is not None and query_emb.shape[1] != dim:
+        raise ValueError(f"query_emb: expected dimension {dim}, got {query_emb.shape[1]}")
+    return query_emb.detach()
+
+
+def check_positives(positive_ids: Any, batch: int) -> torch.Tensor | None:
+    """positive_ids as a (B,) int64 tensor (None stays None)."""
+    if positive_ids is None:
+        return None
+    if not isinstance(positive_ids, torch.Tensor):
+        positive_ids = torch.as_tensor(np.asarray(positive_ids))
+    if positive_ids.dim() != 1 or positive_ids.shape[0] != batch:
+        raise ValueError(f"positive_ids: expected shape ({batch},) (one per query), "
+                         f"got {tuple(positive_ids.shape)}")
+    if positive_ids.is_floating_point() or positive_ids.is_complex() or positive_ids.dtype == torch.bool:
+        raise ValueError(f"positive_ids: expected an integer tensor, got {positive_ids.dtype}")
+    return positive_ids.detach().to(torch.int64)
+
+
+def log_q_dtype(query_emb: torch.Tensor) -> torch.dtype:
+    """float64 for float64 queries, else float32 (a bf16 log-probability is off by ~0.05)."""
+    return torch.float64 if query_emb.dtype == torch.float64 else torch.float32
+
+
+def host_queries(query_emb: torch.Tensor) -> np.ndarray:
+    """A float32 host copy of the queries (fp16/bf16 are widened: numpy has no bf16)."""
+    return query_emb.detach().to(device="cpu", dtype=torch.float32).numpy()
+
+
+def empty_negatives(query_emb: torch.Tensor, k: int) -> Negatives:
+    B = query_emb.shape[0]
+    return Negatives(ids=torch.empty((B, k), dtype=torch.int64, device=query_emb.device),
+                     log_q=torch.empty((B, k), dtype=log_q_dtype(query_emb), device=query_emb.device))
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def _check_temperature(t: Any) -> float:
+    try:
+        t = float(t)
+    except (TypeError, ValueError):
+        raise ValueError(f"temperature: expected a finite positive number, got {t!r}") from None
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature: expected a finite positive number, got {t!r}")
+    return t
+
+
+def _default_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# the sampler
+# ---------------------------------------------------------------------------------------
+
+class TreeNegativeSampler:
+    """Softmax negatives P(y|q) ∝ exp(<q, y> / temperature) from a tree index.
+
+    index: a TreeIndex (wrapped in a SoftmaxSampler with temperature, mode, tolerance,
+        budget), or any object with `sample(queries, k, *, exclude=, seed=)` returning a
+        SampleResult (e.g. a SoftmaxSampler or a dynamic index); that object's own
+        temperature/mode are used, and must equal these when it exposes them.
+    k: negatives per query. exclude_positives: never return a row's own positive, so
+        log_q is over the targets other than the positive (see sampled_softmax_loss).
+    seed, rank: call number c draws with a seed derived from (seed, rank, c), so a run is
+        reproducible and distributed ranks (rank=None: torch.distributed's rank when
+        initialised, else 0) draw independent streams.
+
+    Call counter: every `sample` and every `submit` takes the next call number when it
+    is made (after its inputs are checked). `sample(q, pos)` with the very tensor
+    objects of a pending `submit(q, pos)` returns that prefetched result (the one the
+    synchronous call would have returned: same call number); with other tensors while
+    a submit is pending it raises. So "submit(q_next) ... sample(q_next)" and plain
+    "sample(q)" every step give identical negatives.
+
+    Prefetch: `submit` copies the queries to host memory before it returns (later
+    in-place changes to them do not matter) and samples on one background thread
+    (numba releases the GIL). Do not mutate the index while a submit is pending.
+    """
+
+    def __init__(self, index: TreeIndex | HostSampler, *, k: int, temperature: float,
+                 mode: str = "exact", exclude_positives: bool = True, prefetch: bool = True,
+                 seed: int = 0, rank: int | None = None, tolerance: float = 0.05,
+                 budget: int | None = None) -> None:
+        self.k = _check_k(k)
+        self.temperature = _check_temperature(temperature)
+        if mode not in ("exact", "approx"):
+            raise ValueError(f"mode: expected 'exact' or 'approx', got {mode!r}")
+        self.mode = mode
+        self.tolerance = tolerance
+        self.budget = budget
+        if isinstance(index, TreeIndex):
+            self._owns_sampler = True
+            self.sampler: HostSampler = SoftmaxSampler(index, temperature=self.temperature, mode=mode,
+                                                       tolerance=tolerance, budget=budget)
+        elif callable(getattr(index, "sample", None)):
+            self._owns_sampler = False
+            self.sampler = index
+            self._check_foreign(self.temperature, mode)
+        else:
+            raise TypeError("index: expected a TreeIndex or an object with "
+                            f"sample(queries, k, *, exclude, seed), got {type(index).__name__}")
+        self.exclude_positives = bool(exclude_positives)
+        self.prefetch = bool(prefetch)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+        self.seed = int(seed)
+        self.rank = _default_rank() if rank is None else int(rank)
+        if self.rank < 0:
+            raise ValueError(f"rank: expected an integer >= 0, got {rank!r}")
+        self.calls = 0
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor | None, concurrent.futures.Future] | None = None
+
+    def _check_foreign(self, temperature: float, mode: str) -> None:
+        """A ready-made sampler's own settings must agree with ours (they are the real ones)."""
+        t = getattr(self.sampler, "temperature", None)
+        if t is not None and not math.isclose(float(t), temperature, rel_tol=1e-12):
+            raise ValueError(f"temperature={temperature} but the given sampler uses {t}")
+        m = getattr(self.sampler, "mode", None)
+        if m is not None and m != mode:
+            raise ValueError(f"mode={mode!r} but the given sampler uses {m!r}")
+
+    def __repr__(self) -> str:
+        return (f"TreeNegativeSampler(k={self.k}, temperature={self.temperature}, mode={self.mode!r}, "
+                f"seed={self.seed}, rank={self.rank}, calls={self.calls}, sampler={self.sampler!r})")
+
+    # -- seeds --------------------------------------------------------------------------
+
+    def call_seed(self, call: int) -> int:
+        """The sampler seed of call number `call` (a 63-bit hash of seed, rank, call)."""
+        w = np.random.SeedSequence([self.seed, self.rank, int(call)]).generate_state(2, np.uint32)
+        return (int(w[0]) << 31 ^ int(w[1])) & (2**63 - 1)
+
+    # -- sampling -----------------------------------------------------------------------
+
+    def _prepare(self, query_emb: Any, positive_ids: Any):
+        q = check_queries(query_emb, getattr(getattr(self.sampler, "index", None), "dim", None))
+        pos = check_positives(positive_ids, q.shape[0])
+        q_host = host_queries(q)
+        ex = pos.cpu().numpy() if (pos is not None and self.exclude_positives) else None
+        return q, q_host, ex
+
+    def _run(self, q_host: np.ndarray, ex: np.ndarray | None, call: int,
+             device: torch.device, dtype: torch.dtype) -> Negatives:
+        if q_host.shape[0] == 0:
+            z = np.empty((0, self.k))
+            return Negatives(torch.from_numpy(z.astype(np.int64)).to(device),
+                             torch.from_numpy(z).to(device=device, dtype=dtype))
+        res = self.sampler.sample(q_host, self.k, exclude=ex, seed=self.call_seed(call))
+        return Negatives(ids=torch.from_numpy(np.ascontiguousarray(res.ids, np.int64)).to(device),
+                         log_q=torch.from_numpy(np.ascontiguousarray(res.log_q)).to(device=device, dtype=dtype),
+                         result=res)
+
+    def sample(self, query_emb: torch.Tensor, positive_ids: torch.Tensor | None = None) -> Negatives:
+        """k negatives per query (with replacement), on the queries' device.
+
+        query_emb: (B, d) floating tensor (any device; detached; fp16/bf16 widened).
+        positive_ids: (B,) integer tensor or None; excluded when exclude_positives.
+        """
+        if self._pending is not None:
+            pq, pp, _ = self._pending
+            if query_emb is pq and positive_ids is pp:
+                return self.result()
+            raise RuntimeError("a submitted batch is pending for other tensors: call result() "
+                               "first (or pass the submitted tensors to sample())")
+        q, q_host, ex = self._prepare(query_emb, positive_ids)
+        call = self.calls
+        self.calls += 1
+        return self._run(q_host, ex, call, q.device, log_q_dtype(q))
+
+    def submit(self, query_emb: torch.Tensor, positive_ids: torch.Tensor | None = None) -> None:
+        """Start sampling for these queries in the background; collect with result()."""
+        if self._pending is not None:
+            raise RuntimeError("submit() called twice without result(): collect the pending batch first")
+        q, q_host, ex = self._prepare(query_emb, positive_ids)
+        call = self.calls
+        self.calls += 1
+        args = (q_host, ex, call, q.device, log_q_dtype(q))
+        fut: concurrent.futures.Future
+        if self.prefetch:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="treeidx-prefetch")
+            fut = self._pool.submit(self._run, *args)
+        else:  # same semantics, computed now
+            fut = concurrent.futures.Future()
+            try:
+                fut.set_result(self._run(*args))
+            except BaseException as e:  # surfaced by result(), as with the background path
+                fut.set_exception(e)
+        self._pending = (query_emb, positive_ids, fut)
+
+    def result(self) -> Negatives:
+        """The Negatives of the pending submit (waits for it); re-raises its error."""
+        if self._pending is None:
+            raise RuntimeError("result() called without a pending submit()")
+        fut = self._pending[2]
+        self._pending = None
+        return fut.result()
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def close(self) -> None:
+        """Wait for any pending batch (dropping it) and stop the worker thread.
+
+        The sampler stays usable: a later submit() starts a new worker.
+        """
+        self._pending = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> "TreeNegativeSampler":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- checkpointing ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """seed, rank, call counter, k, temperature, mode (not the index)."""
+        return {"seed": self.seed, "rank": self.rank, "calls": self.calls, "k": self.k,
+                "temperature": self.temperature, "mode": self.mode}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore seed, call counter, k, temperature and mode.
+
+        The rank is kept as this process's own: a checkpoint written by rank 0 and
+        loaded on every rank must still give each rank its own stream.
+        """
+        if self._pending is not None:
+            raise RuntimeError("load_state_dict() with a pending submit(): call result() first")
+        missing = {"seed", "calls", "k", "temperature", "mode"} - set(state)
+        if missing:
+            raise KeyError(f"state_dict: missing key(s) {sorted(missing)}")
+        k = _check_k(state["k"])
+        t = _check_temperature(state["temperature"])
+        mode = state["mode"]
+        if mode not in ("exact", "approx"):
+            raise ValueError(f"mode: expected 'exact' or 'approx', got {mode!r}")
+        calls = int(state["calls"])
+        if calls < 0:
+            raise ValueError(f"calls: expected an integer >= 0, got {calls}")
+        if self._owns_sampler:
+            if (t, mode) != (self.temperature, self.mode):
+                self.sampler = SoftmaxSampler(self.sampler.index, temperature=t, mode=mode,
+                                              tolerance=self.tolerance, budget=self.budget)
+        else:
+            self._check_foreign(t, mode)
+        self.k, self.temperature, self.mode = k, t, mode
+        self.seed, self.calls = int(state["seed"]), calls
+
+
+# ---------------------------------------------------------------------------------------
+# the loss
+# ---------------------------------------------------------------------------------------
+
+def sampled_softmax_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None, *,
+                         log_q: torch.Tensor | None = None, temperature: float,
+                         in_batch_negatives: bool = True, reduction: str = "mean",
+                         pos_ids: torch.Tensor | None = None,
+                         neg_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the positive against sampled (and in-batch) negatives.
+
+    q (B, d) queries; pos (B, d) their positives' embeddings; neg (B, k, d) the sampled
+    negatives' embeddings (or None / k = 0). Logits are <q, ·> / temperature, computed
+    in at least float32; the positive is column 0.
+
+    log Q correction (Bengio & Senécal 2008; Blanc & Rendle 2018): with log_q given,
+    negative j's logit is s_j − log(k · Q(y_j)). Then
+        Ẑ = e^{s+} + Σ_j e^{s_j} / (k Q(y_j)),   E[Σ_j e^{s_j} / (k Q(y_j))] = Σ_{y ≠ y+} e^{s_y}
+    when Q's support is the targets other than the positive (sampler excludes it), or
+    when Q covers all targets and draws equal to the positive are masked (accidental
+    hits, below): Ẑ is unbiased for Z, so the loss is consistent as k → ∞. Subtracting
+    log Q alone would count the negatives' mass k times. If Q is the softmax itself
+    (over the targets other than the positive), every column's weight is exactly what it
+    should be: each draw's loss equals the full softmax loss, and the gradient is
+    unbiased for any k. log_q is a constant (detached): the proposal is not trained.
+    log_q=None: no correction (logits s_j as they are; e.g. top-k hard negatives).
+
+    in_batch_negatives: the other rows' positives are extra negatives with no
+    correction. Their inclusion probability is unknown, so they add their raw mass to
+    Ẑ: Z is over-estimated by that mass (the DPR bias: popular targets are pushed
+    down extra). Turn it off for the consistent estimator.
+
+    Accidental hits (pos_ids (B,) and neg_ids (B, k) given): a sampled id equal to the
+    row's positive, and an in-batch column whose positive id equals the row's own
+    (other than the diagonal), get logit −inf.
+
+    reduction: "mean" | "sum" | "none" (per-row losses, shape (B,)).
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    temperature = _check_temperature(temperature)
+    if q.dim() != 2:
+        raise ValueError(f"q: expected shape (B, d), got {tuple(q.shape)}")
+    B, d = q.shape
+    if pos.shape != (B, d):
+        raise ValueError(f"pos: expected shape {(B, d)} like q, got {tuple(pos.shape)}")
+    dt = torch.promote_types(torch.promote_types(q.dtype, pos.dtype), torch.float32)
+    q = q.to(dt)
+    pos = pos.to(dt)
+    cols = [((q * pos).sum(-1) / temperature)[:, None]]  # (B, 1): the positive
+    if neg is not None:
+        if neg.dim() != 3 or neg.shape[0] != B or neg.shape[2] != d:
+            raise ValueError(f"neg: expected shape ({B}, k, {d}), got {tuple(neg.shape)}")
+        k = neg.shape[1]
+        s = torch.einsum("bd,bkd->bk", q, neg.to(dt)) / temperature
+        if log_q is not None:
+            if log_q.shape != (B, k):
+                raise ValueError(f"log_q: expected shape {(B, k)} like neg's first two dims, "
+                                 f"got {tuple(log_q.shape)}")
+            if k:  # − log(k · Q(y_j))
+                s = s - (log_q.detach().to(device=s.device, dtype=dt) + math.log(k))
+        if neg_ids is not None:
+            if pos_ids is None:
+                raise ValueError("neg_ids given without pos_ids: accidental hits need both")
+            if neg_ids.shape != (B, k):
+                raise ValueError(f"neg_ids: expected shape {(B, k)}, got {tuple(neg_ids.shape)}")
+            hit = neg_ids.to(s.device) == _pos_ids(pos_ids, B).to(s.device)[:, None]
+            s = s.masked_fill(hit, -math.inf)
+        cols.append(s)
+    elif log_q is not None and log_q.numel():
+        raise ValueError("log_q given without neg")
+    if in_batch_negatives and B > 1:
+        s = q @ pos.T / temperature  # (B, B); the diagonal is column 0 already
+        same = torch.eye(B, dtype=torch.bool, device=s.device)
+        if pos_ids is not None:
+            p = _pos_ids(pos_ids, B).to(s.device)
+            same = same | (p[:, None] == p[None, :])
+        cols.append(s.masked_fill(same, -math.inf))
+    logits = torch.cat(cols, dim=1)
+    # cross-entropy with target column 0: logsumexp − positive logit (−inf columns add nothing)
+    loss = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def _pos_ids(pos_ids: Any, B: int) -> torch.Tensor:
+    p = pos_ids if isinstance(pos_ids, torch.Tensor) else torch.as_tensor(np.asarray(pos_ids))
+    if p.shape != (B,):
+        raise ValueError(f"pos_ids: expected shape ({B},), got {tuple(p.shape)}")
+    return p
