@@ -169,11 +169,11 @@ def _sample_one(q, top_row, beta, k, exact, tol, budget, draw_cost, key,
                 f_w = grow_f(f_w, nf); f_off = grow_f(f_off, nf); f_alive = grow_f(f_alive, nf)
                 f_blo = grow_f(f_blo, nf); f_bup = grow_f(f_bup, nf)
             f_node[nf_i], f_off[nf_i], f_alive[nf_i] = v, nsc, True
+            f_w[nf_i] = math.log(lsum_up) + mx if lsum_up > 0.0 else NEG_INF  # exact log-sum
             f_lo[nf_i] = math.log(lsum_lo) + mx - err if lsum_lo > 0.0 else NEG_INF
             f_up[nf_i] = math.log(lsum_up) + mx + err if lsum_up > 0.0 else NEG_INF
             lsum_lo = lse_shifted(f_lo[nf_i], M)
             lsum_up = lse_shifted(f_up[nf_i], M)
-            f_w[nf_i] = 0.0
             f_blo[nf_i], f_bup[nf_i] = 0.0, 0.0
             nf += 1
             nsc += m
@@ -243,10 +243,7 @@ def _sample_one(q, top_row, beta, k, exact, tol, budget, draw_cost, key,
         if not f_alive[j]:
             continue
         if f_off[j] >= 0:
-            wsum = 0.0
-            for i in range(f_off[j], f_off[j] + leaf_size[f_node[j]]):
-                wsum += lse_shifted(sc_w[i], M)
-            w = wsum
+            w = lse_shifted(f_w[j], M)  # an opened leaf: its exact weight
         else:
             w = lse_shifted(f_up[j] if exact else f_w[j], M)
         tot += w
