@@ -62,11 +62,13 @@ def test_gradient_unbiased_with_exact_softmax_samples():
     # Q = softmax over the targets other than the positive (BruteForceSampler excludes
     # it): every column's logit is s_j − log(k·Q_j) = log((Z − e^{s+})/k), so each draw's
     # loss is the full loss and E[∇_q] is the full gradient, for any k.
-    N, d, T, k, M = 50, 4, 0.5, 3, 4000
+    # The positive holds ~1/3 of the mass (perplexity ~12), so the positive's own
+    # weight in Ẑ matters and a wrong k factor shows.
+    N, d, T, k, M = 50, 4, 2.0, 3, 4000
     g = torch.Generator().manual_seed(1)
     Y = torch.randn(N, d, generator=g, dtype=torch.float64)
-    q0 = torch.randn(d, generator=g, dtype=torch.float64)
     p = 7
+    q0 = Y[p] + 0.5 * torch.randn(d, generator=g, dtype=torch.float64)
     q_full = q0.clone().requires_grad_()
     full = full_ce(q_full[None], Y, torch.tensor([p]), T)[0]
     full.backward()
@@ -89,9 +91,11 @@ def test_gradient_unbiased_with_exact_softmax_samples():
     torch.testing.assert_close(loss, full.detach().expand(M), rtol=1e-10, atol=1e-10)
     assert (se > 1e-4).all()  # the draws do vary: the test below has something to test
     assert ((mean - want).abs() <= 5 * se).all(), (mean, want, se)
-    # power: without the log Q correction the same draws give a clearly biased gradient
-    _, mean0, se0 = mean_and_se(None)
-    assert ((mean0 - want).abs() > 5 * se0).any()
+    # power: the same draws with no correction, or with log Q but not log k, give a
+    # clearly biased gradient
+    for wrong in (None, negs.log_q - math.log(k)):
+        _, mean0, se0 = mean_and_se(wrong)
+        assert ((mean0 - want).abs() > 10 * se0).any()
 
 
 def test_accidental_hits_and_in_batch_columns():
@@ -159,7 +163,7 @@ def test_tree_sampler_excludes_positive_and_log_q_is_log_softmax(tree):
     q, pos = queries(x)
     s = TreeNegativeSampler(index, k=200, temperature=T, prefetch=False)
     negs = s.sample(q, pos)
-    assert negs.ids.shape == (6, 200) and negs.ids.dtype == torch.int64
+    assert isinstance(negs, Negatives) and negs.ids.shape == (6, 200) and negs.ids.dtype == torch.int64
     assert not (negs.ids == pos[:, None]).any()
     scores = q.double().numpy() @ x.T.astype(np.float64) / T
     scores[np.arange(6), pos.numpy() - 100] = -np.inf  # the positive is outside the support

@@ -197,7 +197,7 @@ class TreeNegativeSampler:
     def call_seed(self, call: int) -> int:
         """The sampler seed of call number `call` (a 63-bit hash of seed, rank, call)."""
         w = np.random.SeedSequence([self.seed, self.rank, int(call)]).generate_state(2, np.uint32)
-        return (int(w[0]) << 31 ^ int(w[1])) & (2**63 - 1)
+        return ((int(w[0]) << 32) | int(w[1])) & (2**63 - 1)
 
     # -- sampling -----------------------------------------------------------------------
 
@@ -208,13 +208,25 @@ class TreeNegativeSampler:
         ex = pos.cpu().numpy() if (pos is not None and self.exclude_positives) else None
         return q, q_host, ex
 
-    def _run(self, q_host: np.ndarray, ex: np.ndarray | None, call: int,
+    def _job(self, query_emb: Any, positive_ids: Any) -> tuple:
+        """Check inputs, snapshot the queries to host, take the next call number.
+
+        Everything the sampling needs is captured here, so a background run does not
+        read attributes the caller may change meanwhile.
+        """
+        q, q_host, ex = self._prepare(query_emb, positive_ids)
+        seed = self.call_seed(self.calls)
+        self.calls += 1
+        return self.sampler, q_host, self.k, ex, seed, q.device, log_q_dtype(q)
+
+    @staticmethod
+    def _run(sampler: HostSampler, q_host: np.ndarray, k: int, ex: np.ndarray | None, seed: int,
              device: torch.device, dtype: torch.dtype) -> Negatives:
         if q_host.shape[0] == 0:
-            z = np.empty((0, self.k))
+            z = np.empty((0, k))
             return Negatives(torch.from_numpy(z.astype(np.int64)).to(device),
                              torch.from_numpy(z).to(device=device, dtype=dtype))
-        res = self.sampler.sample(q_host, self.k, exclude=ex, seed=self.call_seed(call))
+        res = sampler.sample(q_host, k, exclude=ex, seed=seed)
         return Negatives(ids=torch.from_numpy(np.ascontiguousarray(res.ids, np.int64)).to(device),
                          log_q=torch.from_numpy(np.ascontiguousarray(res.log_q)).to(device=device, dtype=dtype),
                          result=res)
@@ -231,19 +243,13 @@ class TreeNegativeSampler:
                 return self.result()
             raise RuntimeError("a submitted batch is pending for other tensors: call result() "
                                "first (or pass the submitted tensors to sample())")
-        q, q_host, ex = self._prepare(query_emb, positive_ids)
-        call = self.calls
-        self.calls += 1
-        return self._run(q_host, ex, call, q.device, log_q_dtype(q))
+        return self._run(*self._job(query_emb, positive_ids))
 
     def submit(self, query_emb: torch.Tensor, positive_ids: torch.Tensor | None = None) -> None:
         """Start sampling for these queries in the background; collect with result()."""
         if self._pending is not None:
             raise RuntimeError("submit() called twice without result(): collect the pending batch first")
-        q, q_host, ex = self._prepare(query_emb, positive_ids)
-        call = self.calls
-        self.calls += 1
-        args = (q_host, ex, call, q.device, log_q_dtype(q))
+        args = self._job(query_emb, positive_ids)
         fut: concurrent.futures.Future
         if self.prefetch:
             if self._pool is None:
