@@ -184,3 +184,14 @@ def test_statistics_are_reported():
     assert (r.nodes_opened > 0).all() and (r.inner_products > 0).all()
     assert (r.draws_per_sample >= 1).all()
     assert (r.inner_products < 5000).all(), "a peaked softmax must not touch every target"
+
+
+def test_results_do_not_depend_on_chunking():
+    x, q = clustered(3000, 16, seed=4)
+    index = TreeIndex.build(x)
+    qs = np.repeat(q, 5, axis=0)
+    exclude = [{i % 7} for i in range(qs.shape[0])]
+    a = SoftmaxSampler(index, temperature=0.05, chunk_size=1024).sample(qs, 16, exclude=exclude, seed=9)
+    b = SoftmaxSampler(index, temperature=0.05, chunk_size=3).sample(qs, 16, exclude=exclude, seed=9)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.log_z, b.log_z)

@@ -53,7 +53,8 @@ def lse_shifted(x, M):
 
 
 @nb.njit(cache=True)  # no fastmath: the frontier sums rely on IEEE order
-def _sample_one(q, top_row, beta, k, exact, tol, budget, draw_cost, key,
+def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
+                beta, k, exact, tol, budget, draw_cost, key,
                 vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
                 ex_slots, out_ids, out_logq, out_logz, out_tv, stats):
@@ -87,21 +88,27 @@ def _sample_one(q, top_row, beta, k, exact, tol, budget, draw_cost, key,
         ex_w[j] = beta * dot32(q, vecs[s])
     ex_open = np.ones(nex, np.bool_)
     # --- root entry
-    root = 0
-    f_node[0], f_off[0], f_alive[0] = root, -1, True
-    rlo, rup = -qnorm * nu_max[root], qnorm * nu_max[root]
-    lc = math.log(max(count[root], 1))
-    f_lo[0], f_up[0] = lc + beta * rlo, lc + beta * rup
-    f_blo[0], f_bup[0], f_w[0] = rlo, rup, lc
-    nf = 1
-    hk, hv, hs = heap_push(hk, hv, hs, log_gap(f_lo[0], f_up[0]), 0)
-    M = f_up[0]
-    U = math.exp(f_up[0] - M)
-    L = math.exp(f_lo[0] - M)
+    # --- the root is opened for every query alike: its children (the top level) arrive
+    # with their bounds, proposal weights and priorities computed for the whole batch
+    ntop = top_nodes.shape[0]
+    if ntop >= cap:
+        f_node = grow_f(f_node, ntop); f_lo = grow_f(f_lo, ntop); f_up = grow_f(f_up, ntop)
+        f_w = grow_f(f_w, ntop); f_off = grow_f(f_off, ntop); f_alive = grow_f(f_alive, ntop)
+        f_blo = grow_f(f_blo, ntop); f_bup = grow_f(f_bup, ntop)
+        hk = grow_f(hk, ntop); hv = grow_f(hv, ntop)
+    for j in range(ntop):
+        f_node[j], f_off[j], f_alive[j] = top_nodes[j], -1, True
+        f_lo[j], f_up[j], f_w[j] = t_flo[j], t_fup[j], t_w[j]
+        f_blo[j], f_bup[j] = t_blo[j], t_bup[j]
+        hk[j], hv[j] = t_prio[j], j
+    nf = ntop
+    hs = ntop
+    heapify(hk, hv, hs)
+    M, U, L = resum(f_up, f_lo, f_alive, nf)
     # running sums drive the stopping rule only; `scale` is the largest term since the
     # last re-sum, which sets their absolute rounding error
     scale = U
-    dots, opened = nex, 0
+    dots, opened = nex + ntop, 1
     while hs > 0:
         # --- stopping rule
         exw = 0.0
@@ -189,11 +196,8 @@ def _sample_one(q, top_row, beta, k, exact, tol, budget, draw_cost, key,
                 f_w = grow_f(f_w, last); f_off = grow_f(f_off, last); f_alive = grow_f(f_alive, last)
                 f_blo = grow_f(f_blo, last); f_bup = grow_f(f_bup, last)
             c = first_child[v]
-            j = 0
             while c >= 0:
-                # the root's children (the wide top level) come pre-scored by BLAS
-                a = top_row[j] if v == root else dot32(q, center[c])
-                j += 1
+                a = dot32(q, center[c])
                 lo, up = node_bounds(a, qnorm, csq[c], radius[c], nu_min[c], nu_max[c], dim)
                 lo, up = max(lo, plo), min(up, pup)  # both bound the child's targets
                 if up < lo:
@@ -336,6 +340,42 @@ def _sample_one(q, top_row, beta, k, exact, tol, budget, draw_cost, key,
 
 
 @nb.njit(cache=True)
+def heapify(keys, vals, size):
+    """Floyd's O(n) construction of a max-heap in place."""
+    for i in range(size // 2 - 1, -1, -1):
+        k, v = keys[i], vals[i]
+        j = i
+        while True:
+            c = 2 * j + 1
+            if c >= size:
+                break
+            if c + 1 < size and keys[c + 1] > keys[c]:
+                c += 1
+            if keys[c] <= k:
+                break
+            keys[j] = keys[c]
+            vals[j] = vals[c]
+            j = c
+        keys[j] = k
+        vals[j] = v
+
+
+@nb.njit(cache=True, parallel=True, nogil=True)
+def top_level_bounds(queries, top_dots, top_nodes, csq, radius, nu_min, nu_max, out_lo, out_up):
+    """Certified bounds of <q, y> below each top-level node, for every query."""
+    dim = queries.shape[1]
+    for b in nb.prange(queries.shape[0]):
+        qn = 0.0
+        for t in range(dim):
+            qn += float(queries[b, t]) * float(queries[b, t])
+        qnorm = math.sqrt(qn)
+        for j in range(top_nodes.shape[0]):
+            c = top_nodes[j]
+            out_lo[b, j], out_up[b, j] = node_bounds(top_dots[b, j], qnorm, csq[c], radius[c],
+                                                     nu_min[c], nu_max[c], dim)
+
+
+@nb.njit(cache=True)
 def resum(f_up, f_lo, f_alive, nf):
     """(shift, upper sum, lower sum) of the alive frontier, shifted by its max log-upper."""
     M = NEG_INF
@@ -375,7 +415,8 @@ def find_entry(s, slot_leaf, parent, f_node, f_alive, f_off, nf):
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
-def sample_batch(queries, qidx, top_dots, beta, k, exact, tol, budget, draw_cost, seed,
+def sample_batch(queries, qidx, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
+                 beta, k, exact, tol, budget, draw_cost, seed,
                  vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                  first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
                  ex_ptr, ex_slots, out_ids, out_logq, out_logz, out_tv, stats, status):
@@ -383,7 +424,8 @@ def sample_batch(queries, qidx, top_dots, beta, k, exact, tol, budget, draw_cost
     original index qidx[b], so results do not depend on order or thread count."""
     for b in nb.prange(queries.shape[0]):
         key = splitmix64(splitmix64(U64(seed)) ^ U64(qidx[b]))
-        status[b] = _sample_one(queries[b], top_dots[b], beta, k, exact, tol, budget, draw_cost, key,
+        status[b] = _sample_one(queries[b], top_nodes, t_blo[b], t_bup[b], t_flo[b], t_fup[b],
+                                t_w[b], t_prio[b], beta, k, exact, tol, budget, draw_cost, key,
                                 vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
                                 ex_slots[ex_ptr[b]: ex_ptr[b + 1]],

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._sample import ST_ACCEPTED, ST_DOTS, ST_FRONTIER, ST_OPENED, ST_PROPOSALS, sample_batch
+from ._sample import ST_DOTS, ST_FRONTIER, ST_OPENED, ST_PROPOSALS, sample_batch, top_level_bounds
 from ._threads import run_parallel
 from ._validate import as_exclude, as_vectors, check_k
-from .tree import TreeIndex, _permute_csr, locality_order
+from .tree import TreeIndex, _permute_csr, _slice_csr, locality_order
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,12 @@ class SoftmaxSampler:
         2% of the index + 256; exact mode default: none, the cost-aware rule decides).
     draw_cost: cost of one rejection draw in inner products (tunes the exact
         mode's stopping rule; the result's distribution does not depend on it).
+    chunk_size: queries processed together (bounds the per-batch work arrays).
     """
 
     def __init__(self, index: TreeIndex, *, temperature: float, mode: str = "exact",
-                 tolerance: float = 0.05, budget: int | None = None, draw_cost: float = 3.0):
+                 tolerance: float = 0.05, budget: int | None = None, draw_cost: float = 3.0,
+                 chunk_size: int = 1024):
         if not isinstance(index, TreeIndex):
             raise TypeError(f"index: expected a TreeIndex, got {type(index).__name__}")
         if mode not in ("exact", "approx"):
@@ -92,6 +94,7 @@ class SoftmaxSampler:
         self.tolerance = float(tolerance)
         self.budget = budget
         self.draw_cost = float(draw_cost)
+        self.chunk_size = check_k(chunk_size, "chunk_size")
 
     @property
     def beta(self) -> float:
@@ -121,12 +124,6 @@ class SoftmaxSampler:
         if len(index) == 0:
             raise ValueError("the index is empty")
         ptr, ex_slots = self._excluded_slots(exclude, q.shape[0])
-        top_nodes, top_centers, top_region = index._top_level()
-        top_dots = q @ top_centers.T  # one BLAS product scores the wide top level
-        # region by region, so consecutive queries on a thread share cached leaves
-        order = locality_order(top_dots, top_region)
-        q, top_dots = q[order], top_dots[order]
-        ptr, ex_slots = _permute_csr(ptr, ex_slots, order)
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
         B = q.shape[0]
@@ -136,15 +133,12 @@ class SoftmaxSampler:
         tv = np.empty(B, np.float64)
         stats = np.zeros((B, 5), np.int64)
         status = np.zeros(B, np.int64)
-        A = index._A
-        run_parallel(sample_batch, q, order, top_dots, self.beta, k, self.mode == "exact", self.tolerance,
-                     self._budget(), self.draw_cost, int(seed) & (2**63 - 1),
-                     A.vecs, A.slot_id, A.center, A.csq, A.radius, A.nu_min, A.nu_max, A.sqsum,
-                     A.count, A.first_child, A.next_sibling, A.leaf_start, A.leaf_size,
-                     A.slot_leaf, A.parent, ptr, ex_slots, ids, log_q, log_z, tv, stats, status)
-        inv = np.empty_like(order)
-        inv[order] = np.arange(order.shape[0])
-        ids, log_q, log_z, tv, stats, status = ids[inv], log_q[inv], log_z[inv], tv[inv], stats[inv], status[inv]
+        # chunks bound the (chunk x top-level) work arrays; results do not depend on them
+        for lo in range(0, B, self.chunk_size):
+            hi = min(lo + self.chunk_size, B)
+            sub_ptr, sub_ex = _slice_csr(ptr, ex_slots, lo, hi)
+            self._sample_chunk(q[lo:hi], np.arange(lo, hi), k, sub_ptr, sub_ex, int(seed) & (2**63 - 1),
+                               ids[lo:hi], log_q[lo:hi], log_z[lo:hi], tv[lo:hi], stats[lo:hi], status[lo:hi])
         if (status == -1).any():
             b = int(np.flatnonzero(status == -1)[0])
             raise ValueError(f"query {b}: every target in the index is excluded; nothing to sample")
@@ -155,6 +149,49 @@ class SoftmaxSampler:
         return SampleResult(ids=ids, log_q=log_q, log_z=log_z, tv_bound=tv,
                             nodes_opened=stats[:, ST_OPENED], inner_products=stats[:, ST_DOTS],
                             proposals=stats[:, ST_PROPOSALS], frontier_size=stats[:, ST_FRONTIER])
+
+    def _sample_chunk(self, q, qidx, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status):
+        index, A = self.index, self.index._A
+        top_nodes, top_centers, top_region = index._top_level()
+        top_dots = q @ top_centers.T  # one BLAS product scores the wide top level
+        # region by region, so consecutive queries on a thread share cached leaves
+        order = locality_order(top_dots, top_region)
+        q, top_dots = q[order], top_dots[order]
+        ptr, ex_slots = _permute_csr(ptr, ex_slots, order)
+        tops = self._top_level_entries(q, top_dots, top_nodes)
+        out = [np.empty_like(a) for a in (ids, log_q, log_z, tv, stats, status)]
+        run_parallel(sample_batch, q, qidx[order], top_nodes, *tops, self.beta, k,
+                     self.mode == "exact", self.tolerance, self._budget(), self.draw_cost, seed,
+                     A.vecs, A.slot_id, A.center, A.csq, A.radius, A.nu_min, A.nu_max, A.sqsum,
+                     A.count, A.first_child, A.next_sibling, A.leaf_start, A.leaf_size,
+                     A.slot_leaf, A.parent, ptr, ex_slots, *out)
+        for dst, src in zip((ids, log_q, log_z, tv, stats, status), out):
+            dst[order] = src
+
+    def _top_level_entries(self, q: np.ndarray, top_dots: np.ndarray, top_nodes: np.ndarray):
+        """Frontier entries of the top level for the whole batch, vectorised.
+
+        Bounds come from the same kernel as everywhere (`node_bounds`); the log-space
+        algebra on them is done by numpy in bulk rather than per query and node.
+        """
+        A, beta = self.index._A, self.beta
+        blo = np.empty(top_dots.shape, np.float64)
+        bup = np.empty(top_dots.shape, np.float64)
+        run_parallel(top_level_bounds, q, top_dots, top_nodes, A.csq, A.radius, A.nu_min, A.nu_max,
+                     blo, bup)
+        lc = np.log(A.count[top_nodes].astype(np.float64))
+        flo = lc + beta * blo
+        fup = lc + beta * bup
+        qn2 = np.einsum("ij,ij->i", q, q, dtype=np.float64)[:, None]
+        msd = A.sqsum[top_nodes] / A.count[top_nodes]
+        est = lc + beta * top_dots + 0.5 * beta * beta * qn2 * msd / q.shape[1]
+        w = np.minimum(np.maximum(est, flo), fup)
+        if self.mode == "exact":  # log(e^up - e^lo): refine where the envelope wastes most
+            with np.errstate(divide="ignore"):
+                prio = fup + np.log(-np.expm1(np.minimum(flo - fup, -1e-300)))
+        else:  # largest estimated mass first
+            prio = w
+        return blo, bup, flo, fup, w, prio
 
     def log_partition(self, queries, *, exclude=None) -> tuple[np.ndarray, np.ndarray]:
         """Certified (lower, upper) bounds of log Z(q) for each query."""

@@ -498,6 +498,11 @@ def _permute_csr(ptr: np.ndarray, vals: np.ndarray, order: np.ndarray) -> tuple[
     return new_ptr, vals[_ranges(ptr[:-1][order], lens)]
 
 
+def _slice_csr(ptr: np.ndarray, vals: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows lo..hi of a CSR (ptr, vals), re-based."""
+    return ptr[lo: hi + 1] - ptr[lo], vals[ptr[lo]: ptr[hi]]
+
+
 def _children(A: Arrays, v: int) -> list[int]:
     out, c = [], A.first_child[v]
     while c >= 0:
