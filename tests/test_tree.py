@@ -246,6 +246,12 @@ def test_check_detects_broken_radius_and_count(data):
     index._A.count[leaf] += 1
     with pytest.raises(InvariantError, match="count"):
         index.check()
+    index._A.count[leaf] -= 1
+    top = int(index._A.first_child[0])
+    assert index._A.node_lo[top] >= 0  # freshly built: every subtree is one slot range
+    index._A.node_lo[top] += 1
+    with pytest.raises(InvariantError, match="contiguous"):
+        index.check()
 
 
 def _snapshot(index: TreeIndex):

@@ -296,7 +296,7 @@ def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int 
     is_leaf[0] = False
     leaf_start = np.where(is_leaf, lo, -1)
     leaf_size_arr = np.where(is_leaf, hi - lo, 0)
-    return dict(vecs=vecs, perm=perm, center=center, csq=csq, radius=radius, nu_min=nu_min,
+    return dict(vecs=vecs, perm=perm, lo=lo, center=center, csq=csq, radius=radius, nu_min=nu_min,
                 nu_max=nu_max, sqsum=sqsum, count=(hi - lo), parent=parent,
                 first_child=first_child, next_sibling=next_sibling, leaf_start=leaf_start,
                 leaf_size=leaf_size_arr, leaf_cap=leaf_size_arr.copy())

@@ -41,6 +41,8 @@ class Arrays(NamedTuple):
     leaf_start: np.ndarray    # int64, first slot of a leaf, -1 for internal nodes
     leaf_size: np.ndarray     # int64, used slots of a leaf
     leaf_cap: np.ndarray      # int64, reserved slots of a leaf
+    node_lo: np.ndarray       # int64: the subtree's targets fill slots [node_lo, node_lo + count),
+                              # or -1 when they are not contiguous (see contiguous_ranges)
 
 
 @nb.njit(cache=True, inline="always")
@@ -344,9 +346,42 @@ def subtree_slots(A, v, out):
     return n
 
 
+@nb.njit(cache=True)
+def contiguous_ranges(A, root, n_nodes):
+    """Recompute node_lo: a subtree is contiguous when its children's ranges tile one
+    range in list order (a leaf always is). Children come after parents in a
+    breadth-first order, so one reverse pass over that order settles every node."""
+    order = np.empty(n_nodes, np.int64)
+    order[0] = root
+    head, tail = 0, 1
+    while head < tail:
+        v = order[head]
+        head += 1
+        c = A.first_child[v]
+        while c >= 0:
+            order[tail] = c
+            tail += 1
+            c = A.next_sibling[c]
+    for i in range(tail - 1, -1, -1):
+        v = order[i]
+        if A.leaf_start[v] >= 0:
+            A.node_lo[v] = A.leaf_start[v]
+            continue
+        c = A.first_child[v]
+        lo = A.node_lo[c] if c >= 0 else -1
+        nxt = lo
+        ok = c >= 0 and lo >= 0
+        while ok and c >= 0:
+            if A.node_lo[c] != nxt:
+                ok = False
+            nxt = A.node_lo[c] + A.count[c]
+            c = A.next_sibling[c]
+        A.node_lo[v] = lo if ok else -1
+
+
 # error codes of check_kernel, formatted by tree.TreeIndex.check
 OK, E_CYCLE, E_PARENT, E_COUNT, E_LEAF_CHILDREN, E_LEAF_SIZE, E_SLOT_OWNER, E_UNUSED, \
-    E_KEY, E_RADIUS, E_NORM, E_CSQ, E_EMPTY, E_SLOT_SHARED, E_INTERNAL_NO_CHILD = range(15)
+    E_KEY, E_RADIUS, E_NORM, E_CSQ, E_EMPTY, E_SLOT_SHARED, E_INTERNAL_NO_CHILD, E_RANGE = range(16)
 
 
 @nb.njit(cache=True)
@@ -423,6 +458,8 @@ def check_kernel(A, keys, key_slot, root, n_nodes, n_slots, max_leaf):
                     d2 += diff * diff
                 if math.sqrt(d2) > A.radius[u]:
                     return E_RADIUS, u, s, math.sqrt(d2), A.radius[u]
+                if A.node_lo[u] >= 0 and not (A.node_lo[u] <= s < A.node_lo[u] + A.count[u]):
+                    return E_RANGE, u, s, float(A.node_lo[u]), float(A.count[u])
                 if yn > A.nu_max[u] or yn < A.nu_min[u]:
                     return E_NORM, u, s, yn, A.nu_max[u] if yn > A.nu_max[u] else A.nu_min[u]
                 u = A.parent[u]

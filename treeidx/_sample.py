@@ -56,7 +56,7 @@ def lse_shifted(x, M):
 def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
                 beta, k, exact, tol, budget, draw_cost, key,
                 vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
-                first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
+                first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent, node_lo,
                 ex_slots, out_ids, out_logq, out_logz, out_tv, stats):
     dim = q.shape[0]
     qn2 = 0.0
@@ -305,7 +305,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
         else:  # unopened node: a uniform target below it
             r2 = int(uniform01(key + ctr) * count[v])
             ctr += U64(1)
-            s = uniform_descendant(v, r2, first_child, next_sibling, leaf_start, count)
+            s = uniform_descendant(v, r2, first_child, next_sibling, leaf_start, count, node_lo)
             excluded = False
             for jx in range(nex):
                 if ex_slots[jx] == s:
@@ -391,9 +391,12 @@ def resum(f_up, f_lo, f_alive, nf):
 
 
 @nb.njit(cache=True, inline="always")
-def uniform_descendant(v, r, first_child, next_sibling, leaf_start, count):
-    """The r-th target (0 <= r < count[v]) below v, descending by child counts."""
+def uniform_descendant(v, r, first_child, next_sibling, leaf_start, count, node_lo):
+    """The r-th target (0 <= r < count[v]) below v: one lookup when the subtree's
+    slots are contiguous, else a descent by child counts."""
     while leaf_start[v] < 0:
+        if node_lo[v] >= 0:
+            return node_lo[v] + r
         c = first_child[v]
         while r >= count[c]:
             r -= count[c]
@@ -418,7 +421,7 @@ def find_entry(s, slot_leaf, parent, f_node, f_alive, f_off, nf):
 def sample_batch(queries, qidx, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
                  beta, k, exact, tol, budget, draw_cost, seed,
                  vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
-                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
+                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent, node_lo,
                  ex_ptr, ex_slots, out_ids, out_logq, out_logz, out_tv, stats, status):
     """Rows may come in any order: each row's random stream is keyed by its
     original index qidx[b], so results do not depend on order or thread count."""
@@ -428,5 +431,5 @@ def sample_batch(queries, qidx, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_pr
                                 t_w[b], t_prio[b], beta, k, exact, tol, budget, draw_cost, key,
                                 vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
-                                ex_slots[ex_ptr[b]: ex_ptr[b + 1]],
+                                node_lo, ex_slots[ex_ptr[b]: ex_ptr[b + 1]],
                                 out_ids[b], out_logq[b], out_logz[b], out_tv[b:b + 1], stats[b])

@@ -164,7 +164,7 @@ class SoftmaxSampler:
                      self.mode == "exact", self.tolerance, self._budget(), self.draw_cost, seed,
                      A.vecs, A.slot_id, A.center, A.csq, A.radius, A.nu_min, A.nu_max, A.sqsum,
                      A.count, A.first_child, A.next_sibling, A.leaf_start, A.leaf_size,
-                     A.slot_leaf, A.parent, ptr, ex_slots, *out)
+                     A.slot_leaf, A.parent, A.node_lo, ptr, ex_slots, *out)
         for dst, src in zip((ids, log_q, log_z, tv, stats, status), out):
             dst[order] = src
 

@@ -104,7 +104,8 @@ class TreeIndex:
                    sqsum=t["sqsum"], count=t["count"].astype(np.int64), parent=t["parent"],
                    first_child=t["first_child"], next_sibling=t["next_sibling"],
                    leaf_start=t["leaf_start"].astype(np.int64),
-                   leaf_size=t["leaf_size"].astype(np.int64), leaf_cap=t["leaf_cap"].astype(np.int64))
+                   leaf_size=t["leaf_size"].astype(np.int64), leaf_cap=t["leaf_cap"].astype(np.int64),
+                   node_lo=t["lo"].astype(np.int64))
         return cls(_arrays=A, _keys=slot_id[order].copy(), _key_slot=order.astype(np.int64),
                    _n_slots=n, _n_nodes=t["center"].shape[0], _dead_slots=0, _shape=shape,
                    _seed=seed)
@@ -311,7 +312,6 @@ class TreeIndex:
         self._slots_of(ids_arr)
         self._dead_slots = _mutate.remove_batch(self._A, self._keys, self._key_slot, ids_arr, 0,
                                                 self._dead_slots)
-        self._top = None
         self._insert_rows(x, ids_arr)
 
     def rebuild(self, node: int | None = None, *, progress: bool = False) -> None:
@@ -402,15 +402,19 @@ class TreeIndex:
         if nodes > A.center.shape[0]:
             cap = max(nodes, int(A.center.shape[0] * 1.5) + 16)
             for name in ("center", "csq", "radius", "nu_min", "nu_max", "sqsum", "count", "parent",
-                         "first_child", "next_sibling", "leaf_start", "leaf_size", "leaf_cap"):
+                         "first_child", "next_sibling", "leaf_start", "leaf_size", "leaf_cap", "node_lo"):
                 grow[name] = _grown(getattr(A, name), cap)
         if grow:
             self._A = A._replace(**grow)
 
     def _maybe_compact(self) -> None:
-        """Reclaim slots left behind by moved/split/emptied leaves when they pile up."""
+        """After every write: reclaim slots left behind by moved/split/emptied leaves when
+        they pile up, and recompute which subtrees are contiguous (O(nodes))."""
+        self._top = None
         if self._dead_slots > max(1024, self._n_slots // 2):
             self.compact()
+        else:
+            _mutate.contiguous_ranges(self._A, 0, self._n_nodes)
 
     def compact(self) -> None:
         """Move every leaf's targets into one dense slot array (depth-first order)."""
@@ -431,6 +435,7 @@ class TreeIndex:
         self._key_slot[np.searchsorted(self._keys, slot_id)] = np.arange(slot_id.shape[0])
         self._n_slots = slot_id.shape[0]
         self._dead_slots = 0
+        _mutate.contiguous_ranges(self._A, 0, self._n_nodes)
 
     # ------------------------------------------------------------------ check
     def check(self) -> None:
@@ -440,8 +445,9 @@ class TreeIndex:
         sum of its children's counts (a leaf's is its size); no non-root node is
         empty; leaves hold at most 2 * leaf_size targets in slots they alone own;
         every stored id is in exactly one slot and maps back to it; ||c||^2 is exact;
-        and for every target and every ancestor v: ||y - c_v|| <= radius_v and
-        nu_min_v <= ||y|| <= nu_max_v (computed in float64).
+        and for every target and every ancestor v: ||y - c_v|| <= radius_v,
+        nu_min_v <= ||y|| <= nu_max_v (computed in float64), and the target lies in
+        v's slot range when v is marked contiguous (uniform sampling relies on it).
         """
         if len(np.unique(self._keys)) != self._keys.shape[0] or (np.diff(self._keys) <= 0).any():
             raise InvariantError("id keys are not strictly increasing (an id is stored twice)")
@@ -477,6 +483,7 @@ _CHECK_MESSAGES = {
     _mutate.E_EMPTY: "node {v} is empty but still linked into the tree",
     _mutate.E_SLOT_SHARED: "leaf {v}: slot {s} is out of range or owned by two leaves",
     _mutate.E_INTERNAL_NO_CHILD: "internal node {v} has no children and is not a leaf",
+    _mutate.E_RANGE: "node {v}: marked contiguous from slot {got:.0f} ({bound:.0f} targets) but slot {s} below it lies outside",
 }
 
 

@@ -1,0 +1,423 @@
+"""DynamicIndex: softmax sampling over targets whose encoder drifts, without re-encoding them all.
+
+It owns the stale vectors and a `NystromDrift` model (φ, W), a `TreeIndex` over the
+features φ(y), and a `SoftmaxSampler` on that tree. Drift enters on the query side:
+`sample(q)` samples the tree with W q, so <W q, φ(y)> = <q, Wᵀ φ(y)> and the tree is
+untouched when `refresh_landmarks` changes W.
+
+Re-encoded and added targets (design choice, docs/drift.md). A target whose current
+vector v is known exactly gets a new feature vector, the smallest change of its old one
+(for an added target: of φ(v) read as a stale vector) with Wᵀ φ = v:
+
+    φ_new = φ_old + pinv(Wᵀ) (v − Wᵀ φ_old)
+
+It is updated in place in the tree (`TreeIndex.update`), so it is sampled like every
+other target: no side set, no mixing of two partition functions. This is exact for the
+current W whenever W has full column rank d (always with residual=True; with the linear
+kernel, whenever the fitted map is invertible), up to float32 storage of φ; the worst
+relative error is logged. At the next refresh W changes and the target's score becomes
+<q, W_newᵀ φ_new>: the drift model's propagation of its fresh vector (with the linear
+kernel φ_new is literally the stale-space vector that the map sends to v, i.e. its
+replaced stale vector).
+
+What the sampler is exact for: the softmax over the vectors `predict(ids)` = Wᵀ φ(y) —
+the Nyström predictions, and the fresh vectors of targets re-encoded or added since the
+last refresh. It is not exact with respect to the true current encoder; the gap is the
+drift model's error, estimated from every `reencode` batch (predicted vs fresh before
+the update) and from optional hold-out targets at `refresh_landmarks`.
+
+Refresh policy (`RefreshPolicy`): after `max_moved_fraction` of the targets were moved
+or added since the last tree rebuild, rebuild the tree (subtrees of the top level whose
+radius grew by `radius_growth`, or all of it); when the running drift error exceeds
+`max_drift_error`, set `needs_full_refresh` (the caller re-encodes everything and calls
+`full_refresh`). Every decision is appended to `log` and sent to the `treeidx.dynamic`
+logger.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._validate import as_ids, as_vectors
+from .io import IndexFileError
+from .nystrom import DriftError, DriftFit, NystromDrift, drift_error
+from .sampling import SampleResult, SoftmaxSampler
+from .tree import TreeIndex
+
+logger = logging.getLogger("treeidx.dynamic")
+FORMAT_VERSION = 1
+_MODEL_KEYS = ("kernel", "landmarks", "ridge", "eig_floor", "residual", "bandwidth", "max_rank")
+_SAMPLER_KEYS = ("temperature", "mode", "tolerance", "budget")
+
+
+@dataclass(frozen=True)
+class RefreshPolicy:
+    """When DynamicIndex rebuilds its tree or asks for a full re-encode.
+
+    max_moved_fraction: rebuild once this share of the targets was re-encoded or added
+        since the last rebuild (each move widens radii along its path; bounds stay true
+        but loosen, so sampling slows).
+    rebuild: "partial" (top-level subtrees whose radius grew by `radius_growth`; all of
+        the tree if more than half of them did) or "full".
+    max_drift_error: relative RMS prediction error (running mean, weight `drift_ema`)
+        above which `needs_full_refresh` is set; None: never.
+    """
+    max_moved_fraction: float = 0.1
+    rebuild: str = "partial"
+    radius_growth: float = 1.25
+    max_drift_error: float | None = None
+    drift_ema: float = 0.3
+
+    def __post_init__(self):
+        if self.rebuild not in ("partial", "full"):
+            raise ValueError(f"rebuild: expected 'partial' or 'full', got {self.rebuild!r}")
+        if not self.max_moved_fraction > 0:
+            raise ValueError(f"max_moved_fraction: expected > 0, got {self.max_moved_fraction!r}")
+        if not self.radius_growth >= 1:
+            raise ValueError(f"radius_growth: expected >= 1, got {self.radius_growth!r}")
+        if not 0 < self.drift_ema <= 1:
+            raise ValueError(f"drift_ema: expected in (0, 1], got {self.drift_ema!r}")
+
+
+class DynamicIndex:
+    """Drift-aware softmax sampling: a Nyström drift model + a TreeIndex over its features.
+
+    Build with `DynamicIndex.build(vectors, ids, n_landmarks=...)`. Per training step:
+    `refresh_landmarks(fresh vectors of landmark_ids)` (every step or every few),
+    `sample(queries, k, exclude=...)`, then `reencode(ids, fresh)` with the targets the
+    step encoded anyway. Not thread-safe for writes (as TreeIndex).
+    """
+
+    def __init__(self, *, _drift: NystromDrift, _tree: TreeIndex, _config: dict, _policy: RefreshPolicy):
+        self.drift = _drift
+        self.tree = _tree
+        self._config = dict(_config)
+        self.policy = _policy
+        self.sampler = SoftmaxSampler(_tree, **{k: _config[k] for k in _SAMPLER_KEYS})
+        self.log: list[dict[str, Any]] = []
+        self.epoch = 0  # landmark refreshes since the last full refresh
+        self.needs_full_refresh = False
+        self.drift_estimate: float | None = None  # running relative RMS prediction error
+        self._moved = 0
+        self._fresh_epoch: dict[int, int] = {}  # id -> epoch its fresh vector was set at
+        self._top_radius: dict[int, float] = {}
+        self._record_top_radii(reset=True)
+        self._update_pinv()
+
+    @classmethod
+    def build(cls, vectors, ids=None, *, n_landmarks: int | None = None, kernel: str = "linear",
+              landmarks="kcenter", ridge: float = 1e-6, eig_floor: float = 1e-10, residual: bool = True,
+              bandwidth: float | None = None, max_rank: int | None = None, temperature: float = 1.0,
+              mode: str = "exact", tolerance: float = 0.05, budget: int | None = None,
+              policy: RefreshPolicy | None = None, seed: int = 0, progress: bool = False,
+              **tree_shape: Any) -> "DynamicIndex":
+        """Build from the targets' current (to-be-stale) vectors. Model options as in
+        NystromDrift; sampler options as in SoftmaxSampler; tree shape as in TreeIndex.build."""
+        config = dict(n_landmarks=n_landmarks, kernel=kernel, landmarks=landmarks, ridge=ridge,
+                      eig_floor=eig_floor, residual=residual, bandwidth=bandwidth, max_rank=max_rank,
+                      temperature=temperature, mode=mode, tolerance=tolerance, budget=budget, seed=seed,
+                      tree_shape=TreeIndex._check_shape(tree_shape))
+        drift, tree = cls._make(vectors, ids, config, seed, progress)
+        out = cls(_drift=drift, _tree=tree, _config=config, _policy=policy or RefreshPolicy())
+        out._note("build", "built", n=len(tree), feature_dim=drift.dim, rank=drift.rank)
+        return out
+
+    @staticmethod
+    def _make(vectors, ids, config: dict, seed: int, progress: bool) -> tuple[NystromDrift, TreeIndex]:
+        lm = config["landmarks"]
+        drift = NystromDrift(vectors, ids=ids, n_landmarks=config["n_landmarks"] if isinstance(lm, str) else None,
+                             seed=seed, progress=progress, **{k: config[k] for k in _MODEL_KEYS})
+        tree = TreeIndex.build(drift.features(), drift.ids, seed=seed, progress=progress, **config["tree_shape"])
+        return drift, tree
+
+    # ------------------------------------------------------------- accessors
+    def __len__(self) -> int:
+        return len(self.tree)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.tree.ids
+
+    @property
+    def dim(self) -> int:
+        """Encoder dimension d (queries and vectors)."""
+        return int(self.drift.W.shape[1])
+
+    @property
+    def landmark_ids(self) -> np.ndarray:
+        """Ids whose fresh vectors `refresh_landmarks` expects, in this order. A landmark
+        removed from the index stays in the model: keep supplying its fresh vector."""
+        return self.drift.landmark_ids.copy()
+
+    @property
+    def fresh_ids(self) -> np.ndarray:
+        """Ids re-encoded or added since the last full refresh."""
+        return np.array(sorted(self._fresh_epoch), np.int64)
+
+    def predict(self, ids) -> np.ndarray:
+        """The vectors the sampler is exact for: Wᵀ φ(y), (n, d) float32."""
+        return self.drift.predict_from_features(self.tree.vectors(ids))
+
+    def __repr__(self) -> str:
+        return (f"DynamicIndex(n={len(self)}, dim={self.dim}, epoch={self.epoch}, fresh={len(self._fresh_epoch)}, "
+                f"drift={self.drift!r})")
+
+    # ------------------------------------------------------------- per step
+    def refresh_landmarks(self, fresh_landmark_vectors, *, holdout_ids=None, holdout_vectors=None) -> DriftFit:
+        """Refit W from the landmarks' fresh vectors (rows in `landmark_ids` order).
+
+        Cost O(m·p·d); the tree is not touched. Hold-out targets (ids in the index and
+        their fresh vectors) give an estimate of the prediction error, which feeds the
+        policy; they are not re-encoded into the index (call `reencode` for that).
+        """
+        fit = self.drift.fit(fresh_landmark_vectors)
+        self.epoch += 1
+        self._update_pinv()
+        if holdout_ids is not None or holdout_vectors is not None:
+            if holdout_ids is None or holdout_vectors is None:
+                raise ValueError("holdout: give both holdout_ids and holdout_vectors")
+            fit = replace(fit, holdout=self._error(as_ids(holdout_ids, None),
+                                                   as_vectors(holdout_vectors, self.dim, "holdout_vectors")))
+            self._track(fit.holdout)
+        self._note("refresh_landmarks", "refit W", landmark_residual=fit.landmark_residual,
+                   holdout=None if fit.holdout is None else fit.holdout.predicted)
+        self._apply_policy()
+        return fit
+
+    def sample(self, queries, k: int, *, exclude=None, seed: int | None = None) -> SampleResult:
+        """Softmax samples over the predicted vectors for encoder-space queries
+        (SoftmaxSampler.sample on W q; exact mode is exact w.r.t. `predict`)."""
+        return self.sampler.sample(self.drift.transform_queries(queries), k, exclude=exclude, seed=seed)
+
+    def search(self, queries, k: int, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by inner product with the predicted vectors."""
+        return self.tree.search(self.drift.transform_queries(queries), k, exclude=exclude)
+
+    def reencode(self, ids, fresh_vectors) -> DriftError:
+        """Targets re-encoded anyway: from now on they score with their fresh vectors.
+
+        Returns the prediction error of these targets before the update (a free,
+        hard-negative-weighted estimate of the drift error; it feeds the policy).
+        """
+        ids_arr = as_ids(ids, None)
+        fresh = as_vectors(fresh_vectors, self.dim, "fresh_vectors")
+        if fresh.shape[0] != ids_arr.shape[0]:
+            raise ValueError(f"reencode: {ids_arr.shape[0]} ids but {fresh.shape[0]} vectors")
+        phi_old = self.tree.vectors(ids_arr)  # KeyError before anything changes
+        err = self._error(ids_arr, fresh, phi_old)
+        self.tree.update(ids_arr, self._backproject(phi_old, fresh, "reencode"))
+        self._mark_fresh(ids_arr)
+        self._track(err)
+        self._note("reencode", "updated in place", n=int(ids_arr.size), predicted_error=err.predicted,
+                   stale_error=err.stale)
+        self._apply_policy()
+        return err
+
+    def add(self, ids, vectors) -> None:
+        """Add targets with their current vectors (new ids)."""
+        ids_arr = as_ids(ids, None)
+        x = as_vectors(vectors, self.dim, "vectors")
+        if x.shape[0] != ids_arr.shape[0]:
+            raise ValueError(f"add: {ids_arr.shape[0]} ids but {x.shape[0]} vectors")
+        phi = self._backproject(self.drift.features_of(x), x, "add")
+        self.tree.insert(phi, ids_arr)  # raises on present ids before changing anything
+        self._mark_fresh(ids_arr)
+        self._note("add", "inserted", n=int(ids_arr.size))
+        self._apply_policy()
+
+    def remove(self, ids) -> None:
+        """Remove targets (KeyError if any is unknown; nothing changes then)."""
+        ids_arr = as_ids(ids, None)
+        self.tree.remove(ids_arr)
+        for i in ids_arr.tolist():
+            self._fresh_epoch.pop(i, None)
+        lm = int(np.isin(ids_arr, self.drift.landmark_ids).sum())
+        self._note("remove", "removed", n=int(ids_arr.size), landmarks_removed=lm)
+
+    def full_refresh(self, vectors, ids=None, *, progress: bool = False) -> None:
+        """Start over from freshly encoded vectors of all targets: new stale base, new
+        landmarks, new features and tree; clears `needs_full_refresh`."""
+        cfg = self._config
+        self.drift, self.tree = self._make(vectors, ids, cfg, cfg["seed"], progress)
+        self.sampler = SoftmaxSampler(self.tree, **{k: cfg[k] for k in _SAMPLER_KEYS})
+        self.epoch, self._moved, self.needs_full_refresh, self.drift_estimate = 0, 0, False, None
+        self._fresh_epoch.clear()
+        self._record_top_radii(reset=True)
+        self._update_pinv()
+        self._note("full_refresh", "rebuilt from fresh vectors", n=len(self.tree))
+
+    def rebuild(self, partial: bool = False) -> None:
+        """Rebuild the tree over the current features (all, or the grown top-level subtrees)."""
+        if not partial:
+            self.tree.rebuild()
+            self._record_top_radii(reset=True)
+            self._moved = 0
+            self._note("rebuild", "full tree rebuild")
+            return
+        nodes = self.tree._top_level()[0]
+        radius = self.tree._A.radius
+        grown = [int(v) for v in nodes if int(v) in self._top_radius
+                 and radius[v] > self.policy.radius_growth * self._top_radius[int(v)]]
+        if 2 * len(grown) > len(nodes):
+            self._note("rebuild", "partial -> full", grown=len(grown), top=int(len(nodes)))
+            return self.rebuild(partial=False)
+        for v in grown:
+            self.tree.rebuild(v)
+        self._record_top_radii(reset=False, nodes=grown)
+        self._moved = 0
+        self._note("rebuild", "partial tree rebuild", subtrees=len(grown), top=int(len(nodes)))
+
+    def check(self) -> None:
+        """TreeIndex invariants plus the consistency of model, tree and bookkeeping."""
+        self.tree.check()
+        if self.drift.W.shape != (self.tree.dim, self.dim):
+            raise ValueError(f"W has shape {self.drift.W.shape}, expected {(self.tree.dim, self.dim)}")
+        if self._fresh_epoch and not np.isin(self.fresh_ids, self.tree.ids).all():
+            raise ValueError("a re-encoded id is no longer in the tree")
+
+    # ------------------------------------------------------------- internals
+    def _update_pinv(self) -> None:
+        # pinv(Wᵀ) (p × d) maps a residual in encoder space to the least φ change
+        self._wt_pinv = np.linalg.pinv(self.drift.W.T, rcond=1e-12)
+
+    def _backproject(self, phi0: np.ndarray, fresh: np.ndarray, what: str) -> np.ndarray:
+        W = self.drift.W
+        f = fresh.astype(np.float64)
+        phi = (phi0.astype(np.float64) + (f - phi0.astype(np.float64) @ W) @ self._wt_pinv.T).astype(np.float32)
+        # exactness of what the tree will score: φ as stored (float32) through W
+        got = phi.astype(np.float64) @ W
+        rel = np.linalg.norm(got - f, axis=1) / np.maximum(np.linalg.norm(f, axis=1), 1e-30)
+        worst = float(rel.max()) if rel.size else 0.0
+        if worst > 1e-3:
+            self._note(what, "inexact", worst_relative_error=worst,
+                       reason="W is rank-deficient: the fresh vector is only represented in least squares")
+        self.last_backprojection_error = worst
+        return phi
+
+    def _error(self, ids: np.ndarray, fresh: np.ndarray, phi: np.ndarray | None = None) -> DriftError:
+        pred = self.drift.predict_from_features(self.tree.vectors(ids) if phi is None else phi)
+        # stale baseline: the stale vector where the model has one, else the prediction
+        known = np.isin(ids, self.drift.ids)
+        stale = pred.copy()
+        if known.any():
+            stale[known] = self.drift.stale(ids[known])
+        return drift_error(pred, stale, fresh)
+
+    def _track(self, err: DriftError) -> None:
+        a = self.policy.drift_ema
+        e = err.predicted
+        self.drift_estimate = e if self.drift_estimate is None else (1 - a) * self.drift_estimate + a * e
+
+    def _mark_fresh(self, ids: np.ndarray) -> None:
+        for i in ids.tolist():
+            self._fresh_epoch[i] = self.epoch
+        self._moved += int(ids.size)
+
+    def _apply_policy(self) -> None:
+        p = self.policy
+        if (p.max_drift_error is not None and not self.needs_full_refresh and self.drift_estimate is not None
+                and self.drift_estimate > p.max_drift_error):
+            self.needs_full_refresh = True
+            self._note("policy", "full re-encode recommended", drift_estimate=self.drift_estimate,
+                       threshold=p.max_drift_error)
+        if self._moved > p.max_moved_fraction * max(len(self.tree), 1):
+            self._note("policy", f"{p.rebuild} rebuild", moved=self._moved, n=len(self.tree))
+            self.rebuild(partial=p.rebuild == "partial")
+
+    def _record_top_radii(self, *, reset: bool, nodes=None) -> None:
+        top = self.tree._top_level()[0] if len(self.tree) else np.empty(0, np.int64)
+        if reset:
+            self._top_radius = {}
+        for v in top.tolist():
+            if reset or v not in self._top_radius or (nodes is not None and v in nodes):
+                self._top_radius[v] = float(self.tree._A.radius[v])
+
+    def _note(self, event: str, action: str, **info: Any) -> None:
+        entry = dict(event=event, action=action, epoch=self.epoch, **info)
+        self.log.append(entry)
+        logger.info("%s: %s %s", event, action, {k: v for k, v in info.items()})
+
+    # ------------------------------------------------------------- persistence
+    def save(self, path) -> None:
+        """Write the whole state to one .npz file atomically (temp file + os.replace);
+        the tree is embedded as a TreeIndex file, every array carries a CRC32."""
+        path = Path(path)
+        with tempfile.TemporaryDirectory(dir=path.parent or ".") as td:
+            self.tree.save(Path(td) / "tree.tidx")
+            tree_bytes = np.fromfile(Path(td) / "tree.tidx", dtype=np.uint8)
+        fresh = np.array(sorted(self._fresh_epoch.items()), np.int64).reshape(-1, 2)
+        top = np.array(sorted(self._top_radius.items()), np.float64).reshape(-1, 2)
+        arrays = {"tree": tree_bytes, "fresh": fresh, "top_radius": top,
+                  **{f"drift_{k}": np.ascontiguousarray(v) for k, v in self.drift.state().items()}}
+        cfg = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self._config.items()}
+        meta = dict(format_version=FORMAT_VERSION, config=cfg, policy=asdict(self.policy), epoch=self.epoch,
+                    moved=self._moved, needs_full_refresh=self.needs_full_refresh,
+                    drift_estimate=self.drift_estimate, log=self.log,
+                    crc32={k: _crc(v) for k, v in arrays.items()})
+        arrays["meta"] = np.frombuffer(json.dumps(meta, default=_json_default).encode(), np.uint8)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path) -> "DynamicIndex":
+        """Read a file written by `save`; verifies checksums, the tree's invariants and
+        the consistency of model and tree. Raises IndexFileError when anything is off."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = json.loads(bytes(arrays.pop("meta")).decode())
+        except IndexFileError:
+            raise
+        except Exception as e:  # zip CRC, truncation, bad JSON ...
+            raise IndexFileError(f"{path}: not a readable DynamicIndex file ({type(e).__name__}: {e})") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise IndexFileError(f"{path}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        for k, c in meta["crc32"].items():
+            if k not in arrays or _crc(arrays[k]) != c:
+                raise IndexFileError(f"{path}: array '{k}' missing or corrupted (checksum mismatch)")
+        with tempfile.TemporaryDirectory(dir=path.parent or ".") as td:
+            arrays["tree"].tofile(Path(td) / "tree.tidx")
+            tree = TreeIndex.load(Path(td) / "tree.tidx")
+        try:
+            drift = NystromDrift.from_state({k[6:]: v for k, v in arrays.items() if k.startswith("drift_")})
+            cfg = meta["config"]
+            out = cls(_drift=drift, _tree=tree, _config=cfg, _policy=RefreshPolicy(**meta["policy"]))
+            out.epoch, out._moved = int(meta["epoch"]), int(meta["moved"])
+            out.needs_full_refresh, out.drift_estimate = bool(meta["needs_full_refresh"]), meta["drift_estimate"]
+            out.log = list(meta["log"])
+            out._fresh_epoch = {int(i): int(e) for i, e in arrays["fresh"]}
+            out._top_radius = {int(v): float(r) for v, r in arrays["top_radius"]}
+            out.check()
+        except (KeyError, ValueError, TypeError) as e:
+            raise IndexFileError(f"{path}: inconsistent DynamicIndex state ({e})") from None
+        return out
+
+
+def _crc(a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).ravel()) & 0xFFFFFFFF
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
