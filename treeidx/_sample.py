@@ -105,9 +105,15 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
     hs = ntop
     heapify(hk, hv, hs)
     M, U, L = resum(f_up, f_lo, f_alive, nf)
-    # running sums drive the stopping rule only; `scale` is the largest term since the
-    # last re-sum, which sets their absolute rounding error
-    scale = U
+    # The totals U, L (relative to the shift M) live in two segment trees over the
+    # frontier entries: an update recomputes parent sums from children, so no
+    # subtraction ever cancels precision, and the totals stay exact to rounding.
+    scap = 1
+    while scap < 2 * nf + 64:
+        scap *= 2
+    segU = np.zeros(2 * scap, np.float64)
+    segL = np.zeros(2 * scap, np.float64)
+    seg_fill(segU, segL, scap, f_up, f_lo, f_alive, nf, M)
     dots, opened = nex + ntop, 1
     while hs > 0:
         # --- stopping rule
@@ -139,9 +145,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
                 break
         f_alive[e] = False
         opened += 1
-        U -= lse_shifted(f_up[e], M)
-        L -= lse_shifted(f_lo[e], M)
-        scale = max(scale, lse_shifted(f_up[e], M))
+        seg_set(segU, segL, scap, e, 0.0, 0.0)
         if leaf_start[v] >= 0:
             s0 = leaf_start[v]
             m = leaf_size[v]
@@ -184,9 +188,12 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
             f_blo[nf_i], f_bup[nf_i] = 0.0, 0.0
             nf += 1
             nsc += m
-            U += lsum_up
-            L += lsum_lo
-            scale = max(scale, lsum_up)
+            if nf_i >= scap:
+                scap *= 2
+                segU = np.zeros(2 * scap, np.float64)
+                segL = np.zeros(2 * scap, np.float64)
+                seg_fill(segU, segL, scap, f_up, f_lo, f_alive, nf_i, M)
+            seg_set(segU, segL, scap, nf_i, lsum_up, lsum_lo)
             # float32 rounding of the scores is the only gap left: never refine again
         else:
             plo, pup = f_blo[e], f_bup[e]
@@ -211,8 +218,12 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
                 msd = sqsum[c] / max(count[c], 1)
                 est = lc + beta * a + 0.5 * beta * beta * qn2 * msd / dim
                 f_w[nf] = min(max(est, f_lo[nf]), f_up[nf])
-                U += lse_shifted(f_up[nf], M)
-                L += lse_shifted(f_lo[nf], M)
+                if nf >= scap:
+                    scap *= 2
+                    segU = np.zeros(2 * scap, np.float64)
+                    segL = np.zeros(2 * scap, np.float64)
+                    seg_fill(segU, segL, scap, f_up, f_lo, f_alive, nf, M)
+                seg_set(segU, segL, scap, nf, lse_shifted(f_up[nf], M), lse_shifted(f_lo[nf], M))
                 # exact mode refines where the envelope wastes most (the gap); approx
                 # mode where the estimated mass is largest, as an IVF probes its best lists
                 prio = log_gap(f_lo[nf], f_up[nf]) if exact else f_w[nf]
@@ -221,9 +232,10 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
                 c = next_sibling[c]
             dots += cost
         # precision guard: re-sum from the frontier once cancellation could matter
-        if U < 1e-6 * scale or U < 1e-250:
+        U, L = segU[1], segL[1]
+        if U < 1e-250:  # everything shrank far below the shift: re-shift
             M, U, L = resum(f_up, f_lo, f_alive, nf)
-            scale = U
+            seg_fill(segU, segL, scap, f_up, f_lo, f_alive, nf, M)
     # --- certified log Z interval of the allowed targets, from an exact re-sum
     # (sums of <= nf positive terms: relative error < nf * 2^-52, padded below)
     M, U, L = resum(f_up, f_lo, f_alive, nf)
@@ -373,6 +385,33 @@ def top_level_bounds(queries, top_dots, top_nodes, csq, radius, nu_min, nu_max, 
             c = top_nodes[j]
             out_lo[b, j], out_up[b, j] = node_bounds(top_dots[b, j], qnorm, csq[c], radius[c],
                                                      nu_min[c], nu_max[c], dim)
+
+
+@nb.njit(cache=True, inline="always")
+def seg_set(segU, segL, cap, j, u, l):
+    """Set entry j's (upper, lower) weight and recompute its ancestors' sums."""
+    i = cap + j
+    segU[i] = u
+    segL[i] = l
+    i >>= 1
+    while i >= 1:
+        segU[i] = segU[2 * i] + segU[2 * i + 1]
+        segL[i] = segL[2 * i] + segL[2 * i + 1]
+        i >>= 1
+
+
+@nb.njit(cache=True)
+def seg_fill(segU, segL, cap, f_up, f_lo, f_alive, nf, M):
+    """Rebuild both segment trees from the frontier under shift M."""
+    segU[:] = 0.0
+    segL[:] = 0.0
+    for j in range(nf):
+        if f_alive[j]:
+            segU[cap + j] = lse_shifted(f_up[j], M)
+            segL[cap + j] = lse_shifted(f_lo[j], M)
+    for i in range(cap - 1, 0, -1):
+        segU[i] = segU[2 * i] + segU[2 * i + 1]
+        segL[i] = segL[2 * i] + segL[2 * i + 1]
 
 
 @nb.njit(cache=True)

@@ -1,0 +1,241 @@
+"""DynamicIndex: invariants under edit sequences, exact sampling w.r.t. predictions, policy, persistence."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from scipy import stats
+from scipy.special import logsumexp
+
+from treeidx import IndexFileError
+from treeidx.dynamic import DynamicIndex, RefreshPolicy
+
+P_MIN = 1e-4
+
+
+class Encoder:
+    """A drifting synthetic encoder: step t maps a base point x to M_t x + c_t tanh(B x)."""
+
+    def __init__(self, d: int, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.d, self.t = d, 0
+        self.m = np.eye(d)
+        self.b = self.rng.standard_normal((d, d)) / np.sqrt(d)
+        self.c = 0.0
+
+    def step(self, size: float = 0.1) -> None:
+        self.t += 1
+        self.m = self.m + size * self.rng.standard_normal((self.d, self.d)) / np.sqrt(self.d)
+        self.c += size
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        return (x @ self.m.T + self.c * np.tanh(x @ self.b)).astype(np.float32)
+
+
+def setup(n=600, d=5, kernel="rbf", seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, d)).astype(np.float32)
+    ids = rng.permutation(10 * n)[:n].astype(np.int64)
+    enc = Encoder(d, seed)
+    di = DynamicIndex.build(enc(base), ids, n_landmarks=min(40, n), kernel=kernel, seed=seed,
+                            leaf_size=8, fanout=3, **kw)
+    return di, dict(zip(ids.tolist(), base)), enc, rng
+
+
+def landmark_fresh(di, base, enc):
+    return enc(np.stack([base[i] for i in di.landmark_ids.tolist()]))
+
+
+class DynamicEdits(RuleBasedStateMachine):
+    """Random refresh / reencode / add / remove sequences; after each, the tree holds its
+    invariants, holds exactly the live ids, and predict() equals the model's definition."""
+
+    @initialize(n=st.integers(30, 150), kernel=st.sampled_from(["linear", "rbf", "cosine"]),
+                seed=st.integers(0, 2**16), rebuild=st.sampled_from(["partial", "full"]))
+    def build(self, n, kernel, seed, rebuild):
+        policy = RefreshPolicy(max_moved_fraction=0.3, rebuild=rebuild, radius_growth=1.0)
+        self.di, self.base, self.enc, self.rng = setup(n=n, d=4, kernel=kernel, seed=seed, policy=policy)
+        self.known: dict[int, np.ndarray] = {}  # ids with a fresh vector set at the current W
+        self.next_id = 10**6
+        self.live = set(self.base)
+
+    def some(self, k):
+        ids = self.di.ids
+        return self.rng.choice(ids, min(k, ids.size), replace=False)
+
+    @rule(size=st.sampled_from([0.0, 0.05, 0.3]))
+    def refresh(self, size):
+        self.enc.step(size)
+        self.di.refresh_landmarks(landmark_fresh(self.di, self.base, self.enc))
+        self.known.clear()  # W changed: earlier fresh vectors are now propagated, not exact
+
+    @rule(k=st.integers(1, 25))
+    def reencode(self, k):
+        ids = self.some(k)
+        fresh = self.enc(np.stack([self.base[i] for i in ids.tolist()]))
+        self.di.reencode(ids, fresh)
+        self.known.update(zip(ids.tolist(), fresh))
+
+    @rule(k=st.integers(1, 10))
+    def add(self, k):
+        ids = np.arange(self.next_id, self.next_id + k)
+        self.next_id += k
+        x = self.rng.standard_normal((k, 4)).astype(np.float32)
+        self.base.update(zip(ids.tolist(), x))
+        self.live.update(ids.tolist())
+        fresh = self.enc(x)
+        self.di.add(ids, fresh)
+        self.known.update(zip(ids.tolist(), fresh))
+
+    @rule(k=st.integers(1, 10))
+    def remove(self, k):
+        if len(self.di) <= k + 5:
+            return
+        ids = self.some(k)
+        self.di.remove(ids)
+        for i in ids.tolist():
+            self.known.pop(i, None)
+            self.live.discard(i)  # base keeps it: a removed landmark still needs fresh vectors
+
+    @invariant()
+    def consistent(self):
+        if not hasattr(self, "di"):
+            return
+        self.di.check()
+        assert sorted(self.live) == self.di.ids.tolist()
+        if self.known:
+            ids = np.array(list(self.known))
+            want = np.stack(list(self.known.values()))
+            np.testing.assert_allclose(self.di.predict(ids), want, atol=1e-4 * (1 + np.abs(want).max()))
+        untouched = np.setdiff1d(self.di.ids, self.di.fresh_ids)
+        if untouched.size:  # never re-encoded: the Nyström prediction from the stale vector
+            np.testing.assert_allclose(self.di.predict(untouched), self.di.drift.predict(untouched),
+                                       rtol=1e-5, atol=1e-5)
+
+
+DynamicEdits.TestCase.settings = settings(max_examples=25, stateful_step_count=12, deadline=None,
+                                          suppress_health_check=[HealthCheck.too_slow])
+TestDynamicEdits = DynamicEdits.TestCase
+
+
+def chi2_pvalue(counts, probs):
+    """Chi-square goodness of fit; bins with expected count < 5 are pooled into one."""
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp_ = np.append(expected[big], expected[~big].sum())
+    keep = exp_ > 0
+    if (obs[~keep] > 0).any():
+        return 0.0
+    return float(stats.chisquare(obs[keep], exp_[keep] * obs[keep].sum() / exp_[keep].sum()).pvalue)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_sampling_is_exact_wrt_predicted_vectors(kernel):
+    di, base, enc, rng = setup(n=1500, d=6, kernel=kernel, seed=4, temperature=0.25)
+    enc.step(0.3)
+    di.refresh_landmarks(landmark_fresh(di, base, enc))
+    enc.step(0.1)  # the re-encoded ones below are fresher than the landmark fit
+    re = di.ids[:100]
+    di.reencode(re, enc(np.stack([base[i] for i in re.tolist()])))
+    di.add(np.array([-1, -2]), enc(rng.standard_normal((2, 6))))
+    di.remove(di.ids[-50:])
+    ids = di.ids
+    pred = di.predict(ids).astype(np.float64)
+    q = enc(rng.standard_normal((3, 6)))
+    exclude = [{int(ids[0])}, set(), {int(ids[5]), int(ids[6])}]
+    r = di.sample(q, 40_000, exclude=exclude, seed=11)
+    for b in range(q.shape[0]):
+        s = q[b].astype(np.float64) @ pred.T / 0.25
+        s[np.isin(ids, list(exclude[b]))] = -np.inf
+        p = np.exp(s - logsumexp(s))
+        counts = np.bincount(np.searchsorted(ids, r.ids[b]), minlength=ids.size).astype(float)
+        assert chi2_pvalue(counts, p) > P_MIN, f"query {b}: not the softmax over the predicted vectors"
+        assert r.log_z[b, 0] - 1e-6 <= logsumexp(s) <= r.log_z[b, 1] + 1e-6
+    # negative control: the same test rejects the softmax over the stale vectors
+    stale = pred.copy()
+    untouched = np.isin(ids, di.drift.ids) & ~np.isin(ids, di.fresh_ids)
+    stale[untouched] = di.drift.stale(ids[untouched])
+    s = q[0].astype(np.float64) @ stale.T / 0.25
+    s[np.isin(ids, list(exclude[0]))] = -np.inf
+    counts = np.bincount(np.searchsorted(ids, r.ids[0]), minlength=ids.size).astype(float)
+    assert chi2_pvalue(counts, np.exp(s - logsumexp(s))) < 1e-6
+
+
+def test_reencode_makes_scores_exact_and_reports_error():
+    di, base, enc, rng = setup(kernel="rbf", seed=2)
+    enc.step(0.5)
+    di.refresh_landmarks(landmark_fresh(di, base, enc))
+    ids = di.ids[:30]
+    fresh = enc(np.stack([base[i] for i in ids.tolist()]))
+    err = di.reencode(ids, fresh)
+    assert 0 < err.predicted < err.stale and err.n == 30
+    np.testing.assert_allclose(di.predict(ids), fresh, atol=1e-5)
+    assert di.last_backprojection_error < 1e-5
+    s, top = di.search(fresh[:3], 1)  # each fresh vector's best match is itself (scores near exact)
+    assert np.isin(top[:, 0], di.ids).all()
+
+
+def test_policy_rebuilds_and_flags_full_refresh():
+    policy = RefreshPolicy(max_moved_fraction=0.05, rebuild="partial", max_drift_error=0.01)
+    di, base, enc, rng = setup(n=400, kernel="linear", seed=3, policy=policy)
+    enc.step(0.5)
+    fit = di.refresh_landmarks(landmark_fresh(di, base, enc), holdout_ids=di.ids[:50],
+                               holdout_vectors=enc(np.stack([base[i] for i in di.ids[:50].tolist()])))
+    assert fit.holdout.predicted < fit.holdout.stale
+    assert di.needs_full_refresh
+    assert any(e["action"] == "full re-encode recommended" for e in di.log)
+    ids = di.ids[:40]
+    di.reencode(ids, enc(np.stack([base[i] for i in ids.tolist()])))
+    assert any(e["event"] == "rebuild" for e in di.log)
+    di.check()
+    all_ids = di.ids
+    di.full_refresh(enc(np.stack([base[i] for i in all_ids.tolist()])), all_ids)
+    assert not di.needs_full_refresh and di.epoch == 0 and di.fresh_ids.size == 0
+    np.testing.assert_allclose(di.predict(all_ids), enc(np.stack([base[i] for i in all_ids.tolist()])),
+                               atol=1e-5)
+
+
+def test_save_load_round_trip_and_corruption(tmp_path):
+    di, base, enc, rng = setup(kernel="rbf", seed=5)
+    enc.step(0.3)
+    di.refresh_landmarks(landmark_fresh(di, base, enc))
+    di.reencode(di.ids[:10], enc(np.stack([base[i] for i in di.ids[:10].tolist()])))
+    path = tmp_path / "di.npz"
+    di.save(path)
+    back = DynamicIndex.load(path)
+    q = enc(rng.standard_normal((2, 5)))
+    np.testing.assert_array_equal(back.sample(q, 50, seed=1).ids, di.sample(q, 50, seed=1).ids)
+    np.testing.assert_array_equal(back.fresh_ids, di.fresh_ids)
+    assert back.epoch == di.epoch and back.log == di.log
+    # the loaded model keeps working: same refresh, same predictions
+    fresh = landmark_fresh(di, base, enc)
+    di.refresh_landmarks(fresh), back.refresh_landmarks(fresh)
+    np.testing.assert_allclose(back.predict(di.ids), di.predict(di.ids))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(IndexFileError):
+        DynamicIndex.load(bad)
+    bad.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(IndexFileError):
+        DynamicIndex.load(bad)
+
+
+def test_errors_change_nothing():
+    di, base, enc, rng = setup(n=100, seed=6)
+    before = di.predict(di.ids)
+    with pytest.raises(KeyError):
+        di.reencode([10**9], np.zeros((1, 5)))
+    with pytest.raises(ValueError, match="already in the index"):
+        di.add(di.ids[:1], np.zeros((1, 5)))
+    with pytest.raises(ValueError, match="expected dimension 5"):
+        di.reencode(di.ids[:1], np.zeros((1, 4)))
+    with pytest.raises(ValueError, match="expected 40 rows"):
+        di.refresh_landmarks(np.zeros((3, 5)))
+    np.testing.assert_array_equal(di.predict(di.ids), before)
+    di.check()
