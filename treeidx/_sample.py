@@ -76,6 +76,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
     nf = 0
     sc_w = np.empty(1024, np.float64)    # beta * <q, y> of evaluated targets (-inf if excluded)
     sc_slot = np.empty(1024, np.int64)
+    sc_cum = np.empty(1024, np.float64)  # running sum of e^(w - leaf max) within each leaf
     nsc = 0
     hk = np.empty(256, np.float64)
     hv = np.empty(256, np.int64)
@@ -152,6 +153,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
             while nsc + m > sc_w.shape[0]:
                 sc_w = grow_f(sc_w, sc_w.shape[0])
                 sc_slot = grow_f(sc_slot, sc_slot.shape[0])
+                sc_cum = grow_f(sc_cum, sc_cum.shape[0])
             mx, lsum_lo, lsum_up = NEG_INF, 0.0, 0.0
             for i in range(m):
                 s = s0 + i
@@ -173,6 +175,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
                 w = sc_w[nsc + i]
                 if w > NEG_INF:
                     lsum_lo += math.exp(w - mx)
+                sc_cum[nsc + i] = lsum_lo
             lsum_up = lsum_lo
             nf_i = nf
             if nf >= f_node.shape[0]:
@@ -252,7 +255,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
     log_up = math.log(Ua) + M
     # --- proposal: per alive entry a weight; exact leaves expand to their targets
     ent = np.empty(nf, np.int64)
-    cw = np.empty(nf, np.float64)
+    ew = np.empty(nf, np.float64)
     tot = 0.0
     ne = 0
     for j in range(nf):
@@ -264,8 +267,11 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
             w = lse_shifted(f_up[j] if exact else f_w[j], M)
         tot += w
         ent[ne] = j
-        cw[ne] = tot
+        ew[ne] = w
         ne += 1
+    a_prob = np.empty(ne, np.float64)
+    a_alias = np.empty(ne, np.int64)
+    build_alias(ew, ne, tot, a_prob, a_alias)
     # proposal mass sitting on excluded targets inside unopened nodes (renormalised away)
     q_ex = 0.0
     if not exact:
@@ -279,7 +285,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
         overlap = 0.0
         for jj in range(ne):
             j = ent[jj]
-            wj = cw[jj] - (cw[jj - 1] if jj > 0 else 0.0)
+            wj = ew[jj]
             overlap += min(lse_shifted(f_lo[j], M) / Ua, wj / (tot - q_ex))
         # counting excluded targets as overlap above over-counts it by at most this much
         tv = min(1.0, max(0.0, 1.0 - overlap + q_ex / (tot - q_ex)))
@@ -292,24 +298,20 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
         if props >= max_props:
             return -2  # acceptance collapsed (cannot happen with valid bounds)
         props += 1
-        r = uniform01(key + ctr) * tot
+        # an entry by Walker's alias method: O(1) whatever the frontier size
+        r = uniform01(key + ctr) * ne
         ctr += U64(1)
-        jj = np.searchsorted(cw[:ne], r, side="right")
-        if jj >= ne:
-            jj = ne - 1
+        jj = min(int(r), ne - 1)
+        if r - jj >= a_prob[jj]:
+            jj = a_alias[jj]
         j = ent[jj]
         v = f_node[j]
         if f_off[j] >= 0:  # evaluated leaf: pick a target by its exact weight
-            wsum = cw[jj] - (cw[jj - 1] if jj > 0 else 0.0)
-            r2 = uniform01(key + ctr) * wsum
+            off, end = f_off[j], f_off[j] + leaf_size[v]
+            r2 = uniform01(key + ctr) * sc_cum[end - 1]
             ctr += U64(1)
-            i = f_off[j]
-            end = f_off[j] + leaf_size[v]
-            run = lse_shifted(sc_w[i], M)
-            while run <= r2 and i + 1 < end:
-                i += 1
-                run += lse_shifted(sc_w[i], M)
-            if sc_w[i] == NEG_INF:
+            i = off + np.searchsorted(sc_cum[off:end], r2, side="right")
+            if i >= end or sc_w[i] == NEG_INF:
                 continue
             s = sc_slot[i]
             w_y = sc_w[i]
@@ -349,6 +351,40 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
     stats[ST_ACCEPTED] = acc
     stats[ST_FRONTIER] = ne
     return 0
+
+
+@nb.njit(cache=True)
+def build_alias(w, n, total, prob, alias):
+    """Vose's alias table for weights w[:n] summing to total."""
+    small = np.empty(n, np.int64)
+    large = np.empty(n, np.int64)
+    ns, nl = 0, 0
+    scaled = np.empty(n, np.float64)
+    for i in range(n):
+        scaled[i] = w[i] * n / total
+        if scaled[i] < 1.0:
+            small[ns] = i
+            ns += 1
+        else:
+            large[nl] = i
+            nl += 1
+    while ns > 0 and nl > 0:
+        ns -= 1
+        s = small[ns]
+        l = large[nl - 1]
+        prob[s] = scaled[s]
+        alias[s] = l
+        scaled[l] = (scaled[l] + scaled[s]) - 1.0
+        if scaled[l] < 1.0:
+            nl -= 1
+            small[ns] = l
+            ns += 1
+    for i in range(nl):
+        prob[large[i]] = 1.0
+        alias[large[i]] = large[i]
+    for i in range(ns):  # only rounding leaves entries here
+        prob[small[i]] = 1.0
+        alias[small[i]] = small[i]
 
 
 @nb.njit(cache=True)
