@@ -53,7 +53,7 @@ def lse_shifted(x, M):
 
 
 @nb.njit(cache=True)  # no fastmath: the frontier sums rely on IEEE order
-def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
+def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_el, t_ew, t_M,
                 beta, k, exact, tol, budget, draw_cost, key,
                 vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent, node_lo,
@@ -73,6 +73,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
     f_alive = np.empty(cap, np.bool_)
     f_blo = np.empty(cap, np.float64)    # node's bounds on <q, y> (for acceptance)
     f_bup = np.empty(cap, np.float64)
+    f_ew = np.empty(cap, np.float64)     # e^(f_w - M): the proposal weight under the shift M
     nf = 0
     sc_w = np.empty(1024, np.float64)    # beta * <q, y> of evaluated targets (-inf if excluded)
     sc_slot = np.empty(1024, np.int64)
@@ -95,7 +96,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
     if ntop >= cap:
         f_node = grow_f(f_node, ntop); f_lo = grow_f(f_lo, ntop); f_up = grow_f(f_up, ntop)
         f_w = grow_f(f_w, ntop); f_off = grow_f(f_off, ntop); f_alive = grow_f(f_alive, ntop)
-        f_blo = grow_f(f_blo, ntop); f_bup = grow_f(f_bup, ntop)
+        f_blo = grow_f(f_blo, ntop); f_bup = grow_f(f_bup, ntop); f_ew = grow_f(f_ew, ntop)
         hk = grow_f(hk, ntop); hv = grow_f(hv, ntop)
     for j in range(ntop):
         f_node[j], f_off[j], f_alive[j] = top_nodes[j], -1, True
@@ -105,7 +106,10 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
     nf = ntop
     hs = ntop
     heapify(hk, hv, hs)
-    M, U, L = resum(f_up, f_lo, f_alive, nf)
+    # The top level's shifted weights come exponentiated in bulk (numpy) with their shift.
+    M = t_M
+    for j in range(ntop):
+        f_ew[j] = t_ew[j]
     # The totals U, L (relative to the shift M) live in two segment trees over the
     # frontier entries: an update recomputes parent sums from children, so no
     # subtraction ever cancels precision, and the totals stay exact to rounding.
@@ -114,7 +118,11 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
         scap *= 2
     segU = np.zeros(2 * scap, np.float64)
     segL = np.zeros(2 * scap, np.float64)
-    seg_fill(segU, segL, scap, f_up, f_lo, f_alive, nf, M)
+    for j in range(ntop):
+        segU[scap + j] = t_eu[j]
+        segL[scap + j] = t_el[j]
+    seg_build(segU, segL, scap)
+    U, L = segU[1], segL[1]
     dots, opened = nex + ntop, 1
     while hs > 0:
         # --- stopping rule
@@ -181,21 +189,19 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
             if nf >= f_node.shape[0]:
                 f_node = grow_f(f_node, nf); f_lo = grow_f(f_lo, nf); f_up = grow_f(f_up, nf)
                 f_w = grow_f(f_w, nf); f_off = grow_f(f_off, nf); f_alive = grow_f(f_alive, nf)
-                f_blo = grow_f(f_blo, nf); f_bup = grow_f(f_bup, nf)
+                f_blo = grow_f(f_blo, nf); f_bup = grow_f(f_bup, nf); f_ew = grow_f(f_ew, nf)
             f_node[nf_i], f_off[nf_i], f_alive[nf_i] = v, nsc, True
             f_w[nf_i] = math.log(lsum_up) + mx if lsum_up > 0.0 else NEG_INF  # exact log-sum
             f_lo[nf_i] = math.log(lsum_lo) + mx - err if lsum_lo > 0.0 else NEG_INF
             f_up[nf_i] = math.log(lsum_up) + mx + err if lsum_up > 0.0 else NEG_INF
             lsum_lo = lse_shifted(f_lo[nf_i], M)
             lsum_up = lse_shifted(f_up[nf_i], M)
+            f_ew[nf_i] = lse_shifted(f_w[nf_i], M)
             f_blo[nf_i], f_bup[nf_i] = 0.0, 0.0
             nf += 1
             nsc += m
             if nf_i >= scap:
-                scap *= 2
-                segU = np.zeros(2 * scap, np.float64)
-                segL = np.zeros(2 * scap, np.float64)
-                seg_fill(segU, segL, scap, f_up, f_lo, f_alive, nf_i, M)
+                segU, segL, scap = seg_grow(segU, segL, scap)
             seg_set(segU, segL, scap, nf_i, lsum_up, lsum_lo)
             # float32 rounding of the scores is the only gap left: never refine again
         else:
@@ -204,7 +210,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
             if last >= f_node.shape[0]:  # room for every child at once
                 f_node = grow_f(f_node, last); f_lo = grow_f(f_lo, last); f_up = grow_f(f_up, last)
                 f_w = grow_f(f_w, last); f_off = grow_f(f_off, last); f_alive = grow_f(f_alive, last)
-                f_blo = grow_f(f_blo, last); f_bup = grow_f(f_bup, last)
+                f_blo = grow_f(f_blo, last); f_bup = grow_f(f_bup, last); f_ew = grow_f(f_ew, last)
             c = first_child[v]
             while c >= 0:
                 a = dot32(q, center[c])
@@ -222,11 +228,9 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
                 est = lc + beta * a + 0.5 * beta * beta * qn2 * msd / dim
                 f_w[nf] = min(max(est, f_lo[nf]), f_up[nf])
                 if nf >= scap:
-                    scap *= 2
-                    segU = np.zeros(2 * scap, np.float64)
-                    segL = np.zeros(2 * scap, np.float64)
-                    seg_fill(segU, segL, scap, f_up, f_lo, f_alive, nf, M)
+                    segU, segL, scap = seg_grow(segU, segL, scap)
                 seg_set(segU, segL, scap, nf, lse_shifted(f_up[nf], M), lse_shifted(f_lo[nf], M))
+                f_ew[nf] = lse_shifted(f_w[nf], M)
                 # exact mode refines where the envelope wastes most (the gap); approx
                 # mode where the estimated mass is largest, as an IVF probes its best lists
                 prio = log_gap(f_lo[nf], f_up[nf]) if exact else f_w[nf]
@@ -239,14 +243,16 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
         if U < 1e-250:  # everything shrank far below the shift: re-shift
             M, U, L = resum(f_up, f_lo, f_alive, nf)
             seg_fill(segU, segL, scap, f_up, f_lo, f_alive, nf, M)
-    # --- certified log Z interval of the allowed targets, from an exact re-sum
-    # (sums of <= nf positive terms: relative error < nf * 2^-52, padded below)
-    M, U, L = resum(f_up, f_lo, f_alive, nf)
+            for j in range(nf):
+                f_ew[j] = lse_shifted(f_w[j], M)
+    # --- certified log Z interval of the allowed targets: the segment trees' totals are
+    # pairwise sums of positive terms (relative error < depth * 2^-52, padded below)
+    U, L = segU[1], segL[1]
     exw = 0.0
     for j in range(nex):
         if ex_open[j]:
             exw += lse_shifted(ex_w[j], M)
-    pad = (nf + nex + 8) * 2.3e-16
+    pad = (64 + nex + 8) * 2.3e-16
     La = L * (1.0 - pad) - exw * (1.0 + pad)
     Ua = U * (1.0 + pad) - exw * (1.0 - pad)
     if Ua <= 0.0:
@@ -261,10 +267,10 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
     for j in range(nf):
         if not f_alive[j]:
             continue
-        if f_off[j] >= 0:
-            w = lse_shifted(f_w[j], M)  # an opened leaf: its exact weight
+        if f_off[j] >= 0 or not exact:
+            w = f_ew[j]  # an opened leaf's exact weight, or the approx proposal's
         else:
-            w = lse_shifted(f_up[j] if exact else f_w[j], M)
+            w = segU[scap + j]  # the rejection envelope: the upper bound
         tot += w
         ent[ne] = j
         ew[ne] = w
@@ -278,7 +284,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
         for jx in range(nex):
             if ex_open[jx]:
                 e = find_entry(ex_slots[jx], slot_leaf, parent, f_node, f_alive, f_off, nf)
-                q_ex += lse_shifted(f_w[e], M) / count[f_node[e]]
+                q_ex += f_ew[e] / count[f_node[e]]
     # certified TV bound (approx): 1 - sum_v min(L_v / U_alw, W_v / W_alw)
     tv = 0.0
     if not exact:
@@ -286,7 +292,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
         for jj in range(ne):
             j = ent[jj]
             wj = ew[jj]
-            overlap += min(lse_shifted(f_lo[j], M) / Ua, wj / (tot - q_ex))
+            overlap += min(segL[scap + j] / Ua, wj / (tot - q_ex))
         # counting excluded targets as overlap above over-counts it by at most this much
         tv = min(1.0, max(0.0, 1.0 - overlap + q_ex / (tot - q_ex)))
     out_tv[0] = tv
@@ -437,6 +443,25 @@ def seg_set(segU, segL, cap, j, u, l):
 
 
 @nb.njit(cache=True)
+def seg_build(segU, segL, cap):
+    """Internal sums of both segment trees from their leaves."""
+    for i in range(cap - 1, 0, -1):
+        segU[i] = segU[2 * i] + segU[2 * i + 1]
+        segL[i] = segL[2 * i] + segL[2 * i + 1]
+
+
+@nb.njit(cache=True)
+def seg_grow(segU, segL, cap):
+    """Double the capacity, keeping every leaf."""
+    nu = np.zeros(4 * cap, np.float64)
+    nl = np.zeros(4 * cap, np.float64)
+    nu[2 * cap: 3 * cap] = segU[cap: 2 * cap]
+    nl[2 * cap: 3 * cap] = segL[cap: 2 * cap]
+    seg_build(nu, nl, 2 * cap)
+    return nu, nl, 2 * cap
+
+
+@nb.njit(cache=True)
 def seg_fill(segU, segL, cap, f_up, f_lo, f_alive, nf, M):
     """Rebuild both segment trees from the frontier under shift M."""
     segU[:] = 0.0
@@ -493,7 +518,8 @@ def find_entry(s, slot_leaf, parent, f_node, f_alive, f_off, nf):
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
-def sample_batch(queries, qidx, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio,
+def sample_batch(queries, qidx, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_el,
+                 t_ew, t_M,
                  beta, k, exact, tol, budget, draw_cost, seed,
                  vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                  first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent, node_lo,
@@ -503,7 +529,7 @@ def sample_batch(queries, qidx, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_pr
     for b in nb.prange(queries.shape[0]):
         key = splitmix64(splitmix64(U64(seed)) ^ U64(qidx[b]))
         status[b] = _sample_one(queries[b], top_nodes, t_blo[b], t_bup[b], t_flo[b], t_fup[b],
-                                t_w[b], t_prio[b], beta, k, exact, tol, budget, draw_cost, key,
+                                t_w[b], t_prio[b], t_eu[b], t_el[b], t_ew[b], t_M[b], beta, k, exact, tol, budget, draw_cost, key,
                                 vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
                                 node_lo, ex_slots[ex_ptr[b]: ex_ptr[b + 1]],

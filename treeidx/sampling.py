@@ -191,7 +191,10 @@ class SoftmaxSampler:
                 prio = fup + np.log(-np.expm1(np.minimum(flo - fup, -1e-300)))
         else:  # largest estimated mass first
             prio = w
-        return blo, bup, flo, fup, w, prio
+        # shifted weights, exponentiated here in bulk rather than per query in the kernel
+        shift = fup.max(axis=1)
+        eu, el, ew = (np.exp(a - shift[:, None]) for a in (fup, flo, w))
+        return blo, bup, flo, fup, w, prio, eu, el, ew, shift
 
     def log_partition(self, queries, *, exclude=None) -> tuple[np.ndarray, np.ndarray]:
         """Certified (lower, upper) bounds of log Z(q) for each query."""
