@@ -207,9 +207,12 @@ def grow_leaf(A, keys, key_slot, v, n_slots, max_leaf):
 
 
 @nb.njit(cache=True, nogil=True)
-def insert_batch(A, keys, key_slot, vecs, ids, start, root, n_slots, n_nodes, dead_slots,
-                 fanout, max_leaf, seed):
+def insert_batch(A, keys, key_slot, vecs, ids, top_choice, start, root, n_slots, n_nodes,
+                 dead_slots, fanout, max_leaf, seed):
     """Insert rows start.. of (vecs, ids) until done or capacity runs short.
+
+    top_choice[i] is row i's nearest child of the root (chosen by the caller with one
+    BLAS product for the whole batch), or -1 to choose here.
 
     Returns (next row, n_slots, n_nodes, dead_slots). The caller guarantees the
     keys already hold every new id, and grows the arrays when asked to resume.
@@ -239,8 +242,10 @@ def insert_batch(A, keys, key_slot, vecs, ids, start, root, n_slots, n_nodes, de
             n_slots += A.leaf_cap[c]
             A.center[c, :] = y
             A.csq[c] = yn * yn
+        first = True
         while A.leaf_start[v] < 0:
-            v = nearest_child(A, v, y)
+            v = top_choice[i] if (first and top_choice[i] >= 0) else nearest_child(A, v, y)
+            first = False
             widen(A, v, y, yn)
         if A.leaf_size[v] < A.leaf_cap[v]:
             place_slot(A, keys, key_slot, A.leaf_start[v] + A.leaf_size[v], y, idv, v)

@@ -276,13 +276,19 @@ class TreeIndex:
         shp = self._shape
         i = 0
         self._mutations += 1
+        top_nodes, top_centers, _ = self._top_level()
+        # the nearest top-level cluster of every row in one BLAS pass (the kernel would
+        # otherwise compare each row with all ~2 sqrt N top-level centers one by one)
+        top_choice = top_nodes[_build.assign_nearest(x, top_centers)] if top_nodes.size else \
+            np.full(x.shape[0], -1, np.int64)
         self._top = None
         while i < x.shape[0]:
             self._reserve(slots=self._n_slots + 2 * self.max_leaf + 2 + (x.shape[0] - i),
                           nodes=self._n_nodes + shp["fanout"] + 2 + (x.shape[0] - i) // 8)
             i, self._n_slots, self._n_nodes, self._dead_slots = _mutate.insert_batch(
-                self._A, self._keys, self._key_slot, x, ids, i, 0, self._n_slots, self._n_nodes,
-                self._dead_slots, shp["fanout"], self.max_leaf, self._seed + self._mutations)
+                self._A, self._keys, self._key_slot, x, ids, top_choice, i, 0, self._n_slots,
+                self._n_nodes, self._dead_slots, shp["fanout"], self.max_leaf,
+                self._seed + self._mutations)
         self._maybe_compact()
 
     def remove(self, ids) -> None:
@@ -312,6 +318,7 @@ class TreeIndex:
         self._slots_of(ids_arr)
         self._dead_slots = _mutate.remove_batch(self._A, self._keys, self._key_slot, ids_arr, 0,
                                                 self._dead_slots)
+        self._top = None  # the removal may have emptied (unlinked) a top-level cluster
         self._insert_rows(x, ids_arr)
 
     def rebuild(self, node: int | None = None, *, progress: bool = False) -> None:
