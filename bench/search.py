@@ -66,7 +66,8 @@ def main(argv=None) -> dict:
         remove_per_s=n_edit / remove_s, insert_per_s=n_edit / insert_s, edited=n_edit,
         search_ms_per_query=1e3 * tx_s / nq, recall=recall(tx_ids, truth),
         nodes_visited_median=float(np.median(index.last_search_visited)),
-        nodes=st["nodes"], leaves=st["leaves"], depth=st["depth"], top_fanout=st["top_fanout"])
+        nodes=st["nodes"], leaves=st["leaves"], depth=st["depth"],
+        root_children=st["root_children"], clusters=st["clusters"])
     res["brute_force"] = dict(search_ms_per_query=1e3 * bf_s / nq, recall=1.0)
     if not a.no_faiss:
         res.update(faiss_peers(x, queries, a.k, truth, a.seed, q_))

@@ -142,6 +142,28 @@ def test_search_exact_with_exclusions(data):
     assert_search_exact(index, x, ids, q, 10, ids[np.arange(q.shape[0])])  # one id per query
 
 
+def test_wide_nodes_search_and_sample_exactly():
+    """Regions with more than 64 clusters (work arrays must grow inside the kernels)."""
+    from treeidx import SoftmaxSampler
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((6000, 5)).astype(np.float32)
+    q = rng.standard_normal((6, 5)).astype(np.float32)
+    index = TreeIndex.build(x, leaf_size=2, top_fanout=5000)
+    index.check()
+    assert max(len(_kids(index, int(r))) for r in _kids(index, 0)) > 64
+    assert_search_exact(index, x, np.arange(6000), q, 7)
+    r = SoftmaxSampler(index, temperature=0.5).sample(q, 8, seed=1)
+    assert r.ids.shape == (6, 8)
+
+
+def _kids(index, v):
+    out, c = [], index._A.first_child[v]
+    while c >= 0:
+        out.append(c)
+        c = index._A.next_sibling[c]
+    return out
+
+
 def test_search_prunes_on_clustered_data(data):
     """The bounds must actually prune: far fewer leaves opened than exist."""
     x, q = data

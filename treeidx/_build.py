@@ -245,18 +245,28 @@ def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int 
                  kmeans_iters: int, seed: int, progress: Callable[[str], None] | None = None):
     """Build the tree over x (N x d float32, finite). Returns a dict of flat arrays.
 
-    Node 0 is the root; its children are the top-level clusters. Leaves own the
-    contiguous slot range [leaf_start, leaf_start + leaf_size) of the permuted vectors.
+    Node 0 is the root. Below it, when there are many top-level clusters, ~sqrt(K)
+    regions (a k-means of the cluster centers) group them, so a query can open only
+    the regions near it rather than all K clusters; then the clusters, each split
+    recursively. Leaves own the contiguous slot range [leaf_start, leaf_start +
+    leaf_size) of the permuted vectors, and every subtree owns one contiguous range.
     """
     n, d = x.shape
     say = progress or (lambda msg: None)
     k0 = top_fanout if top_fanout is not None else auto_top_fanout(n, leaf_size)
     k0 = int(max(1, min(k0, n)))
     say(f"top level: k-means with {k0} clusters")
-    _, labels = kmeans_top(x, k0, seed)
-    perm = np.argsort(labels, kind="stable").astype(np.int64)
+    centers, labels = kmeans_top(x, k0, seed)
     sizes = np.bincount(labels, minlength=k0)
-    sizes = sizes[sizes > 0]
+    keep = np.flatnonzero(sizes > 0)
+    region = group_clusters(centers[keep], seed)
+    # clusters ordered by region, so every region's targets are one contiguous range
+    order = keep[np.argsort(region, kind="stable")]
+    rank = np.empty(k0, np.int64)
+    rank[order] = np.arange(order.shape[0])
+    region = np.sort(region, kind="stable")
+    perm = np.argsort(rank[labels], kind="stable").astype(np.int64)
+    sizes = sizes[order]
     cluster_bounds = np.zeros(sizes.shape[0] + 1, np.int64)
     np.cumsum(sizes, out=cluster_bounds[1:])
     say(f"splitting {sizes.shape[0]} clusters into leaves of <= {leaf_size}")
@@ -272,14 +282,22 @@ def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int 
     rows = np.concatenate([np.arange(2 * cluster_bounds[c], 2 * cluster_bounds[c] + counts[c])
                            for c in range(counts.shape[0])]) if counts.shape[0] else np.empty(0, np.int64)
     block_of_row = np.repeat(np.arange(counts.shape[0]), counts)
-    m = int(offsets[-1]) + 1
+    n_regions = int(region.max()) + 1 if region.size and region.max() >= 0 else 0
+    first = 1 + n_regions  # root, then the regions, then the clusters' blocks
+    m = int(offsets[-1]) + first
     lo = np.empty(m, np.int64)
     hi = np.empty(m, np.int64)
     parent = np.empty(m, np.int64)
     lo[0], hi[0], parent[0] = 0, n, -1
-    lo[1:], hi[1:] = node_lo[rows], node_hi[rows]
+    if n_regions:
+        lo[1:first] = cluster_bounds[:-1][np.searchsorted(region, np.arange(n_regions))]
+        hi[1:first] = cluster_bounds[1:][np.searchsorted(region, np.arange(n_regions), side="right") - 1]
+        parent[1:first] = 0
+    lo[first:], hi[first:] = node_lo[rows], node_hi[rows]
     local_par = node_par[rows]
-    parent[1:] = np.where(local_par < 0, 0, local_par + offsets[block_of_row] + 1)
+    cluster_parent = (1 + region) if n_regions else np.zeros(counts.shape[0], np.int64)
+    parent[first:] = np.where(local_par < 0, cluster_parent[block_of_row],
+                              local_par + offsets[block_of_row] + first)
     del node_lo, node_hi, node_par
     lo, hi, parent = breadth_first(lo, hi, parent)
     vecs = x[perm]
@@ -300,6 +318,18 @@ def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int 
                 nu_max=nu_max, sqsum=sqsum, count=(hi - lo), parent=parent,
                 first_child=first_child, next_sibling=next_sibling, leaf_start=leaf_start,
                 leaf_size=leaf_size_arr, leaf_cap=leaf_size_arr.copy())
+
+
+def group_clusters(centers: np.ndarray, seed: int, min_clusters: int = 64) -> np.ndarray:
+    """Region label of each top-level cluster: a k-means of their centers into
+    ~sqrt(K) groups, or -1 for all when there are too few clusters to group."""
+    k = centers.shape[0]
+    if k < min_clusters:
+        return np.full(k, -1, np.int64)
+    _, labels = kmeans_top(centers, int(round(math.sqrt(k))), seed + 1)
+    # relabel densely in order of first appearance (k-means may leave a region empty)
+    _, dense = np.unique(labels, return_inverse=True)
+    return dense.astype(np.int64)
 
 
 def breadth_first(lo: np.ndarray, hi: np.ndarray, parent: np.ndarray):

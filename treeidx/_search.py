@@ -89,6 +89,113 @@ def is_excluded(excl_ptr, excl_ids, b, idv):
     return j < hi and excl_ids[j] == idv
 
 
+@nb.njit(cache=True, nogil=True)
+def _search_one(q, b, k, top_nodes, top_row, vecs, slot_id, center, csq, radius, nu_min, nu_max,
+                first_child, next_sibling, leaf_start, leaf_size, excl_ptr, excl_ids,
+                out_scores, out_ids, out_visited, out_dots):
+    """One query of search_batch. A separate function so that growing its work arrays
+    is invisible to the parallel loop's array analysis (which rejects rebinding)."""
+    dim = q.shape[0]
+    ntop = top_nodes.shape[0]
+    qn = 0.0
+    for t in range(dim):
+        qn += float(q[t]) * float(q[t])
+    qnorm = math.sqrt(qn)
+    ts = np.full(k, -np.inf, np.float32)
+    ti = np.full(k, -1, np.int64)
+    filled = 0
+    tb = np.empty(ntop, np.float64)
+    for j in range(ntop):
+        c = top_nodes[j]
+        lo, tb[j] = node_bounds(top_row[j], qnorm, csq[c], radius[c], nu_min[c], nu_max[c], dim)
+    torder = np.argsort(-tb)
+    # depth-first below each top-level cluster, children in order of their bounds
+    st_node = np.empty(256, np.int64)
+    st_ub = np.empty(256, np.float64)
+    cb = np.empty(64, np.float64)
+    cn = np.empty(64, np.int64)
+    visited = 0
+    dots = ntop
+    for tp in range(ntop):
+        if filled == k and tb[torder[tp]] <= ts[0]:
+            break  # every later cluster is bounded lower still
+        st_node[0] = top_nodes[torder[tp]]
+        st_ub[0] = tb[torder[tp]]
+        sp = 1
+        while sp > 0:
+            sp -= 1
+            v = st_node[sp]
+            if filled == k and st_ub[sp] <= ts[0]:
+                continue
+            visited += 1
+            s0 = leaf_start[v]
+            if s0 >= 0:
+                dots += leaf_size[v]
+                for s in range(s0, s0 + leaf_size[v]):
+                    sc = dot32(q, vecs[s])
+                    if filled < k or sc > ts[0]:
+                        idv = slot_id[s]
+                        if is_excluded(excl_ptr, excl_ids, b, idv):
+                            continue
+                        if filled < k:  # fill phase: keep a valid min-heap by sifting up
+                            i = filled
+                            while i > 0:
+                                p = (i - 1) >> 1
+                                if ts[p] <= sc:
+                                    break
+                                ts[i] = ts[p]
+                                ti[i] = ti[p]
+                                i = p
+                            ts[i] = sc
+                            ti[i] = idv
+                            filled += 1
+                        else:
+                            topk_replace_min(ts, ti, k, sc, idv)
+                continue
+            nc = 0
+            c = first_child[v]
+            while c >= 0:
+                dots += 1
+                a = dot32(q, center[c])
+                lo, up = node_bounds(a, qnorm, csq[c], radius[c], nu_min[c], nu_max[c], dim)
+                if filled < k or up > ts[0]:
+                    if nc == cb.shape[0]:
+                        cb2 = np.empty(2 * nc, np.float64)
+                        cn2 = np.empty(2 * nc, np.int64)
+                        cb2[:nc] = cb
+                        cn2[:nc] = cn
+                        cb, cn = cb2, cn2
+                    # insertion sort, ascending: the best child ends up on top of the stack
+                    i = nc
+                    while i > 0 and cb[i - 1] > up:
+                        cb[i] = cb[i - 1]
+                        cn[i] = cn[i - 1]
+                        i -= 1
+                    cb[i] = up
+                    cn[i] = c
+                    nc += 1
+                c = next_sibling[c]
+            if sp + nc > st_node.shape[0]:
+                n2 = np.empty(2 * (sp + nc), np.int64)
+                u2 = np.empty(2 * (sp + nc), np.float64)
+                n2[:sp] = st_node[:sp]
+                u2[:sp] = st_ub[:sp]
+                st_node, st_ub = n2, u2
+            for i in range(nc):
+                st_node[sp] = cn[i]
+                st_ub[sp] = cb[i]
+                sp += 1
+    order = np.argsort(-ts[:filled])
+    for j in range(filled):
+        out_scores[b, j] = ts[order[j]]
+        out_ids[b, j] = ti[order[j]]
+    for j in range(filled, k):
+        out_scores[b, j] = -np.inf
+        out_ids[b, j] = -1
+    out_visited[b] = visited
+    out_dots[b] = dots
+
+
 @nb.njit(cache=True, parallel=True, nogil=True)
 def search_batch(queries, k, top_nodes, top_dots, vecs, slot_id, center, csq, radius, nu_min, nu_max,
                  first_child, next_sibling, leaf_start, leaf_size, excl_ptr, excl_ids,
@@ -97,106 +204,9 @@ def search_batch(queries, k, top_nodes, top_dots, vecs, slot_id, center, csq, ra
 
     The root's children (the wide top level) arrive pre-scored by one BLAS product,
     top_dots[b, j] = <q_b, center[top_nodes[j]]>; they are walked lazily in order of
-    their bounds beside the heap, so most of them are never pushed.
+    their bounds, and below each a depth-first descent visits children in bound order.
     """
-    dim = queries.shape[1]
-    ntop = top_nodes.shape[0]
     for b in nb.prange(queries.shape[0]):
-        q = queries[b]
-        qn = 0.0
-        for t in range(dim):
-            qn += float(q[t]) * float(q[t])
-        qnorm = math.sqrt(qn)
-        ts = np.full(k, -np.inf, np.float32)
-        ti = np.full(k, -1, np.int64)
-        filled = 0
-        tb = np.empty(ntop, np.float64)
-        for j in range(ntop):
-            c = top_nodes[j]
-            lo, tb[j] = node_bounds(top_dots[b, j], qnorm, csq[c], radius[c], nu_min[c], nu_max[c], dim)
-        torder = np.argsort(-tb)
-        # depth-first below each top-level cluster, children in order of their bounds
-        st_node = np.empty(256, np.int64)
-        st_ub = np.empty(256, np.float64)
-        cb = np.empty(64, np.float64)
-        cn = np.empty(64, np.int64)
-        visited = 0
-        dots = ntop
-        for tp in range(ntop):
-            if filled == k and tb[torder[tp]] <= ts[0]:
-                break  # every later cluster is bounded lower still
-            st_node[0] = top_nodes[torder[tp]]
-            st_ub[0] = tb[torder[tp]]
-            sp = 1
-            while sp > 0:
-                sp -= 1
-                v = st_node[sp]
-                if filled == k and st_ub[sp] <= ts[0]:
-                    continue
-                visited += 1
-                s0 = leaf_start[v]
-                if s0 >= 0:
-                    dots += leaf_size[v]
-                    for s in range(s0, s0 + leaf_size[v]):
-                        sc = dot32(q, vecs[s])
-                        if filled < k or sc > ts[0]:
-                            idv = slot_id[s]
-                            if is_excluded(excl_ptr, excl_ids, b, idv):
-                                continue
-                            if filled < k:  # fill phase: keep a valid min-heap by sifting up
-                                i = filled
-                                while i > 0:
-                                    p = (i - 1) >> 1
-                                    if ts[p] <= sc:
-                                        break
-                                    ts[i] = ts[p]
-                                    ti[i] = ti[p]
-                                    i = p
-                                ts[i] = sc
-                                ti[i] = idv
-                                filled += 1
-                            else:
-                                topk_replace_min(ts, ti, k, sc, idv)
-                    continue
-                nc = 0
-                c = first_child[v]
-                while c >= 0:
-                    dots += 1
-                    a = dot32(q, center[c])
-                    lo, up = node_bounds(a, qnorm, csq[c], radius[c], nu_min[c], nu_max[c], dim)
-                    if filled < k or up > ts[0]:
-                        if nc == cb.shape[0]:
-                            cb2 = np.empty(2 * nc, np.float64)
-                            cn2 = np.empty(2 * nc, np.int64)
-                            cb2[:nc] = cb
-                            cn2[:nc] = cn
-                            cb, cn = cb2, cn2
-                        # insertion sort, ascending: the best child ends up on top of the stack
-                        i = nc
-                        while i > 0 and cb[i - 1] > up:
-                            cb[i] = cb[i - 1]
-                            cn[i] = cn[i - 1]
-                            i -= 1
-                        cb[i] = up
-                        cn[i] = c
-                        nc += 1
-                    c = next_sibling[c]
-                if sp + nc > st_node.shape[0]:
-                    n2 = np.empty(2 * (sp + nc), np.int64)
-                    u2 = np.empty(2 * (sp + nc), np.float64)
-                    n2[:sp] = st_node[:sp]
-                    u2[:sp] = st_ub[:sp]
-                    st_node, st_ub = n2, u2
-                for i in range(nc):
-                    st_node[sp] = cn[i]
-                    st_ub[sp] = cb[i]
-                    sp += 1
-        order = np.argsort(-ts[:filled])
-        for j in range(filled):
-            out_scores[b, j] = ts[order[j]]
-            out_ids[b, j] = ti[order[j]]
-        for j in range(filled, k):
-            out_scores[b, j] = -np.inf
-            out_ids[b, j] = -1
-        out_visited[b] = visited
-        out_dots[b] = dots
+        _search_one(queries[b], b, k, top_nodes, top_dots[b], vecs, slot_id, center, csq, radius,
+                    nu_min, nu_max, first_child, next_sibling, leaf_start, leaf_size, excl_ptr,
+                    excl_ids, out_scores, out_ids, out_visited, out_dots)

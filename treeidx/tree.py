@@ -39,7 +39,8 @@ class TreeIndex:
     of `build`): `leaf_size` (max targets per leaf at build, default 32; leaves
     may grow to 2x before they split), `fanout` (k-means split width below the
     top level, default 4), `top_fanout` (number of top-level clusters, default
-    ~2 sqrt N), `kmeans_iters` (default 6).
+    ~2 sqrt N; with 64 or more they are grouped under ~sqrt(top_fanout) region
+    nodes), `kmeans_iters` (default 6).
     """
 
     # ------------------------------------------------------------------ build
@@ -54,7 +55,7 @@ class TreeIndex:
         self._shape = dict(_shape)
         self._seed = int(_seed)
         self._mutations = 0  # varies the split seeds of successive inserts
-        self._top: tuple[np.ndarray, np.ndarray] | None = None  # see _top_level()
+        self._top: dict | None = None  # see _top_level()
 
     @classmethod
     def build(cls, vectors, ids=None, *, seed: int = 0, progress: bool = False,
@@ -153,7 +154,7 @@ class TreeIndex:
     def __repr__(self) -> str:
         return (f"TreeIndex(n={len(self)}, dim={self.dim}, nodes={self._live_nodes()}, "
                 f"leaf_size={self._shape['leaf_size']}, fanout={self._shape['fanout']}, "
-                f"top_fanout={self._top_count()})")
+                f"root_children={self._top_count()})")
 
     def _live_nodes(self) -> int:
         return int(np.count_nonzero(self._A.parent[: self._n_nodes] != _mutate.DEAD))
@@ -183,7 +184,8 @@ class TreeIndex:
             n=len(self), dim=self.dim, nodes=int(live.size), leaves=int(leaves.size),
             depth=int(depth[leaves].max()) if leaves.size else 0,
             mean_leaf_depth=float(depth[leaves].mean()) if leaves.size else 0.0,
-            top_fanout=self._top_count(),
+            root_children=self._top_count(),
+            clusters=int(self._top_level(expand=True)[0].shape[0]),
             fanout_mean=float(nchild.mean()) if nchild.size else 0.0,
             fanout_max=int(nchild.max()) if nchild.size else 0,
             leaf_size_mean=float(A.leaf_size[leaves].mean()) if leaves.size else 0.0,
@@ -209,8 +211,8 @@ class TreeIndex:
         k = check_k(k)
         ptr, ex = as_exclude(exclude, q.shape[0])
         self._check_k_fits(k, ptr, ex)
-        top_nodes, top_centers, top_region = self._top_level()
-        top_dots = q @ top_centers.T  # one BLAS product scores the wide top level
+        top_nodes, top_centers, top_region = self._top_level(expand=True)
+        top_dots = q @ top_centers.T  # one BLAS product scores the wide cluster level
         # Queries of one region read the same leaves: run them back to back so
         # those leaves are still in cache (results are put back in input order).
         order = locality_order(top_dots, top_region)
@@ -231,16 +233,24 @@ class TreeIndex:
         self.last_search_inner_products = dots[inv]
         return scores[inv], out_ids[inv]
 
-    def _top_level(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The root's children, a contiguous copy of their centers, and a coarse
-        region label for each (k-means of the centers); cached until a write."""
+    def _top_level(self, expand: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The root's children (expand=False; the sampler opens these per query), or the
+        level below them (expand=True: every internal child replaced by its children;
+        search scores these globally, since the root's children are coarse regions),
+        with a contiguous copy of their centers and a coarse label per node for ordering
+        queries by locality (k-means of the centers). Cached until a write."""
         if self._top is None:
-            nodes = np.array(_children(self._A, 0), dtype=np.int64)
+            self._top = {}
+        if expand not in self._top:
+            nodes = _children(self._A, 0)
+            if expand:
+                nodes = [c for v in nodes for c in (_children(self._A, v) or [v])]
+            nodes = np.array(nodes, dtype=np.int64)
             centers = np.ascontiguousarray(self._A.center[nodes])
             n_regions = max(1, nodes.shape[0] // 32)
             region = _build.kmeans_top(centers, n_regions, self._seed)[1] if nodes.size else nodes
-            self._top = (nodes, centers, region)
-        return self._top
+            self._top[expand] = (nodes, centers, region)
+        return self._top[expand]
 
     def _check_k_fits(self, k: int, ptr: np.ndarray, ex: np.ndarray) -> None:
         n = len(self)
