@@ -18,7 +18,7 @@ import numpy as np
 
 from ._bounds import dot32, dot_error, node_bounds
 from ._build import U64, splitmix64, uniform01
-from ._search import heap_pop, heap_push
+from ._search import heap_pop, heap_push, heapify
 
 NEG_INF = -np.inf
 
@@ -391,27 +391,6 @@ def build_alias(w, n, total, prob, alias):
     for i in range(ns):  # only rounding leaves entries here
         prob[small[i]] = 1.0
         alias[small[i]] = small[i]
-
-
-@nb.njit(cache=True)
-def heapify(keys, vals, size):
-    """Floyd's O(n) construction of a max-heap in place."""
-    for i in range(size // 2 - 1, -1, -1):
-        k, v = keys[i], vals[i]
-        j = i
-        while True:
-            c = 2 * j + 1
-            if c >= size:
-                break
-            if c + 1 < size and keys[c + 1] > keys[c]:
-                c += 1
-            if keys[c] <= k:
-                break
-            keys[j] = keys[c]
-            vals[j] = vals[c]
-            j = c
-        keys[j] = k
-        vals[j] = v
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)

@@ -37,13 +37,9 @@ def heap_push(keys, vals, size, key, val):
     return keys, vals, size + 1
 
 
-@nb.njit(cache=True)
-def heap_pop(keys, vals, size):
-    """Remove the max of a max-heap; returns (key, val, new size)."""
-    top_k, top_v = keys[0], vals[0]
-    size -= 1
-    k, v = keys[size], vals[size]
-    i = 0
+@nb.njit(cache=True, inline="always")
+def heap_sift_down(keys, vals, size, i, k, v):
+    """Place (k, v) at position i of a max-heap of `size` entries, moving it down."""
     while True:
         c = 2 * i + 1
         if c >= size:
@@ -55,10 +51,25 @@ def heap_pop(keys, vals, size):
         keys[i] = keys[c]
         vals[i] = vals[c]
         i = c
+    keys[i] = k
+    vals[i] = v
+
+
+@nb.njit(cache=True)
+def heap_pop(keys, vals, size):
+    """Remove the max of a max-heap; returns (key, val, new size)."""
+    top_k, top_v = keys[0], vals[0]
+    size -= 1
     if size > 0:
-        keys[i] = k
-        vals[i] = v
+        heap_sift_down(keys, vals, size, 0, keys[size], vals[size])
     return top_k, top_v, size
+
+
+@nb.njit(cache=True)
+def heapify(keys, vals, size):
+    """Floyd's O(n) construction of a max-heap in place."""
+    for i in range(size // 2 - 1, -1, -1):
+        heap_sift_down(keys, vals, size, i, keys[i], vals[i])
 
 
 @nb.njit(cache=True, inline="always")

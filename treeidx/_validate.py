@@ -1,6 +1,7 @@
 """Input checks shared by the public API: clear messages, nothing mutated on failure."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -101,3 +102,14 @@ def check_k(k, what: str = "k") -> int:
     if k < 1:
         raise ValueError(f"{what}: expected a positive integer, got {k}")
     return int(k)
+
+
+def check_positive(x, what: str) -> float:
+    """A finite number > 0 (temperatures, inverse temperatures)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a finite positive number, got {x!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{what}: expected a finite positive number, got {x!r}")
+    return v

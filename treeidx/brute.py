@@ -30,7 +30,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from ._validate import as_exclude, as_ids, as_vectors, check_k
+from ._validate import as_exclude, as_ids, as_vectors, check_k, check_positive
 
 _CHUNK = 2048  # floats per chunk: 8 KiB of scores + 16 KiB of float64 weights stay in L1/L2
 
@@ -216,13 +216,7 @@ def _mask_rows(buf, nrows: int, ptr, rows) -> None:
 # ---------------------------------------------------------------------------------------
 
 def _check_beta(beta) -> float:
-    try:
-        b = float(beta)
-    except (TypeError, ValueError):
-        raise ValueError(f"beta: expected a positive finite number, got {beta!r}") from None
-    if not (math.isfinite(b) and b > 0):
-        raise ValueError(f"beta: expected a positive finite number, got {beta!r}")
-    return b
+    return check_positive(beta, "beta")
 
 
 class BruteForce:

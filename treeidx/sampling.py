@@ -26,7 +26,7 @@ import numpy as np
 
 from ._sample import ST_DOTS, ST_FRONTIER, ST_OPENED, ST_PROPOSALS, sample_batch, top_level_bounds
 from ._threads import run_parallel
-from ._validate import as_exclude, as_vectors, check_k
+from ._validate import as_exclude, as_vectors, check_k, check_positive
 from .tree import TreeIndex, _permute_csr, _slice_csr, locality_order
 
 
@@ -80,8 +80,6 @@ class SoftmaxSampler:
             raise TypeError(f"index: expected a TreeIndex, got {type(index).__name__}")
         if mode not in ("exact", "approx"):
             raise ValueError(f"mode: expected 'exact' or 'approx', got {mode!r}")
-        if not (np.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature: expected a finite positive number, got {temperature!r}")
         if not (np.isfinite(tolerance) and tolerance >= 0):
             raise ValueError(f"tolerance: expected a finite number >= 0, got {tolerance!r}")
         if budget is not None and (not isinstance(budget, (int, np.integer)) or budget < 1):
@@ -89,7 +87,7 @@ class SoftmaxSampler:
         if not (np.isfinite(draw_cost) and draw_cost > 0):
             raise ValueError(f"draw_cost: expected a finite positive number, got {draw_cost!r}")
         self.index = index
-        self.temperature = float(temperature)
+        self.temperature = check_positive(temperature, "temperature")
         self.mode = mode
         self.tolerance = float(tolerance)
         self.budget = budget

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ._validate import check_positive
 from .sampling import SampleResult, SoftmaxSampler
 from .tree import TreeIndex
 
@@ -101,13 +102,7 @@ def _check_k(k: Any) -> int:
 
 
 def _check_temperature(t: Any) -> float:
-    try:
-        t = float(t)
-    except (TypeError, ValueError):
-        raise ValueError(f"temperature: expected a finite positive number, got {t!r}") from None
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"temperature: expected a finite positive number, got {t!r}")
-    return t
+    return check_positive(t, "temperature")
 
 
 def _default_rank() -> int:
