@@ -87,7 +87,7 @@ def faiss_peers(x, queries, k, truth, seed, quiet) -> dict:
     flat.search(queries[:64], k)
     fl_s, (_, fl_ids) = timed(lambda: flat.search(queries, k), repeat=2)
     out = dict(faiss_flat=dict(search_ms_per_query=1e3 * fl_s / nq, recall=recall(fl_ids, truth)))
-    del flat
+    flat.reset()  # free its copy of the vectors before the IVF peer
     nlist = int(min(4 * math.sqrt(x.shape[0]), x.shape[0] // 39))
     if nlist >= 16:
         log(f"faiss IVF{nlist} ...", quiet)

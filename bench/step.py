@@ -40,8 +40,6 @@ on treeidx's worker thread while this thread does step t's forward/backward.
 from __future__ import annotations
 
 import copy
-import math
-import os
 import time
 
 import numpy as np

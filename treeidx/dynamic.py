@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import zlib
 from dataclasses import asdict, dataclass, replace
@@ -47,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from ._validate import as_ids, as_vectors
-from .io import IndexFileError
+from .io import IndexFileError, atomic_write
 from .nystrom import DriftError, DriftFit, NystromDrift, drift_error
 from .sampling import SampleResult, SoftmaxSampler
 from .tree import TreeIndex
@@ -363,17 +362,8 @@ class DynamicIndex:
                     drift_estimate=self.drift_estimate, log=self.log,
                     crc32={k: _crc(v) for k, v in arrays.items()})
         arrays["meta"] = np.frombuffer(json.dumps(meta, default=_json_default).encode(), np.uint8)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path) -> "DynamicIndex":

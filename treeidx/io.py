@@ -20,6 +20,7 @@ import os
 import struct
 import tempfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,18 +59,27 @@ def save_index(index, path) -> None:
         treeidx_version=__version__, shape=index._shape, seed=index._seed,
         n_slots=index._n_slots, n_nodes=index._n_nodes, dead_slots=index._dead_slots,
         arrays=entries)).encode()
+    with atomic_write(path) as f:
+        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), _crc(header)))
+        f.write(header)
+        base = _data_start(len(header))
+        f.write(b"\0" * (base - _PREFIX.size - len(header)))
+        for e in entries:
+            a = arrays[e["name"]]
+            f.seek(base + e["offset"])
+            f.write(memoryview(a).cast("B"))
+        f.truncate(base + offset)
+
+
+@contextmanager
+def atomic_write(path):
+    """A binary file object whose content replaces `path` only if the block completes:
+    written to a temporary file in the same folder, fsynced, then renamed over it."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), _crc(header)))
-            f.write(header)
-            base = _data_start(len(header))
-            f.write(b"\0" * (base - _PREFIX.size - len(header)))
-            for e in entries:
-                a = arrays[e["name"]]
-                f.seek(base + e["offset"])
-                f.write(memoryview(a).cast("B"))
-            f.truncate(base + offset)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -14,8 +14,7 @@ are exclusive: do not run them while another thread reads or writes.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
