@@ -337,6 +337,18 @@ def _cls(c):
     return 1
 
 
+
+@numba.njit(cache=True, inline="always")
+def _fnv_lower(buf, lo, hi, salt):
+    """FNV-1a hash of buf[lo:hi] with ASCII letters lowercased."""
+    h = _FNV_OFFSET ^ salt
+    for k in range(lo, hi):
+        c = buf[k]
+        if c >= 65 and c <= 90:
+            c += 32
+        h = (h ^ _U(c)) * _FNV_PRIME
+    return h
+
 @numba.njit(cache=True)
 def _doc_features(buf, lo, hi, seed, n_buckets):
     """Sorted unique buckets and counts of one document's hashed n-gram features."""
@@ -356,12 +368,7 @@ def _doc_features(buf, lo, hi, seed, n_buckets):
         while j < hi and _is_word(buf[j]):
             j += 1
         # whole token [i, j), lowercased
-        h = _FNV_OFFSET ^ salt
-        for k in range(i, j):
-            c = buf[k]
-            if c >= 65 and c <= 90:
-                c += 32
-            h = (h ^ _U(c)) * _FNV_PRIME
+        h = _fnv_lower(buf, i, j, salt)
         feats[nf] = _mix(h ^ _NS_TOK)
         nf += 1
         if has_tok:
@@ -386,12 +393,7 @@ def _doc_features(buf, lo, hi, seed, n_buckets):
                 if a == 2 and b == 2 and m + 1 < j and _cls(buf[m + 1]) == 1:
                     break
                 m += 1
-            hs = _FNV_OFFSET ^ salt
-            for t in range(k, m):
-                c = buf[t]
-                if c >= 65 and c <= 90:
-                    c += 32
-                hs = (hs ^ _U(c)) * _FNV_PRIME
+            hs = _fnv_lower(buf, k, m, salt)
             feats[nf] = _mix(hs ^ _NS_SUB)
             nf += 1
             if has_sub:
