@@ -193,41 +193,45 @@ def partition_clusters(x, perm, cluster_bounds, leaf_size, fanout, iters, seed,
         node_count_out[c] = nn
 
 
-@nb.njit(cache=True, parallel=True, fastmath=FAST)
-def node_statistics(vecs, lo, hi, center, csq, radius, nu_min, nu_max, sqsum):
-    """Exact center (mean), ||c||^2, radius, norm range and sum of squared distances.
+@nb.njit(cache=True, fastmath=FAST)
+def subset_statistics(vecs, slots, center_row):
+    """Statistics of the targets vecs[slots]: writes their mean (as float32) into
+    center_row and returns (||c||^2, radius, nu_min, nu_max, sum ||y - c||^2).
 
-    Radii and norms are computed in float64 and then rounded outward to float32
+    Computed in float64; the radius and the norm range are rounded outward to float32
     with a relative pad, so they remain true bounds.
     """
     d = vecs.shape[1]
-    for v in nb.prange(lo.shape[0]):
-        a, b = lo[v], hi[v]
-        acc = np.zeros(d, np.float64)
-        for i in range(a, b):
-            for t in range(d):
-                acc[t] += vecs[i, t]
-        cnt = max(b - a, 1)
-        cs = 0.0
+    acc = np.zeros(d, np.float64)
+    for s in slots:
         for t in range(d):
-            center[v, t] = np.float32(acc[t] / cnt)
-            cs += float(center[v, t]) * float(center[v, t])
-        csq[v] = cs
-        rmax, s2, nmin, nmax = 0.0, 0.0, np.inf, 0.0
-        for i in range(a, b):
-            dist2, norm2 = 0.0, 0.0
-            for t in range(d):
-                diff = float(vecs[i, t]) - float(center[v, t])
-                dist2 += diff * diff
-                norm2 += float(vecs[i, t]) * float(vecs[i, t])
-            s2 += dist2
-            rmax = max(rmax, dist2)
-            nmin = min(nmin, norm2)
-            nmax = max(nmax, norm2)
-        sqsum[v] = s2
-        radius[v] = pad_up(math.sqrt(rmax))
-        nu_max[v] = pad_up(math.sqrt(nmax))
-        nu_min[v] = pad_down(math.sqrt(nmin)) if b > a else 0.0
+            acc[t] += vecs[s, t]
+    m = max(slots.shape[0], 1)
+    cs = 0.0
+    for t in range(d):
+        center_row[t] = np.float32(acc[t] / m)
+        cs += float(center_row[t]) * float(center_row[t])
+    rmax, s2, nmin, nmax = 0.0, 0.0, np.inf, 0.0
+    for s in slots:
+        dist2, norm2 = 0.0, 0.0
+        for t in range(d):
+            diff = float(vecs[s, t]) - float(center_row[t])
+            dist2 += diff * diff
+            norm2 += float(vecs[s, t]) * float(vecs[s, t])
+        s2 += dist2
+        rmax = max(rmax, dist2)
+        nmin = min(nmin, norm2)
+        nmax = max(nmax, norm2)
+    nu_min = pad_down(math.sqrt(nmin)) if slots.shape[0] else 0.0
+    return cs, pad_up(math.sqrt(rmax)), nu_min, pad_up(math.sqrt(nmax)), s2
+
+
+@nb.njit(cache=True, parallel=True)
+def node_statistics(vecs, lo, hi, center, csq, radius, nu_min, nu_max, sqsum):
+    """subset_statistics of every node's slot range [lo, hi), in parallel."""
+    for v in nb.prange(lo.shape[0]):
+        csq[v], radius[v], nu_min[v], nu_max[v], sqsum[v] = subset_statistics(
+            vecs, np.arange(lo[v], hi[v]), center[v])
 
 
 @nb.njit(cache=True, inline="always")

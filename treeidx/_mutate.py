@@ -19,7 +19,7 @@ import numba as nb
 import numpy as np
 
 from ._bounds import FAST
-from ._build import U64, _kmeans_split, pad_down, pad_up, splitmix64
+from ._build import U64, _kmeans_split, pad_down, pad_up, splitmix64, subset_statistics
 
 DEAD = -2  # parent value of an unlinked node
 
@@ -50,35 +50,11 @@ def key_index(keys, idv):
     return np.searchsorted(keys, idv)
 
 
-@nb.njit(cache=True, fastmath=FAST)
+@nb.njit(cache=True)
 def exact_node_stats(A, v, slots):
     """Set node v's center/radius/norms/count from the given target slots exactly."""
-    d = A.vecs.shape[1]
-    acc = np.zeros(d, np.float64)
-    for s in slots:
-        for t in range(d):
-            acc[t] += A.vecs[s, t]
-    m = max(slots.shape[0], 1)
-    cs = 0.0
-    for t in range(d):
-        A.center[v, t] = np.float32(acc[t] / m)
-        cs += float(A.center[v, t]) ** 2
-    A.csq[v] = cs
-    rmax, s2, nmin, nmax = 0.0, 0.0, np.inf, 0.0
-    for s in slots:
-        dist2, norm2 = 0.0, 0.0
-        for t in range(d):
-            diff = float(A.vecs[s, t]) - float(A.center[v, t])
-            dist2 += diff * diff
-            norm2 += float(A.vecs[s, t]) ** 2
-        s2 += dist2
-        rmax = max(rmax, dist2)
-        nmin = min(nmin, norm2)
-        nmax = max(nmax, norm2)
-    A.sqsum[v] = s2
-    A.radius[v] = pad_up(math.sqrt(rmax))
-    A.nu_max[v] = pad_up(math.sqrt(nmax))
-    A.nu_min[v] = pad_down(math.sqrt(nmin)) if slots.shape[0] else 0.0
+    A.csq[v], A.radius[v], A.nu_min[v], A.nu_max[v], A.sqsum[v] = subset_statistics(
+        A.vecs, slots, A.center[v])
     A.count[v] = slots.shape[0]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ._bounds import dot32, dot_error, node_bounds
 from ._build import U64, splitmix64, uniform01
-from ._search import heap_pop, heap_push, heapify
+from ._search import grow_f, heap_pop, heap_push, heapify
 
 NEG_INF = -np.inf
 
@@ -37,14 +37,11 @@ def log_gap(lo: float, up: float) -> float:
     return up + math.log(-math.expm1(d))
 
 
-@nb.njit(cache=True, inline="always")
-def grow_f(a, n):
-    """a, or a copy with room for index n (capacity at least doubled)."""
-    if n < a.shape[0]:
-        return a
-    b = np.empty(max(2 * a.shape[0] + 16, n + 1), a.dtype)
-    b[: a.shape[0]] = a
-    return b
+@nb.njit(cache=True)
+def grow_frontier(n, f_node, f_lo, f_up, f_w, f_off, f_alive, f_blo, f_bup, f_ew):
+    """The frontier arrays with room for index n (unchanged when they have it)."""
+    return (grow_f(f_node, n), grow_f(f_lo, n), grow_f(f_up, n), grow_f(f_w, n), grow_f(f_off, n),
+            grow_f(f_alive, n), grow_f(f_blo, n), grow_f(f_bup, n), grow_f(f_ew, n))
 
 
 @nb.njit(cache=True, inline="always")
@@ -94,9 +91,8 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
     # with their bounds, proposal weights and priorities computed for the whole batch
     ntop = top_nodes.shape[0]
     if ntop >= cap:
-        f_node = grow_f(f_node, ntop); f_lo = grow_f(f_lo, ntop); f_up = grow_f(f_up, ntop)
-        f_w = grow_f(f_w, ntop); f_off = grow_f(f_off, ntop); f_alive = grow_f(f_alive, ntop)
-        f_blo = grow_f(f_blo, ntop); f_bup = grow_f(f_bup, ntop); f_ew = grow_f(f_ew, ntop)
+        f_node, f_lo, f_up, f_w, f_off, f_alive, f_blo, f_bup, f_ew = grow_frontier(
+            ntop, f_node, f_lo, f_up, f_w, f_off, f_alive, f_blo, f_bup, f_ew)
         hk = grow_f(hk, ntop); hv = grow_f(hv, ntop)
     for j in range(ntop):
         f_node[j], f_off[j], f_alive[j] = top_nodes[j], -1, True
@@ -158,10 +154,9 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
         if leaf_start[v] >= 0:
             s0 = leaf_start[v]
             m = leaf_size[v]
-            while nsc + m > sc_w.shape[0]:
-                sc_w = grow_f(sc_w, sc_w.shape[0])
-                sc_slot = grow_f(sc_slot, sc_slot.shape[0])
-                sc_cum = grow_f(sc_cum, sc_cum.shape[0])
+            sc_w = grow_f(sc_w, nsc + m)
+            sc_slot = grow_f(sc_slot, nsc + m)
+            sc_cum = grow_f(sc_cum, nsc + m)
             mx, lsum_lo, lsum_up = NEG_INF, 0.0, 0.0
             for i in range(m):
                 s = s0 + i
@@ -187,9 +182,8 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
             lsum_up = lsum_lo
             nf_i = nf
             if nf >= f_node.shape[0]:
-                f_node = grow_f(f_node, nf); f_lo = grow_f(f_lo, nf); f_up = grow_f(f_up, nf)
-                f_w = grow_f(f_w, nf); f_off = grow_f(f_off, nf); f_alive = grow_f(f_alive, nf)
-                f_blo = grow_f(f_blo, nf); f_bup = grow_f(f_bup, nf); f_ew = grow_f(f_ew, nf)
+                f_node, f_lo, f_up, f_w, f_off, f_alive, f_blo, f_bup, f_ew = grow_frontier(
+                    nf, f_node, f_lo, f_up, f_w, f_off, f_alive, f_blo, f_bup, f_ew)
             f_node[nf_i], f_off[nf_i], f_alive[nf_i] = v, nsc, True
             f_w[nf_i] = math.log(lsum_up) + mx if lsum_up > 0.0 else NEG_INF  # exact log-sum
             f_lo[nf_i] = math.log(lsum_lo) + mx - err if lsum_lo > 0.0 else NEG_INF
@@ -208,9 +202,8 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
             plo, pup = f_blo[e], f_bup[e]
             last = nf + cost
             if last >= f_node.shape[0]:  # room for every child at once
-                f_node = grow_f(f_node, last); f_lo = grow_f(f_lo, last); f_up = grow_f(f_up, last)
-                f_w = grow_f(f_w, last); f_off = grow_f(f_off, last); f_alive = grow_f(f_alive, last)
-                f_blo = grow_f(f_blo, last); f_bup = grow_f(f_bup, last); f_ew = grow_f(f_ew, last)
+                f_node, f_lo, f_up, f_w, f_off, f_alive, f_blo, f_bup, f_ew = grow_frontier(
+                    last, f_node, f_lo, f_up, f_w, f_off, f_alive, f_blo, f_bup, f_ew)
             c = first_child[v]
             while c >= 0:
                 a = dot32(q, center[c])
@@ -241,8 +234,9 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
         # precision guard: re-sum from the frontier once cancellation could matter
         U, L = segU[1], segL[1]
         if U < 1e-250:  # everything shrank far below the shift: re-shift
-            M, U, L = resum(f_up, f_lo, f_alive, nf)
+            M = frontier_max(f_up, f_alive, nf)
             seg_fill(segU, segL, scap, f_up, f_lo, f_alive, nf, M)
+            U, L = segU[1], segL[1]
             for j in range(nf):
                 f_ew[j] = lse_shifted(f_w[j], M)
     # --- certified log Z interval of the allowed targets: the segment trees' totals are
@@ -455,18 +449,13 @@ def seg_fill(segU, segL, cap, f_up, f_lo, f_alive, nf, M):
 
 
 @nb.njit(cache=True)
-def resum(f_up, f_lo, f_alive, nf):
-    """(shift, upper sum, lower sum) of the alive frontier, shifted by its max log-upper."""
+def frontier_max(f_up, f_alive, nf):
+    """The largest log-upper bound of the alive frontier (the shift M)."""
     M = NEG_INF
     for j in range(nf):
         if f_alive[j] and f_up[j] > M:
             M = f_up[j]
-    U, L = 0.0, 0.0
-    for j in range(nf):
-        if f_alive[j]:
-            U += lse_shifted(f_up[j], M)
-            L += lse_shifted(f_lo[j], M)
-    return M, U, L
+    return M
 
 
 @nb.njit(cache=True, inline="always")

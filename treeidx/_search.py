@@ -14,16 +14,22 @@ import numpy as np
 from ._bounds import dot32, node_bounds
 
 
+@nb.njit(cache=True, inline="always")
+def grow_f(a, n):
+    """a, or a copy with room for index n (capacity at least doubled)."""
+    if n < a.shape[0]:
+        return a
+    b = np.empty(max(2 * a.shape[0] + 16, n + 1), a.dtype)
+    b[: a.shape[0]] = a
+    return b
+
+
 # Not IR-inlined: parfor array analysis rejects the array rebinding of a growing heap.
 @nb.njit(cache=True)
 def heap_push(keys, vals, size, key, val):
     """Push onto a max-heap stored in (keys, vals); grows the arrays when full."""
-    if size == keys.shape[0]:
-        nk = np.empty(2 * size, keys.dtype)
-        nv = np.empty(2 * size, vals.dtype)
-        nk[:size] = keys
-        nv[:size] = vals
-        keys, vals = nk, nv
+    keys = grow_f(keys, size)
+    vals = grow_f(vals, size)
     i = size
     while i > 0:
         p = (i - 1) >> 1
@@ -70,6 +76,21 @@ def heapify(keys, vals, size):
     """Floyd's O(n) construction of a max-heap in place."""
     for i in range(size // 2 - 1, -1, -1):
         heap_sift_down(keys, vals, size, i, keys[i], vals[i])
+
+
+@nb.njit(cache=True, inline="always")
+def topk_push(scores, ids, filled, score, idv):
+    """Add to a size-`filled` min-heap (scores, ids) that still has room; sift up."""
+    i = filled
+    while i > 0:
+        p = (i - 1) >> 1
+        if scores[p] <= score:
+            break
+        scores[i] = scores[p]
+        ids[i] = ids[p]
+        i = p
+    scores[i] = score
+    ids[i] = idv
 
 
 @nb.njit(cache=True, inline="always")
@@ -148,17 +169,8 @@ def _search_one(q, b, k, top_nodes, top_row, vecs, slot_id, center, csq, radius,
                         idv = slot_id[s]
                         if is_excluded(excl_ptr, excl_ids, b, idv):
                             continue
-                        if filled < k:  # fill phase: keep a valid min-heap by sifting up
-                            i = filled
-                            while i > 0:
-                                p = (i - 1) >> 1
-                                if ts[p] <= sc:
-                                    break
-                                ts[i] = ts[p]
-                                ti[i] = ti[p]
-                                i = p
-                            ts[i] = sc
-                            ti[i] = idv
+                        if filled < k:
+                            topk_push(ts, ti, filled, sc, idv)
                             filled += 1
                         else:
                             topk_replace_min(ts, ti, k, sc, idv)
@@ -170,12 +182,8 @@ def _search_one(q, b, k, top_nodes, top_row, vecs, slot_id, center, csq, radius,
                 a = dot32(q, center[c])
                 lo, up = node_bounds(a, qnorm, csq[c], radius[c], nu_min[c], nu_max[c], dim)
                 if filled < k or up > ts[0]:
-                    if nc == cb.shape[0]:
-                        cb2 = np.empty(2 * nc, np.float64)
-                        cn2 = np.empty(2 * nc, np.int64)
-                        cb2[:nc] = cb
-                        cn2[:nc] = cn
-                        cb, cn = cb2, cn2
+                    cb = grow_f(cb, nc)
+                    cn = grow_f(cn, nc)
                     # insertion sort, ascending: the best child ends up on top of the stack
                     i = nc
                     while i > 0 and cb[i - 1] > up:
@@ -186,12 +194,8 @@ def _search_one(q, b, k, top_nodes, top_row, vecs, slot_id, center, csq, radius,
                     cn[i] = c
                     nc += 1
                 c = next_sibling[c]
-            if sp + nc > st_node.shape[0]:
-                n2 = np.empty(2 * (sp + nc), np.int64)
-                u2 = np.empty(2 * (sp + nc), np.float64)
-                n2[:sp] = st_node[:sp]
-                u2[:sp] = st_ub[:sp]
-                st_node, st_ub = n2, u2
+            st_node = grow_f(st_node, sp + nc)
+            st_ub = grow_f(st_ub, sp + nc)
             for i in range(nc):
                 st_node[sp] = cn[i]
                 st_ub[sp] = cb[i]
