@@ -62,12 +62,18 @@ CASES = [  # (n, dim, unit norm, target perplexity)
 ]
 
 
+@pytest.mark.parametrize("path", ["tree", "dense"])
 @pytest.mark.parametrize("n,dim,unit,ppl", CASES)
-def test_exact_mode_matches_softmax(n, dim, unit, ppl):
+def test_exact_mode_matches_softmax(n, dim, unit, ppl, path):
+    """Both exact paths: rejection from the tree (no fallback), and the dense pass a
+    query falls back to when its tree work passes dense_fallback (forced here)."""
     x, q = clustered(n, dim, seed=n + dim, unit=unit)
     beta = beta_for_perplexity(x, q, ppl)
     index = TreeIndex.build(x, seed=1, leaf_size=16)
-    sampler = SoftmaxSampler(index, temperature=1 / beta, mode="exact")
+    index.remove([n - 1])
+    index.insert(x[n - 1:], [n - 1])  # a free slot in the slot array, which must never be drawn
+    sampler = SoftmaxSampler(index, temperature=1 / beta, mode="exact",
+                             dense_fallback=None if path == "tree" else 1e-9)
     # exclude each query's most likely target and a random one
     top = [int(np.argmax(exact_softmax(x, qq, beta))) for qq in q]
     exclude = [{top[b], (b * 97) % n} for b in range(q.shape[0])]
@@ -81,6 +87,8 @@ def test_exact_mode_matches_softmax(n, dim, unit, ppl):
         # log_q is the log-softmax up to the certified interval width
         width = r.log_z[b, 1] - r.log_z[b, 0]
         np.testing.assert_allclose(r.log_q[b], np.log(p[r.ids[b]]), atol=width + 1e-6)
+    dense = r.frontier_size == 0  # what a dense pass reports
+    assert dense.all() if path == "dense" else not dense.any()
 
 
 def test_chi2_test_detects_a_perturbed_sampler():
@@ -124,14 +132,15 @@ def test_approx_mode_log_q_is_the_true_proposal(ppl):
 
 @given(seed=st.integers(0, 10_000), scale=st.sampled_from([0.01, 1.0, 30.0, 1000.0]),
        beta=st.sampled_from([0.1, 1.0, 10.0, 100.0, 1000.0]), mode=st.sampled_from(["exact", "approx"]),
-       unit=st.booleans())
+       unit=st.booleans(), fallback=st.sampled_from([None, 0.05, 1e-9]))
 @settings(max_examples=40, deadline=None)
-def test_log_partition_bounds_contain_log_z(seed, scale, beta, mode, unit):
+def test_log_partition_bounds_contain_log_z(seed, scale, beta, mode, unit, fallback):
     x, q = clustered(600, 7, seed=seed, unit=unit)
     x = (x * scale).astype(np.float32)
     q = (q * (1 + seed % 3)).astype(np.float32)
     index = TreeIndex.build(x, seed=seed, leaf_size=8)
-    sampler = SoftmaxSampler(index, temperature=1 / beta, mode=mode, budget=50 if mode == "approx" else None)
+    sampler = SoftmaxSampler(index, temperature=1 / beta, mode=mode, budget=50 if mode == "approx" else None,
+                             dense_fallback=fallback)
     lo, up = sampler.log_partition(q)
     true = logsumexp(beta * (q.astype(np.float64) @ x.T.astype(np.float64)), axis=1)
     assert np.all(lo <= true) and np.all(true <= up), (lo, true, up)
@@ -179,7 +188,7 @@ def test_errors():
 def test_statistics_are_reported():
     x, q = clustered(5000, 16, seed=3)
     index = TreeIndex.build(x)
-    r = SoftmaxSampler(index, temperature=0.02, mode="exact").sample(q, 64, seed=0)
+    r = SoftmaxSampler(index, temperature=0.02, mode="exact", dense_fallback=None).sample(q, 64, seed=0)
     assert r.ids.shape == (4, 64) and r.log_q.shape == (4, 64) and r.log_z.shape == (4, 2)
     assert (r.nodes_opened > 0).all() and (r.inner_products > 0).all()
     assert (r.draws_per_sample >= 1).all()

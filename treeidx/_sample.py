@@ -24,6 +24,9 @@ NEG_INF = -np.inf
 
 # per-query statistics columns
 ST_OPENED, ST_DOTS, ST_PROPOSALS, ST_ACCEPTED, ST_FRONTIER = range(5)
+# per-query status: 0 done; everything excluded; acceptance collapsed; exact-mode work
+# reached `give_up` (the caller redoes the query densely)
+OK, ALL_EXCLUDED, COLLAPSED, GAVE_UP = 0, -1, -2, -3
 
 
 @nb.njit(cache=True, inline="always")
@@ -51,7 +54,7 @@ def lse_shifted(x, M):
 
 @nb.njit(cache=True)  # no fastmath: the frontier sums rely on IEEE order
 def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_el, t_ew, t_M,
-                beta, k, exact, tol, budget, draw_cost, key,
+                beta, k, exact, tol, budget, draw_cost, give_up, key,
                 vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent, node_lo,
                 ex_slots, out_ids, out_logq, out_logz, out_tv, stats):
@@ -132,6 +135,9 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
             break
         if dots >= budget:
             break
+        if exact and dots >= give_up:
+            stats[ST_OPENED], stats[ST_DOTS] = opened, dots  # work wasted, reported
+            return GAVE_UP
         gk, e, hs = heap_pop(hk, hv, hs)
         if not f_alive[e] or gk == NEG_INF:
             continue
@@ -250,7 +256,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
     La = L * (1.0 - pad) - exw * (1.0 + pad)
     Ua = U * (1.0 + pad) - exw * (1.0 - pad)
     if Ua <= 0.0:
-        return -1  # everything excluded
+        return ALL_EXCLUDED
     log_lo = math.log(La) + M if La > 0.0 else NEG_INF
     log_up = math.log(Ua) + M
     # --- proposal: per alive entry a weight; exact leaves expand to their targets
@@ -296,7 +302,10 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
     max_props = 1000 * k + 100000
     while acc < k:
         if props >= max_props:
-            return -2  # acceptance collapsed (cannot happen with valid bounds)
+            return COLLAPSED  # cannot happen with valid bounds
+        if exact and dots >= give_up:  # loose bounds: draws cost more than a dense pass
+            stats[ST_OPENED], stats[ST_DOTS] = opened, dots
+            return GAVE_UP
         props += 1
         # an entry by Walker's alias method: O(1) whatever the frontier size
         r = uniform01(key + ctr) * ne
@@ -350,7 +359,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
     stats[ST_PROPOSALS] = props
     stats[ST_ACCEPTED] = acc
     stats[ST_FRONTIER] = ne
-    return 0
+    return OK
 
 
 @nb.njit(cache=True)
@@ -488,7 +497,7 @@ def find_entry(s, slot_leaf, parent, f_node, f_alive, f_off, nf):
 @nb.njit(cache=True, parallel=True, nogil=True)
 def sample_batch(queries, qidx, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_el,
                  t_ew, t_M,
-                 beta, k, exact, tol, budget, draw_cost, seed,
+                 beta, k, exact, tol, budget, draw_cost, give_up, seed,
                  vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                  first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent, node_lo,
                  ex_ptr, ex_slots, out_ids, out_logq, out_logz, out_tv, stats, status):
@@ -497,7 +506,7 @@ def sample_batch(queries, qidx, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_pr
     for b in nb.prange(queries.shape[0]):
         key = splitmix64(splitmix64(U64(seed)) ^ U64(qidx[b]))
         status[b] = _sample_one(queries[b], top_nodes, t_blo[b], t_bup[b], t_flo[b], t_fup[b],
-                                t_w[b], t_prio[b], t_eu[b], t_el[b], t_ew[b], t_M[b], beta, k, exact, tol, budget, draw_cost, key,
+                                t_w[b], t_prio[b], t_eu[b], t_el[b], t_ew[b], t_M[b], beta, k, exact, tol, budget, draw_cost, give_up, key,
                                 vecs, slot_id, center, csq, radius, nu_min, nu_max, sqsum, count,
                                 first_child, next_sibling, leaf_start, leaf_size, slot_leaf, parent,
                                 node_lo, ex_slots[ex_ptr[b]: ex_ptr[b + 1]],

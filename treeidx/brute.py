@@ -211,6 +211,42 @@ def _mask_rows(buf, nrows: int, ptr, rows) -> None:
             buf[b, rows[t]] = -np.inf
 
 
+def score_block(q: np.ndarray, vectors: np.ndarray, lo: int, hi: int, ptr: np.ndarray,
+                rows: np.ndarray, buf: np.ndarray, dead: np.ndarray | None = None) -> np.ndarray:
+    """Scores <q_b, x> of queries lo..hi into buf, excluded and dead rows at -inf."""
+    b = buf[:hi - lo]
+    # numpy's BLAS sgemm was 2-2.5x faster than torch.matmul here
+    np.matmul(q[lo:hi], vectors.T, out=b)
+    if dead is not None and dead.size:
+        b[:, dead] = -np.inf
+    if ptr[hi] > ptr[lo]:
+        _mask_rows(b, hi - lo, ptr[lo:hi + 1] - ptr[lo], rows[ptr[lo]:ptr[hi]])
+    return b
+
+
+def dense_softmax(q: np.ndarray, vectors: np.ndarray, beta: float, u: np.ndarray, ptr: np.ndarray,
+                  rows: np.ndarray, buf: np.ndarray, dead: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Exact softmax draws over every row of `vectors`, len(buf) queries at a time.
+
+    u: (B, k) uniforms; (ptr, rows): per-query CSR of excluded rows; dead: rows that
+    hold no target (never drawn). Returns (row index (B, k), log P (B, k), log Z (B,),
+    the first query whose scores are not finite or all excluded, else -1).
+    """
+    nq, k = u.shape
+    idx = np.zeros((nq, k), np.int64)
+    logp = np.empty((nq, k), np.float64)
+    logz = np.empty(nq, np.float64)
+    step = buf.shape[0]
+    for lo in range(0, nq, step):
+        hi = min(lo + step, nq)
+        b = score_block(q, vectors, lo, hi, ptr, rows, buf, dead)
+        bad = _softmax_rows(b, hi - lo, beta, u[lo:hi], idx[lo:hi], logp[lo:hi], logz[lo:hi])
+        if bad >= 0:
+            return idx, logp, logz, lo + bad
+    return idx, logp, logz, -1
+
+
 # ---------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------
@@ -263,14 +299,6 @@ class BruteForce:
         np.cumsum(counts, out=newptr[1:])
         return newptr, self._sorted_rows[pos_c[known]]
 
-    def _scores(self, q: np.ndarray, lo: int, hi: int, ptr, rows) -> np.ndarray:
-        buf = self._buffer(hi - lo)
-        # numpy's BLAS sgemm was 2-2.5x faster than torch.matmul here
-        np.matmul(q[lo:hi], self.vectors.T, out=buf)
-        if ptr[hi] > ptr[lo]:
-            _mask_rows(buf, hi - lo, ptr[lo:hi + 1] - ptr[lo], rows[ptr[lo]:ptr[hi]])
-        return buf
-
     # -- search -------------------------------------------------------------------------
 
     def search(self, queries: np.ndarray, k: int,
@@ -287,7 +315,7 @@ class BruteForce:
         out_i = np.empty((nq, k), np.int64)
         for lo in range(0, nq, self.batch_size):
             hi = min(lo + self.batch_size, nq)
-            buf = self._scores(q, lo, hi, ptr, rows)
+            buf = score_block(q, self.vectors, lo, hi, ptr, rows, self._buffer(hi - lo))
             if not np.isfinite(buf.max(axis=1)).all():
                 raise ValueError("scores overflow float32 (vector/query norms too large)")
             # torch.topk was ~8x faster than np.argpartition here (bench/brute_yardstick.py)
@@ -308,16 +336,11 @@ class BruteForce:
             raise ValueError(f"query {int(empty[0])}: every row is excluded")
         # all uniforms drawn up front: output depends on the seed, not on batch_size
         u = np.random.default_rng(seed).random((nq, k))
-        idx = np.zeros((nq, k), np.int64)
-        logp = np.empty((nq, k), np.float64)
-        logz = np.empty(nq, np.float64)
-        for lo in range(0, nq, self.batch_size):
-            hi = min(lo + self.batch_size, nq)
-            buf = self._scores(q, lo, hi, ptr, rows)
-            bad = _softmax_rows(buf, hi - lo, beta, u[lo:hi], idx[lo:hi], logp[lo:hi], logz[lo:hi])
-            if bad >= 0:
-                raise ValueError(f"query {lo + bad}: scores are not finite "
-                                 "(vector/query norms too large for float32)")
+        idx, logp, logz, bad = dense_softmax(q, self.vectors, beta, u, ptr, rows,
+                                             self._buffer(min(nq, self.batch_size)))
+        if bad >= 0:
+            raise ValueError(f"query {bad}: scores are not finite "
+                             "(vector/query norms too large for float32)")
         return idx, logp, logz
 
     def sample(self, queries: np.ndarray, k: int, beta: float,

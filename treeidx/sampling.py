@@ -24,7 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._sample import ST_DOTS, ST_FRONTIER, ST_OPENED, ST_PROPOSALS, sample_batch, top_level_bounds
+from ._bounds import dot_error
+from ._sample import (ALL_EXCLUDED, COLLAPSED, GAVE_UP, OK, ST_DOTS, ST_FRONTIER, ST_OPENED,
+                      ST_PROPOSALS, sample_batch, top_level_bounds)
+from .brute import dense_softmax
 from ._threads import run_parallel
 from ._validate import as_exclude, as_vectors, check_k, check_positive
 from .tree import TreeIndex, _permute_csr, _slice_csr, locality_order
@@ -45,6 +48,8 @@ class SampleResult:
                 distribution sampled and the softmax (0 in exact mode).
     nodes_opened, inner_products, proposals: (B,) per-query work; proposals / k
                 is the number of draws per accepted sample.
+    frontier_size: (B,) entries on the final cut; 0 for a query answered by the
+                exact dense fallback (see SoftmaxSampler's dense_fallback).
     """
     ids: np.ndarray
     log_q: np.ndarray
@@ -71,11 +76,19 @@ class SoftmaxSampler:
     draw_cost: cost of one rejection draw in inner products (tunes the exact
         mode's stopping rule; the result's distribution does not depend on it).
     chunk_size: queries processed together (bounds the per-batch work arrays).
+    dense_fallback: exact mode only. A query whose tree work (inner products in
+        refinement and rejection draws together) reaches this fraction of the index
+        is redone by one dense exact pass over all stored vectors (a BLAS product and
+        float64 inverse-CDF draws, as `treeidx.brute`): when the bounds are too loose
+        to prune (a flat softmax, high intrinsic dimension), exact mode then costs
+        about what brute force does instead of many times more. Its samples are exact
+        either way; its log_z interval is then the exact log Z padded by the float32
+        rounding bound. None: never fall back.
     """
 
     def __init__(self, index: TreeIndex, *, temperature: float, mode: str = "exact",
                  tolerance: float = 0.05, budget: int | None = None, draw_cost: float = 3.0,
-                 chunk_size: int = 1024):
+                 chunk_size: int = 1024, dense_fallback: float | None = 0.05):
         if not isinstance(index, TreeIndex):
             raise TypeError(f"index: expected a TreeIndex, got {type(index).__name__}")
         if mode not in ("exact", "approx"):
@@ -93,6 +106,9 @@ class SoftmaxSampler:
         self.budget = budget
         self.draw_cost = float(draw_cost)
         self.chunk_size = check_k(chunk_size, "chunk_size")
+        if dense_fallback is not None and not (np.isfinite(dense_fallback) and dense_fallback > 0):
+            raise ValueError(f"dense_fallback: expected a positive fraction or None, got {dense_fallback!r}")
+        self.dense_fallback = dense_fallback
 
     @property
     def beta(self) -> float:
@@ -106,6 +122,12 @@ class SoftmaxSampler:
             # N on clustered data at perplexity <= 100; flatter softmaxes need more
             return int(0.0015 * len(self.index)) + 1024
         return np.iinfo(np.int64).max // 4
+
+    def _give_up(self) -> int:
+        """Exact-mode work (inner products) after which a query goes dense."""
+        if self.mode != "exact" or self.dense_fallback is None:
+            return np.iinfo(np.int64).max // 4
+        return max(1, int(self.dense_fallback * len(self.index)))
 
     def __repr__(self) -> str:
         return (f"SoftmaxSampler(mode={self.mode!r}, temperature={self.temperature}, "
@@ -139,11 +161,15 @@ class SoftmaxSampler:
             sub_ptr, sub_ex = _slice_csr(ptr, ex_slots, lo, hi)
             self._sample_chunk(q[lo:hi], np.arange(lo, hi), k, sub_ptr, sub_ex, int(seed) & (2**63 - 1),
                                ids[lo:hi], log_q[lo:hi], log_z[lo:hi], tv[lo:hi], stats[lo:hi], status[lo:hi])
-        if (status == -1).any():
-            b = int(np.flatnonzero(status == -1)[0])
+        dense = np.flatnonzero(status == GAVE_UP)
+        if dense.size:
+            self._sample_dense(q, dense, k, ptr, ex_slots, int(seed) & (2**63 - 1),
+                               ids, log_q, log_z, stats, status)
+        if (status == ALL_EXCLUDED).any():
+            b = int(np.flatnonzero(status == ALL_EXCLUDED)[0])
             raise ValueError(f"query {b}: every target in the index is excluded; nothing to sample")
-        if (status == -2).any():
-            b = int(np.flatnonzero(status == -2)[0])
+        if (status == COLLAPSED).any():
+            b = int(np.flatnonzero(status == COLLAPSED)[0])
             raise RuntimeError(f"query {b}: rejection acceptance collapsed; raise `budget` "
                                "(exact mode with a small budget leaves bounds too loose)")
         return SampleResult(ids=ids, log_q=log_q, log_z=log_z, tv_bound=tv,
@@ -161,12 +187,45 @@ class SoftmaxSampler:
         tops = self._top_level_entries(q, top_dots, top_nodes)
         out = [np.empty_like(a) for a in (ids, log_q, log_z, tv, stats, status)]
         run_parallel(sample_batch, q, qidx[order], top_nodes, *tops, self.beta, k,
-                     self.mode == "exact", self.tolerance, self._budget(), self.draw_cost, seed,
+                     self.mode == "exact", self.tolerance, self._budget(), self.draw_cost,
+                     self._give_up(), seed,
                      A.vecs, A.slot_id, A.center, A.csq, A.radius, A.nu_min, A.nu_max, A.sqsum,
                      A.count, A.first_child, A.next_sibling, A.leaf_start, A.leaf_size,
                      A.slot_leaf, A.parent, A.node_lo, ptr, ex_slots, *out)
         for dst, src in zip((ids, log_q, log_z, tv, stats, status), out):
             dst[order] = src
+
+    def _sample_dense(self, q, rows, k, ptr, ex_slots, seed, ids, log_q, log_z, stats, status):
+        """Exact samples for queries `rows` by one dense pass over the slot array."""
+        index, A = self.index, self.index._A
+        n_slots = index._n_slots
+        vecs = A.vecs[:n_slots]
+        slot_id = A.slot_id[:n_slots]
+        sub_ptr, sub_ex = _permute_csr(ptr, ex_slots, rows)
+        n_allowed = len(index) - np.array([np.unique(sub_ex[a:b]).size
+                                           for a, b in zip(sub_ptr[:-1], sub_ptr[1:])])
+        if (n_allowed == 0).any():
+            status[rows[n_allowed == 0]] = ALL_EXCLUDED
+            return
+        # each query's uniforms keyed by its own index: independent of which rows go dense
+        u = np.stack([np.random.default_rng([seed, int(b)]).random(k) for b in rows])
+        buf = np.empty((min(rows.size, 256), n_slots), np.float32)
+        qr = q[rows]
+        idx, logp, logz, bad = dense_softmax(qr, vecs, self.beta, u, sub_ptr, sub_ex, buf,
+                                             dead=np.flatnonzero(slot_id < 0))
+        if bad >= 0:
+            raise ValueError(f"query {int(rows[bad])}: scores are not finite "
+                             "(vector/query norms too large for float32)")
+        ids[rows] = slot_id[idx]
+        log_q[rows] = logp
+        # the exact log Z of the float32 scores, padded by their rounding bound
+        qn = np.linalg.norm(qr.astype(np.float64), axis=1)
+        pad = self.beta * np.array([dot_error(index.dim, float(n), float(A.nu_max[0])) for n in qn])
+        log_z[rows] = np.stack([logz - pad, logz + pad], 1)
+        stats[rows, ST_DOTS] += n_slots
+        stats[rows, ST_PROPOSALS] = k
+        stats[rows, ST_FRONTIER] = 0
+        status[rows] = OK
 
     def _top_level_entries(self, q: np.ndarray, top_dots: np.ndarray, top_nodes: np.ndarray):
         """Frontier entries of the top level for the whole batch, vectorised.
