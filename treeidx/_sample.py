@@ -240,11 +240,22 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
         # precision guard: re-sum from the frontier once cancellation could matter
         U, L = segU[1], segL[1]
         if U < 1e-250:  # everything shrank far below the shift: re-shift
-            M = frontier_max(f_up, f_alive, nf)
-            seg_fill(segU, segL, scap, f_up, f_lo, f_alive, nf, M)
+            M = reshift(segU, segL, scap, f_up, f_lo, f_w, f_ew, f_alive, nf)
             U, L = segU[1], segL[1]
+    # Re-shift to the final cut's largest upper bound: a node whose (loose) upper bound
+    # set M far above every target's real weight would otherwise leave the lower
+    # bounds and proposal weights, which sit far below the upper ones, underflowing to 0.
+    if NEG_INF < frontier_max(f_up, f_alive, nf) < M:
+        M = reshift(segU, segL, scap, f_up, f_lo, f_w, f_ew, f_alive, nf)
+    # Approx mode draws from the proposal weights alone: shift them by their own
+    # largest, so that an unopened node with a loose upper bound far above every
+    # proposal weight cannot make them all underflow.
+    Mw = M
+    if not exact:
+        Mw = frontier_max(f_w, f_alive, nf)
+        if Mw > NEG_INF:
             for j in range(nf):
-                f_ew[j] = lse_shifted(f_w[j], M)
+                f_ew[j] = lse_shifted(f_w[j], Mw)
     # --- certified log Z interval of the allowed targets: the segment trees' totals are
     # pairwise sums of positive terms (relative error < depth * 2^-52, padded below)
     U, L = segU[1], segL[1]
@@ -324,7 +335,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
                 continue
             s = sc_slot[i]
             w_y = sc_w[i]
-            lq = sc_w[i] - M - math.log(tot - q_ex)
+            lq = sc_w[i] - Mw - math.log(tot - q_ex)
         else:  # unopened node: a uniform target below it
             r2 = int(uniform01(key + ctr) * count[v])
             ctr += U64(1)
@@ -342,7 +353,7 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
                     ctr += U64(1)
                     continue
                 ctr += U64(1)
-            lq = f_w[j] - math.log(count[v]) - M - math.log(tot - q_ex)
+            lq = f_w[j] - math.log(count[v]) - Mw - math.log(tot - q_ex)
         out_ids[acc] = slot_id[s]
         out_logq[acc] = w_y if exact else lq
         acc += 1
@@ -455,6 +466,17 @@ def seg_fill(segU, segL, cap, f_up, f_lo, f_alive, nf, M):
     for i in range(cap - 1, 0, -1):
         segU[i] = segU[2 * i] + segU[2 * i + 1]
         segL[i] = segL[2 * i] + segL[2 * i + 1]
+
+
+@nb.njit(cache=True)
+def reshift(segU, segL, cap, f_up, f_lo, f_w, f_ew, f_alive, nf):
+    """Move the shift M to the frontier's largest log-upper bound: re-sum both
+    segment trees and re-exponentiate the proposal weights under it. Returns M."""
+    M = frontier_max(f_up, f_alive, nf)
+    seg_fill(segU, segL, cap, f_up, f_lo, f_alive, nf, M)
+    for j in range(nf):
+        f_ew[j] = lse_shifted(f_w[j], M)
+    return M
 
 
 @nb.njit(cache=True)
