@@ -1,8 +1,8 @@
 """Command line: `treeidx <command>` or `python -m treeidx <command>`.
 
-Commands: `info` (version, threading layer, CPU count). The one-command training
-demo (`treeidx demo`) arrives with the training issue; until then the main job is the
-benchmarks: `python -m bench.search ...` and `python -m bench.sample ...`.
+Commands: `demo` (the main job: train a code-search dual encoder with treeidx
+negatives and with in-batch negatives, print the test table, write a plot) and `info`
+(version, threading layer, CPU count).
 """
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="treeidx", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="print version and runtime facts")
-    sub.add_parser("demo", help="train a dual encoder with treeidx negatives (not yet available)")
+    from . import demo
+    demo.add_arguments(sub.add_parser(
+        "demo", help="train a dual encoder with treeidx negatives vs in-batch negatives",
+        description=demo.__doc__.split("\n\n")[0].replace("\n", " ")))
     args = parser.parse_args(argv)
     if args.command == "info":
         import numba
@@ -25,10 +28,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({numba.config.THREADING_LAYER} threading layer), {os.cpu_count()} CPUs")
         return 0
     if args.command == "demo":
-        print("treeidx demo is not available yet; run the benchmarks instead:\n"
-              "  python -m bench.search --n 200000 --dim 64 --dataset clustered\n"
-              "  python -m bench.sample --n 200000 --dim 64 --k 64", file=sys.stderr)
-        return 2
+        return demo.run(args)
     parser.print_help()
     return 0
 

@@ -113,3 +113,10 @@ def check_positive(x, what: str) -> float:
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{what}: expected a finite positive number, got {x!r}")
     return v
+
+
+def check_nonnegative_int(x, what: str = "seed") -> int:
+    """An integer >= 0 (seeds, counts that may be 0); bool rejected."""
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0:
+        raise ValueError(f"{what}: expected an integer >= 0, got {x!r}")
+    return int(x)

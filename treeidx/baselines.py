@@ -19,7 +19,7 @@ from typing import Any, Callable, Union
 import numpy as np
 import torch
 
-from ._validate import as_ids
+from ._validate import as_ids, check_nonnegative_int
 from .brute import BruteForce
 from .torch import (Negatives, _check_k, _check_temperature, check_positives, check_queries,
                     empty_negatives, host_queries, log_q_dtype)
@@ -45,12 +45,6 @@ def _positive(v: Any, what: str) -> int:
     return int(v)
 
 
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
-    return int(seed)
-
-
 class UniformSampler:
     """k ids per query drawn uniformly with replacement from all N targets.
 
@@ -69,7 +63,7 @@ class UniformSampler:
             if self.ids.size == 0:
                 raise ValueError("ids: empty")
         self.k = _check_k(k)
-        self._rng = np.random.default_rng(_check_seed(seed))
+        self._rng = np.random.default_rng(check_nonnegative_int(seed))
 
     def sample(self, query_emb: torch.Tensor, positive_ids: torch.Tensor | None = None) -> Negatives:
         q = check_queries(query_emb)
@@ -201,7 +195,7 @@ class NegativeCache:
         self._live = torch.zeros(self.cache_size, dtype=torch.bool, device=self.device)
         self._head = 0  # next slot written = the oldest entry once the cache is full
         self._gen = torch.Generator(device=self.device)
-        self._gen.manual_seed(_check_seed(seed))
+        self._gen.manual_seed(check_nonnegative_int(seed))
         self.update(ids, v)
 
     @property
@@ -290,7 +284,7 @@ class BruteForceSampler:
             ids = np.arange(self._vectors.shape[0])
         self.ids = torch.from_numpy(as_ids(ids, None if self._vectors is None else self._vectors.shape[0]))
         self.device = torch.device(device) if device is not None else None
-        self._seed = _check_seed(seed)
+        self._seed = check_nonnegative_int(seed)
         self._gen: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, dev: torch.device) -> torch.Generator:

@@ -1,0 +1,92 @@
+"""Training benchmark: the same dual encoder, batches and steps; only the negatives change.
+
+    python -m bench.train --json
+
+For each seed and each strategy of `treeidx.training.STRATEGIES` (in-batch, uniform,
+stale top-k, negative cache, treeidx exact + Nyström drift, treeidx over all targets
+re-encoded every step, the brute-force oracle) it trains the code-search dual encoder
+for --steps steps and reports test recall@1/@10 and MRR (test queries from modules never
+seen in training, ranked exactly against all targets), wall time, the share of the
+training time spent sampling and re-encoding targets for the sampler, the targets the
+sampler alone encodes per step (beside the B·(k+1) every sampled strategy encodes for
+the loss), the sampler's host memory and the process's peak RSS. Then mean ± standard
+deviation over the seeds, and a plot of validation recall@10 against training time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, replace
+
+import numpy as np
+
+from bench._common import emit, log, machine
+from treeidx.codesearch import CodeSearchData
+from treeidx.demo import format_table, plot_histories
+from treeidx.training import STRATEGIES, TrainConfig, train
+
+METRICS = ("recall@1", "recall@10", "mrr")
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sample standard deviation over seeds of each figure of one strategy."""
+    def stat(values):
+        v = np.asarray(values, np.float64)
+        return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if v.size > 1 else 0.0)
+    out = {m: stat([r["test"][m] for r in runs]) for m in METRICS}
+    out["train_s"] = stat([r["train_s"] for r in runs])
+    out["sampling_share"] = stat([r["time_split"]["sampling_s"] / r["train_s"] for r in runs])
+    out["reencode_share"] = stat([r["time_split"]["reencode_s"] / r["train_s"] for r in runs])
+    out["targets_encoded_per_step"] = stat([r["targets_encoded_per_step"] for r in runs])
+    out["sampler_mib"] = stat([r["sampler_mib"] for r in runs])
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    d = TrainConfig()
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch_size)
+    p.add_argument("--k", type=int, default=d.k)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--stale-refresh", type=int, default=d.stale_refresh_every)
+    p.add_argument("--max-targets", type=int, default=None,
+                   help="a subset of the targets (every query's positive kept); default all")
+    p.add_argument("--plot", default="bench/results/train.png")
+    p.add_argument("--json", action="store_true", help="print only the JSON result line")
+    a = p.parse_args(argv)
+    quiet = a.json
+    strategies = [s for s in a.strategies.split(",") if s]
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    data = CodeSearchData.load(progress=not quiet)
+    if a.max_targets:
+        data = data.subset(a.max_targets)
+    log(f"data: {data.describe()}", quiet)
+    base = replace(d, steps=a.steps, batch_size=a.batch, k=a.k, temperature=a.temperature,
+                   eval_every=a.eval_every, stale_refresh_every=a.stale_refresh)
+    runs: dict[str, list[dict]] = {s: [] for s in strategies}
+    first_seed = {}
+    for seed in seeds:
+        for s in strategies:
+            r = train(data, s, replace(base, seed=seed), progress=not quiet)
+            runs[s].append(r.to_dict())
+            if seed == seeds[0]:
+                first_seed[s] = r
+            log(f"seed {seed} {s}: {r.test}  {r.train_s:.0f}s", quiet)
+    if first_seed and a.plot:
+        os.makedirs(os.path.dirname(a.plot) or ".", exist_ok=True)
+        plot_histories(first_seed, a.plot, title=f"code search, {data.n_targets:,} targets, seed {seeds[0]}")
+    log(format_table(first_seed), quiet)
+    res = dict(benchmark="train", data=data.describe(), config=asdict(base), seeds=seeds,
+               loss_encodes_per_step=dict(sampled=base.batch_size * (base.k + 1), inbatch=base.batch_size),
+               summary={s: summarise(v) for s, v in runs.items()}, runs=runs, plot=a.plot,
+               machine=machine())
+    emit(res, quiet)
+    return res
+
+
+if __name__ == "__main__":
+    main()
