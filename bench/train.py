@@ -22,8 +22,8 @@ import numpy as np
 
 from bench._common import emit, log, machine
 from treeidx.codesearch import CodeSearchData
-from treeidx.demo import format_table, plot_histories
-from treeidx.training import STRATEGIES, TrainConfig, train
+from treeidx.demo import demo_config, format_table, plot_histories
+from treeidx.training import STRATEGIES, train
 
 METRICS = ("recall@1", "recall@10", "mrr")
 
@@ -44,7 +44,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    d = TrainConfig()
+    d = demo_config()
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=d.steps)
@@ -53,6 +53,8 @@ def main(argv=None) -> dict:
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--stale-refresh", type=int, default=d.stale_refresh_every)
+    p.add_argument("--warmup", type=int, default=d.warmup_steps,
+                   help="in-batch steps first, the same for every strategy (part of --steps)")
     p.add_argument("--max-targets", type=int, default=None,
                    help="a subset of the targets (every query's positive kept); default all")
     p.add_argument("--plot", default="bench/results/train.png")
@@ -66,7 +68,7 @@ def main(argv=None) -> dict:
         data = data.subset(a.max_targets)
     log(f"data: {data.describe()}", quiet)
     base = replace(d, steps=a.steps, batch_size=a.batch, k=a.k, temperature=a.temperature,
-                   eval_every=a.eval_every, stale_refresh_every=a.stale_refresh)
+                   eval_every=a.eval_every, stale_refresh_every=a.stale_refresh, warmup_steps=a.warmup)
     runs: dict[str, list[dict]] = {s: [] for s in strategies}
     first_seed = {}
     for seed in seeds:

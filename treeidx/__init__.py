@@ -6,6 +6,11 @@ Main entry points:
     NystromDrift    -- predict current target vectors from a few re-encoded landmarks
     DynamicIndex    -- tree + drift model + sampler that stays current during training
     treeidx.torch   -- TreeNegativeSampler, sampled_softmax_loss (import treeidx.torch)
+
+The code-search training job (imported on demand; docs/training.md):
+    treeidx.codesearch -- CodeSearchData: docstring -> code retrieval data, hashed features
+    treeidx.encoder    -- DualEncoder, BagTower, make_optimizer (torch)
+    treeidx.training   -- train(data, strategy, TrainConfig) -> TrainResult, evaluate
 """
 from __future__ import annotations
 

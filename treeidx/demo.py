@@ -18,9 +18,19 @@ from dataclasses import replace
 DEFAULT_STRATEGIES = ("treeidx", "inbatch")
 
 
+def demo_config():
+    """The demo's training settings (also bench.train's): one shared tower, lr 3e-3,
+    500 in-batch warm-up steps before the sampler is built on the warmed-up encoder
+    (from-scratch vectors drift too fast for any index), and a full re-encode whenever
+    the index's drift estimate passes 0.5 (docs/training.md: the runs that chose them)."""
+    from .training import TrainConfig
+    return TrainConfig(shared=True, lr=3e-3, warmup_steps=500, max_drift_error=0.5, eval_every=0,
+                       eval_every_s=15.0)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .training import STRATEGIES, TrainConfig
-    d = TrainConfig()
+    from .training import STRATEGIES
+    d = demo_config()
     p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                    help=f"comma-separated, from {', '.join(STRATEGIES)} (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=3.0,
@@ -41,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .codesearch import CodeSearchData
-    from .training import TrainConfig, train
+    from .training import train
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     progress = not args.no_progress
@@ -52,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_targets:
         data = data.subset(args.max_targets)
     print("     " + _describe(data.describe()), flush=True)
-    base = replace(TrainConfig(), k=args.k, batch_size=args.batch, temperature=args.temperature,
+    base = replace(demo_config(), k=args.k, batch_size=args.batch, temperature=args.temperature,
                    sampler_mode=args.mode, seed=args.seed)
     if args.steps is not None:
         base = replace(base, steps=args.steps, time_limit_s=None)

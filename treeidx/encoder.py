@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._validate import check_k, check_positive, check_nonnegative_int
+from ._validate import check_k, check_nonnegative_int, check_positive
 
 __all__ = ["BagTower", "DualEncoder", "SparseDenseOptimizer", "bag_inputs", "make_optimizer"]
 

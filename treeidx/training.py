@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ._progress import progress_bar
-from ._validate import check_k, check_positive, check_nonnegative_int
+from ._validate import check_k, check_nonnegative_int, check_positive
 from .baselines import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
 from .codesearch import CodeSearchData
 from .dynamic import DynamicIndex, RefreshPolicy
@@ -66,16 +66,21 @@ class TrainConfig:
     in_batch_negatives: add the other rows' positives as negatives (always on for
     "inbatch").
     eval_every: validation recall@10 every this many steps (0: only at the end) on a
-    fixed seeded subset of `eval_queries` validation queries. test_queries: the final
+    fixed seeded subset of `eval_queries` validation queries; eval_every_s: also (or
+    instead, with eval_every=0) every this many seconds of training time, so slow and
+    fast strategies get comparable curves. test_queries: the final
     test evaluation's size (None: the whole test split). time_limit_s: stop once the
     training time (evaluation excluded) exceeds it.
-    Model: dim, bag_dim (None: no projection), shared (one tower), init_std.
+    Model: dim, bag_dim (None: no projection), shared (one tower for both sides: it
+    learned faster here than two towers, docs/training.md), init_std.
     stale-topk: stale_refresh_every. cache: cache_size (capped at the number of
     targets). treeidx: n_landmarks (None: 1% of the targets, at least dim),
     landmark_refresh_every; write_back (`reencode` the targets each step encoded
     anyway); the two full-refresh triggers (re-encode everything, `full_refresh`):
-    max_drift_error (the DynamicIndex's running drift estimate above it; None: never)
-    and full_refresh_every (steps; None: never). treeidx, treeidx-fresh:
+    max_drift_error (the DynamicIndex's running drift estimate above it; None: never;
+    without it the drift model's error on the written-back targets grew to 3-400x the
+    vectors' norm in from-scratch training, docs/training.md) and full_refresh_every
+    (steps; None: never). treeidx, treeidx-fresh:
     sampler_mode "exact" | "approx".
     """
 
@@ -84,23 +89,24 @@ class TrainConfig:
     batch_size: int = 128
     k: int = 32
     temperature: float = 0.05
-    lr: float = 1e-3
+    lr: float = 3e-3
     seed: int = 0
     in_batch_negatives: bool = True
     eval_every: int = 100
+    eval_every_s: float | None = None
     eval_queries: int = 1000
     test_queries: int | None = None
     time_limit_s: float | None = None
     dim: int = 64
     bag_dim: int | None = None
-    shared: bool = False
+    shared: bool = True
     init_std: float = 0.01
     stale_refresh_every: int = 100
     cache_size: int = 65536
     n_landmarks: int | None = None
     landmark_refresh_every: int = 1
     write_back: bool = True
-    max_drift_error: float | None = None
+    max_drift_error: float | None = 0.5
     full_refresh_every: int | None = None
     sampler_mode: str = "exact"
 
@@ -116,6 +122,8 @@ class TrainConfig:
         check_positive(self.init_std, "init_std")
         check_nonnegative_int(self.seed)
         check_nonnegative_int(self.eval_every, "eval_every")
+        if self.eval_every_s is not None:
+            check_positive(self.eval_every_s, "eval_every_s")
         check_nonnegative_int(self.warmup_steps, "warmup_steps")
         for name in ("time_limit_s", "max_drift_error"):
             if getattr(self, name) is not None:
@@ -444,7 +452,7 @@ def _step(model: DualEncoder, opt: Any, strategy: _Strategy, data: CodeSearchDat
     ids, inverse = torch.unique(torch.cat([pos, neg.ids.reshape(-1)]), return_inverse=True)
     vecs = model.encode_targets(ids)
     t = vecs[inverse]
-    loss = sampled_softmax_loss(q, t[:B], t[B:].view(B, strategy.k, -1), log_q=neg.log_q,
+    loss = sampled_softmax_loss(q, t[:B], t[B:].view(B, strategy.k, t.shape[1]), log_q=neg.log_q,
                                 temperature=cfg.temperature,
                                 in_batch_negatives=cfg.in_batch_negatives or strategy.k == 0,
                                 pos_ids=pos, neg_ids=neg.ids)
@@ -508,7 +516,8 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
         train_s += time.perf_counter() - t
         step += 1
         bar.update(1)
-        if cfg.eval_every and step % cfg.eval_every == 0:
+        due_s = cfg.eval_every_s is not None and train_s >= (len(history) + 1) * cfg.eval_every_s
+        if (cfg.eval_every and step % cfg.eval_every == 0) or due_s:
             validate(step)
             bar.set_postfix_str(f"loss {losses[-1]:.3f} val r@10 {history[-1][2]:.3f}" if history else "")
         if callback is not None:
