@@ -237,12 +237,13 @@ class _Clock:
 
 
 class _Strategy:
-    """Adapter base: `setup`, `negatives` per step, `observe` the step's fresh targets."""
-
-    k = 0
+    """Adapter around one sampler: `setup`, `negatives` per step (k per query from
+    `self.sampler`), `observe` the step's freshly encoded targets."""
 
     def __init__(self, model: DualEncoder, cfg: TrainConfig, clock: _Clock) -> None:
         self.model, self.cfg, self.clock = model, cfg, clock
+        self.k = cfg.k
+        self.sampler: Any = None
         self.targets_encoded = 0  # target encodings for the sampler only
         self.n = model.n_targets
         self.ready = False  # set up (not before the warm-up ends)
@@ -260,9 +261,6 @@ class _Strategy:
     def setup(self) -> None:
         """Build the sampler from the current encoder (called once, before its first step)."""
 
-    def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
-        raise NotImplementedError
-
     def observe(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
         """The targets this step encoded for its loss (unique ids, detached vectors)."""
 
@@ -275,14 +273,6 @@ class _Strategy:
         return {}
 
 
-class _Sampled(_Strategy):
-    """A strategy drawing `k` negatives per query from `self.sampler`."""
-
-    def __init__(self, model: DualEncoder, cfg: TrainConfig, clock: _Clock) -> None:
-        super().__init__(model, cfg, clock)
-        self.k = cfg.k
-        self.sampler: Any = None
-
     def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
         # samplers that re-encode inside sample() (stale-topk, oracle) go through
         # encode_all, whose time is booked as re-encoding: take it out of sampling
@@ -293,7 +283,7 @@ class _Sampled(_Strategy):
         return neg
 
 
-class _InBatch(_Sampled):
+class _InBatch(_Strategy):
     """k = 0 sampled negatives: the loss's in-batch columns are all there is."""
 
     def __init__(self, model: DualEncoder, cfg: TrainConfig, clock: _Clock) -> None:
@@ -304,7 +294,7 @@ class _InBatch(_Sampled):
         self.sampler = InBatch()
 
 
-class _Uniform(_Sampled):
+class _Uniform(_Strategy):
     def setup(self) -> None:
         self.sampler = UniformSampler(self.n, k=self.k, seed=self.cfg.seed)
 
@@ -312,7 +302,7 @@ class _Uniform(_Sampled):
         return self.n * 8
 
 
-class _StaleTopK(_Sampled):
+class _StaleTopK(_Strategy):
     def setup(self) -> None:
         self.sampler = StaleTopK(self.encode_all, np.arange(self.n), k=self.k,
                                  refresh_every=self.cfg.stale_refresh_every, backend="brute")
@@ -321,7 +311,7 @@ class _StaleTopK(_Sampled):
         return self.n * self.model.dim * 4  # the stale vectors (brute-force backend)
 
 
-class _Cache(_Sampled):
+class _Cache(_Strategy):
     def setup(self) -> None:
         size = min(self.cfg.cache_size, self.n)
         # a seeded random initial fill: ids are grouped by module, a prefix would not be
@@ -336,7 +326,7 @@ class _Cache(_Sampled):
         return self.sampler.cache_size * (self.model.dim * 4 + 9)
 
 
-class _Oracle(_Sampled):
+class _Oracle(_Strategy):
     def setup(self) -> None:
         self.sampler = BruteForceSampler(self.encode_all, np.arange(self.n), k=self.k,
                                          temperature=self.cfg.temperature, seed=self.cfg.seed)
@@ -345,7 +335,7 @@ class _Oracle(_Sampled):
         return self.n * self.model.dim * 4
 
 
-class _TreeIdx(_Sampled):
+class _TreeIdx(_Strategy):
     """DynamicIndex on the initial vectors; landmarks refitted, batch targets written back."""
 
     def __init__(self, model: DualEncoder, cfg: TrainConfig, clock: _Clock) -> None:
@@ -405,7 +395,7 @@ class _Swappable:
         return self.current.sample(queries, k, exclude=exclude, seed=seed)
 
 
-class _TreeIdxFresh(_Sampled):
+class _TreeIdxFresh(_Strategy):
     """A TreeIndex over all targets re-encoded and rebuilt every step: exact w.r.t. fresh vectors."""
 
     def setup(self) -> None:
