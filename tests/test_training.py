@@ -126,6 +126,15 @@ def test_treeidx_refresh_options(data):
     assert r.sampler_stats == {"full_refreshes": 0, "drift_error_median": None, "drift_error_max": None}
 
 
+def test_eval_every_seconds(data):
+    r = train(data, "inbatch", TrainConfig(steps=4, **{**FAST, "eval_every_s": 1e-9}))
+    assert [h[0] for h in r.history] == [1, 2, 3, 4]  # due after every step
+    r = train(data, "inbatch", TrainConfig(steps=4, **{**FAST, "eval_every_s": 1e9}))
+    assert [h[0] for h in r.history] == [4]  # only the final one
+    with pytest.raises(ValueError, match="eval_every_s"):
+        TrainConfig(eval_every_s=0.0)
+
+
 def test_time_limit_and_bad_arguments(data):
     r = train(data, "inbatch", TrainConfig(steps=10**6, time_limit_s=0.3, **FAST))
     assert 0 < r.steps < 10**6 and r.train_s >= 0.3

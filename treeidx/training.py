@@ -48,7 +48,7 @@ from .sampling import SampleResult, SoftmaxSampler
 from .torch import Negatives, TreeNegativeSampler, sampled_softmax_loss
 from .tree import TreeIndex
 
-__all__ = ["STRATEGIES", "TrainConfig", "TrainResult", "evaluate", "train"]
+__all__ = ["STRATEGIES", "TrainConfig", "TrainResult", "eval_rows", "evaluate", "query_ranks", "train"]
 
 STRATEGIES = ("inbatch", "uniform", "stale-topk", "cache", "treeidx", "treeidx-fresh", "oracle")
 
@@ -122,10 +122,8 @@ class TrainConfig:
         check_positive(self.init_std, "init_std")
         check_nonnegative_int(self.seed)
         check_nonnegative_int(self.eval_every, "eval_every")
-        if self.eval_every_s is not None:
-            check_positive(self.eval_every_s, "eval_every_s")
         check_nonnegative_int(self.warmup_steps, "warmup_steps")
-        for name in ("time_limit_s", "max_drift_error"):
+        for name in ("time_limit_s", "max_drift_error", "eval_every_s"):
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), name)
         if self.sampler_mode not in ("exact", "approx"):
