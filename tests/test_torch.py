@@ -241,6 +241,33 @@ def test_prefetch_equals_synchronous(tree):
     s.close()
 
 
+def test_treeidx_leaves_torch_thread_count_alone():
+    """numba's OpenMP layer resets the calling thread's OpenMP thread count at every
+    parallel launch, and torch reads that count: without care, a loop that set
+    torch.set_num_threads(1) to leave a core to the sampler would get every core back
+    after the first build or sample."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 or more cores for numba and torch counts to differ")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        x = data(n=3000, d=16)
+        index = TreeIndex.build(x)  # parallel build kernels
+        index.search(x[:8], 3)
+        for mode in ("exact", "approx"):
+            SoftmaxSampler(index, temperature=0.1, mode=mode).sample(x[:8], 4, seed=0)
+        BruteForceSampler(torch.from_numpy(x), k=4, temperature=0.1).sample(torch.from_numpy(x[:8]))
+        assert torch.get_num_threads() == 1
+        with TreeNegativeSampler(index, k=4, temperature=0.1, prefetch=True) as s:
+            s.submit(*queries(x, seed=1))
+            s.result()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_seed_streams(tree):
     x, index = tree
     q, pos = queries(x)

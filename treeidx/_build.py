@@ -18,6 +18,7 @@ import numba as nb
 import numpy as np
 
 from ._bounds import FAST
+from ._threads import run_parallel
 
 U64 = nb.uint64
 
@@ -278,8 +279,8 @@ def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int 
     node_hi = np.empty(2 * n, np.int64)
     node_par = np.empty(2 * n, np.int64)
     counts = np.zeros(sizes.shape[0], np.int64)
-    partition_clusters(x, perm, cluster_bounds, leaf_size, fanout, kmeans_iters, seed,
-                       node_lo, node_hi, node_par, counts)
+    run_parallel(partition_clusters, x, perm, cluster_bounds, leaf_size, fanout, kmeans_iters, seed,
+                 node_lo, node_hi, node_par, counts)
     # gather each cluster's node block into one global numbering after the root
     offsets = np.zeros(counts.shape[0] + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -312,7 +313,7 @@ def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int 
     nu_min = np.empty(m, np.float64)
     nu_max = np.empty(m, np.float64)
     sqsum = np.empty(m, np.float64)
-    node_statistics(vecs, lo, hi, center, csq, radius, nu_min, nu_max, sqsum)
+    run_parallel(node_statistics, vecs, lo, hi, center, csq, radius, nu_min, nu_max, sqsum)
     first_child, next_sibling = link_children(parent)
     is_leaf = first_child < 0
     is_leaf[0] = False

@@ -1,11 +1,19 @@
-"""Safe concurrent launches of numba parallel kernels.
+"""Launching numba parallel kernels without side effects on the caller's threads.
 
-numba's `omp` and `tbb` threading layers accept parallel kernels launched from
-several Python threads at once; the fallback `workqueue` layer aborts the process
-instead. We serialise launches only when that fallback is the active layer.
+Two things to get right:
+
+* numba's `omp` and `tbb` threading layers accept parallel kernels launched from
+  several Python threads at once; the fallback `workqueue` layer aborts the process
+  instead. We serialise launches only when that fallback is the active layer.
+* The `omp` layer sets the calling thread's OpenMP thread count to numba's own at
+  every launch. PyTorch's CPU build reads the same OpenMP setting, so a training
+  loop that chose `torch.set_num_threads(1)` (say, to leave a core to treeidx) would
+  silently find torch back on every core after the first index build or sample,
+  competing with the sampler. We put torch's count back after each launch.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any, Callable
 
@@ -25,9 +33,20 @@ def _active_layer() -> str:
     return _layer
 
 
+def _launch(kernel: Callable[..., Any], args: tuple) -> Any:
+    torch = sys.modules.get("torch")  # only if the caller uses torch; never imported here
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        return kernel(*args)
+    finally:
+        if before is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
-    """Call a parallel numba kernel; serialised when the layer is not thread-safe."""
+    """Call a parallel numba kernel; serialised when the layer is not thread-safe, and
+    leaving torch's intra-op thread count as the caller had it."""
     if _active_layer() in ("omp", "tbb"):
-        return kernel(*args)
+        return _launch(kernel, args)
     with _launch_lock:
-        return kernel(*args)
+        return _launch(kernel, args)

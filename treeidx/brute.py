@@ -30,6 +30,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
+from ._threads import run_parallel
 from ._validate import as_exclude, as_ids, as_vectors, check_k, check_positive
 
 _CHUNK = 2048  # floats per chunk: 8 KiB of scores + 16 KiB of float64 weights stay in L1/L2
@@ -220,7 +221,7 @@ def score_block(q: np.ndarray, vectors: np.ndarray, lo: int, hi: int, ptr: np.nd
     if dead is not None and dead.size:
         b[:, dead] = -np.inf
     if ptr[hi] > ptr[lo]:
-        _mask_rows(b, hi - lo, ptr[lo:hi + 1] - ptr[lo], rows[ptr[lo]:ptr[hi]])
+        run_parallel(_mask_rows, b, hi - lo, ptr[lo:hi + 1] - ptr[lo], rows[ptr[lo]:ptr[hi]])
     return b
 
 
@@ -241,7 +242,7 @@ def dense_softmax(q: np.ndarray, vectors: np.ndarray, beta: float, u: np.ndarray
     for lo in range(0, nq, step):
         hi = min(lo + step, nq)
         b = score_block(q, vectors, lo, hi, ptr, rows, buf, dead)
-        bad = _softmax_rows(b, hi - lo, beta, u[lo:hi], idx[lo:hi], logp[lo:hi], logz[lo:hi])
+        bad = run_parallel(_softmax_rows, b, hi - lo, beta, u[lo:hi], idx[lo:hi], logp[lo:hi], logz[lo:hi])
         if bad >= 0:
             return idx, logp, logz, lo + bad
     return idx, logp, logz, -1
