@@ -346,9 +346,10 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
                     excluded = True
             if excluded:
                 continue
-            w_y = beta * dot32(q, vecs[s])
-            dots += 1
-            if exact:
+            w_y = 0.0
+            if exact:  # approx mode's log q is the proposal's: no score needed
+                w_y = beta * dot32(q, vecs[s])
+                dots += 1
                 if uniform01(key + ctr) >= math.exp(w_y - f_up[j] + math.log(count[v])):
                     ctr += U64(1)
                     continue
@@ -405,6 +406,19 @@ def build_alias(w, n, total, prob, alias):
     for i in range(ns):  # only rounding leaves entries here
         prob[small[i]] = 1.0
         alias[small[i]] = small[i]
+
+
+@nb.njit(cache=True, parallel=True, nogil=True)
+def score_top_level(queries, centers, out):
+    """out[b, j] = <q_b, center_j> in float32.
+
+    The sampler's top level is small (the root's children), so this is cheap here,
+    and unlike a numpy (OpenBLAS) product it runs on numba's threads only: BLAS
+    worker threads spin after each call and, on a background sampling thread,
+    steal the cores the training step runs on."""
+    for b in nb.prange(queries.shape[0]):
+        for j in range(centers.shape[0]):
+            out[b, j] = dot32(queries[b], centers[j])
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)

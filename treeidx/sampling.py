@@ -26,7 +26,7 @@ import numpy as np
 
 from ._bounds import dot_error
 from ._sample import (ALL_EXCLUDED, COLLAPSED, GAVE_UP, OK, ST_DOTS, ST_FRONTIER, ST_OPENED,
-                      ST_PROPOSALS, sample_batch, top_level_bounds)
+                      ST_PROPOSALS, sample_batch, score_top_level, top_level_bounds)
 from .brute import dense_softmax
 from ._threads import run_parallel
 from ._validate import as_exclude, as_vectors, check_k, check_positive
@@ -179,7 +179,8 @@ class SoftmaxSampler:
     def _sample_chunk(self, q, qidx, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status):
         index, A = self.index, self.index._A
         top_nodes, top_centers, top_region = index._top_level()
-        top_dots = q @ top_centers.T  # one BLAS product scores the wide top level
+        top_dots = np.empty((q.shape[0], top_centers.shape[0]), np.float32)
+        run_parallel(score_top_level, q, top_centers, top_dots)
         # region by region, so consecutive queries on a thread share cached leaves
         order = locality_order(top_dots, top_region)
         q, top_dots = q[order], top_dots[order]
