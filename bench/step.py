@@ -30,6 +30,13 @@ full re-encode for BruteForceSampler (measured once as encode_all_s; the samplin
 itself runs on the vectors encoded once, since re-encoding 1M targets every step
 would take the whole run). rest_ms = step_ms - sampling_ms.
 
+Cores: by default the step's torch work gets all cores but one and the tree sampler's
+numba kernels one thread (`--torch-threads`, `--sampler-threads`). That models the
+loop treeidx is for: the encoder runs on an accelerator, the sampler on host cores the
+step does not use. Every sampler runs under the same setting, so the references
+(in-batch, uniform) are measured with the same torch threads. `--torch-threads 0
+--sampler-threads 0` lets both use every core (they then compete for them).
+
 Prefetch: a real loop has the next batch from its data loader, so right after step
 t's negatives are known, step t+1's queries are encoded with torch.no_grad by the
 current query tower (parameters before step t's update: one step stale for the
@@ -40,6 +47,8 @@ on treeidx's worker thread while this thread does step t's forward/backward.
 from __future__ import annotations
 
 import copy
+import os
+import resource
 import time
 
 import numpy as np
@@ -137,6 +146,12 @@ def encode_all(tower: Tower, tokens: torch.Tensor, chunk: int = 65536) -> torch.
     return out
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds used by this process so far (all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def tensor_bytes(*ts) -> int:
     return int(sum(t.numel() * t.element_size() for t in ts))
 
@@ -223,6 +238,7 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
             sampler.submit(model.query(batches[0][0]), batches[0][1])
     ips, tvs = [], []
     t_run = time.perf_counter()
+    cpu_run = _cpu_seconds()
     for s in range(steps):
         qtok, pos = batches[s]
         t0 = time.perf_counter()
@@ -283,13 +299,40 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
                step_ms_mean=float(timed[:, 0].mean() * 1e3) + extra_ms,
                timed_steps=int(timed.shape[0]), warmup_steps=warm,
                memory_bytes=int(memory), device_bytes_on_accelerator=int(device_mem),
-               final_loss=float(timed[-1, 2]), wall_s=time.perf_counter() - t_run, **info)
+               final_loss=float(timed[-1, 2]), wall_s=time.perf_counter() - t_run,
+               cores_busy=(_cpu_seconds() - cpu_run) / (time.perf_counter() - t_run),
+               torch_threads=torch.get_num_threads(), **info)
     if ips:
         out["inner_products_per_query"] = float(np.mean(ips))
         out["tv_bound_mean"] = float(np.mean(tvs))
     log(f"{name:24s} step {step_ms:8.1f} ms  sampling {samp_ms:8.1f} ms  "
         f"({out['timed_steps']} timed, {out['wall_s']:.1f} s)", quiet)
     return out
+
+
+def approx_quality(model, tokens, vectors, index, a, n_queries: int = 8, draws: int = 20000) -> dict:
+    """How far approx mode's proposal is from the exact softmax for this model's queries.
+
+    TV(P, Q) = E_{y~Q}[max(0, 1 - P(y)/Q(y))]: approx mode returns the exact log Q of
+    each draw, and P comes from one exact pass over all targets, so this estimate is
+    unbiased (standard error <= 0.5 / sqrt(draws)) with no histogram noise floor.
+    """
+    qtok, _ = make_batch(tokens, n_queries, a.seed + 2, 0)
+    with torch.no_grad():
+        q = model.query(qtok).numpy()
+    beta = 1.0 / a.temperature
+    z = beta * (q.astype(np.float64) @ vectors.numpy().T.astype(np.float64))
+    log_p = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+    r = SoftmaxSampler(index, temperature=a.temperature, mode="approx", budget=a.budget).sample(
+        q, draws, seed=a.seed)
+    lp = np.take_along_axis(log_p, r.ids, 1)
+    t = np.maximum(0.0, 1.0 - np.exp(np.minimum(lp - r.log_q, 50.0)))
+    perplexity = np.exp(-(np.exp(log_p) * log_p).sum(axis=1))
+    return dict(queries=n_queries, draws=draws, tv_is=float(t.mean()),
+                tv_is_se=float(t.std(axis=1).mean() / np.sqrt(draws)),
+                tv_bound_mean=float(r.tv_bound.mean()),
+                median_perplexity=float(np.median(perplexity)),
+                perplexity_share_of_n=float(np.median(perplexity) / vectors.shape[0]))
 
 
 def main(argv=None) -> dict:
@@ -314,8 +357,9 @@ def main(argv=None) -> dict:
     p.add_argument("--pretrain", type=int, default=300, help="in-batch steps before timing")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam, linear layers")
     p.add_argument("--emb-lr", type=float, default=200.0, help="SGD, embedding tables")
-    p.add_argument("--torch-threads", type=int, default=0, help="0: all cores")
-    p.add_argument("--sampler-threads", type=int, default=0,
+    p.add_argument("--torch-threads", type=int, default=-1,
+                   help="torch threads for the step (-1: all cores but one; 0: torch's default)")
+    p.add_argument("--sampler-threads", type=int, default=1,
                    help="numba threads of the tree sampler (0: numba's default)")
     a = p.parse_args(argv)
     quiet = a.json
@@ -323,6 +367,11 @@ def main(argv=None) -> dict:
     bad = set(samplers) - set(ALL_SAMPLERS)
     if bad:
         p.error(f"unknown sampler(s) {sorted(bad)}; choose from {ALL_SAMPLERS}")
+    # machine() asks numba for its thread count, which starts numba's OpenMP pool and
+    # with it resets this thread's OpenMP (hence torch's) count: read it first.
+    host = machine()
+    if a.torch_threads < 0:
+        a.torch_threads = max(1, (os.cpu_count() or 2) - 1)
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
     res: dict = dict(benchmark="step", n=a.n, dim=a.dim, batch=a.batch, k=a.k,
@@ -330,7 +379,8 @@ def main(argv=None) -> dict:
                      cache_size=a.cache, pretrain_steps=a.pretrain,
                      model=f"2 x EmbeddingBag({VOCAB}, {EMB}, mean, sparse) -> Linear({EMB}, {a.dim}) "
                            "-> L2 norm (no bias); sparse SGD (tables) + Adam (linear)",
-                     sampler_threads=a.sampler_threads or None, machine=machine())
+                     torch_threads=torch.get_num_threads(),
+                     sampler_threads=a.sampler_threads or None, machine=host)
     t = time.perf_counter()
     tokens = target_tokens(a.n, a.seed)
     res["data_s"] = time.perf_counter() - t
@@ -364,6 +414,9 @@ def main(argv=None) -> dict:
         a.build_s = res["build_s"] = time.perf_counter() - t
         res["index_bytes"] = index.nbytes
         log(f"tree build: {a.build_s:.1f} s, {index.nbytes / 2**20:.0f} MiB", quiet)
+        res["approx_quality"] = approx_quality(model, tokens, vectors, index, a)
+        log(f"approx mode: TV to the exact softmax {res['approx_quality']['tv_is']:.3f} "
+            f"(certified bound {res['approx_quality']['tv_bound_mean']:.3f})", quiet)
     per: dict = {}
     for name in samplers:
         per[name] = run_sampler(name, model, tokens, vectors, index, a, a.warmup, a.steps, quiet)
