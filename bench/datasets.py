@@ -299,10 +299,14 @@ def _subset(name: str, targets: np.ndarray, n: int | None, seed: int) -> np.ndar
 
 
 def load(name: str, n: int | None, dim: int | None, *, n_queries: int = 1000,
-         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+         seed: int = 0, max_items: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(targets, queries) of a named dataset: 'clustered' (n required), 'code' or
     'minilm' (n None = all items, else the first n of a seeded permutation of the
-    items). 'minilm' is always 384-d: dim must be 384 or None."""
+    items). 'minilm' is always 384-d: dim must be 384 or None. `max_items` (minilm
+    only) keeps the first max_items items of the corpus (`minilm(max_items=...)`,
+    its own cache) before any subset by n."""
+    if max_items is not None and name != "minilm":
+        raise ValueError(f"load({name!r}, ...): max_items applies only to the 'minilm' dataset")
     if name == "clustered":
         if n is None:
             raise ValueError("load('clustered', n, dim): n is required")
@@ -318,6 +322,6 @@ def load(name: str, n: int | None, dim: int | None, *, n_queries: int = 1000,
         if dim is not None and dim != MINILM_DIM:
             raise ValueError(f"load('minilm', n, dim): MiniLM embeddings are {MINILM_DIM}-d, "
                              f"got dim={dim} (pass {MINILM_DIM} or None)")
-        targets, queries = minilm(n_queries=n_queries, seed=seed)
+        targets, queries = minilm(n_queries=n_queries, seed=seed, max_items=max_items)
         return _subset(name, targets, n, seed), queries
     raise ValueError(f"unknown dataset {name!r}; expected 'clustered', 'code' or 'minilm'")

@@ -10,7 +10,15 @@ approx; draws per accepted sample; inner products as a share of brute force's;
 total-variation distance of each sampler's empirical distribution to the exact
 softmax on a few queries, beside the sampling-noise floor (brute force's own
 empirical TV at the same number of draws); for approx mode the mean of P/Q over
-its own samples (1 for a correct log q) and a TV-versus-budget curve.
+its own samples (1 for a correct log q), `tv_is` (an unbiased, noise-floor-free TV
+estimate from its own draws, see `tv_importance`) and a TV-versus-budget curve.
+
+Beside each curve point, the simple k-means list proposal of the issue
+(bench.kmeans_peer) at the same mean inner products per query, with its exact TV;
+and that peer at the issue's reference work levels N/26, N/8, N/4
+(`kmeans_peer_reference`). `--no-kmeans-peer` skips it. `--max-items M` (minilm)
+uses the first M corpus items only (a cached prefix; the whole corpus takes hours
+to encode).
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from scipy.special import logsumexp
 
 from bench._common import base_parser, emit, log, machine, timed
 from bench.datasets import load
+from bench.kmeans_peer import KMeansListProposal, peer_tv
 from treeidx import SoftmaxSampler, TreeIndex
 from treeidx.brute import BruteForce
 
@@ -41,10 +50,43 @@ def beta_for(scores: np.ndarray, target: float) -> float:
     return float(np.sqrt(lo * hi))
 
 
+# The issue's reference work levels for the k-means peer: N / ratio inner products.
+PEER_WORK_RATIOS = (26, 8, 4)
+
+
 def empirical_tv(ids: np.ndarray, p: np.ndarray) -> float:
     u, c = np.unique(ids, return_counts=True)
     emp = c / ids.size
     return float(0.5 * (np.abs(emp - p[u]).sum() + (p.sum() - p[u].sum())))
+
+
+def exact_log_softmax(queries: np.ndarray, x: np.ndarray, beta: float,
+                      chunk: int = 65536) -> list[np.ndarray]:
+    """Exact float64 log-softmax of beta <q, x> over all targets, one (N,) row per query.
+
+    Targets are cast to float64 a chunk at a time: one float64 copy of x (344 MB at
+    112k x 384) is avoided, and the casts are shared by all queries."""
+    q64 = queries.astype(np.float64)
+    z = np.empty((q64.shape[0], x.shape[0]), np.float64)
+    for lo in range(0, x.shape[0], chunk):
+        z[:, lo:lo + chunk] = q64 @ x[lo:lo + chunk].astype(np.float64).T
+    z *= beta
+    z -= logsumexp(z, axis=1, keepdims=True)
+    return list(z)
+
+
+def tv_importance(log_p: np.ndarray, log_q: np.ndarray) -> tuple[float, float]:
+    """Unbiased TV(P, Q) estimate from draws y ~ Q: mean of max(0, 1 - P(y)/Q(y)).
+
+    TV = sum_y max(0, Q(y) - P(y)) = E_Q[max(0, 1 - P/Q)]. Each term lies in [0, 1],
+    so the standard error is <= 0.5 / sqrt(draws), with no noise floor (unlike the
+    empirical-histogram TV). `log_p`, `log_q`: (B, draws) at the drawn ids. Returns
+    (mean over the B queries, its standard error)."""
+    with np.errstate(over="ignore"):  # P/Q overflowing to inf just clips to 0
+        t = np.maximum(0.0, 1.0 - np.exp(log_p - log_q))
+    est = t.mean(axis=1)
+    se = t.std(axis=1, ddof=1) / np.sqrt(t.shape[1]) if t.shape[1] > 1 else np.full(len(est), 0.5)
+    return float(est.mean()), float(np.sqrt((se ** 2).sum()) / len(est))
 
 
 def main(argv=None) -> dict:
@@ -55,18 +97,26 @@ def main(argv=None) -> dict:
     p.add_argument("--temperature", type=float, action="append",
                    help="also run at this temperature (e.g. 0.05 on minilm); repeatable")
     p.add_argument("--tv-queries", type=int, default=4)
-    p.add_argument("--tv-draws", type=int, default=200_000)
+    p.add_argument("--tv-draws", type=int, default=200_000,
+                   help="draws per TV query for the measured TVs (tv_measured, tv_is)")
     p.add_argument("--budgets", default="0.001,0.003,0.01,0.03",
                    help="approx-mode budgets as fractions of N for the TV-vs-speed curve")
+    p.add_argument("--no-kmeans-peer", action="store_true",
+                   help="skip the k-means list proposal (bench.kmeans_peer) at equal work")
+    p.add_argument("--max-items", type=int, default=None,
+                   help="minilm only: use the first M corpus items (its own cache)")
     a = p.parse_args(argv)
     quiet = a.json
     dim = 384 if a.dataset == "minilm" else a.dim
     n_arg = None if (a.dataset != "clustered" and a.n <= 0) else a.n
-    x, queries = load(a.dataset, n_arg, dim, n_queries=a.queries, seed=a.seed)
+    x, queries = load(a.dataset, n_arg, dim, n_queries=a.queries, seed=a.seed,
+                      max_items=a.max_items)
     n = x.shape[0]
     log(f"data: {a.dataset} {x.shape}, {queries.shape[0]} queries", quiet)
     res: dict = dict(benchmark="sample", dataset=a.dataset, n=n, dim=dim, k=a.k,
-                     queries=int(queries.shape[0]), machine=machine())
+                     queries=int(queries.shape[0]), max_items=a.max_items,
+                     tv_queries=int(min(a.tv_queries, queries.shape[0])), tv_draws=a.tv_draws,
+                     machine=machine())
     t = time.perf_counter()
     warm = TreeIndex.build(x[:3000])
     SoftmaxSampler(warm, temperature=0.1).sample(queries[:4], 4, seed=0)
@@ -74,6 +124,11 @@ def main(argv=None) -> dict:
     res["compile_s"] = time.perf_counter() - t
     build_s, index = timed(lambda: TreeIndex.build(x, seed=a.seed))
     res["build_s"] = build_s
+    peer = None
+    if not a.no_kmeans_peer:
+        # Built once per dataset: its lists do not depend on the temperature.
+        res["kmeans_peer_build_s"], peer = timed(lambda: KMeansListProposal(x, seed=a.seed))
+        res["kmeans_peer_lists"] = peer.n_lists
     brute = BruteForce(x)
     probe = queries[: min(16, queries.shape[0])]
     probe_scores = (probe.astype(np.float64) @ x.T.astype(np.float64)) if n <= 2_000_000 else \
@@ -85,12 +140,12 @@ def main(argv=None) -> dict:
         beta = beta_for(probe_scores, value) if kind == "perplexity" else 1.0 / value
         ppl = float(np.median(perplexity(probe_scores, beta)))
         log(f"{kind} {value}: beta {beta:.3g}, median perplexity {ppl:.1f}", quiet)
-        res["runs"].append(run_one(a, x, queries, index, brute, beta, ppl, kind, value, quiet))
+        res["runs"].append(run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet))
     emit(res, quiet)
     return res
 
 
-def run_one(a, x, queries, index, brute, beta, ppl, kind, value, quiet) -> dict:
+def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) -> dict:
     n, nq, k = x.shape[0], queries.shape[0], a.k
     out: dict = dict(temperature=1.0 / beta, median_perplexity=ppl, **{f"target_{kind}": value})
     brute.sample(queries[:8], k, beta, seed=0)
@@ -99,8 +154,8 @@ def run_one(a, x, queries, index, brute, beta, ppl, kind, value, quiet) -> dict:
     samplers = {"exact": SoftmaxSampler(index, temperature=1.0 / beta, mode="exact"),
                 "approx": SoftmaxSampler(index, temperature=1.0 / beta, mode="approx")}
     tvq = queries[: a.tv_queries]
-    exact_p = [np.exp(lp - logsumexp(lp)) for lp in
-               (beta * (tvq[i].astype(np.float64) @ x.T.astype(np.float64)) for i in range(tvq.shape[0]))]
+    exact_lp = exact_log_softmax(tvq, x, beta)
+    exact_p = [np.exp(lp) for lp in exact_lp]
     # sampling-noise floor: brute force's own empirical TV at the same number of draws
     bf_ids = brute.sample(tvq, a.tv_draws, beta, seed=2)[0]
     out["tv_noise_floor"] = float(np.mean([empirical_tv(bf_ids[i], exact_p[i]) for i in range(tvq.shape[0])]))
@@ -114,11 +169,14 @@ def run_one(a, x, queries, index, brute, beta, ppl, kind, value, quiet) -> dict:
                      tv_bound_median=float(np.median(r.tv_bound)))
         big = sampler.sample(tvq, a.tv_draws, seed=3)
         entry["tv_measured"] = float(np.mean([empirical_tv(big.ids[i], exact_p[i]) for i in range(tvq.shape[0])]))
-        lp = np.stack([np.log(exact_p[i][big.ids[i]]) for i in range(tvq.shape[0])])
+        lp = np.stack([exact_lp[i][big.ids[i]] for i in range(tvq.shape[0])])
         entry["mean_p_over_q"] = float(np.mean(np.exp(lp - big.log_q)))
+        if name == "approx":
+            entry["tv_is"], entry["tv_is_se"] = tv_importance(lp, big.log_q)
         out[f"treeidx_{name}"] = entry
         log(f"  {name}: {entry['ms_per_query']:.3f} ms/q ({entry['speedup_vs_brute']:.1f}x), "
-            f"TV {entry['tv_measured']:.3f} (floor {out['tv_noise_floor']:.3f}), "
+            f"TV {entry['tv_measured']:.3f} (floor {out['tv_noise_floor']:.3f}"
+            + (f", IS {entry['tv_is']:.3f}" if "tv_is" in entry else "") + "), "
             f"ip share {entry['inner_product_share']:.4f}", quiet)
     curve = []
     for frac in [float(f) for f in a.budgets.split(",") if f]:
@@ -126,12 +184,27 @@ def run_one(a, x, queries, index, brute, beta, ppl, kind, value, quiet) -> dict:
         sampler = SoftmaxSampler(index, temperature=1.0 / beta, mode="approx", budget=budget)
         s, r = timed(lambda: sampler.sample(queries, k, seed=1))
         big = sampler.sample(tvq, a.tv_draws, seed=3)
-        curve.append(dict(budget=budget, ms_per_query=1e3 * s / nq, speedup_vs_brute=bf_s / s,
-                          inner_product_share=float(r.inner_products.mean() / n),
-                          tv_measured=float(np.mean([empirical_tv(big.ids[i], exact_p[i])
-                                                     for i in range(tvq.shape[0])])),
-                          tv_bound_median=float(np.median(r.tv_bound))))
+        lp = np.stack([exact_lp[i][big.ids[i]] for i in range(tvq.shape[0])])
+        tv_is, tv_is_se = tv_importance(lp, big.log_q)
+        point = dict(budget=budget, ms_per_query=1e3 * s / nq, speedup_vs_brute=bf_s / s,
+                     inner_product_share=float(r.inner_products.mean() / n),
+                     tv_measured=float(np.mean([empirical_tv(big.ids[i], exact_p[i])
+                                                for i in range(tvq.shape[0])])),
+                     tv_is=tv_is, tv_is_se=tv_is_se,
+                     tv_bound_median=float(np.median(r.tv_bound)))
+        if peer is not None:
+            # Equal work: the peer may spend what treeidx approx spent per query on average.
+            point["kmeans_peer"] = peer_tv(peer, tvq, exact_lp, beta, r.inner_products.mean())
+        curve.append(point)
+        log(f"  approx budget {budget}: ip share {point['inner_product_share']:.4f}, "
+            f"TV {point['tv_measured']:.3f} (IS {tv_is:.3f})"
+            + (f", k-means peer TV {point['kmeans_peer']['tv_exact']:.3f} at share "
+               f"{point['kmeans_peer']['inner_product_share']:.4f}" if peer is not None else ""), quiet)
     out["approx_curve"] = curve
+    if peer is not None:
+        out["kmeans_peer_reference"] = [
+            dict(work_ratio=ratio, **peer_tv(peer, tvq, exact_lp, beta, n / ratio))
+            for ratio in PEER_WORK_RATIOS]
     return out
 
 
