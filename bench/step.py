@@ -156,25 +156,6 @@ def tensor_bytes(*ts) -> int:
     return int(sum(t.numel() * t.element_size() for t in ts))
 
 
-# ----------------------------------------------------------------------- thread control
-
-class Threads:
-    """A HostSampler wrapper that runs the tree sampler with n numba threads.
-
-    numba's thread count is per calling thread, and TreeNegativeSampler samples on its
-    own worker thread, so the count has to be set inside the call.
-    """
-
-    def __init__(self, sampler: SoftmaxSampler, n: int):
-        self.inner, self.n = sampler, n
-        self.index, self.temperature, self.mode = sampler.index, sampler.temperature, sampler.mode
-
-    def sample(self, queries, k, *, exclude=None, seed=None):
-        import numba
-        numba.set_num_threads(self.n)
-        return self.inner.sample(queries, k, exclude=exclude, seed=seed)
-
-
 # ------------------------------------------------------------------------------ run
 
 def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet):
@@ -224,9 +205,8 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
     else:
         mode = name.split("_")[1]
         inner = SoftmaxSampler(index, temperature=T, mode=mode, budget=a.budget)
-        host = Threads(inner, a.sampler_threads) if a.sampler_threads else inner
-        sampler = TreeNegativeSampler(host, k=a.k, temperature=T, mode=mode, prefetch=True,
-                                      seed=a.seed)
+        sampler = TreeNegativeSampler(inner, k=a.k, temperature=T, mode=mode, prefetch=True,
+                                      seed=a.seed, threads=a.sampler_threads or None)
         memory, device_mem = index.nbytes, 0
         info["budget"] = inner._budget()
         extra_ms = info["refresh_ms_per_step"] = (a.encode_all_s + a.build_s) * 1e3 / a.refresh

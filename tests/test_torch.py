@@ -264,6 +264,21 @@ def test_treeidx_leaves_torch_thread_count_alone():
             s.submit(*queries(x, seed=1))
             s.result()
         assert torch.get_num_threads() == 1
+        # threads=: the sampling's own numba count; the caller's counts come back, and
+        # the draws do not depend on it
+        numba_before = numba.get_num_threads()
+        torch.set_num_threads(1)
+        want = TreeNegativeSampler(index, k=4, temperature=0.1, seed=3).sample(*queries(x, seed=2))
+        for prefetch in (False, True):
+            with TreeNegativeSampler(index, k=4, temperature=0.1, seed=3, threads=1,
+                                     prefetch=prefetch) as s:
+                s.submit(*queries(x, seed=2))
+                got = s.result()
+            assert torch.equal(got.ids, want.ids) and torch.equal(got.log_q, want.log_q)
+            assert numba.get_num_threads() == numba_before and torch.get_num_threads() == 1
+        for bad in (0, True, 1.5, numba.config.NUMBA_NUM_THREADS + 1):
+            with pytest.raises(ValueError, match="threads"):
+                TreeNegativeSampler(index, k=4, temperature=0.1, threads=bad)
     finally:
         torch.set_num_threads(before)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numba
 
@@ -50,3 +51,22 @@ def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
         return _launch(kernel, args)
     with _launch_lock:
         return _launch(kernel, args)
+
+
+@contextmanager
+def numba_threads(n: int | None) -> Iterator[None]:
+    """Run the block with n numba threads in this thread (None: leave it), then put
+    back numba's count and torch's (querying numba's pool resets OpenMP's count too)."""
+    if n is None:
+        yield
+        return
+    torch = sys.modules.get("torch")
+    torch_before = torch.get_num_threads() if torch is not None else None
+    before = numba.get_num_threads()  # per calling thread
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+        if torch_before is not None and torch.get_num_threads() != torch_before:
+            torch.set_num_threads(torch_before)

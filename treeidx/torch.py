@@ -14,9 +14,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numba
 import numpy as np
 import torch
 
+from ._threads import numba_threads
 from ._validate import check_positive
 from .sampling import SampleResult, SoftmaxSampler
 from .tree import TreeIndex
@@ -138,12 +140,17 @@ class TreeNegativeSampler:
     Prefetch: `submit` copies the queries to host memory before it returns (later
     in-place changes to them do not matter) and samples on one background thread
     (numba releases the GIL). Do not mutate the index while a submit is pending.
+
+    threads: numba threads the sampling may use (None: numba's setting for the calling
+        thread, by default every core). On a CPU-only machine, leave the training step
+        its cores: e.g. torch.set_num_threads(cores - 1) and threads=1 with prefetch.
+        The calling thread's own numba setting is restored after a synchronous call.
     """
 
     def __init__(self, index: TreeIndex | HostSampler, *, k: int, temperature: float,
                  mode: str = "exact", exclude_positives: bool = True, prefetch: bool = True,
                  seed: int = 0, rank: int | None = None, tolerance: float = 0.05,
-                 budget: int | None = None) -> None:
+                 budget: int | None = None, threads: int | None = None) -> None:
         self.k = _check_k(k)
         self.temperature = _check_temperature(temperature)
         if mode not in ("exact", "approx"):
@@ -170,6 +177,11 @@ class TreeNegativeSampler:
         self.rank = _default_rank() if rank is None else int(rank)
         if self.rank < 0:
             raise ValueError(f"rank: expected an integer >= 0, got {rank!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS):
+            raise ValueError(f"threads: expected None or an integer in [1, "
+                             f"{numba.config.NUMBA_NUM_THREADS}], got {threads!r}")
+        self.threads = None if threads is None else int(threads)
         self.calls = 0
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor | None, concurrent.futures.Future] | None = None
@@ -212,11 +224,17 @@ class TreeNegativeSampler:
         q, q_host, ex = self._prepare(query_emb, positive_ids)
         seed = self.call_seed(self.calls)
         self.calls += 1
-        return self.sampler, q_host, self.k, ex, seed, q.device, log_q_dtype(q)
+        return self.sampler, q_host, self.k, ex, seed, q.device, log_q_dtype(q), self.threads
 
     @staticmethod
     def _run(sampler: HostSampler, q_host: np.ndarray, k: int, ex: np.ndarray | None, seed: int,
-             device: torch.device, dtype: torch.dtype) -> Negatives:
+             device: torch.device, dtype: torch.dtype, threads: int | None) -> Negatives:
+        with numba_threads(threads):
+            return TreeNegativeSampler._draw(sampler, q_host, k, ex, seed, device, dtype)
+
+    @staticmethod
+    def _draw(sampler: HostSampler, q_host: np.ndarray, k: int, ex: np.ndarray | None, seed: int,
+              device: torch.device, dtype: torch.dtype) -> Negatives:
         if q_host.shape[0] == 0:
             z = np.empty((0, k))
             return Negatives(torch.from_numpy(z.astype(np.int64)).to(device),
