@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from bench._common import base_parser, emit, log, machine, recall, timed
+from bench._common import base_parser, emit, log, machine, recall, recall_ties_aside, timed
 from bench.datasets import load
 from treeidx import TreeIndex
 from treeidx.brute import BruteForce
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
 
     brute = BruteForce(x)
     brute.search(queries[:256], a.k)  # warm the buffer and BLAS
-    bf_s, (_, truth) = timed(lambda: brute.search(queries, a.k), repeat=2)
+    bf_s, (truth_s, truth) = timed(lambda: brute.search(queries, a.k), repeat=2)
     index.search(queries[:64], a.k)
     tx_s, (_, tx_ids) = timed(lambda: index.search(queries, a.k), repeat=2)
     nq = queries.shape[0]
@@ -65,6 +65,7 @@ def main(argv=None) -> dict:
         bytes_per_target_after_edits=bytes_per_target,
         remove_per_s=n_edit / remove_s, insert_per_s=n_edit / insert_s, edited=n_edit,
         search_ms_per_query=1e3 * tx_s / nq, recall=recall(tx_ids, truth),
+        recall_ties_aside=recall_ties_aside(x, queries, tx_ids, truth_s),
         nodes_visited_median=float(np.median(index.last_search_visited)),
         nodes=st["nodes"], leaves=st["leaves"], depth=st["depth"],
         root_children=st["root_children"], clusters=st["clusters"])

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from treeidx import IndexFileError, InvariantError, TreeIndex
+from treeidx.tree import GROUP_MIN_QUERIES
 
 SMALL = dict(leaf_size=4, fanout=3)  # tiny leaves so edits split, grow and empty them often
 
@@ -112,9 +113,10 @@ class TreeEdits(RuleBasedStateMachine):
         ids = np.array(sorted(self.model))
         x = np.stack([self.model[i] for i in ids.tolist()])
         np.testing.assert_array_equal(self.index.vectors(ids), x)
-        q = self.rng.standard_normal((3, self.dim)).astype(np.float32)
         k = int(min(len(ids), 1 + self.rng.integers(0, 6)))
-        assert_search_exact(self.index, x, ids, q, k)
+        for nq in (3, GROUP_MIN_QUERIES + 5):  # query by query, and the grouped batch path
+            q = self.rng.standard_normal((nq, self.dim)).astype(np.float32)
+            assert_search_exact(self.index, x, ids, q, k)
 
 
 TestTreeEdits = TreeEdits.TestCase
@@ -152,6 +154,8 @@ def test_wide_nodes_search_and_sample_exactly():
     index.check()
     assert max(len(_kids(index, int(r))) for r in _kids(index, 0)) > 64
     assert_search_exact(index, x, np.arange(6000), q, 7)
+    q_many = rng.standard_normal((3 * GROUP_MIN_QUERIES, 5)).astype(np.float32)  # grouped path
+    assert_search_exact(index, x, np.arange(6000), q_many, 7)
     r = SoftmaxSampler(index, temperature=0.5).sample(q, 8, seed=1)
     assert r.ids.shape == (6, 8)
 
@@ -162,6 +166,27 @@ def _kids(index, v):
         out.append(c)
         c = index._A.next_sibling[c]
     return out
+
+
+def test_grouped_batch_search_equals_query_by_query(data):
+    """A batch large enough for the grouped path returns exactly what each query alone
+    returns (same float32 kernels), in every block of a multi-block batch."""
+    import treeidx.tree as tree_mod
+
+    x, q = data
+    index = TreeIndex.build(x, seed=2)
+    q = np.concatenate([q, -q, q[::-1] * 0.5])  # 120 queries
+    assert q.shape[0] >= tree_mod.GROUP_MIN_QUERIES
+    one = [index.search(q[b:b + 1], 10) for b in range(q.shape[0])]
+    for block in (tree_mod.GROUP_BLOCK, 32):  # one block, then several
+        old = tree_mod.GROUP_BLOCK
+        tree_mod.GROUP_BLOCK = block
+        try:
+            s, i = index.search(q, 10)
+        finally:
+            tree_mod.GROUP_BLOCK = old
+        np.testing.assert_array_equal(s, np.concatenate([o[0] for o in one]))
+        np.testing.assert_array_equal(i, np.concatenate([o[1] for o in one]))
 
 
 def test_search_prunes_on_clustered_data(data):

@@ -85,3 +85,18 @@ def dot32(a: np.ndarray, b: np.ndarray) -> float:
     for i in range(a.shape[0]):
         s += a[i] * b[i]
     return s
+
+
+@nb.njit(cache=True, parallel=True, nogil=True)
+def top_level_bounds(queries, top_dots, top_nodes, csq, radius, nu_min, nu_max, out_lo, out_up):
+    """Certified bounds of <q, y> below each top-level node, for every query."""
+    dim = queries.shape[1]
+    for b in nb.prange(queries.shape[0]):
+        qn = 0.0
+        for t in range(dim):
+            qn += float(queries[b, t]) * float(queries[b, t])
+        qnorm = math.sqrt(qn)
+        for j in range(top_nodes.shape[0]):
+            c = top_nodes[j]
+            out_lo[b, j], out_up[b, j] = node_bounds(top_dots[b, j], qnorm, csq[c], radius[c],
+                                                     nu_min[c], nu_max[c], dim)

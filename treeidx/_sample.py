@@ -421,21 +421,6 @@ def score_top_level(queries, centers, out):
             out[b, j] = dot32(queries[b], centers[j])
 
 
-@nb.njit(cache=True, parallel=True, nogil=True)
-def top_level_bounds(queries, top_dots, top_nodes, csq, radius, nu_min, nu_max, out_lo, out_up):
-    """Certified bounds of <q, y> below each top-level node, for every query."""
-    dim = queries.shape[1]
-    for b in nb.prange(queries.shape[0]):
-        qn = 0.0
-        for t in range(dim):
-            qn += float(queries[b, t]) * float(queries[b, t])
-        qnorm = math.sqrt(qn)
-        for j in range(top_nodes.shape[0]):
-            c = top_nodes[j]
-            out_lo[b, j], out_up[b, j] = node_bounds(top_dots[b, j], qnorm, csq[c], radius[c],
-                                                     nu_min[c], nu_max[c], dim)
-
-
 @nb.njit(cache=True, inline="always")
 def seg_set(segU, segL, cap, j, u, l):
     """Set entry j's (upper, lower) weight and recompute its ancestors' sums."""

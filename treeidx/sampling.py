@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._bounds import dot_error
+from ._bounds import dot_error, top_level_bounds
 from ._sample import (ALL_EXCLUDED, COLLAPSED, GAVE_UP, OK, ST_DOTS, ST_FRONTIER, ST_OPENED,
-                      ST_PROPOSALS, sample_batch, score_top_level, top_level_bounds)
+                      ST_PROPOSALS, sample_batch, score_top_level)
 from .brute import dense_softmax
 from ._threads import run_parallel
 from ._validate import as_exclude, as_vectors, check_k, check_positive

@@ -20,7 +20,9 @@ import numpy as np
 
 from . import _build, _mutate
 from ._mutate import Arrays
-from ._search import search_batch
+from ._bounds import top_level_bounds
+from ._search import (GROUP_CHUNKS, merge_topk, search_batch, search_best_cluster,
+                      search_groups)
 from ._threads import run_parallel
 from ._validate import as_exclude, as_ids, as_vectors, check_k
 
@@ -222,15 +224,55 @@ class TreeIndex:
         visited = np.empty(q.shape[0], np.int64)
         dots = np.empty(q.shape[0], np.int64)
         A = self._A
-        run_parallel(search_batch, q, k, top_nodes, top_dots, A.vecs, A.slot_id, A.center, A.csq, A.radius,
-                     A.nu_min, A.nu_max, A.first_child, A.next_sibling, A.leaf_start,
-                     A.leaf_size, ptr, ex, scores, out_ids, visited, dots)
+        if q.shape[0] >= GROUP_MIN_QUERIES and k <= GROUP_MAX_K and top_nodes.shape[0] > 1:
+            for lo in range(0, q.shape[0], GROUP_BLOCK):
+                hi = min(lo + GROUP_BLOCK, q.shape[0])
+                self._search_grouped(q[lo:hi], k, top_nodes, top_dots[lo:hi], *_slice_csr(ptr, ex, lo, hi),
+                                     scores[lo:hi], out_ids[lo:hi], visited[lo:hi], dots[lo:hi])
+        else:
+            run_parallel(search_batch, q, k, top_nodes, top_dots, A.vecs, A.slot_id, A.center, A.csq,
+                         A.radius, A.nu_min, A.nu_max, A.first_child, A.next_sibling, A.leaf_start,
+                         A.leaf_size, ptr, ex, scores, out_ids, visited, dots)
         # per-query work of the last call (diagnostics; not synchronised between threads)
         inv = np.empty_like(order)
         inv[order] = np.arange(order.shape[0])
         self.last_search_visited = visited[inv]
         self.last_search_inner_products = dots[inv]
         return scores[inv], out_ids[inv]
+
+    def _search_grouped(self, q, k, top_nodes, top_dots, ptr, ex, scores, out_ids, visited, dots) -> None:
+        """Exact top-k for a block of queries, sharing leaf reads between them (_search.py)."""
+        A, B = self._A, q.shape[0]
+        lo_b = np.empty(top_dots.shape, np.float64)
+        up_b = np.empty(top_dots.shape, np.float64)
+        run_parallel(top_level_bounds, q, top_dots, top_nodes, A.csq, A.radius, A.nu_min, A.nu_max,
+                     lo_b, up_b)
+        best = top_dots.argmax(axis=1)  # the nearest center: most likely to hold the top-k
+        a_scores = np.empty((B, k), np.float32)
+        a_ids = np.empty((B, k), np.int64)
+        run_parallel(search_best_cluster, q, k, best, top_nodes, top_dots, A.vecs, A.slot_id, A.center,
+                     A.csq, A.radius, A.nu_min, A.nu_max, A.first_child, A.next_sibling, A.leaf_start,
+                     A.leaf_size, ptr, ex, a_scores, a_ids, visited, dots)
+        # every other cluster, for the queries whose bound there beats their k-th score so far
+        t_a = a_scores[:, k - 1].astype(np.float64)
+        need = up_b > t_a[:, None]
+        need[np.arange(B), best] = False
+        cl, qs = np.nonzero(need.T)  # cluster-major: each cluster's queries are contiguous
+        cand_ptr = np.zeros(top_nodes.shape[0] + 1, np.int64)
+        np.cumsum(np.bincount(cl, minlength=top_nodes.shape[0]), out=cand_ptr[1:])
+        qnorm = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+        hs = np.full((GROUP_CHUNKS, B, k), -np.inf, np.float32)
+        hi = np.full((GROUP_CHUNKS, B, k), -1, np.int64)
+        hfill = np.zeros((GROUP_CHUNKS, B), np.int64)
+        vis = np.zeros((GROUP_CHUNKS, B), np.int64)
+        dts = np.zeros((GROUP_CHUNKS, B), np.int64)
+        run_parallel(search_groups, q, qnorm, a_scores[:, k - 1].copy(), k, top_nodes, cand_ptr,
+                     qs.astype(np.int64), A.vecs, A.slot_id, A.center, A.csq, A.radius, A.nu_min,
+                     A.nu_max, A.first_child, A.next_sibling, A.leaf_start, A.leaf_size, ptr, ex,
+                     hs, hi, hfill, vis, dts)
+        run_parallel(merge_topk, a_scores, a_ids, hs, hi, hfill, scores, out_ids)
+        visited += vis.sum(axis=0)
+        dots += dts.sum(axis=0)
 
     def _top_level(self, expand: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The root's children (expand=False; the sampler opens these per query), or the
@@ -501,6 +543,13 @@ _CHECK_MESSAGES = {
     _mutate.E_INTERNAL_NO_CHILD: "internal node {v} has no children and is not a leaf",
     _mutate.E_RANGE: "node {v}: marked contiguous from slot {got:.0f} ({bound:.0f} targets) but slot {s} below it lies outside",
 }
+
+
+# The grouped search pays off once several queries share leaves; its partial heaps cost
+# GROUP_CHUNKS * block * k entries, so it is used for small k and run in query blocks.
+GROUP_MIN_QUERIES = 16
+GROUP_MAX_K = 128
+GROUP_BLOCK = 1024
 
 
 def locality_order(top_dots: np.ndarray, top_region: np.ndarray) -> np.ndarray:
