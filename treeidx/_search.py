@@ -337,10 +337,15 @@ def search_groups(queries, qnorm, t_a, k, top_nodes, cand_ptr, cand_q, vecs, slo
 def search_best_cluster(queries, k, best, top_nodes, top_dots, vecs, slot_id, center, csq, radius,
                         nu_min, nu_max, first_child, next_sibling, leaf_start, leaf_size, excl_ptr,
                         excl_ids, out_scores, out_ids, out_visited, out_dots):
-    """Phase (1): exact top-k of each query within its best top-level cluster only."""
+    """Phase (1): exact top-k of each query within its first clusters best[b] only."""
     for b in nb.prange(queries.shape[0]):
-        j = best[b]
-        _search_one(queries[b], b, k, top_nodes[j:j + 1], top_dots[b, j:j + 1], vecs, slot_id, center,
+        sel = best[b]
+        nodes = np.empty(sel.shape[0], np.int64)
+        row = np.empty(sel.shape[0], np.float32)
+        for i in range(sel.shape[0]):
+            nodes[i] = top_nodes[sel[i]]
+            row[i] = top_dots[b, sel[i]]
+        _search_one(queries[b], b, k, nodes, row, vecs, slot_id, center,
                     csq, radius, nu_min, nu_max, first_child, next_sibling, leaf_start, leaf_size,
                     excl_ptr, excl_ids, out_scores, out_ids, out_visited, out_dots)
 

@@ -247,7 +247,11 @@ class TreeIndex:
         up_b = np.empty(top_dots.shape, np.float64)
         run_parallel(top_level_bounds, q, top_dots, top_nodes, A.csq, A.radius, A.nu_min, A.nu_max,
                      lo_b, up_b)
-        best = top_dots.argmax(axis=1)  # the nearest center: most likely to hold the top-k
+        # the nearest centers: most likely to hold the top-k
+        m = min(GROUP_FIRST_CLUSTERS, top_nodes.shape[0])
+        best = np.argpartition(-top_dots, m - 1, axis=1)[:, :m] if m < top_nodes.shape[0] else \
+            np.broadcast_to(np.arange(m), (B, m))
+        best = np.ascontiguousarray(best, dtype=np.int64)
         a_scores = np.empty((B, k), np.float32)
         a_ids = np.empty((B, k), np.int64)
         run_parallel(search_best_cluster, q, k, best, top_nodes, top_dots, A.vecs, A.slot_id, A.center,
@@ -256,7 +260,7 @@ class TreeIndex:
         # every other cluster, for the queries whose bound there beats their k-th score so far
         t_a = a_scores[:, k - 1].astype(np.float64)
         need = up_b > t_a[:, None]
-        need[np.arange(B), best] = False
+        need[np.arange(B)[:, None], best] = False
         cl, qs = np.nonzero(need.T)  # cluster-major: each cluster's queries are contiguous
         cand_ptr = np.zeros(top_nodes.shape[0] + 1, np.int64)
         np.cumsum(np.bincount(cl, minlength=top_nodes.shape[0]), out=cand_ptr[1:])
@@ -550,6 +554,7 @@ _CHECK_MESSAGES = {
 GROUP_MIN_QUERIES = 16
 GROUP_MAX_K = 128
 GROUP_BLOCK = 1024
+GROUP_FIRST_CLUSTERS = 3  # searched per query first, for its threshold
 
 
 def locality_order(top_dots: np.ndarray, top_region: np.ndarray) -> np.ndarray:
