@@ -230,8 +230,8 @@ def search_batch(queries, k, top_nodes, top_dots, vecs, slot_id, center, csq, ra
 # ------------------------------------------------------------------ batched search
 # A batch of queries reads the same leaves: per query, best-first search streams ~3% of
 # all vectors from memory, the same ones for queries of one region. The batched path
-# (1) searches each query's best top-level cluster alone, which nearly always holds its
-# top-k, giving a threshold t_b; (2) walks every other cluster once for the group of
+# (1) searches each query's few nearest top-level clusters alone, which nearly always
+# hold its top-k, giving a threshold t_b; (2) walks every other cluster once for the group of
 # queries whose bound there beats t_b, computing each node's and leaf's inner products
 # for the whole group while its vectors are in cache. Pruning is per query and uses
 # only valid lower bounds of its final k-th score, so the result stays exact.
@@ -279,7 +279,7 @@ def _walk_cluster(root, group, queries, qnorm, t_a, k, t, vecs, slot_id, center,
                 thr = _threshold(hs, hfill, t, b, k, t_a[b])
                 for s in range(s0, s0 + m):
                     sc = dot32(q, vecs[s])
-                    if sc > thr or (hfill[t, b] < k and thr == -np.inf):
+                    if sc > thr:
                         idv = slot_id[s]
                         if is_excluded(excl_ptr, excl_ids, b, idv):
                             continue
@@ -302,7 +302,7 @@ def _walk_cluster(root, group, queries, qnorm, t_a, k, t, vecs, slot_id, center,
                 a = dot32(queries[b], center[c])
                 up = node_bounds(a, qnorm[b], csq[c], radius[c], nu_min[c], nu_max[c], dim)[1]
                 thr = _threshold(hs, hfill, t, b, k, t_a[b])
-                if up > thr or (hfill[t, b] < k and thr == -np.inf):
+                if up > thr:
                     abuf[top + nc] = b
                     nc += 1
             if nc > 0:

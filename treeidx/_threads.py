@@ -34,11 +34,13 @@ def _active_layer() -> str:
     return _layer
 
 
-def _launch(kernel: Callable[..., Any], args: tuple) -> Any:
+@contextmanager
+def _keep_torch_threads() -> Iterator[None]:
+    """Put torch's intra-op thread count back as it was when the block started."""
     torch = sys.modules.get("torch")  # only if the caller uses torch; never imported here
     before = torch.get_num_threads() if torch is not None else None
     try:
-        return kernel(*args)
+        yield
     finally:
         if before is not None and torch.get_num_threads() != before:
             torch.set_num_threads(before)
@@ -47,10 +49,11 @@ def _launch(kernel: Callable[..., Any], args: tuple) -> Any:
 def run_parallel(kernel: Callable[..., Any], *args: Any) -> Any:
     """Call a parallel numba kernel; serialised when the layer is not thread-safe, and
     leaving torch's intra-op thread count as the caller had it."""
-    if _active_layer() in ("omp", "tbb"):
-        return _launch(kernel, args)
-    with _launch_lock:
-        return _launch(kernel, args)
+    with _keep_torch_threads():
+        if _active_layer() in ("omp", "tbb"):
+            return kernel(*args)
+        with _launch_lock:
+            return kernel(*args)
 
 
 @contextmanager
@@ -60,13 +63,10 @@ def numba_threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
-    torch = sys.modules.get("torch")
-    torch_before = torch.get_num_threads() if torch is not None else None
-    before = numba.get_num_threads()  # per calling thread
-    numba.set_num_threads(n)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
-        if torch_before is not None and torch.get_num_threads() != torch_before:
-            torch.set_num_threads(torch_before)
+    with _keep_torch_threads():
+        before = numba.get_num_threads()  # per calling thread
+        numba.set_num_threads(n)
+        try:
+            yield
+        finally:
+            numba.set_num_threads(before)

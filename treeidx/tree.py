@@ -258,8 +258,8 @@ class TreeIndex:
                      A.csq, A.radius, A.nu_min, A.nu_max, A.first_child, A.next_sibling, A.leaf_start,
                      A.leaf_size, ptr, ex, a_scores, a_ids, visited, dots)
         # every other cluster, for the queries whose bound there beats their k-th score so far
-        t_a = a_scores[:, k - 1].astype(np.float64)
-        need = up_b > t_a[:, None]
+        kth = np.ascontiguousarray(a_scores[:, k - 1])
+        need = up_b > kth[:, None]
         need[np.arange(B)[:, None], best] = False
         cl, qs = np.nonzero(need.T)  # cluster-major: each cluster's queries are contiguous
         cand_ptr = np.zeros(top_nodes.shape[0] + 1, np.int64)
@@ -270,7 +270,7 @@ class TreeIndex:
         hfill = np.zeros((GROUP_CHUNKS, B), np.int64)
         vis = np.zeros((GROUP_CHUNKS, B), np.int64)
         dts = np.zeros((GROUP_CHUNKS, B), np.int64)
-        run_parallel(search_groups, q, qnorm, a_scores[:, k - 1].copy(), k, top_nodes, cand_ptr,
+        run_parallel(search_groups, q, qnorm, kth, k, top_nodes, cand_ptr,
                      qs.astype(np.int64), A.vecs, A.slot_id, A.center, A.csq, A.radius, A.nu_min,
                      A.nu_max, A.first_child, A.next_sibling, A.leaf_start, A.leaf_size, ptr, ex,
                      hs, hi, hfill, vis, dts)
