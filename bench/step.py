@@ -57,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench._common import base_parser, emit, log, machine
+from bench.sample import exact_log_softmax, tv_importance
 from treeidx import SoftmaxSampler, TreeIndex
 from treeidx.baselines import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
 from treeidx.torch import TreeNegativeSampler, sampled_softmax_loss
@@ -300,16 +301,12 @@ def approx_quality(model, tokens, vectors, index, a, n_queries: int = 8, draws: 
     qtok, _ = make_batch(tokens, n_queries, a.seed + 2, 0)
     with torch.no_grad():
         q = model.query(qtok).numpy()
-    beta = 1.0 / a.temperature
-    z = beta * (q.astype(np.float64) @ vectors.numpy().T.astype(np.float64))
-    log_p = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+    log_p = np.stack(exact_log_softmax(q, vectors.numpy(), 1.0 / a.temperature))
     r = SoftmaxSampler(index, temperature=a.temperature, mode="approx", budget=a.budget).sample(
         q, draws, seed=a.seed)
-    lp = np.take_along_axis(log_p, r.ids, 1)
-    t = np.maximum(0.0, 1.0 - np.exp(np.minimum(lp - r.log_q, 50.0)))
+    tv_is, tv_is_se = tv_importance(np.take_along_axis(log_p, r.ids, 1), r.log_q)
     perplexity = np.exp(-(np.exp(log_p) * log_p).sum(axis=1))
-    return dict(queries=n_queries, draws=draws, tv_is=float(t.mean()),
-                tv_is_se=float(t.std(axis=1).mean() / np.sqrt(draws)),
+    return dict(queries=n_queries, draws=draws, tv_is=tv_is, tv_is_se=tv_is_se,
                 tv_bound_mean=float(r.tv_bound.mean()),
                 median_perplexity=float(np.median(perplexity)),
                 perplexity_share_of_n=float(np.median(perplexity) / vectors.shape[0]))
