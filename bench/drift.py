@@ -2,7 +2,7 @@
 
     python -m bench.drift --json
 
-Trains the code-search dual encoder (`treeidx.encoder`, `treeidx.training`) on the
+Trains the code-search dual encoder (`treeidx.codesearch.encoder`, `treeidx.codesearch.training`) on the
 `code` corpus for --steps steps and, at each checkpoint, encodes every target and the
 held-out (validation) queries with the current towers. The index is built at the
 --base checkpoint (its vectors are the stale ones); every later checkpoint is a
@@ -35,7 +35,7 @@ from bench._common import emit, log, machine
 from treeidx import NystromDrift, TreeIndex
 from treeidx.codesearch import CodeSearchData
 from treeidx.nystrom import kcenter
-from treeidx.training import TrainConfig, eval_rows, train
+from treeidx.codesearch.training import TrainConfig, eval_rows, train
 
 DEFAULT_LANDMARKS = "64,256,1024,4096"
 HOLDOUT = 512

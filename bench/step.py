@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from bench._common import base_parser, emit, log, machine
 from bench.sample import exact_log_softmax, tv_importance
 from treeidx import SoftmaxSampler, TreeIndex
-from treeidx.baselines import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
+from treeidx.torch import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
 from treeidx.torch import TreeNegativeSampler, sampled_softmax_loss
 
 VOCAB = 1 << 18

@@ -2,7 +2,7 @@
 
     python -m bench.train --json
 
-For each seed and each strategy of `treeidx.training.STRATEGIES` (in-batch, uniform,
+For each seed and each strategy of `treeidx.codesearch.training.STRATEGIES` (in-batch, uniform,
 stale top-k, negative cache, treeidx exact + Nyström drift, treeidx over all targets
 re-encoded every step, the brute-force oracle) it trains the code-search dual encoder
 for --steps steps and reports test recall@1/@10 and MRR (test queries from modules never
@@ -22,8 +22,8 @@ import numpy as np
 
 from bench._common import emit, log, machine
 from treeidx.codesearch import CodeSearchData
-from treeidx.demo import demo_config, format_table, plot_histories
-from treeidx.training import STRATEGIES, train
+from treeidx.codesearch.demo import demo_config, format_table, plot_histories
+from treeidx.codesearch.training import STRATEGIES, train
 
 METRICS = ("recall@1", "recall@10", "mrr")
 

@@ -8,7 +8,7 @@ import pytest
 
 from treeidx import codesearch
 from treeidx.codesearch import SPLITS, CodeSearchData, module_split
-from treeidx.corpus import hash_features, mine_code_corpus
+from treeidx.codesearch.corpus import hash_features, mine_code_corpus
 
 from ._codesearch_corpus import write_corpus
 

@@ -1,4 +1,4 @@
-"""Tests for treeidx.corpus: mining rules, the cache, and hash_embed determinism."""
+"""Tests for treeidx.codesearch.corpus: mining rules, the cache, and hash_embed determinism."""
 from __future__ import annotations
 
 import gzip
@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from treeidx import corpus
-from treeidx.corpus import hash_embed, hash_features, mine_code_corpus
+from treeidx.codesearch import corpus
+from treeidx.codesearch.corpus import hash_embed, hash_features, mine_code_corpus
 
 SRC = textwrap.dedent('''
     import os
@@ -147,7 +147,7 @@ def test_tokenize_reference():
 
 
 def test_hash_embed_stable_across_processes():
-    code = ("import sys; from treeidx.corpus import hash_embed; "
+    code = ("import sys; from treeidx.codesearch.corpus import hash_embed; "
             f"sys.stdout.write(hash_embed({TEXTS!r}, 16, seed=3).tobytes().hex())")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True, env={**os.environ, "PYTHONHASHSEED": s}).stdout

@@ -65,7 +65,7 @@ def test_code_and_load(tmp_path, monkeypatch):
     assert t.shape == (5, 24) and q.shape == (2, 24) and t.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
     # second call comes from the .npy cache, without mining
-    monkeypatch.setattr("treeidx.corpus.mine_code_corpus", lambda *a, **k: pytest.fail("re-mined"))
+    monkeypatch.setattr("treeidx.codesearch.corpus.mine_code_corpus", lambda *a, **k: pytest.fail("re-mined"))
     t2, q2 = datasets.code(24, n_queries=2, seed=0, **kw)
     assert np.array_equal(t, t2) and np.array_equal(q, q2)
 
@@ -96,7 +96,7 @@ def test_minilm_tiny(tmp_path, monkeypatch):
         np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
         # a real sentence model: each docstring query is closest to its own function
-        from treeidx.corpus import mine_code_corpus
+        from treeidx.codesearch.corpus import mine_code_corpus
         items = mine_code_corpus(kw["roots"], cache_dir=kw["cache_dir"])[:4]
         qid = datasets.code_query_ids(items, 2, 0)
         assert np.array_equal((q @ t.T).argmax(axis=1), qid)
@@ -105,7 +105,7 @@ def test_minilm_tiny(tmp_path, monkeypatch):
                                  **{**kw, "cache_dir": str(tmp_path / "c2")})
         assert t.tobytes() == t2.tobytes() and q.tobytes() == q2.tobytes()
         # second call comes from the .npy cache: no mining, no model
-        monkeypatch.setattr("treeidx.corpus.mine_code_corpus", lambda *a, **k: pytest.fail("re-mined"))
+        monkeypatch.setattr("treeidx.codesearch.corpus.mine_code_corpus", lambda *a, **k: pytest.fail("re-mined"))
         monkeypatch.setattr(datasets, "_minilm_model", lambda *a, **k: pytest.fail("re-encoded"))
         t3, q3 = datasets.minilm(n_queries=2, seed=0, max_items=4, batch_size=3, **kw)
         assert np.array_equal(t, t3) and np.array_equal(q, q3)

@@ -82,7 +82,7 @@ def test_baseline_loop_runs(name):
     main = _block(text, "<!-- main-loop -->")
     code = _apply(main, _block(text, f"<!-- baseline: {name} -->"))
     assert "submit" not in code and "index.update" not in code
-    code = ("from treeidx.baselines import (UniformSampler, InBatch, StaleTopK, NegativeCache,\n"
+    code = ("from treeidx.torch import (UniformSampler, InBatch, StaleTopK, NegativeCache,\n"
             "                               BruteForceSampler)\n" + _shrink(code))
     ns = _run(code)
     assert ns["step"] == 2 and ns["loss"].isfinite()

@@ -1,4 +1,4 @@
-"""Tests for treeidx.encoder: CSR -> EmbeddingBag inputs, towers, the dual encoder, the optimizer."""
+"""Tests for treeidx.codesearch.encoder: CSR -> EmbeddingBag inputs, towers, the dual encoder, the optimizer."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from treeidx.encoder import BagTower, DualEncoder, bag_inputs, make_optimizer
+from treeidx.codesearch.encoder import BagTower, DualEncoder, bag_inputs, make_optimizer
 
 NB = 97
 

@@ -1,4 +1,4 @@
-"""treeidx.torch and treeidx.baselines: the loss's estimator, samplers, seeds, prefetch."""
+"""treeidx.torch and treeidx.torch: the loss's estimator, samplers, seeds, prefetch."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from treeidx import SoftmaxSampler, TreeIndex
-from treeidx.baselines import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
+from treeidx.torch import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
 from treeidx.torch import Negatives, TreeNegativeSampler, sampled_softmax_loss
 
 P_MIN = 1e-4  # fixed-seed goodness-of-fit tests fail a correct sampler with probability ~1e-4

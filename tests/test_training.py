@@ -1,4 +1,4 @@
-"""Tests for treeidx.training: exact evaluation, determinism, every strategy, the loop's bookkeeping."""
+"""Tests for treeidx.codesearch.training: exact evaluation, determinism, every strategy, the loop's bookkeeping."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from treeidx.codesearch import CodeSearchData
-from treeidx.encoder import DualEncoder
-from treeidx.training import STRATEGIES, TrainConfig, evaluate, train
+from treeidx.codesearch.encoder import DualEncoder
+from treeidx.codesearch.training import STRATEGIES, TrainConfig, evaluate, train
 
 from ._codesearch_corpus import write_corpus
 

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="treeidx", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="print version and runtime facts")
-    from . import demo
+    from .codesearch import demo
     demo.add_arguments(sub.add_parser(
         "demo", help="train a dual encoder with treeidx negatives vs in-batch negatives",
         description=demo.__doc__.split("\n\n")[0].replace("\n", " ")))

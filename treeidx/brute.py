@@ -25,7 +25,6 @@ from typing import Iterable, Sequence
 
 import numba as nb
 import numpy as np
-import torch
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
@@ -252,6 +251,24 @@ def dense_softmax(q: np.ndarray, vectors: np.ndarray, beta: float, u: np.ndarray
 # public API
 # ---------------------------------------------------------------------------------------
 
+def _topk_rows(buf: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k largest entries, descending, with their column indices.
+
+    torch.topk is several times faster than numpy's partition here
+    (bench/brute_yardstick.py), so it is used when torch is installed; it is imported
+    on first use so that `import treeidx` never loads it.
+    """
+    try:
+        import torch
+    except ImportError:
+        part = np.argpartition(-buf, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(buf, part, axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")
+        return np.take_along_axis(vals, order, axis=1), np.take_along_axis(part, order, axis=1)
+    v, i = torch.topk(torch.from_numpy(buf), k, dim=1, largest=True, sorted=True)
+    return v.numpy(), i.numpy()
+
+
 def _check_beta(beta) -> float:
     return check_positive(beta, "beta")
 
@@ -319,10 +336,9 @@ class BruteForce:
             buf = score_block(q, self.vectors, lo, hi, ptr, rows, self._buffer(hi - lo))
             if not np.isfinite(buf.max(axis=1)).all():
                 raise ValueError("scores overflow float32 (vector/query norms too large)")
-            # torch.topk was ~8x faster than np.argpartition here (bench/brute_yardstick.py)
-            v, i = torch.topk(torch.from_numpy(buf), k, dim=1, largest=True, sorted=True)
-            out_s[lo:hi] = v.numpy()
-            out_i[lo:hi] = self.ids[i.numpy()]
+            v, i = _topk_rows(buf, k)
+            out_s[lo:hi] = v
+            out_i[lo:hi] = self.ids[i]
         return out_s, out_i
 
     # -- softmax ------------------------------------------------------------------------

@@ -1,46 +1,27 @@
-"""PyTorch integration: softmax negatives for a training step, and the sampled-softmax loss.
+"""TreeNegativeSampler: softmax negatives for a training step from a tree index.
 
-`TreeNegativeSampler` turns query embeddings (any device, any float dtype) into
-`Negatives` (target ids and the log-probability of each under the proposal) by sampling
-a tree index on the host CPU, optionally for the next batch on a background thread
-while the accelerator works on the current one (BRIEF §5). `sampled_softmax_loss`
-scores the positive against those negatives (encoded by the caller with the current
-encoder, so gradients flow through fresh vectors) with the log Q correction.
+It turns query embeddings (any device, any float dtype) into `Negatives` (target ids
+and the log-probability of each under the proposal) by sampling a tree index on the
+host CPU, optionally for the next batch on a background thread while the accelerator
+works on the current one.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import math
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numba
 import numpy as np
 import torch
 
-from ._threads import numba_threads
-from ._validate import check_positive
-from .sampling import SampleResult, SoftmaxSampler
-from .tree import TreeIndex
+from .._threads import numba_threads
+from ..sampling import SampleResult, SoftmaxSampler
+from ..tree import TreeIndex
+from ._common import (Negatives, check_k, check_positives, check_queries, check_temperature,
+                      default_rank, empty_negatives, host_queries, log_q_dtype)
 
-__all__ = ["Negatives", "TreeNegativeSampler", "sampled_softmax_loss"]
-
-
-@dataclass
-class Negatives:
-    """Negatives for one batch of B queries.
-
-    ids:    (B, k) int64 target ids, on the queries' device.
-    log_q:  (B, k) log-probability of each id under the distribution it was drawn from
-            (float64 for float64 queries, else float32: half precision is too coarse
-            for a log-probability), on the queries' device. Pass it to
-            `sampled_softmax_loss(log_q=...)`.
-    result: the host-side `SampleResult` (certified log Z interval, tv_bound, work
-            counters) when the negatives come from a tree sampler; None otherwise.
-    """
-    ids: torch.Tensor
-    log_q: torch.Tensor
-    result: SampleResult | None = field(default=None, repr=False, compare=False)
+__all__ = ["TreeNegativeSampler", "HostSampler"]
 
 
 class HostSampler(Protocol):
@@ -49,73 +30,6 @@ class HostSampler(Protocol):
     def sample(self, queries: np.ndarray, k: int, *, exclude: Any = None,
                seed: int | None = None) -> SampleResult: ...
 
-
-# ---------------------------------------------------------------------------------------
-# shared input handling (also used by treeidx.baselines)
-# ---------------------------------------------------------------------------------------
-
-def check_queries(query_emb: Any, dim: int | None = None) -> torch.Tensor:
-    """The (B, d) floating-point query tensor, detached from autograd."""
-    if not isinstance(query_emb, torch.Tensor):
-        raise TypeError(f"query_emb: expected a torch.Tensor, got {type(query_emb).__name__}")
-    if query_emb.dim() != 2:
-        raise ValueError(f"query_emb: expected shape (B, d), got {tuple(query_emb.shape)}")
-    if not query_emb.is_floating_point():
-        raise ValueError(f"query_emb: expected a floating-point tensor, got {query_emb.dtype}")
-    if dim is not None and query_emb.shape[1] != dim:
-        raise ValueError(f"query_emb: expected dimension {dim}, got {query_emb.shape[1]}")
-    return query_emb.detach()
-
-
-def check_positives(positive_ids: Any, batch: int) -> torch.Tensor | None:
-    """positive_ids as a (B,) int64 tensor (None stays None)."""
-    if positive_ids is None:
-        return None
-    if not isinstance(positive_ids, torch.Tensor):
-        positive_ids = torch.as_tensor(np.asarray(positive_ids))
-    if positive_ids.dim() != 1 or positive_ids.shape[0] != batch:
-        raise ValueError(f"positive_ids: expected shape ({batch},) (one per query), "
-                         f"got {tuple(positive_ids.shape)}")
-    if positive_ids.is_floating_point() or positive_ids.is_complex() or positive_ids.dtype == torch.bool:
-        raise ValueError(f"positive_ids: expected an integer tensor, got {positive_ids.dtype}")
-    return positive_ids.detach().to(torch.int64)
-
-
-def log_q_dtype(query_emb: torch.Tensor) -> torch.dtype:
-    """float64 for float64 queries, else float32 (a bf16 log-probability is off by ~0.05)."""
-    return torch.float64 if query_emb.dtype == torch.float64 else torch.float32
-
-
-def host_queries(query_emb: torch.Tensor) -> np.ndarray:
-    """A float32 host copy of the queries (fp16/bf16 are widened: numpy has no bf16)."""
-    return query_emb.detach().to(device="cpu", dtype=torch.float32).numpy()
-
-
-def empty_negatives(query_emb: torch.Tensor, k: int) -> Negatives:
-    B = query_emb.shape[0]
-    return Negatives(ids=torch.empty((B, k), dtype=torch.int64, device=query_emb.device),
-                     log_q=torch.empty((B, k), dtype=log_q_dtype(query_emb), device=query_emb.device))
-
-
-def _check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
-    return int(k)
-
-
-def _check_temperature(t: Any) -> float:
-    return check_positive(t, "temperature")
-
-
-def _default_rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return int(torch.distributed.get_rank())
-    return 0
-
-
-# ---------------------------------------------------------------------------------------
-# the sampler
-# ---------------------------------------------------------------------------------------
 
 class TreeNegativeSampler:
     """Softmax negatives P(y|q) ∝ exp(<q, y> / temperature) from a tree index.
@@ -151,8 +65,8 @@ class TreeNegativeSampler:
                  mode: str = "exact", exclude_positives: bool = True, prefetch: bool = True,
                  seed: int = 0, rank: int | None = None, tolerance: float = 0.05,
                  budget: int | None = None, threads: int | None = None) -> None:
-        self.k = _check_k(k)
-        self.temperature = _check_temperature(temperature)
+        self.k = check_k(k)
+        self.temperature = check_temperature(temperature)
         if mode not in ("exact", "approx"):
             raise ValueError(f"mode: expected 'exact' or 'approx', got {mode!r}")
         self.mode = mode
@@ -174,7 +88,7 @@ class TreeNegativeSampler:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
         self.seed = int(seed)
-        self.rank = _default_rank() if rank is None else int(rank)
+        self.rank = default_rank() if rank is None else int(rank)
         if self.rank < 0:
             raise ValueError(f"rank: expected an integer >= 0, got {rank!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
@@ -322,8 +236,8 @@ class TreeNegativeSampler:
         missing = {"seed", "calls", "k", "temperature", "mode"} - set(state)
         if missing:
             raise KeyError(f"state_dict: missing key(s) {sorted(missing)}")
-        k = _check_k(state["k"])
-        t = _check_temperature(state["temperature"])
+        k = check_k(state["k"])
+        t = check_temperature(state["temperature"])
         mode = state["mode"]
         if mode not in ("exact", "approx"):
             raise ValueError(f"mode: expected 'exact' or 'approx', got {mode!r}")
@@ -338,98 +252,3 @@ class TreeNegativeSampler:
             self._check_foreign(t, mode)
         self.k, self.temperature, self.mode = k, t, mode
         self.seed, self.calls = int(state["seed"]), calls
-
-
-# ---------------------------------------------------------------------------------------
-# the loss
-# ---------------------------------------------------------------------------------------
-
-def sampled_softmax_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None, *,
-                         log_q: torch.Tensor | None = None, temperature: float,
-                         in_batch_negatives: bool = True, reduction: str = "mean",
-                         pos_ids: torch.Tensor | None = None,
-                         neg_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of the positive against sampled (and in-batch) negatives.
-
-    q (B, d) queries; pos (B, d) their positives' embeddings; neg (B, k, d) the sampled
-    negatives' embeddings (or None / k = 0). Logits are <q, ·> / temperature, computed
-    in at least float32; the positive is column 0.
-
-    log Q correction (Bengio & Senécal 2008; Blanc & Rendle 2018): with log_q given,
-    negative j's logit is s_j − log(k · Q(y_j)). Then
-        Ẑ = e^{s+} + Σ_j e^{s_j} / (k Q(y_j)),   E[Σ_j e^{s_j} / (k Q(y_j))] = Σ_{y ≠ y+} e^{s_y}
-    when Q's support is the targets other than the positive (sampler excludes it), or
-    when Q covers all targets and draws equal to the positive are masked (accidental
-    hits, below): Ẑ is unbiased for Z, so the loss is consistent as k → ∞. Subtracting
-    log Q alone would count the negatives' mass k times. If Q is the softmax itself
-    (over the targets other than the positive), every column's weight is exactly what it
-    should be: each draw's loss equals the full softmax loss, and the gradient is
-    unbiased for any k. log_q is a constant (detached): the proposal is not trained.
-    log_q=None: no correction (logits s_j as they are; e.g. top-k hard negatives).
-
-    in_batch_negatives: the other rows' positives are extra negatives with no
-    correction. Their inclusion probability is unknown, so they add their raw mass to
-    Ẑ: Z is over-estimated by that mass (the DPR bias: popular targets are pushed
-    down extra). Turn it off for the consistent estimator.
-
-    Accidental hits (pos_ids (B,) and neg_ids (B, k) given): a sampled id equal to the
-    row's positive, and an in-batch column whose positive id equals the row's own
-    (other than the diagonal), get logit −inf.
-
-    reduction: "mean" | "sum" | "none" (per-row losses, shape (B,)).
-    """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
-    temperature = _check_temperature(temperature)
-    if q.dim() != 2:
-        raise ValueError(f"q: expected shape (B, d), got {tuple(q.shape)}")
-    B, d = q.shape
-    if pos.shape != (B, d):
-        raise ValueError(f"pos: expected shape {(B, d)} like q, got {tuple(pos.shape)}")
-    dt = torch.promote_types(torch.promote_types(q.dtype, pos.dtype), torch.float32)
-    q = q.to(dt)
-    pos = pos.to(dt)
-    cols = [((q * pos).sum(-1) / temperature)[:, None]]  # (B, 1): the positive
-    if neg is not None:
-        if neg.dim() != 3 or neg.shape[0] != B or neg.shape[2] != d:
-            raise ValueError(f"neg: expected shape ({B}, k, {d}), got {tuple(neg.shape)}")
-        k = neg.shape[1]
-        s = torch.einsum("bd,bkd->bk", q, neg.to(dt)) / temperature
-        if log_q is not None:
-            if log_q.shape != (B, k):
-                raise ValueError(f"log_q: expected shape {(B, k)} like neg's first two dims, "
-                                 f"got {tuple(log_q.shape)}")
-            if k:  # − log(k · Q(y_j))
-                s = s - (log_q.detach().to(device=s.device, dtype=dt) + math.log(k))
-        if neg_ids is not None:
-            if pos_ids is None:
-                raise ValueError("neg_ids given without pos_ids: accidental hits need both")
-            if neg_ids.shape != (B, k):
-                raise ValueError(f"neg_ids: expected shape {(B, k)}, got {tuple(neg_ids.shape)}")
-            hit = neg_ids.to(s.device) == _pos_ids(pos_ids, B).to(s.device)[:, None]
-            s = s.masked_fill(hit, -math.inf)
-        cols.append(s)
-    elif log_q is not None and log_q.numel():
-        raise ValueError("log_q given without neg")
-    if in_batch_negatives and B > 1:
-        s = q @ pos.T / temperature  # (B, B); the diagonal is column 0 already
-        same = torch.eye(B, dtype=torch.bool, device=s.device)
-        if pos_ids is not None:
-            p = _pos_ids(pos_ids, B).to(s.device)
-            same = same | (p[:, None] == p[None, :])
-        cols.append(s.masked_fill(same, -math.inf))
-    logits = torch.cat(cols, dim=1)
-    # cross-entropy with target column 0: logsumexp − positive logit (−inf columns add nothing)
-    loss = torch.logsumexp(logits, dim=1) - logits[:, 0]
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
-def _pos_ids(pos_ids: Any, B: int) -> torch.Tensor:
-    p = pos_ids if isinstance(pos_ids, torch.Tensor) else torch.as_tensor(np.asarray(pos_ids))
-    if p.shape != (B,):
-        raise ValueError(f"pos_ids: expected shape ({B},), got {tuple(p.shape)}")
-    return p

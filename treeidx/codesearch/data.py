@@ -1,13 +1,13 @@
 """The code-search training set: docstring queries against code targets, as hashed features.
 
-Built from `treeidx.corpus.mine_code_corpus()` (the installed Python sources):
+Built from `treeidx.codesearch.corpus.mine_code_corpus()` (the installed Python sources):
 
 * Targets: EVERY corpus item (function or class); target id = item id. Text = the
   item's `code` (source without its docstring), first `max_target_chars` characters.
 * Queries: an item's docstring (first `max_query_chars` characters); its positive is
   the item itself. A docstring is dropped when it is
   - too short: fewer than `min_query_words` word tokens (runs of letters, digits,
-    '_' or non-ASCII, as `treeidx.corpus.tokenize` counts them), or
+    '_' or non-ASCII, as `treeidx.codesearch.corpus.tokenize` counts them), or
   - ambiguous: its normalised text (lowercased, whitespace runs collapsed, after the
     character cap; the features are lowercased anyway) occurs on more than one item,
     e.g. inherited "Return self." or a docstring copied into many model classes.
@@ -17,13 +17,13 @@ Built from `treeidx.corpus.mine_code_corpus()` (the installed Python sources):
   item's full dotted module name puts each module in train (8/10 of the hash range),
   validation (1/10) or test (1/10), so test queries come from modules never trained
   on; their positives are still in the index of all targets.
-* Features: `treeidx.corpus.hash_features` (1 + log tf of hashed token and sub-token
+* Features: `treeidx.codesearch.corpus.hash_features` (1 + log tf of hashed token and sub-token
   unigrams and bigrams, one hash space for both sides) into `n_buckets` buckets.
 
 The featurised dataset is cached as one .npz in the corpus cache directory, keyed by
 the corpus cache key and every setting above, written atomically; a missing, stale or
 damaged file is rebuilt. Defaults (2^18 buckets, 2,000 code characters) keep a full
-target re-encode by the `treeidx.encoder` towers well under a second on 2 CPU cores
+target re-encode by the `treeidx.codesearch.encoder` towers well under a second on 2 CPU cores
 (docs/training.md).
 """
 from __future__ import annotations
@@ -38,10 +38,10 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from ._progress import progress_bar
-from ._validate import check_k, check_nonnegative_int
+from .._progress import progress_bar
+from .._validate import check_k, check_nonnegative_int
 from .corpus import CodeItem, corpus_cache_key, default_cache_dir, hash_features, mine_code_corpus
-from .io import atomic_write
+from ..io import atomic_write
 
 __all__ = ["CodeSearchData", "SPLITS", "module_split"]
 

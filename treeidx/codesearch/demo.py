@@ -3,7 +3,7 @@ in-batch negatives, side by side, and show what the negatives change.
 
 Everything is local and deterministic: the corpus is mined from the installed Python
 sources (`treeidx.codesearch`), the encoder is a hashed bag of n-grams
-(`treeidx.encoder`), the loop is `treeidx.training.train`. Writes `results.json` and
+(`treeidx.codesearch.encoder`), the loop is `treeidx.codesearch.training.train`. Writes `results.json` and
 a plot of validation recall@10 against training time into the output folder.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .codesearch import CodeSearchData
+    from .data import CodeSearchData
     from .training import train
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
