@@ -17,7 +17,7 @@ from typing import Callable
 import numba as nb
 import numpy as np
 
-from ._bounds import FAST
+from ._kernels.bounds import FAST
 from ._threads import run_parallel
 
 U64 = nb.uint64

@@ -95,7 +95,7 @@ def _data_start(header_len: int) -> int:
 
 def load_index(path, *, verify: bool = True):
     """Read an index file; raise IndexFileError if it is not a complete, intact one."""
-    from ._mutate import Arrays
+    from ._kernels.mutate import Arrays
     from .tree import InvariantError, TreeIndex
     path = Path(path)
     size = path.stat().st_size

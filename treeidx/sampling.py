@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._bounds import dot_error, top_level_bounds
-from ._sample import (ALL_EXCLUDED, COLLAPSED, GAVE_UP, OK, ST_DOTS, ST_FRONTIER, ST_OPENED,
+from ._kernels.bounds import dot_error, top_level_bounds
+from ._kernels.sample import (ALL_EXCLUDED, COLLAPSED, GAVE_UP, OK, ST_DOTS, ST_FRONTIER, ST_OPENED,
                       ST_PROPOSALS, sample_batch, score_top_level)
 from .brute import dense_softmax
 from ._threads import run_parallel

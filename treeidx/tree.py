@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from . import _build, _mutate
-from ._mutate import Arrays
-from ._bounds import top_level_bounds
-from ._search import (GROUP_CHUNKS, merge_topk, search_batch, search_best_cluster,
+from . import _build
+from ._kernels import mutate as _mutate
+from ._kernels.mutate import Arrays
+from ._kernels.bounds import top_level_bounds
+from ._kernels.search import (GROUP_CHUNKS, merge_topk, search_batch, search_best_cluster,
                       search_groups)
 from ._threads import run_parallel
 from ._validate import as_exclude, as_ids, as_vectors, check_k

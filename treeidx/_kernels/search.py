@@ -11,7 +11,7 @@ import math
 import numba as nb
 import numpy as np
 
-from ._bounds import dot32, node_bounds
+from .bounds import dot32, node_bounds
 
 
 @nb.njit(cache=True, inline="always")

@@ -18,8 +18,8 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
-from ._bounds import FAST
-from ._build import U64, _kmeans_split, pad_down, pad_up, splitmix64, subset_statistics
+from .bounds import FAST
+from .._build import U64, _kmeans_split, pad_down, pad_up, splitmix64, subset_statistics
 
 DEAD = -2  # parent value of an unlinked node
 

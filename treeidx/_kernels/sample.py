@@ -16,9 +16,9 @@ import math
 import numba as nb
 import numpy as np
 
-from ._bounds import dot32, dot_error, node_bounds
-from ._build import U64, splitmix64, uniform01
-from ._search import grow_f, heap_pop, heap_push, heapify
+from .bounds import dot32, dot_error, node_bounds
+from .._build import U64, splitmix64, uniform01
+from .search import grow_f, heap_pop, heap_push, heapify
 
 NEG_INF = -np.inf
 
