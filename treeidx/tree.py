@@ -22,6 +22,7 @@ from . import _build
 from ._kernels import mutate as _mutate
 from ._kernels.mutate import Arrays
 from ._kernels.bounds import top_level_bounds
+from ._kernels.build import pad_up
 from ._kernels.search import (GROUP_CHUNKS, merge_topk, search_batch, search_best_cluster,
                       search_groups)
 from ._threads import run_parallel
@@ -449,7 +450,7 @@ class TreeIndex:
         self._key_slot[np.searchsorted(self._keys, A.slot_id[sl])] = np.arange(sbase, sbase + n)
         # tighten v's own radius about its (unchanged) center
         r = np.sqrt(((A.vecs[sl].astype(np.float64) - A.center[v]) ** 2).sum(axis=1)).max()
-        A.radius[v] = _build.pad_up(float(r))
+        A.radius[v] = pad_up(float(r))
         self._n_nodes += m - 1
         self._n_slots += n
         self._maybe_compact()

@@ -19,7 +19,8 @@ import numba as nb
 import numpy as np
 
 from .bounds import FAST
-from .._build import U64, _kmeans_split, pad_down, pad_up, splitmix64, subset_statistics
+from .build import kmeans_split, pad_down, pad_up, subset_statistics
+from .rng import U64, splitmix64
 
 DEAD = -2  # parent value of an unlinked node
 
@@ -139,7 +140,7 @@ def split_leaf(A, keys, key_slot, v, y, idv, n_slots, n_nodes, fanout, max_leaf,
     labels = np.empty(m, np.int64)
     centers = np.empty((fanout, d), np.float32)
     key = splitmix64(U64(seed) ^ U64(v * 0x9E3779B9 + n_slots))
-    bounds = _kmeans_split(pts, perm, 0, m, fanout, 6, key, labels, centers)
+    bounds = kmeans_split(pts, perm, 0, m, fanout, 6, key, labels, centers)
     A.leaf_start[v] = -1
     A.leaf_size[v] = 0
     A.leaf_cap[v] = 0

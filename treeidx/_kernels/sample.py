@@ -17,7 +17,7 @@ import numba as nb
 import numpy as np
 
 from .bounds import dot32, dot_error, node_bounds
-from .._build import U64, splitmix64, uniform01
+from .rng import U64, splitmix64, uniform01
 from .search import grow_f, heap_pop, heap_push, heapify
 
 NEG_INF = -np.inf
