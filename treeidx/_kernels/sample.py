@@ -18,7 +18,7 @@ import numpy as np
 
 from .bounds import dot32, dot_error, node_bounds
 from .rng import U64, splitmix64, uniform01
-from .search import grow_f, heap_pop, heap_push, heapify
+from .heaps import grow_f, heap_pop, heap_push, heapify
 
 NEG_INF = -np.inf
 
