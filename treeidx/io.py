@@ -95,7 +95,7 @@ def _data_start(header_len: int) -> int:
 
 def load_index(path, *, verify: bool = True):
     """Read an index file; raise IndexFileError if it is not a complete, intact one."""
-    from ._kernels.mutate import Arrays
+    from ._kernels.arrays import TreeArrays
     from .tree import InvariantError, TreeIndex
     path = Path(path)
     size = path.stat().st_size
@@ -120,7 +120,7 @@ def load_index(path, *, verify: bool = True):
             raise IndexFileError(f"{path}: unreadable header ({e})") from None
         base = _data_start(hlen)
         arrays = {}
-        for name in list(Arrays._fields) + ["keys", "key_slot"]:
+        for name in list(TreeArrays._fields) + ["keys", "key_slot"]:
             e = entries.get(name)
             if e is None:
                 raise IndexFileError(f"{path}: array '{name}' missing from the header")
@@ -139,7 +139,7 @@ def load_index(path, *, verify: bool = True):
             arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(e["shape"])
     keys, key_slot = arrays.pop("keys"), arrays.pop("key_slot")
     try:
-        index = TreeIndex(_arrays=Arrays(**arrays), _keys=keys, _key_slot=key_slot,
+        index = TreeIndex(_arrays=TreeArrays(**arrays), _keys=keys, _key_slot=key_slot,
                           _n_slots=int(meta["n_slots"]), _n_nodes=int(meta["n_nodes"]),
                           _dead_slots=int(meta["dead_slots"]),
                           _shape=TreeIndex._check_shape(meta["shape"]), _seed=int(meta["seed"]))

@@ -238,8 +238,7 @@ class SoftmaxSampler:
         A, beta = self.index._A, self.beta
         blo = np.empty(top_dots.shape, np.float64)
         bup = np.empty(top_dots.shape, np.float64)
-        run_parallel(top_level_bounds, q, top_dots, top_nodes, A.csq, A.radius, A.nu_min, A.nu_max,
-                     blo, bup)
+        run_parallel(top_level_bounds, A, q, top_dots, top_nodes, blo, bup)
         lc = np.log(A.count[top_nodes].astype(np.float64))
         flo = lc + beta * blo
         fup = lc + beta * bup

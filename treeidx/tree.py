@@ -20,11 +20,11 @@ import numpy as np
 
 from . import _build
 from ._kernels import mutate as _mutate
-from ._kernels.mutate import Arrays
+from ._kernels.arrays import Csr, TreeArrays
 from ._kernels.bounds import top_level_bounds
 from ._kernels.build import pad_up
-from ._kernels.search import (GROUP_CHUNKS, merge_topk, search_batch, search_best_cluster,
-                      search_groups)
+from ._kernels.search import (GROUP_CHUNKS, Group, PartialTopK, TopK, merge_topk, search_batch,
+                              search_best_cluster, search_groups)
 from ._threads import run_parallel
 from ._validate import as_exclude, as_ids, as_vectors, check_k
 
@@ -47,7 +47,7 @@ class TreeIndex:
     """
 
     # ------------------------------------------------------------------ build
-    def __init__(self, *, _arrays: Arrays, _keys: np.ndarray, _key_slot: np.ndarray,
+    def __init__(self, *, _arrays: TreeArrays, _keys: np.ndarray, _key_slot: np.ndarray,
                  _n_slots: int, _n_nodes: int, _dead_slots: int, _shape: dict, _seed: int):
         self._A = _arrays
         self._keys = _keys
@@ -103,7 +103,7 @@ class TreeIndex:
             np.repeat(leaves, t["leaf_size"][leaves]).astype(np.int32)
         slot_id = ids[t["perm"]]
         order = np.argsort(slot_id, kind="stable")
-        A = Arrays(vecs=t["vecs"], slot_id=slot_id, slot_leaf=slot_leaf, center=t["center"],
+        A = TreeArrays(vecs=t["vecs"], slot_id=slot_id, slot_leaf=slot_leaf, center=t["center"],
                    csq=t["csq"], radius=t["radius"], nu_min=t["nu_min"], nu_max=t["nu_max"],
                    sqsum=t["sqsum"], count=t["count"].astype(np.int64), parent=t["parent"],
                    first_child=t["first_child"], next_sibling=t["next_sibling"],
@@ -232,9 +232,8 @@ class TreeIndex:
                 self._search_grouped(q[lo:hi], k, top_nodes, top_dots[lo:hi], *_slice_csr(ptr, ex, lo, hi),
                                      scores[lo:hi], out_ids[lo:hi], visited[lo:hi], dots[lo:hi])
         else:
-            run_parallel(search_batch, q, k, top_nodes, top_dots, A.vecs, A.slot_id, A.center, A.csq,
-                         A.radius, A.nu_min, A.nu_max, A.first_child, A.next_sibling, A.leaf_start,
-                         A.leaf_size, ptr, ex, scores, out_ids, visited, dots)
+            run_parallel(search_batch, A, q, k, top_nodes, top_dots, Csr(ptr, ex),
+                         TopK(scores, out_ids, visited, dots))
         # per-query work of the last call (diagnostics; not synchronised between threads)
         inv = np.empty_like(order)
         inv[order] = np.arange(order.shape[0])
@@ -247,8 +246,7 @@ class TreeIndex:
         A, B = self._A, q.shape[0]
         lo_b = np.empty(top_dots.shape, np.float64)
         up_b = np.empty(top_dots.shape, np.float64)
-        run_parallel(top_level_bounds, q, top_dots, top_nodes, A.csq, A.radius, A.nu_min, A.nu_max,
-                     lo_b, up_b)
+        run_parallel(top_level_bounds, A, q, top_dots, top_nodes, lo_b, up_b)
         # the nearest centers: most likely to hold the top-k
         m = min(GROUP_FIRST_CLUSTERS, top_nodes.shape[0])
         best = np.argpartition(-top_dots, m - 1, axis=1)[:, :m] if m < top_nodes.shape[0] else \
@@ -256,9 +254,9 @@ class TreeIndex:
         best = np.ascontiguousarray(best, dtype=np.int64)
         a_scores = np.empty((B, k), np.float32)
         a_ids = np.empty((B, k), np.int64)
-        run_parallel(search_best_cluster, q, k, best, top_nodes, top_dots, A.vecs, A.slot_id, A.center,
-                     A.csq, A.radius, A.nu_min, A.nu_max, A.first_child, A.next_sibling, A.leaf_start,
-                     A.leaf_size, ptr, ex, a_scores, a_ids, visited, dots)
+        excl = Csr(ptr, ex)
+        run_parallel(search_best_cluster, A, q, k, best, top_nodes, top_dots, excl,
+                     TopK(a_scores, a_ids, visited, dots))
         # every other cluster, for the queries whose bound there beats their k-th score so far
         kth = np.ascontiguousarray(a_scores[:, k - 1])
         need = up_b > kth[:, None]
@@ -267,18 +265,16 @@ class TreeIndex:
         cand_ptr = np.zeros(top_nodes.shape[0] + 1, np.int64)
         np.cumsum(np.bincount(cl, minlength=top_nodes.shape[0]), out=cand_ptr[1:])
         qnorm = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
-        hs = np.full((GROUP_CHUNKS, B, k), -np.inf, np.float32)
-        hi = np.full((GROUP_CHUNKS, B, k), -1, np.int64)
-        hfill = np.zeros((GROUP_CHUNKS, B), np.int64)
-        vis = np.zeros((GROUP_CHUNKS, B), np.int64)
-        dts = np.zeros((GROUP_CHUNKS, B), np.int64)
-        run_parallel(search_groups, q, qnorm, kth, k, top_nodes, cand_ptr,
-                     qs.astype(np.int64), A.vecs, A.slot_id, A.center, A.csq, A.radius, A.nu_min,
-                     A.nu_max, A.first_child, A.next_sibling, A.leaf_start, A.leaf_size, ptr, ex,
-                     hs, hi, hfill, vis, dts)
-        run_parallel(merge_topk, a_scores, a_ids, hs, hi, hfill, scores, out_ids)
-        visited += vis.sum(axis=0)
-        dots += dts.sum(axis=0)
+        parts = PartialTopK(scores=np.full((GROUP_CHUNKS, B, k), -np.inf, np.float32),
+                            ids=np.full((GROUP_CHUNKS, B, k), -1, np.int64),
+                            fill=np.zeros((GROUP_CHUNKS, B), np.int64),
+                            visited=np.zeros((GROUP_CHUNKS, B), np.int64),
+                            dots=np.zeros((GROUP_CHUNKS, B), np.int64))
+        run_parallel(search_groups, A, Group(q, qnorm, kth), k, top_nodes,
+                     Csr(cand_ptr, qs.astype(np.int64)), excl, parts)
+        run_parallel(merge_topk, TopK(a_scores, a_ids, visited, dots), parts, scores, out_ids)
+        visited += parts.visited.sum(axis=0)
+        dots += parts.dots.sum(axis=0)
 
     def _top_level(self, expand: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The root's children (expand=False; the sampler opens these per query), or the
@@ -343,9 +339,9 @@ class TreeIndex:
             self._reserve(slots=self._n_slots + 2 * self.max_leaf + 2 + (x.shape[0] - i),
                           nodes=self._n_nodes + shp["fanout"] + 2 + (x.shape[0] - i) // 8)
             i, self._n_slots, self._n_nodes, self._dead_slots = _mutate.insert_batch(
-                self._A, self._keys, self._key_slot, x, ids, top_choice, i, 0, self._n_slots,
-                self._n_nodes, self._dead_slots, shp["fanout"], self.max_leaf,
-                self._seed + self._mutations)
+                self._A, self._keys, self._key_slot, _mutate.NewRows(x, ids, top_choice), i, 0,
+                self._n_slots, self._n_nodes, self._dead_slots,
+                _mutate.LeafShape(shp["fanout"], self.max_leaf, self._seed + self._mutations))
         self._maybe_compact()
 
     def remove(self, ids) -> None:
@@ -582,7 +578,7 @@ def _slice_csr(ptr: np.ndarray, vals: np.ndarray, lo: int, hi: int) -> tuple[np.
     return ptr[lo: hi + 1] - ptr[lo], vals[ptr[lo]: ptr[hi]]
 
 
-def _children(A: Arrays, v: int) -> list[int]:
+def _children(A: TreeArrays, v: int) -> list[int]:
     out, c = [], A.first_child[v]
     while c >= 0:
         out.append(int(c))

@@ -87,8 +87,23 @@ def dot32(a: np.ndarray, b: np.ndarray) -> float:
     return s
 
 
+@nb.njit(cache=True, inline="always")
+def squared_norm(q) -> float:
+    """||q||^2 of a float32 vector, summed in float64."""
+    s = 0.0
+    for t in range(q.shape[0]):
+        s += float(q[t]) * float(q[t])
+    return s
+
+
+@nb.njit(cache=True, inline="always")
+def node_bounds_of(T, v: int, dot: float, qnorm: float) -> tuple[float, float]:
+    """node_bounds of tree node v (T: TreeArrays) for a query with <q, c_v> = dot."""
+    return node_bounds(dot, qnorm, T.csq[v], T.radius[v], T.nu_min[v], T.nu_max[v], T.center.shape[1])
+
+
 @nb.njit(cache=True, parallel=True, nogil=True)
-def top_level_bounds(queries, top_dots, top_nodes, csq, radius, nu_min, nu_max, out_lo, out_up):
+def top_level_bounds(T, queries, top_dots, top_nodes, out_lo, out_up):
     """Certified bounds of <q, y> below each top-level node, for every query."""
     dim = queries.shape[1]
     for b in nb.prange(queries.shape[0]):
@@ -97,6 +112,4 @@ def top_level_bounds(queries, top_dots, top_nodes, csq, radius, nu_min, nu_max, 
             qn += float(queries[b, t]) * float(queries[b, t])
         qnorm = math.sqrt(qn)
         for j in range(top_nodes.shape[0]):
-            c = top_nodes[j]
-            out_lo[b, j], out_up[b, j] = node_bounds(top_dots[b, j], qnorm, csq[c], radius[c],
-                                                     nu_min[c], nu_max[c], dim)
+            out_lo[b, j], out_up[b, j] = node_bounds_of(T, top_nodes[j], top_dots[b, j], qnorm)

@@ -1,6 +1,6 @@
 """Local repairs of the tree: insert, remove, subtree collection and the invariant check.
 
-All kernels work on the flat arrays of `Arrays` (see tree.py). Centers stay
+All kernels work on the flat arrays of one `TreeArrays` (arrays.py). Centers stay
 fixed after build; an insert widens radii and norm ranges along its path so they
 remain true bounds, a remove leaves them as (looser) true bounds. Leaves own a
 contiguous slot range with spare capacity; a full leaf moves to a larger range
@@ -18,32 +18,10 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
+from .arrays import DEAD, TreeArrays  # noqa: F401  (the record every kernel here takes)
 from .bounds import FAST
 from .build import kmeans_split, pad_down, pad_up, subset_statistics
 from .rng import U64, splitmix64
-
-DEAD = -2  # parent value of an unlinked node
-
-
-class Arrays(NamedTuple):
-    vecs: np.ndarray          # (slot capacity, d) float32
-    slot_id: np.ndarray       # (slot capacity,) int64 id stored in the slot
-    slot_leaf: np.ndarray     # (slot capacity,) int64 owning leaf, -1 marks a free slot
-    center: np.ndarray        # (node capacity, d) float32
-    csq: np.ndarray           # ||center||^2, float64
-    radius: np.ndarray        # >= max ||y - center|| over the subtree, float64
-    nu_min: np.ndarray        # <= min ||y||
-    nu_max: np.ndarray        # >= max ||y||
-    sqsum: np.ndarray         # sum ||y - center||^2 (an estimate's input, not a bound)
-    count: np.ndarray         # targets in the subtree, int64
-    parent: np.ndarray        # int64, -1 root, DEAD unlinked
-    first_child: np.ndarray   # int64, -1 none
-    next_sibling: np.ndarray  # int64, -1 none
-    leaf_start: np.ndarray    # int64, first slot of a leaf, -1 for internal nodes
-    leaf_size: np.ndarray     # int64, used slots of a leaf
-    leaf_cap: np.ndarray      # int64, reserved slots of a leaf
-    node_lo: np.ndarray       # int64: the subtree's targets fill slots [node_lo, node_lo + count),
-                              # or -1 when they are not contiguous (see contiguous_ranges)
 
 
 @nb.njit(cache=True, inline="always")
@@ -183,17 +161,31 @@ def grow_leaf(A, keys, key_slot, v, n_slots, max_leaf):
     return n_slots + new_cap, cap
 
 
-@nb.njit(cache=True, nogil=True)
-def insert_batch(A, keys, key_slot, vecs, ids, top_choice, start, root, n_slots, n_nodes,
-                 dead_slots, fanout, max_leaf, seed):
-    """Insert rows start.. of (vecs, ids) until done or capacity runs short.
+class NewRows(NamedTuple):
+    """Rows to insert: vectors, ids, and each row's nearest child of the root (chosen
+    by the caller with one BLAS product for the whole batch), or -1 to choose here."""
+    vecs: np.ndarray
+    ids: np.ndarray
+    nearest_top: np.ndarray
 
-    top_choice[i] is row i's nearest child of the root (chosen by the caller with one
-    BLAS product for the whole batch), or -1 to choose here.
+
+class LeafShape(NamedTuple):
+    """How a full leaf splits: k-means into `fanout` children of at most `max_leaf`
+    targets, seeded by `seed`."""
+    fanout: int
+    max_leaf: int
+    seed: int
+
+
+@nb.njit(cache=True, nogil=True)
+def insert_batch(A, keys, key_slot, rows, start, root, n_slots, n_nodes, dead_slots, shape):
+    """Insert rows start.. of `rows` (NewRows) until done or capacity runs short.
 
     Returns (next row, n_slots, n_nodes, dead_slots). The caller guarantees the
     keys already hold every new id, and grows the arrays when asked to resume.
     """
+    vecs, ids, top_choice = rows.vecs, rows.ids, rows.nearest_top
+    fanout, max_leaf, seed = shape.fanout, shape.max_leaf, shape.seed
     slot_room = A.vecs.shape[0]
     node_room = A.center.shape[0]
     i = start

@@ -7,42 +7,56 @@ result is exact (ties aside).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numba as nb
 import numpy as np
 
-from .bounds import dot32, node_bounds
+from .arrays import Csr, TreeArrays  # noqa: F401  (the records these kernels take)
+from .bounds import dot32, node_bounds_of, squared_norm
 from .heaps import grow_f, topk_push, topk_replace_min
 
 
+class TopK(NamedTuple):
+    """Per-query results: (B, k) scores, descending, and ids (-1 pads); (B,) work counters."""
+    scores: np.ndarray
+    ids: np.ndarray
+    visited: np.ndarray   # nodes visited
+    dots: np.ndarray      # inner products computed
+
+
 @nb.njit(cache=True, inline="always")
-def is_excluded(excl_ptr, excl_ids, b, idv):
-    lo, hi = excl_ptr[b], excl_ptr[b + 1]
+def is_excluded(excl, b, idv):
+    """Whether query b excludes id idv (its list is sorted)."""
+    lo, hi = excl.ptr[b], excl.ptr[b + 1]
     if lo == hi:
         return False
-    j = lo + np.searchsorted(excl_ids[lo:hi], idv)
-    return j < hi and excl_ids[j] == idv
+    j = lo + np.searchsorted(excl.values[lo:hi], idv)
+    return j < hi and excl.values[j] == idv
+
+
+@nb.njit(cache=True, inline="always")
+def offer(scores, ids, filled, k, sc, idv):
+    """Offer (sc, idv) to a min-heap top-k of `filled` entries; returns the new fill."""
+    if filled < k:
+        topk_push(scores, ids, filled, sc, idv)
+        return filled + 1
+    topk_replace_min(scores, ids, k, sc, idv)
+    return filled
 
 
 @nb.njit(cache=True, nogil=True)
-def _search_one(q, b, k, top_nodes, top_row, vecs, slot_id, center, csq, radius, nu_min, nu_max,
-                first_child, next_sibling, leaf_start, leaf_size, excl_ptr, excl_ids,
-                out_scores, out_ids, out_visited, out_dots):
+def _search_one(T, q, b, k, top_nodes, top_row, excl, out):
     """One query of search_batch. A separate function so that growing its work arrays
     is invisible to the parallel loop's array analysis (which rejects rebinding)."""
-    dim = q.shape[0]
     ntop = top_nodes.shape[0]
-    qn = 0.0
-    for t in range(dim):
-        qn += float(q[t]) * float(q[t])
-    qnorm = math.sqrt(qn)
+    qnorm = math.sqrt(squared_norm(q))
     ts = np.full(k, -np.inf, np.float32)
     ti = np.full(k, -1, np.int64)
     filled = 0
     tb = np.empty(ntop, np.float64)
     for j in range(ntop):
-        c = top_nodes[j]
-        lo, tb[j] = node_bounds(top_row[j], qnorm, csq[c], radius[c], nu_min[c], nu_max[c], dim)
+        lo, tb[j] = node_bounds_of(T, top_nodes[j], top_row[j], qnorm)
     torder = np.argsort(-tb)
     # depth-first below each top-level cluster, children in order of their bounds
     st_node = np.empty(256, np.int64)
@@ -63,27 +77,21 @@ def _search_one(q, b, k, top_nodes, top_row, vecs, slot_id, center, csq, radius,
             if filled == k and st_ub[sp] <= ts[0]:
                 continue
             visited += 1
-            s0 = leaf_start[v]
+            s0 = T.leaf_start[v]
             if s0 >= 0:
-                dots += leaf_size[v]
-                for s in range(s0, s0 + leaf_size[v]):
-                    sc = dot32(q, vecs[s])
+                dots += T.leaf_size[v]
+                for s in range(s0, s0 + T.leaf_size[v]):
+                    sc = dot32(q, T.vecs[s])
                     if filled < k or sc > ts[0]:
-                        idv = slot_id[s]
-                        if is_excluded(excl_ptr, excl_ids, b, idv):
-                            continue
-                        if filled < k:
-                            topk_push(ts, ti, filled, sc, idv)
-                            filled += 1
-                        else:
-                            topk_replace_min(ts, ti, k, sc, idv)
+                        idv = T.slot_id[s]
+                        if not is_excluded(excl, b, idv):
+                            filled = offer(ts, ti, filled, k, sc, idv)
                 continue
             nc = 0
-            c = first_child[v]
+            c = T.first_child[v]
             while c >= 0:
                 dots += 1
-                a = dot32(q, center[c])
-                lo, up = node_bounds(a, qnorm, csq[c], radius[c], nu_min[c], nu_max[c], dim)
+                up = node_bounds_of(T, c, dot32(q, T.center[c]), qnorm)[1]
                 if filled < k or up > ts[0]:
                     cb = grow_f(cb, nc)
                     cn = grow_f(cn, nc)
@@ -96,28 +104,32 @@ def _search_one(q, b, k, top_nodes, top_row, vecs, slot_id, center, csq, radius,
                     cb[i] = up
                     cn[i] = c
                     nc += 1
-                c = next_sibling[c]
+                c = T.next_sibling[c]
             st_node = grow_f(st_node, sp + nc)
             st_ub = grow_f(st_ub, sp + nc)
             for i in range(nc):
                 st_node[sp] = cn[i]
                 st_ub[sp] = cb[i]
                 sp += 1
+    write_row(out, b, ts, ti, filled, k)
+    out.visited[b] = visited
+    out.dots[b] = dots
+
+
+@nb.njit(cache=True, inline="always")
+def write_row(out, b, ts, ti, filled, k):
+    """Row b of the output: the heap's entries by descending score, -inf / -1 padded."""
     order = np.argsort(-ts[:filled])
     for j in range(filled):
-        out_scores[b, j] = ts[order[j]]
-        out_ids[b, j] = ti[order[j]]
+        out.scores[b, j] = ts[order[j]]
+        out.ids[b, j] = ti[order[j]]
     for j in range(filled, k):
-        out_scores[b, j] = -np.inf
-        out_ids[b, j] = -1
-    out_visited[b] = visited
-    out_dots[b] = dots
+        out.scores[b, j] = -np.inf
+        out.ids[b, j] = -1
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
-def search_batch(queries, k, top_nodes, top_dots, vecs, slot_id, center, csq, radius, nu_min, nu_max,
-                 first_child, next_sibling, leaf_start, leaf_size, excl_ptr, excl_ids,
-                 out_scores, out_ids, out_visited, out_dots):
+def search_batch(T, queries, k, top_nodes, top_dots, excl, out):
     """Exact top-k by inner product for each query row (parallel over queries).
 
     The root's children (the wide top level) arrive pre-scored by one BLAS product,
@@ -125,15 +137,13 @@ def search_batch(queries, k, top_nodes, top_dots, vecs, slot_id, center, csq, ra
     their bounds, and below each a depth-first descent visits children in bound order.
     """
     for b in nb.prange(queries.shape[0]):
-        _search_one(queries[b], b, k, top_nodes, top_dots[b], vecs, slot_id, center, csq, radius,
-                    nu_min, nu_max, first_child, next_sibling, leaf_start, leaf_size, excl_ptr,
-                    excl_ids, out_scores, out_ids, out_visited, out_dots)
+        _search_one(T, queries[b], b, k, top_nodes, top_dots[b], excl, out)
 
 
 # ------------------------------------------------------------------ batched search
-# A batch of queries reads the same leaves: per query, best-first search streams ~3% of
-# all vectors from memory, the same ones for queries of one region. The batched path
-# (1) searches each query's few nearest top-level clusters alone, which nearly always
+# A batch of queries reads the same leaves: per query, best-first search streams a few
+# percent of all vectors from memory, the same ones for queries of one region. The batched
+# path (1) searches each query's few nearest top-level clusters alone, which nearly always
 # hold its top-k, giving a threshold t_b; (2) walks every other cluster once for the group of
 # queries whose bound there beats t_b, computing each node's and leaf's inner products
 # for the whole group while its vectors are in cache. Pruning is per query and uses
@@ -142,23 +152,56 @@ def search_batch(queries, k, top_nodes, top_dots, vecs, slot_id, center, csq, ra
 GROUP_CHUNKS = 8  # independent partial top-k heaps; fixed, so results never depend on threads
 
 
+class Group(NamedTuple):
+    """The queries of a grouped search: rows, their norms, phase (1)'s k-th scores."""
+    queries: np.ndarray   # (B, d) float32
+    norms: np.ndarray     # (B,) float64
+    floor: np.ndarray     # (B,) float32: a lower bound of each query's final k-th score
+
+
+class PartialTopK(NamedTuple):
+    """GROUP_CHUNKS partial top-k min-heaps per query, and their work counters."""
+    scores: np.ndarray    # (chunks, B, k) float32
+    ids: np.ndarray       # (chunks, B, k) int64
+    fill: np.ndarray      # (chunks, B) entries used
+    visited: np.ndarray   # (chunks, B)
+    dots: np.ndarray      # (chunks, B)
+
+
 @nb.njit(cache=True, inline="always")
-def _threshold(hs, hfill, t, b, k, t_a):
-    """A lower bound of query b's final k-th score: phase A's, or chunk t's heap."""
-    if hfill[t, b] == k and hs[t, b, 0] > t_a:
-        return hs[t, b, 0]
-    return t_a
+def _threshold(P, t, b, k, floor):
+    """A lower bound of query b's final k-th score: phase (1)'s, or chunk t's heap."""
+    if P.fill[t, b] == k and P.scores[t, b, 0] > floor:
+        return P.scores[t, b, 0]
+    return floor
+
+
+@nb.njit(cache=True, inline="always")
+def _scan_leaf(T, G, P, excl, v, abuf, lo, n, k, t):
+    """Leaf v against its active queries abuf[lo:lo + n], each into chunk t's heap."""
+    s0, m = T.leaf_start[v], T.leaf_size[v]
+    for i in range(lo, lo + n):
+        b = abuf[i]
+        P.visited[t, b] += 1
+        P.dots[t, b] += m
+        q = G.queries[b]
+        thr = _threshold(P, t, b, k, G.floor[b])
+        for s in range(s0, s0 + m):
+            sc = dot32(q, T.vecs[s])
+            if sc > thr:
+                idv = T.slot_id[s]
+                if is_excluded(excl, b, idv):
+                    continue
+                P.fill[t, b] = offer(P.scores[t, b], P.ids[t, b], P.fill[t, b], k, sc, idv)
+                thr = _threshold(P, t, b, k, G.floor[b])
 
 
 @nb.njit(cache=True, nogil=True)
-def _walk_cluster(root, group, queries, qnorm, t_a, k, t, vecs, slot_id, center, csq, radius,
-                  nu_min, nu_max, first_child, next_sibling, leaf_start, leaf_size, excl_ptr,
-                  excl_ids, hs, hi, hfill, visited, dots):
+def _walk_cluster(T, root, group, G, k, t, excl, P):
     """Depth-first walk of one cluster for a group of queries, each pruned on its own bound.
 
     The active queries of the node on top of the stack are abuf[lo:lo + n]; children's
     lists are written above it, so popping an entry frees everything above its list."""
-    dim = queries.shape[1]
     g = group.shape[0]
     abuf = np.empty(4 * g + 64, np.int64)
     abuf[:g] = group
@@ -171,41 +214,20 @@ def _walk_cluster(root, group, queries, qnorm, t_a, k, t, vecs, slot_id, center,
         sp -= 1
         v, lo, n = st_node[sp], st_lo[sp], st_n[sp]
         top = lo + n
-        s0 = leaf_start[v]
-        if s0 >= 0:
-            m = leaf_size[v]
-            for i in range(lo, lo + n):
-                b = abuf[i]
-                visited[t, b] += 1
-                dots[t, b] += m
-                q = queries[b]
-                thr = _threshold(hs, hfill, t, b, k, t_a[b])
-                for s in range(s0, s0 + m):
-                    sc = dot32(q, vecs[s])
-                    if sc > thr:
-                        idv = slot_id[s]
-                        if is_excluded(excl_ptr, excl_ids, b, idv):
-                            continue
-                        if hfill[t, b] < k:
-                            topk_push(hs[t, b], hi[t, b], hfill[t, b], sc, idv)
-                            hfill[t, b] += 1
-                        else:
-                            topk_replace_min(hs[t, b], hi[t, b], k, sc, idv)
-                        thr = _threshold(hs, hfill, t, b, k, t_a[b])
+        if T.leaf_start[v] >= 0:
+            _scan_leaf(T, G, P, excl, v, abuf, lo, n, k, t)
             continue
         for i in range(lo, lo + n):
-            visited[t, abuf[i]] += 1
-        c = first_child[v]
+            P.visited[t, abuf[i]] += 1
+        c = T.first_child[v]
         while c >= 0:
             abuf = grow_f(abuf, top + n)
             nc = 0
             for i in range(lo, lo + n):
                 b = abuf[i]
-                dots[t, b] += 1
-                a = dot32(queries[b], center[c])
-                up = node_bounds(a, qnorm[b], csq[c], radius[c], nu_min[c], nu_max[c], dim)[1]
-                thr = _threshold(hs, hfill, t, b, k, t_a[b])
-                if up > thr:
+                P.dots[t, b] += 1
+                up = node_bounds_of(T, c, dot32(G.queries[b], T.center[c]), G.norms[b])[1]
+                if up > _threshold(P, t, b, k, G.floor[b]):
                     abuf[top + nc] = b
                     nc += 1
             if nc > 0:
@@ -215,31 +237,25 @@ def _walk_cluster(root, group, queries, qnorm, t_a, k, t, vecs, slot_id, center,
                 st_node[sp], st_lo[sp], st_n[sp] = c, top, nc
                 sp += 1
                 top += nc
-            c = next_sibling[c]
+            c = T.next_sibling[c]
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
-def search_groups(queries, qnorm, t_a, k, top_nodes, cand_ptr, cand_q, vecs, slot_id, center, csq,
-                  radius, nu_min, nu_max, first_child, next_sibling, leaf_start, leaf_size,
-                  excl_ptr, excl_ids, hs, hi, hfill, visited, dots):
-    """Phase (2): cluster j is walked for queries cand_q[cand_ptr[j]:cand_ptr[j + 1]].
+def search_groups(T, G, k, top_nodes, cand, excl, P):
+    """Phase (2): cluster j is walked for the queries cand.values[cand.ptr[j]:cand.ptr[j + 1]].
 
     Clusters are dealt to GROUP_CHUNKS chunks (j mod chunks), each with its own partial
-    top-k heaps hs/hi/hfill[t] and counters, so the parallel loop writes no shared state."""
-    n_chunks = hs.shape[0]
+    top-k heaps P[t], so the parallel loop writes no shared state."""
+    n_chunks = P.scores.shape[0]
     for t in nb.prange(n_chunks):
         for j in range(t, top_nodes.shape[0], n_chunks):
-            if cand_ptr[j + 1] > cand_ptr[j]:
-                _walk_cluster(top_nodes[j], cand_q[cand_ptr[j]:cand_ptr[j + 1]], queries, qnorm, t_a,
-                              k, t, vecs, slot_id, center, csq, radius, nu_min, nu_max, first_child,
-                              next_sibling, leaf_start, leaf_size, excl_ptr, excl_ids, hs, hi, hfill,
-                              visited, dots)
+            lo, hi = cand.ptr[j], cand.ptr[j + 1]
+            if hi > lo:
+                _walk_cluster(T, top_nodes[j], cand.values[lo:hi], G, k, t, excl, P)
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
-def search_best_cluster(queries, k, best, top_nodes, top_dots, vecs, slot_id, center, csq, radius,
-                        nu_min, nu_max, first_child, next_sibling, leaf_start, leaf_size, excl_ptr,
-                        excl_ids, out_scores, out_ids, out_visited, out_dots):
+def search_best_cluster(T, queries, k, best, top_nodes, top_dots, excl, out):
     """Phase (1): exact top-k of each query within its first clusters best[b] only."""
     for b in nb.prange(queries.shape[0]):
         sel = best[b]
@@ -248,27 +264,25 @@ def search_best_cluster(queries, k, best, top_nodes, top_dots, vecs, slot_id, ce
         for i in range(sel.shape[0]):
             nodes[i] = top_nodes[sel[i]]
             row[i] = top_dots[b, sel[i]]
-        _search_one(queries[b], b, k, nodes, row, vecs, slot_id, center,
-                    csq, radius, nu_min, nu_max, first_child, next_sibling, leaf_start, leaf_size,
-                    excl_ptr, excl_ids, out_scores, out_ids, out_visited, out_dots)
+        _search_one(T, queries[b], b, k, nodes, row, excl, out)
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
-def merge_topk(a_scores, a_ids, hs, hi, hfill, out_scores, out_ids):
+def merge_topk(first, P, out_scores, out_ids):
     """Top-k (descending) of phase (1)'s rows and every chunk's partial heap, per query."""
-    k = a_scores.shape[1]
-    n_chunks = hs.shape[0]
-    for b in nb.prange(a_scores.shape[0]):
+    k = first.scores.shape[1]
+    n_chunks = P.scores.shape[0]
+    for b in nb.prange(first.scores.shape[0]):
         m = k * (n_chunks + 1)
         sc = np.full(m, -np.inf, np.float32)
         ids = np.full(m, -1, np.int64)
-        sc[:k] = a_scores[b]
-        ids[:k] = a_ids[b]
+        sc[:k] = first.scores[b]
+        ids[:k] = first.ids[b]
         p = k
         for t in range(n_chunks):
-            for i in range(hfill[t, b]):
-                sc[p] = hs[t, b, i]
-                ids[p] = hi[t, b, i]
+            for i in range(P.fill[t, b]):
+                sc[p] = P.scores[t, b, i]
+                ids[p] = P.ids[t, b, i]
                 p += 1
         order = np.argsort(-sc[:p], kind="mergesort")
         for j in range(k):
