@@ -24,9 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._kernels.arrays import Csr
 from ._kernels.bounds import dot_error, top_level_bounds
-from ._kernels.sample import (ALL_EXCLUDED, COLLAPSED, GAVE_UP, OK, ST_DOTS, ST_FRONTIER, ST_OPENED,
-                      ST_PROPOSALS, sample_batch, score_top_level)
+from ._kernels.frontier import (ALL_EXCLUDED, COLLAPSED, GAVE_UP, OK, ST_DOTS, ST_FRONTIER, ST_OPENED,
+                                ST_PROPOSALS, Params, log_gap, proposal_log_weight)
+from ._kernels.sample import SampleOut, TopLevel, sample_batch, score_top_level
 from .brute import dense_softmax
 from ._threads import run_parallel
 from ._validate import as_exclude, as_vectors, check_k, check_positive
@@ -186,13 +188,11 @@ class SoftmaxSampler:
         q, top_dots = q[order], top_dots[order]
         ptr, ex_slots = _permute_csr(ptr, ex_slots, order)
         tops = self._top_level_entries(q, top_dots, top_nodes)
-        out = [np.empty_like(a) for a in (ids, log_q, log_z, tv, stats, status)]
-        run_parallel(sample_batch, q, qidx[order], top_nodes, *tops, self.beta, k,
-                     self.mode == "exact", self.tolerance, self._budget(), self.draw_cost,
-                     self._give_up(), seed,
-                     A.vecs, A.slot_id, A.center, A.csq, A.radius, A.nu_min, A.nu_max, A.sqsum,
-                     A.count, A.first_child, A.next_sibling, A.leaf_start, A.leaf_size,
-                     A.slot_leaf, A.parent, A.node_lo, ptr, ex_slots, *out)
+        out = SampleOut(*(np.empty_like(a) for a in (ids, log_q, log_z, tv, stats, status)))
+        params = Params(beta=self.beta, k=k, exact=self.mode == "exact", tol=self.tolerance,
+                        budget=self._budget(), draw_cost=self.draw_cost, give_up=self._give_up())
+        run_parallel(sample_batch, A, q, qidx[order], top_nodes, tops, params, seed,
+                     Csr(ptr, ex_slots), out)
         for dst, src in zip((ids, log_q, log_z, tv, stats, status), out):
             dst[order] = src
 
@@ -244,17 +244,14 @@ class SoftmaxSampler:
         fup = lc + beta * bup
         qn2 = np.einsum("ij,ij->i", q, q, dtype=np.float64)[:, None]
         msd = A.sqsum[top_nodes] / A.count[top_nodes]
-        est = lc + beta * top_dots + 0.5 * beta * beta * qn2 * msd / q.shape[1]
-        w = np.minimum(np.maximum(est, flo), fup)
-        if self.mode == "exact":  # log(e^up - e^lo): refine where the envelope wastes most
-            with np.errstate(divide="ignore"):
-                prio = fup + np.log(-np.expm1(np.minimum(flo - fup, -1e-300)))
-        else:  # largest estimated mass first
-            prio = w
+        # the kernels' own formulas (numpy ufuncs inside), evaluated on whole arrays
+        w = proposal_log_weight.py_func(lc, beta, top_dots, qn2, msd, q.shape[1], flo, fup)
+        # exact mode refines where the envelope wastes most; approx mode the largest mass
+        prio = log_gap.py_func(flo, fup) if self.mode == "exact" else w
         # shifted weights, exponentiated here in bulk rather than per query in the kernel
         shift = fup.max(axis=1)
         eu, el, ew = (np.exp(a - shift[:, None]) for a in (fup, flo, w))
-        return blo, bup, flo, fup, w, prio, eu, el, ew, shift
+        return TopLevel(blo, bup, flo, fup, w, prio, eu, el, ew, shift)
 
     def log_partition(self, queries, *, exclude=None) -> tuple[np.ndarray, np.ndarray]:
         """Certified (lower, upper) bounds of log Z(q) for each query."""

@@ -19,25 +19,6 @@ def grow_f(a, n):
     return b
 
 
-# Not IR-inlined: parfor array analysis rejects the array rebinding of a growing heap.
-@nb.njit(cache=True)
-def heap_push(keys, vals, size, key, val):
-    """Push onto a max-heap stored in (keys, vals); grows the arrays when full."""
-    keys = grow_f(keys, size)
-    vals = grow_f(vals, size)
-    i = size
-    while i > 0:
-        p = (i - 1) >> 1
-        if keys[p] >= key:
-            break
-        keys[i] = keys[p]
-        vals[i] = vals[p]
-        i = p
-    keys[i] = key
-    vals[i] = val
-    return keys, vals, size + 1
-
-
 @nb.njit(cache=True, inline="always")
 def heap_sift_down(keys, vals, size, i, k, v):
     """Place (k, v) at position i of a max-heap of `size` entries, moving it down."""

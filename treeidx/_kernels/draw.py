@@ -1,0 +1,279 @@
+"""The sampler's draw stage: from a refined cut to k samples and a certified log Z.
+
+Exact mode draws an entry in proportion to its upper bound (an evaluated leaf: its
+exact mass), a uniform target below it, and accepts it with probability
+e^(beta <q, y>) / e^(up) per target; accepted targets follow the softmax exactly,
+whatever the cut. Approx mode draws from the proposal weights without rejection and
+reports the proposal's own log-probability. docs/sampling.md has the derivations.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numba as nb
+import numpy as np
+
+from .bounds import dot32
+from .frontier import (ALL_EXCLUDED, COLLAPSED, ENTRIES, GAVE_UP, NEG_INF, OK, ST_ACCEPTED,
+                       ST_DOTS, ST_FRONTIER, ST_PROPOSALS, frontier_max, hidden_excluded_mass,
+                       is_excluded_slot, lse_shifted, reshift)
+from .rng import U64, uniform01
+
+
+class Proposal(NamedTuple):
+    """What draws are made from: an alias table over the alive entries of the cut."""
+    entry: np.ndarray   # int64 cut entry of each alias slot
+    weight: np.ndarray  # float64 its weight, relative to the shift
+    prob: np.ndarray    # float64 Walker alias table
+    alias: np.ndarray   # int64
+    total: float        # sum of weight
+    excluded: float     # approx mode: weight on excluded targets inside unopened nodes
+    shift: float        # Mw: the shift of approx mode's proposal weights
+
+
+@nb.njit(cache=True)
+def settle_shift(cut, exact):
+    """Final shifts: M (bounds) moves down to the cut's largest upper bound, and approx
+    mode's proposal weights get their own shift Mw. Returns Mw.
+
+    An unopened node with a loose upper bound can set M far above every target's real
+    weight; the lower bounds and proposal weights, which sit far below the upper ones,
+    would then underflow to 0."""
+    E, nf = cut.entries, cut.n[ENTRIES]
+    if NEG_INF < frontier_max(E.up, E, nf) < cut.shift[0]:
+        reshift(cut)
+    Mw = cut.shift[0]
+    if not exact:
+        Mw = frontier_max(E.w, E, nf)
+        if Mw > NEG_INF:
+            for j in range(nf):
+                E.ew[j] = lse_shifted(E.w[j], Mw)
+    return Mw
+
+
+@nb.njit(cache=True)
+def certificate(cut, X):
+    """Certified (log lower, log upper) bound of log Z over the allowed targets, and the
+    upper total relative to the shift (<= 0: nothing is allowed).
+
+    The segment trees' totals are pairwise sums of positive terms: relative error
+    below depth * 2^-52, covered by the pad."""
+    M = cut.shift[0]
+    U, L = cut.sums.up[1], cut.sums.lo[1]
+    exw = hidden_excluded_mass(X, M)
+    pad = (64 + X.slots.shape[0] + 8) * 2.3e-16
+    La = L * (1.0 - pad) - exw * (1.0 + pad)
+    Ua = U * (1.0 + pad) - exw * (1.0 - pad)
+    log_lo = math.log(La) + M if La > 0.0 else NEG_INF
+    log_up = math.log(Ua) + M if Ua > 0.0 else NEG_INF
+    return log_lo, log_up, Ua
+
+
+@nb.njit(cache=True)
+def build_proposal(cut, exact, excluded, Mw):
+    """One weight per alive entry: an evaluated leaf's exact mass, else the upper bound
+    (exact mode: the rejection envelope) or the proposal weight (approx mode)."""
+    E, nf = cut.entries, cut.n[ENTRIES]
+    cap = cut.sums.up.shape[0] >> 1
+    ent = np.empty(nf, np.int64)
+    ew = np.empty(nf, np.float64)
+    tot = 0.0
+    ne = 0
+    for j in range(nf):
+        if not E.alive[j]:
+            continue
+        w = E.ew[j] if (E.off[j] >= 0 or not exact) else cut.sums.up[cap + j]
+        tot += w
+        ent[ne] = j
+        ew[ne] = w
+        ne += 1
+    prob = np.empty(ne, np.float64)
+    alias = np.empty(ne, np.int64)
+    build_alias(ew, ne, tot, prob, alias)
+    return Proposal(ent[:ne], ew[:ne], prob, alias, tot, excluded, Mw)
+
+
+@nb.njit(cache=True)
+def build_alias(w, n, total, prob, alias):
+    """Vose's alias table for weights w[:n] summing to total."""
+    small = np.empty(n, np.int64)
+    large = np.empty(n, np.int64)
+    ns, nl = 0, 0
+    scaled = np.empty(n, np.float64)
+    for i in range(n):
+        scaled[i] = w[i] * n / total
+        if scaled[i] < 1.0:
+            small[ns] = i
+            ns += 1
+        else:
+            large[nl] = i
+            nl += 1
+    while ns > 0 and nl > 0:
+        ns -= 1
+        s = small[ns]
+        l = large[nl - 1]  # noqa: E741
+        prob[s] = scaled[s]
+        alias[s] = l
+        scaled[l] = (scaled[l] + scaled[s]) - 1.0
+        if scaled[l] < 1.0:
+            nl -= 1
+            small[ns] = l
+            ns += 1
+    for i in range(nl):
+        prob[large[i]] = 1.0
+        alias[large[i]] = large[i]
+    for i in range(ns):  # only rounding leaves entries here
+        prob[small[i]] = 1.0
+        alias[small[i]] = small[i]
+
+
+@nb.njit(cache=True)
+def hidden_excluded_proposal(T, cut, X):
+    """Approx mode: proposal weight that falls on excluded targets still inside unopened
+    nodes (renormalised away: those draws are discarded)."""
+    E = cut.entries
+    q_ex = 0.0
+    for jx in range(X.slots.shape[0]):
+        if X.hidden[jx]:
+            e = find_entry(T, cut, X.slots[jx])
+            q_ex += E.ew[e] / T.count[E.node[e]]
+    return q_ex
+
+
+@nb.njit(cache=True)
+def find_entry(T, cut, s):
+    """The cut entry whose unopened node holds slot s."""
+    E, nf = cut.entries, cut.n[ENTRIES]
+    u = T.slot_leaf[s]
+    while u >= 0:
+        for j in range(nf):
+            if E.alive[j] and E.off[j] < 0 and E.node[j] == u:
+                return j
+        u = T.parent[u]
+    return 0
+
+
+@nb.njit(cache=True)
+def tv_bound(cut, prop, Ua):
+    """Approx mode's certified total-variation bound: 1 - sum_v min(L_v / U, W_v / W)
+    over the entries, plus the over-count of excluded targets in that overlap."""
+    cap = cut.sums.up.shape[0] >> 1
+    allowed = prop.total - prop.excluded
+    overlap = 0.0
+    for jj in range(prop.entry.shape[0]):
+        overlap += min(cut.sums.lo[cap + prop.entry[jj]] / Ua, prop.weight[jj] / allowed)
+    return min(1.0, max(0.0, 1.0 - overlap + prop.excluded / allowed))
+
+
+@nb.njit(cache=True, inline="always")
+def alias_pick(prop, u):
+    """The cut entry for a uniform u in [0, 1): Walker's alias method, O(1)."""
+    ne = prop.entry.shape[0]
+    r = u * ne
+    jj = min(int(r), ne - 1)
+    if r - jj >= prop.prob[jj]:
+        jj = prop.alias[jj]
+    return prop.entry[jj]
+
+
+@nb.njit(cache=True, inline="always")
+def leaf_pick(cut, off, end, u):
+    """Score index of an evaluated leaf's target by its exact weight, or -1 when the
+    draw lands on an excluded target (weight 0, kept only in rounding)."""
+    S = cut.scores
+    r = u * S.cum[end - 1]
+    i = off + np.searchsorted(S.cum[off:end], r, side="right")
+    if i >= end or S.w[i] == NEG_INF:
+        return -1
+    return i
+
+
+@nb.njit(cache=True, inline="always")
+def uniform_descendant(T, v, r):
+    """The r-th target (0 <= r < count[v]) below v: one lookup when the subtree's
+    slots are contiguous, else a descent by child counts."""
+    while T.leaf_start[v] < 0:
+        if T.node_lo[v] >= 0:
+            return T.node_lo[v] + r
+        c = T.first_child[v]
+        while r >= T.count[c]:
+            r -= T.count[c]
+            c = T.next_sibling[c]
+        v = c
+    return T.leaf_start[v] + r
+
+
+@nb.njit(cache=True)
+def draw(T, Q, P, X, cut, prop, key, ids, log_q, stats):
+    """k draws into ids / log_q (exact mode: beta <q, y>, normalised by the caller)."""
+    E, S = cut.entries, cut.scores
+    log_allowed = math.log(prop.total - prop.excluded)
+    props, acc = 0, 0
+    ctr = U64(0)
+    max_props = 1000 * P.k + 100000
+    while acc < P.k:
+        if props >= max_props:
+            return COLLAPSED  # cannot happen with valid bounds
+        if P.exact and stats[ST_DOTS] >= P.give_up:  # loose bounds: cheaper to go dense
+            return GAVE_UP
+        props += 1
+        j = alias_pick(prop, uniform01(key + ctr))
+        ctr += U64(1)
+        v = E.node[j]
+        if E.off[j] >= 0:  # evaluated leaf: a target by its exact weight
+            i = leaf_pick(cut, E.off[j], E.off[j] + T.leaf_size[v], uniform01(key + ctr))
+            ctr += U64(1)
+            if i < 0:
+                continue
+            s = S.slot[i]
+            w_y = S.w[i]
+            lq = S.w[i] - prop.shift - log_allowed
+        else:  # unopened node: a uniform target below it
+            s = uniform_descendant(T, v, int(uniform01(key + ctr) * T.count[v]))
+            ctr += U64(1)
+            if is_excluded_slot(X, s):
+                continue
+            w_y = 0.0
+            if P.exact:  # approx mode's log q is the proposal's: no score needed
+                w_y = P.beta * dot32(Q.vec, T.vecs[s])
+                stats[ST_DOTS] += 1
+                accept = uniform01(key + ctr) < math.exp(w_y - E.up[j] + math.log(T.count[v]))
+                ctr += U64(1)
+                if not accept:
+                    continue
+            lq = E.w[j] - math.log(T.count[v]) - prop.shift - log_allowed
+        ids[acc] = T.slot_id[s]
+        log_q[acc] = w_y if P.exact else lq
+        acc += 1
+    stats[ST_PROPOSALS] = props
+    stats[ST_ACCEPTED] = acc
+    return OK
+
+
+@nb.njit(cache=True)
+def draw_stage(T, Q, P, X, cut, key, out, b):
+    """Certificate, proposal and draws for query b of the batch; returns its status."""
+    Mw = settle_shift(cut, P.exact)
+    log_lo, log_up, Ua = certificate(cut, X)
+    if Ua <= 0.0:
+        return ALL_EXCLUDED
+    q_ex = 0.0 if P.exact else hidden_excluded_proposal(T, cut, X)
+    prop = build_proposal(cut, P.exact, q_ex, Mw)
+    out.tv[b] = 0.0 if P.exact else tv_bound(cut, prop, Ua)
+    stats = out.stats[b]
+    status = draw(T, Q, P, X, cut, prop, key, out.ids[b], out.log_q[b], stats)
+    if status != OK:
+        return status
+    if P.exact:
+        # log Z estimate: the acceptance rate is Z / (proposal total), clipped into the
+        # certificate
+        props = stats[ST_PROPOSALS]
+        est = math.log(prop.total) + cut.shift[0] + math.log(P.k / props)
+        logz = min(max(est, log_lo), log_up)
+        for i in range(P.k):
+            out.log_q[b, i] = out.log_q[b, i] - logz
+    out.log_z[b, 0] = log_lo
+    out.log_z[b, 1] = log_up
+    stats[ST_FRONTIER] = prop.entry.shape[0]
+    return OK
