@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp
 
-from treeidx._build import kmeans_top
+from treeidx.cluster import kmeans
 
 __all__ = ["KMeansListProposal", "exact_tv", "peer_tv"]
 
@@ -32,7 +32,7 @@ class KMeansListProposal:
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         n = self.x.shape[0]
         self.n_lists = int(n_lists) if n_lists is not None else max(1, int(round(np.sqrt(n))))
-        centers, labels = kmeans_top(self.x, self.n_lists, seed)
+        centers, labels = kmeans(self.x, self.n_lists, seed)
         self.centers = centers.astype(np.float64)
         self.labels = labels
         self.counts = np.bincount(labels, minlength=self.n_lists)

@@ -19,47 +19,12 @@ import numpy as np
 
 from ._kernels.build import depth_from_parents, link_siblings, node_statistics, partition_clusters
 from ._threads import run_parallel
+from .cluster import kmeans
 
 
 def auto_top_fanout(n: int, leaf_size: int) -> int:
     """Number of top-level clusters: ~2 sqrt(N), never more than N / leaf_size."""
     return int(max(1, min(round(2.0 * math.sqrt(n)), n // max(leaf_size, 1))))
-
-
-def kmeans_top(x: np.ndarray, k: int, seed: int, iters: int = 8,
-               sample_per_center: int = 40) -> tuple[np.ndarray, np.ndarray]:
-    """k-means on a sample (BLAS), then assign every row. Returns (centers, labels)."""
-    n = x.shape[0]
-    rng = np.random.default_rng(seed)
-    if k <= 1:
-        return x.mean(axis=0, keepdims=True).astype(np.float32), np.zeros(n, np.int64)
-    m = min(n, sample_per_center * k)
-    sample = x[np.sort(rng.choice(n, m, replace=False))] if m < n else x
-    centers = sample[rng.choice(m, k, replace=False)].copy()
-    for _ in range(iters):
-        labels = assign_nearest(sample, centers)
-        sums = np.zeros((k, x.shape[1]), np.float64)
-        np.add.at(sums, labels, sample)
-        counts = np.bincount(labels, minlength=k)
-        empty = counts == 0
-        centers = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
-        if empty.any():  # reseed empty clusters on random sample points
-            centers[empty] = sample[rng.choice(m, int(empty.sum()), replace=False)]
-    return centers, assign_nearest(x, centers)
-
-
-def assign_nearest(x: np.ndarray, centers: np.ndarray, chunk: int = 32768) -> np.ndarray:
-    """Index of the nearest center (Euclidean) for each row, in chunks via BLAS."""
-    half_sq = 0.5 * np.einsum("ij,ij->i", centers, centers, dtype=np.float64).astype(np.float32)
-    out = np.empty(x.shape[0], np.int64)
-    buf = np.empty((min(chunk, x.shape[0]), centers.shape[0]), np.float32)
-    for lo in range(0, x.shape[0], chunk):
-        hi = min(lo + chunk, x.shape[0])
-        b = buf[: hi - lo]
-        np.matmul(x[lo:hi], centers.T, out=b)
-        b -= half_sq  # argmax <x,c> - |c|^2/2 == argmin |x - c|^2
-        out[lo:hi] = b.argmax(axis=1)
-    return out
 
 
 def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int | None,
@@ -77,7 +42,7 @@ def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int 
     k0 = top_fanout if top_fanout is not None else auto_top_fanout(n, leaf_size)
     k0 = int(max(1, min(k0, n)))
     say(f"top level: k-means with {k0} clusters")
-    centers, labels = kmeans_top(x, k0, seed)
+    centers, labels = kmeans(x, k0, seed)
     sizes = np.bincount(labels, minlength=k0)
     keep = np.flatnonzero(sizes > 0)
     region = group_clusters(centers[keep], seed)
@@ -147,7 +112,7 @@ def group_clusters(centers: np.ndarray, seed: int, min_clusters: int = 64) -> np
     k = centers.shape[0]
     if k < min_clusters:
         return np.full(k, -1, np.int64)
-    _, labels = kmeans_top(centers, int(round(math.sqrt(k))), seed + 1)
+    _, labels = kmeans(centers, int(round(math.sqrt(k))), seed + 1)
     # relabel densely in order of first appearance (k-means may leave a region empty)
     _, dense = np.unique(labels, return_inverse=True)
     return dense.astype(np.int64)

@@ -27,6 +27,7 @@ from ._kernels.search import (GROUP_CHUNKS, Group, PartialTopK, TopK, merge_topk
                               search_best_cluster, search_groups)
 from ._threads import run_parallel
 from ._validate import as_exclude, as_ids, as_vectors, check_k
+from .cluster import assign_nearest, kmeans
 
 _DEFAULT_SHAPE = dict(leaf_size=32, fanout=4, top_fanout=None, kmeans_iters=6)
 
@@ -291,7 +292,7 @@ class TreeIndex:
             nodes = np.array(nodes, dtype=np.int64)
             centers = np.ascontiguousarray(self._A.center[nodes])
             n_regions = max(1, nodes.shape[0] // 32)
-            region = _build.kmeans_top(centers, n_regions, self._seed)[1] if nodes.size else nodes
+            region = kmeans(centers, n_regions, self._seed)[1] if nodes.size else nodes
             self._top[expand] = (nodes, centers, region)
         return self._top[expand]
 
@@ -332,7 +333,7 @@ class TreeIndex:
         top_nodes, top_centers, _ = self._top_level()
         # the nearest top-level cluster of every row in one BLAS pass (the kernel would
         # otherwise compare each row with all ~2 sqrt N top-level centers one by one)
-        top_choice = top_nodes[_build.assign_nearest(x, top_centers)] if top_nodes.size else \
+        top_choice = top_nodes[assign_nearest(x, top_centers)] if top_nodes.size else \
             np.full(x.shape[0], -1, np.int64)
         self._top = None
         while i < x.shape[0]:
