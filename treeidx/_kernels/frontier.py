@@ -125,7 +125,7 @@ def lse_shifted(x, M):
     return math.exp(x - M) if x > NEG_INF else 0.0
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def hidden_excluded_mass(X, M):
     """Mass, relative to the shift M, of the excluded targets still counted inside
     unopened nodes' bounds (subtracted from both totals)."""

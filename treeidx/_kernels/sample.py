@@ -175,7 +175,7 @@ def node_cost(T, v):
     return cost
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def open_leaf(T, Q, P, X, cut, v, stats):
     """Replace leaf v by an evaluated-leaf entry: its targets' exact log-weights (an
     excluded target weighs nothing). Float32 rounding of the scores is the only gap
@@ -227,7 +227,7 @@ def score_leaf(T, q, beta, X, v, S, at):
     return mx
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def open_children(T, Q, P, cut, e, v, cost, stats):
     """Replace entry e (node v) by its children, each bounded (clipped into v's own
     bounds, which hold for them too), weighted and queued."""
