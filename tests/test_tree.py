@@ -274,7 +274,7 @@ def test_failed_save_keeps_previous_file(tmp_path, data, monkeypatch):
     TreeIndex.build(x[:100]).save(path)
     before = path.read_bytes()
     import treeidx.io as tio
-    monkeypatch.setattr(tio, "_crc", lambda buf: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(tio, "crc32", lambda buf: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         TreeIndex.build(x[:200]).save(path)
     assert path.read_bytes() == before

@@ -14,12 +14,12 @@ The code-search training job (imported on demand; docs/training.md):
 """
 from __future__ import annotations
 
+from ._version import __version__
 from .dynamic import DynamicIndex, RefreshPolicy
 from .io import IndexFileError
 from .nystrom import DriftError, DriftFit, NystromDrift
 from .sampling import SampleResult, SoftmaxSampler
 from .tree import InvariantError, TreeIndex
 
-__version__ = "0.1.0"
 __all__ = ["TreeIndex", "SoftmaxSampler", "SampleResult", "NystromDrift", "DriftFit", "DriftError",
            "DynamicIndex", "RefreshPolicy", "InvariantError", "IndexFileError", "__version__"]

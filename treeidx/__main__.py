@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         import numba
 
-        from . import __version__
+        from ._version import __version__
         print(f"treeidx {__version__}; numba {numba.__version__} "
               f"({numba.config.THREADING_LAYER} threading layer), {os.cpu_count()} CPUs")
         return 0

@@ -96,12 +96,22 @@ def as_exclude(exclude, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
     return ptr, (np.concatenate(parts) if parts else np.empty(0, np.int64))
 
 
+def check_int(x, what: str, *, minimum: int) -> int:
+    """An integer >= minimum (numpy integers too; bool rejected)."""
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{what}: expected {expected}, got {x!r}")
+    return int(x)
+
+
+def check_positive_int(x, what: str) -> int:
+    """An integer >= 1: sizes, counts, steps."""
+    return check_int(x, what, minimum=1)
+
+
 def check_k(k, what: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"{what}: expected a positive integer, got {k!r}")
-    if k < 1:
-        raise ValueError(f"{what}: expected a positive integer, got {k}")
-    return int(k)
+    """The number of results or samples per query."""
+    return check_positive_int(k, what)
 
 
 def check_positive(x, what: str) -> float:
@@ -117,6 +127,4 @@ def check_positive(x, what: str) -> float:
 
 def check_nonnegative_int(x, what: str = "seed") -> int:
     """An integer >= 0 (seeds, counts that may be 0); bool rejected."""
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0:
-        raise ValueError(f"{what}: expected an integer >= 0, got {x!r}")
-    return int(x)
+    return check_int(x, what, minimum=0)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,10 +45,10 @@ from typing import Any
 import numpy as np
 
 from ._validate import as_ids, as_vectors
-from .io import IndexFileError, atomic_write
+from .io import IndexFileError, atomic_write, crc32
 from .nystrom import DriftError, DriftFit, NystromDrift, drift_error
 from .sampling import SampleResult, SoftmaxSampler
-from .tree import TreeIndex
+from .tree import TreeIndex, check_shape_options
 
 logger = logging.getLogger("treeidx.dynamic")
 FORMAT_VERSION = 1
@@ -123,7 +122,7 @@ class DynamicIndex:
         config = dict(n_landmarks=n_landmarks, kernel=kernel, landmarks=landmarks, ridge=ridge,
                       eig_floor=eig_floor, residual=residual, bandwidth=bandwidth, max_rank=max_rank,
                       temperature=temperature, mode=mode, tolerance=tolerance, budget=budget, seed=seed,
-                      tree_shape=TreeIndex._check_shape(tree_shape))
+                      tree_shape=check_shape_options(tree_shape))
         drift, tree = cls._make(vectors, ids, config, seed, progress)
         out = cls(_drift=drift, _tree=tree, _config=config, _policy=policy or RefreshPolicy())
         out._note("build", "built", n=len(tree), feature_dim=drift.dim, rank=drift.rank)
@@ -261,8 +260,8 @@ class DynamicIndex:
             self._moved = 0
             self._note("rebuild", "full tree rebuild")
             return
-        nodes = self.tree._top_level()[0]
-        radius = self.tree._A.radius
+        view = self.tree.view()
+        nodes, radius = view.top_nodes, view.arrays.radius
         grown = [int(v) for v in nodes if int(v) in self._top_radius
                  and radius[v] > self.policy.radius_growth * self._top_radius[int(v)]]
         if 2 * len(grown) > len(nodes):
@@ -332,12 +331,12 @@ class DynamicIndex:
             self.rebuild(partial=p.rebuild == "partial")
 
     def _record_top_radii(self, *, reset: bool, nodes=None) -> None:
-        top = self.tree._top_level()[0] if len(self.tree) else np.empty(0, np.int64)
+        view = self.tree.view()
         if reset:
             self._top_radius = {}
-        for v in top.tolist():
+        for v in (view.top_nodes.tolist() if len(view) else []):
             if reset or v not in self._top_radius or (nodes is not None and v in nodes):
-                self._top_radius[v] = float(self.tree._A.radius[v])
+                self._top_radius[v] = float(view.arrays.radius[v])
 
     def _note(self, event: str, action: str, **info: Any) -> None:
         entry = dict(event=event, action=action, epoch=self.epoch, **info)
@@ -360,7 +359,7 @@ class DynamicIndex:
         meta = dict(format_version=FORMAT_VERSION, config=cfg, policy=asdict(self.policy), epoch=self.epoch,
                     moved=self._moved, needs_full_refresh=self.needs_full_refresh,
                     drift_estimate=self.drift_estimate, log=self.log,
-                    crc32={k: _crc(v) for k, v in arrays.items()})
+                    crc32={k: crc32(v) for k, v in arrays.items()})
         arrays["meta"] = np.frombuffer(json.dumps(meta, default=_json_default).encode(), np.uint8)
         with atomic_write(path) as f:
             np.savez(f, **arrays)
@@ -381,7 +380,7 @@ class DynamicIndex:
         if meta.get("format_version") != FORMAT_VERSION:
             raise IndexFileError(f"{path}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
         for k, c in meta["crc32"].items():
-            if k not in arrays or _crc(arrays[k]) != c:
+            if k not in arrays or crc32(arrays[k]) != c:
                 raise IndexFileError(f"{path}: array '{k}' missing or corrupted (checksum mismatch)")
         with tempfile.TemporaryDirectory(dir=path.parent or ".") as td:
             arrays["tree"].tofile(Path(td) / "tree.tidx")
@@ -399,10 +398,6 @@ class DynamicIndex:
         except (KeyError, ValueError, TypeError) as e:
             raise IndexFileError(f"{path}: inconsistent DynamicIndex state ({e})") from None
         return out
-
-
-def _crc(a: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).ravel()) & 0xFFFFFFFF
 
 
 def _json_default(o):

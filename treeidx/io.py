@@ -1,17 +1,19 @@
-"""Saving and loading a TreeIndex: one versioned file, written atomically, verified on load.
+"""The index file: named arrays plus JSON metadata in one versioned file, written
+atomically and verified on load. TreeIndex.save / TreeIndex.load decide what goes in.
 
 Format (little-endian):
     8 bytes   magic b"TREEIDX\\0"
     4 bytes   format version (uint32)
     8 bytes   header length H (uint64)
     4 bytes   CRC32 of the header
-    H bytes   UTF-8 JSON header: shape options, counters, and for each array its
-              name, dtype, shape, offset, byte length and CRC32
+    H bytes   UTF-8 JSON header: the caller's metadata (TreeIndex: shape options,
+              counters), and for each array its name, dtype, shape, offset, byte
+              length and CRC32
     ...       the raw arrays, each at its 64-byte aligned offset
 
-Loading checks the magic, the version, every length against the file size and
-every checksum before building anything, then runs `TreeIndex.check()`; any
-failure raises `IndexFileError` (a ValueError) naming what was wrong.
+Reading checks the magic, the version, every length against the file size and
+every checksum before returning anything (TreeIndex.load then checks the tree's
+invariants); any failure raises `IndexFileError` (a ValueError) naming what was wrong.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import tempfile
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -35,32 +38,30 @@ class IndexFileError(ValueError):
     """A saved index file is truncated, corrupted, or of an unknown format."""
 
 
-def _crc(buf) -> int:
-    return zlib.crc32(memoryview(buf).cast("B")) & 0xFFFFFFFF
+def crc32(data) -> int:
+    """CRC32 of the raw bytes of a bytes-like object or of an array in C order
+    (empty arrays included)."""
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return zlib.crc32(memoryview(data).cast("B")) & 0xFFFFFFFF
 
 
-def save_index(index, path) -> None:
-    """Write `index` to `path` via a temporary file in the same folder + os.replace."""
-    from . import __version__
+
+def write_index_file(path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Write named arrays and JSON-serialisable metadata to `path` via a temporary file
+    in the same folder + os.replace."""
     path = Path(path)
-    A = index._A
-    arrays = {name: getattr(A, name)[: index._n_slots if name in ("vecs", "slot_id", "slot_leaf")
-                                     else index._n_nodes] for name in A._fields}
-    arrays["keys"] = index._keys
-    arrays["key_slot"] = index._key_slot
+    arrays = dict(arrays)
     entries, offset = [], 0
     for name, a in arrays.items():
         a = np.ascontiguousarray(a)
         arrays[name] = a
         entries.append(dict(name=name, dtype=a.dtype.str, shape=list(a.shape), offset=offset,
-                            nbytes=int(a.nbytes), crc32=_crc(a)))
+                            nbytes=int(a.nbytes), crc32=crc32(a)))
         offset += -(-a.nbytes // _ALIGN) * _ALIGN
-    header = json.dumps(dict(
-        treeidx_version=__version__, shape=index._shape, seed=index._seed,
-        n_slots=index._n_slots, n_nodes=index._n_nodes, dead_slots=index._dead_slots,
-        arrays=entries)).encode()
+    header = json.dumps(dict(**meta, arrays=entries)).encode()
     with atomic_write(path) as f:
-        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), _crc(header)))
+        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), crc32(header)))
         f.write(header)
         base = _data_start(len(header))
         f.write(b"\0" * (base - _PREFIX.size - len(header)))
@@ -93,10 +94,9 @@ def _data_start(header_len: int) -> int:
     return -(-(_PREFIX.size + header_len) // _ALIGN) * _ALIGN
 
 
-def load_index(path, *, verify: bool = True):
-    """Read an index file; raise IndexFileError if it is not a complete, intact one."""
-    from ._kernels.arrays import TreeArrays
-    from .tree import InvariantError, TreeIndex
+def read_index_file(path, names: Sequence[str]) -> tuple[dict[str, np.ndarray], dict]:
+    """(the arrays `names`, the metadata) of an index file; IndexFileError if it is not
+    a complete, intact one or lacks one of the names."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -111,7 +111,7 @@ def load_index(path, *, verify: bool = True):
         if hlen > size - _PREFIX.size:
             raise IndexFileError(f"{path}: truncated (header of {hlen} bytes does not fit in {size})")
         header = f.read(hlen)
-        if _crc(header) != hcrc:
+        if crc32(header) != hcrc:
             raise IndexFileError(f"{path}: header checksum mismatch (file corrupted)")
         try:
             meta = json.loads(header)
@@ -120,7 +120,7 @@ def load_index(path, *, verify: bool = True):
             raise IndexFileError(f"{path}: unreadable header ({e})") from None
         base = _data_start(hlen)
         arrays = {}
-        for name in list(TreeArrays._fields) + ["keys", "key_slot"]:
+        for name in names:
             e = entries.get(name)
             if e is None:
                 raise IndexFileError(f"{path}: array '{name}' missing from the header")
@@ -134,39 +134,8 @@ def load_index(path, *, verify: bool = True):
             buf = bytearray(e["nbytes"])
             if f.readinto(buf) != e["nbytes"]:
                 raise IndexFileError(f"{path}: truncated while reading array '{name}'")
-            if _crc(buf) != e["crc32"]:
+            if crc32(buf) != e["crc32"]:
                 raise IndexFileError(f"{path}: checksum mismatch in array '{name}' (file corrupted)")
             arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(e["shape"])
-    keys, key_slot = arrays.pop("keys"), arrays.pop("key_slot")
-    try:
-        index = TreeIndex(_arrays=TreeArrays(**arrays), _keys=keys, _key_slot=key_slot,
-                          _n_slots=int(meta["n_slots"]), _n_nodes=int(meta["n_nodes"]),
-                          _dead_slots=int(meta["dead_slots"]),
-                          _shape=TreeIndex._check_shape(meta["shape"]), _seed=int(meta["seed"]))
-        if arrays["vecs"].shape[0] != index._n_slots or arrays["center"].shape[0] != index._n_nodes:
-            raise IndexFileError(f"{path}: array lengths disagree with the header counters")
-        _check_pointer_ranges(index)  # the kernels below trust these: never index out of bounds
-        if verify:
-            index.check()
-    except (InvariantError, KeyError, TypeError, IndexError) as e:
-        raise IndexFileError(f"{path}: inconsistent index ({e})") from None
-    return index
-
-
-def _check_pointer_ranges(index) -> None:
-    A, m, n = index._A, index._n_nodes, index._n_slots
-    from .tree import InvariantError
-    for name in ("parent", "first_child", "next_sibling"):
-        a = getattr(A, name)
-        if a.size and (a.min() < -2 or a.max() >= m):
-            raise InvariantError(f"{name} points outside the {m} nodes")
-    ls, cap = A.leaf_start, A.leaf_cap
-    leaf = ls >= 0
-    if (ls < -1).any() or (ls[leaf] + cap[leaf] > n).any() or (A.leaf_size > cap).any():
-        raise InvariantError("leaf slot ranges point outside the slot arrays")
-    if A.slot_leaf.size and (A.slot_leaf.min() < -1 or A.slot_leaf.max() >= m):
-        raise InvariantError("slot owners point outside the nodes")
-    if index._key_slot.size and (index._key_slot.min() < 0 or index._key_slot.max() >= n):
-        raise InvariantError("id map points outside the slot arrays")
-    if m < 1 or A.vecs.ndim != 2 or A.center.shape[1:] != A.vecs.shape[1:]:
-        raise InvariantError("array shapes are inconsistent")
+    meta = {k: v for k, v in meta.items() if k != "arrays"}
+    return arrays, meta

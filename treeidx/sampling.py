@@ -1,6 +1,6 @@
 """SoftmaxSampler: exact or certified-approximate samples of P(y|q) ∝ exp(<q, y> / temperature).
 
-How it works (BRIEF §3, docs/sampling.md). For each query the sampler keeps a
+How it works (docs/sampling.md). For each query the sampler keeps a
 cut of the tree. Each node on the cut carries certified bounds n·e^{β lo} ≤ Z_v ≤
 n·e^{β up} on its share of the partition function. The node with the largest gap
 is refined (its children, or a leaf's exact scores, replace it) until a stopping
@@ -24,15 +24,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._csr import permute_rows, slice_rows
 from ._kernels.arrays import Csr
 from ._kernels.bounds import dot_error, top_level_bounds
 from ._kernels.frontier import (ALL_EXCLUDED, COLLAPSED, GAVE_UP, OK, ST_DOTS, ST_FRONTIER, ST_OPENED,
                                 ST_PROPOSALS, Params, log_gap, proposal_log_weight)
 from ._kernels.sample import SampleOut, TopLevel, sample_batch, score_top_level
-from .brute import dense_softmax
 from ._threads import run_parallel
-from ._validate import as_exclude, as_vectors, check_k, check_positive
-from .tree import TreeIndex, _permute_csr, _slice_csr, locality_order
+from ._validate import as_exclude, as_vectors, check_k, check_positive, check_positive_int
+from .brute import dense_softmax
+from .tree import TreeIndex, locality_order
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class SoftmaxSampler:
         self.tolerance = float(tolerance)
         self.budget = budget
         self.draw_cost = float(draw_cost)
-        self.chunk_size = check_k(chunk_size, "chunk_size")
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size")
         if dense_fallback is not None and not (np.isfinite(dense_fallback) and dense_fallback > 0):
             raise ValueError(f"dense_fallback: expected a positive fraction or None, got {dense_fallback!r}")
         self.dense_fallback = dense_fallback
@@ -120,8 +121,8 @@ class SoftmaxSampler:
         if self.budget is not None:
             return int(self.budget)
         if self.mode == "approx":
-            # measured (bench/README.md): TV reaches the sampling-noise floor near 0.1-0.2% of
-            # N on clustered data at perplexity <= 100; flatter softmaxes need more
+            # about where approx mode's TV meets the sampling-noise floor on clustered data at
+            # perplexity <= 100 (bench/README.md); flatter softmaxes need a larger budget
             return int(0.0015 * len(self.index)) + 1024
         return np.iinfo(np.int64).max // 4
 
@@ -160,7 +161,7 @@ class SoftmaxSampler:
         # chunks bound the (chunk x top-level) work arrays; results do not depend on them
         for lo in range(0, B, self.chunk_size):
             hi = min(lo + self.chunk_size, B)
-            sub_ptr, sub_ex = _slice_csr(ptr, ex_slots, lo, hi)
+            sub_ptr, sub_ex = slice_rows(ptr, ex_slots, lo, hi)
             self._sample_chunk(q[lo:hi], np.arange(lo, hi), k, sub_ptr, sub_ex, int(seed) & (2**63 - 1),
                                ids[lo:hi], log_q[lo:hi], log_z[lo:hi], tv[lo:hi], stats[lo:hi], status[lo:hi])
         dense = np.flatnonzero(status == GAVE_UP)
@@ -179,15 +180,15 @@ class SoftmaxSampler:
                             proposals=stats[:, ST_PROPOSALS], frontier_size=stats[:, ST_FRONTIER])
 
     def _sample_chunk(self, q, qidx, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status):
-        index, A = self.index, self.index._A
-        top_nodes, top_centers, top_region = index._top_level()
+        view = self.index.view()
+        A, top_nodes, top_centers, top_region = view.arrays, view.top_nodes, view.top_centers, view.top_region
         top_dots = np.empty((q.shape[0], top_centers.shape[0]), np.float32)
         run_parallel(score_top_level, q, top_centers, top_dots)
         # region by region, so consecutive queries on a thread share cached leaves
         order = locality_order(top_dots, top_region)
         q, top_dots = q[order], top_dots[order]
-        ptr, ex_slots = _permute_csr(ptr, ex_slots, order)
-        tops = self._top_level_entries(q, top_dots, top_nodes)
+        ptr, ex_slots = permute_rows(ptr, ex_slots, order)
+        tops = self._top_level_entries(A, q, top_dots, top_nodes)
         out = SampleOut(*(np.empty_like(a) for a in (ids, log_q, log_z, tv, stats, status)))
         params = Params(beta=self.beta, k=k, exact=self.mode == "exact", tol=self.tolerance,
                         budget=self._budget(), draw_cost=self.draw_cost, give_up=self._give_up())
@@ -198,11 +199,10 @@ class SoftmaxSampler:
 
     def _sample_dense(self, q, rows, k, ptr, ex_slots, seed, ids, log_q, log_z, stats, status):
         """Exact samples for queries `rows` by one dense pass over the slot array."""
-        index, A = self.index, self.index._A
-        n_slots = index._n_slots
-        vecs = A.vecs[:n_slots]
-        slot_id = A.slot_id[:n_slots]
-        sub_ptr, sub_ex = _permute_csr(ptr, ex_slots, rows)
+        index, view = self.index, self.index.view()
+        A, n_slots = view.arrays, view.n_slots
+        vecs, slot_id = A.vecs, A.slot_id
+        sub_ptr, sub_ex = permute_rows(ptr, ex_slots, rows)
         n_allowed = len(index) - np.array([np.unique(sub_ex[a:b]).size
                                            for a, b in zip(sub_ptr[:-1], sub_ptr[1:])])
         if (n_allowed == 0).any():
@@ -229,13 +229,13 @@ class SoftmaxSampler:
         stats[rows, ST_FRONTIER] = 0
         status[rows] = OK
 
-    def _top_level_entries(self, q: np.ndarray, top_dots: np.ndarray, top_nodes: np.ndarray):
+    def _top_level_entries(self, A, q: np.ndarray, top_dots: np.ndarray, top_nodes: np.ndarray):
         """Frontier entries of the top level for the whole batch, vectorised.
 
         Bounds come from the same kernel as everywhere (`node_bounds`); the log-space
         algebra on them is done by numpy in bulk rather than per query and node.
         """
-        A, beta = self.index._A, self.beta
+        beta = self.beta
         blo = np.empty(top_dots.shape, np.float64)
         bup = np.empty(top_dots.shape, np.float64)
         run_parallel(top_level_bounds, A, q, top_dots, top_nodes, blo, bup)
@@ -263,11 +263,12 @@ class SoftmaxSampler:
         ptr, ex = as_exclude(exclude, n_queries)
         if ex.size == 0:
             return ptr, ex
-        keys = self.index._keys
+        view = self.index.view()
+        keys = view.keys
         pos = np.minimum(np.searchsorted(keys, ex), max(keys.size - 1, 0))
         present = keys[pos] == ex if keys.size else np.zeros(ex.shape, bool)
         rows = np.repeat(np.arange(n_queries), np.diff(ptr))[present]
-        slots = self.index._key_slot[pos[present]]
+        slots = view.key_slot[pos[present]]
         new_ptr = np.zeros(n_queries + 1, np.int64)
         np.cumsum(np.bincount(rows, minlength=n_queries), out=new_ptr[1:])
         return new_ptr, slots.astype(np.int64)

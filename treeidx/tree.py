@@ -1,12 +1,13 @@
 """TreeIndex: a cover-tree-style hierarchy over target vectors in flat arrays.
 
-Layout (see `_mutate.Arrays`): node 0 is the root; its children are a wide
+Layout (`TreeArrays`, _kernels/arrays.py): node 0 is the root; its children are a wide
 k-means top level (~2 sqrt N clusters, as in IVF); below them, recursive k-means
 splits down to leaf buckets. Every node stores a center, a radius that bounds
 the distance from the center to every target below it, the range of target
 norms below it, and the count of targets below it. Leaves own contiguous slot
 ranges of the vector array. These are the quantities the certified bounds of
-`_bounds.node_bounds` (and the softmax sampler) rely on; `check()` verifies them.
+`_kernels/bounds.py` (and the softmax sampler) rely on; `check()` verifies them.
+Code built on the structure reads it through `view()` (a read-only `TreeView`).
 
 Concurrency: any number of threads may call the read methods (`search`,
 `vectors`, sampling) at once. Writes (`insert`, `remove`, `update`, `rebuild`)
@@ -14,22 +15,42 @@ are exclusive: do not run them while another thread reads or writes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import _build
+from ._csr import concat_ranges, permute_rows, slice_rows
 from ._kernels import mutate as _mutate
-from ._kernels.arrays import Csr, TreeArrays
+from ._kernels.arrays import SLOT_FIELDS, Csr, TreeArrays
 from ._kernels.bounds import top_level_bounds
 from ._kernels.build import pad_up
 from ._kernels.search import (GROUP_CHUNKS, Group, PartialTopK, TopK, merge_topk, search_batch,
                               search_best_cluster, search_groups)
+from ._progress import stage_reporter
 from ._threads import run_parallel
-from ._validate import as_exclude, as_ids, as_vectors, check_k
+from ._validate import as_exclude, as_ids, as_vectors, check_int, check_k
+from ._version import __version__
 from .cluster import assign_nearest, kmeans
+from .io import IndexFileError, read_index_file, write_index_file
 
 _DEFAULT_SHAPE = dict(leaf_size=32, fanout=4, top_fanout=None, kmeans_iters=6)
+
+
+def check_shape_options(opts: dict) -> dict:
+    """The tree shape options of `TreeIndex.build` with defaults filled in; ValueError
+    naming the option when one is unknown or out of range."""
+    unknown = set(opts) - set(_DEFAULT_SHAPE)
+    if unknown:
+        raise ValueError(f"unknown shape option(s) {sorted(unknown)}; expected {sorted(_DEFAULT_SHAPE)}")
+    shape = {**_DEFAULT_SHAPE, **opts}
+    for name in ("leaf_size", "fanout", "kmeans_iters"):
+        check_int(shape[name], name, minimum=2 if name == "fanout" else 1)
+    if shape["top_fanout"] is not None and (not isinstance(shape["top_fanout"], (int, np.integer))
+                                            or shape["top_fanout"] < 1):
+        raise ValueError(f"top_fanout: expected a positive integer or None, got {shape['top_fanout']!r}")
+    return shape
 
 
 class InvariantError(RuntimeError):
@@ -69,30 +90,15 @@ class TreeIndex:
         ids: N unique integers (default 0..N-1). Deterministic given `seed`.
         progress: print build stages to stderr (a tqdm bar when tqdm is installed).
         """
-        shape = cls._check_shape(shape_options)
+        shape = check_shape_options(shape_options)
         x = as_vectors(vectors, None, "vectors")
         ids_arr = np.arange(x.shape[0], dtype=np.int64) if ids is None else as_ids(ids, x.shape[0])
         return cls._from_data(x, ids_arr, shape, int(seed), progress)
 
-    @staticmethod
-    def _check_shape(opts: dict) -> dict:
-        unknown = set(opts) - set(_DEFAULT_SHAPE)
-        if unknown:
-            raise ValueError(f"unknown shape option(s) {sorted(unknown)}; expected {sorted(_DEFAULT_SHAPE)}")
-        shape = {**_DEFAULT_SHAPE, **opts}
-        for name in ("leaf_size", "fanout", "kmeans_iters"):
-            v = shape[name]
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (2 if name == "fanout" else 1):
-                raise ValueError(f"{name}: expected an integer >= {2 if name == 'fanout' else 1}, got {v!r}")
-        if shape["top_fanout"] is not None and (not isinstance(shape["top_fanout"], (int, np.integer))
-                                                or shape["top_fanout"] < 1):
-            raise ValueError(f"top_fanout: expected a positive integer or None, got {shape['top_fanout']!r}")
-        return shape
-
     @classmethod
     def _from_data(cls, x: np.ndarray, ids: np.ndarray, shape: dict, seed: int,
                    progress: bool) -> "TreeIndex":
-        say = _progress_printer(progress, "build")
+        say = stage_reporter(progress, "build")
         t = _build.build_arrays(x, leaf_size=shape["leaf_size"], fanout=shape["fanout"],
                                 top_fanout=shape["top_fanout"], kmeans_iters=shape["kmeans_iters"],
                                 seed=seed, progress=say)
@@ -100,7 +106,7 @@ class TreeIndex:
         n = x.shape[0]
         slot_leaf = np.full(n, -1, np.int32)
         leaves = np.flatnonzero(t["leaf_start"] >= 0)
-        slot_leaf[_ranges(t["leaf_start"][leaves], t["leaf_size"][leaves])] = \
+        slot_leaf[concat_ranges(t["leaf_start"][leaves], t["leaf_size"][leaves])] = \
             np.repeat(leaves, t["leaf_size"][leaves]).astype(np.int32)
         slot_id = ids[t["perm"]]
         order = np.argsort(slot_id, kind="stable")
@@ -221,7 +227,7 @@ class TreeIndex:
         # those leaves are still in cache (results are put back in input order).
         order = locality_order(top_dots, top_region)
         q, top_dots = q[order], top_dots[order]
-        ptr, ex = _permute_csr(ptr, ex, order)
+        ptr, ex = permute_rows(ptr, ex, order)
         scores = np.empty((q.shape[0], k), np.float32)
         out_ids = np.empty((q.shape[0], k), np.int64)
         visited = np.empty(q.shape[0], np.int64)
@@ -230,7 +236,7 @@ class TreeIndex:
         if q.shape[0] >= GROUP_MIN_QUERIES and k <= GROUP_MAX_K and top_nodes.shape[0] > 1:
             for lo in range(0, q.shape[0], GROUP_BLOCK):
                 hi = min(lo + GROUP_BLOCK, q.shape[0])
-                self._search_grouped(q[lo:hi], k, top_nodes, top_dots[lo:hi], *_slice_csr(ptr, ex, lo, hi),
+                self._search_grouped(q[lo:hi], k, top_nodes, top_dots[lo:hi], *slice_rows(ptr, ex, lo, hi),
                                      scores[lo:hi], out_ids[lo:hi], visited[lo:hi], dots[lo:hi])
         else:
             run_parallel(search_batch, A, q, k, top_nodes, top_dots, Csr(ptr, ex),
@@ -442,7 +448,7 @@ class TreeIndex:
         A.vecs[sl] = sub["vecs"]
         A.slot_id[sl] = ids[sub["perm"]]
         leaves = tgt[A.leaf_start[tgt] >= 0]
-        A.slot_leaf[_ranges(A.leaf_start[leaves], A.leaf_size[leaves])] = \
+        A.slot_leaf[concat_ranges(A.leaf_start[leaves], A.leaf_size[leaves])] = \
             np.repeat(leaves, A.leaf_size[leaves]).astype(np.int32)
         self._key_slot[np.searchsorted(self._keys, A.slot_id[sl])] = np.arange(sbase, sbase + n)
         # tighten v's own radius about its (unchanged) center
@@ -520,14 +526,76 @@ class TreeIndex:
     # ------------------------------------------------------------------ io
     def save(self, path) -> None:
         """Write the index to `path` atomically (see treeidx.io for the format)."""
-        from .io import save_index
-        save_index(self, path)
+        A = self._A
+        arrays = {name: a[: self._n_slots if name in SLOT_FIELDS else self._n_nodes]
+                  for name, a in zip(A._fields, A)}
+        arrays["keys"] = self._keys
+        arrays["key_slot"] = self._key_slot
+        meta = dict(treeidx_version=__version__, shape=self._shape, seed=self._seed,
+                    n_slots=self._n_slots, n_nodes=self._n_nodes, dead_slots=self._dead_slots)
+        write_index_file(path, arrays, meta)
 
     @classmethod
     def load(cls, path) -> "TreeIndex":
-        """Read an index written by `save`; verifies checksums and invariants."""
-        from .io import load_index
-        return load_index(path)
+        """Read an index written by `save`; verifies checksums and invariants
+        (IndexFileError, naming what is wrong, if anything is)."""
+        arrays, meta = read_index_file(path, TreeArrays._fields + ("keys", "key_slot"))
+        keys, key_slot = arrays.pop("keys"), arrays.pop("key_slot")
+        try:
+            index = cls(_arrays=TreeArrays(**arrays), _keys=keys, _key_slot=key_slot,
+                        _n_slots=int(meta["n_slots"]), _n_nodes=int(meta["n_nodes"]),
+                        _dead_slots=int(meta["dead_slots"]),
+                        _shape=check_shape_options(meta["shape"]), _seed=int(meta["seed"]))
+            if arrays["vecs"].shape[0] != index._n_slots or arrays["center"].shape[0] != index._n_nodes:
+                raise IndexFileError(f"{path}: array lengths disagree with the header counters")
+            _check_pointer_ranges(index)  # the kernels below trust these: never index out of bounds
+            index.check()
+        except (InvariantError, KeyError, TypeError, IndexError) as e:
+            raise IndexFileError(f"{path}: inconsistent index ({e})") from None
+        return index
+
+    # ------------------------------------------------------------------ view
+    def view(self) -> "TreeView":
+        """A read-only view of the tree (arrays, top level, id map), for code built on
+        the index's structure such as the sampler. See TreeView."""
+        A, n, m = self._A, self._n_slots, self._n_nodes
+        arrays = TreeArrays(*(_read_only(a[:n] if f in SLOT_FIELDS else a[:m]) for f, a in zip(A._fields, A)))
+        nodes, centers, region = self._top_level()
+        return TreeView(arrays, *(_read_only(a) for a in (nodes, centers, region, self._keys, self._key_slot)))
+
+
+@dataclass(frozen=True)
+class TreeView:
+    """A read-only look at a TreeIndex, valid until the index is next written to.
+
+    Every array is a view of the index's own (no copy) with `writeable=False`.
+
+    arrays:      the tree's TreeArrays (node statistics, links, slots; see
+                 treeidx/_kernels/arrays.py), trimmed to the used slots and nodes
+    top_nodes:   the root's children, int64 (the sampler's initial cut)
+    top_centers: their centers, one contiguous (K, d) float32 block
+    top_region:  a coarse label per top node, to order queries by locality
+    keys:        the stored ids, sorted ascending
+    key_slot:    key_slot[i] is the slot holding keys[i]
+    """
+    arrays: TreeArrays
+    top_nodes: np.ndarray
+    top_centers: np.ndarray
+    top_region: np.ndarray
+    keys: np.ndarray
+    key_slot: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    @property
+    def n_slots(self) -> int:
+        """Slots in use or retired (the slot arrays' length); live ones have slot_leaf >= 0."""
+        return int(self.arrays.vecs.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.arrays.vecs.shape[1])
 
 
 _CHECK_MESSAGES = {
@@ -564,21 +632,6 @@ def locality_order(top_dots: np.ndarray, top_region: np.ndarray) -> np.ndarray:
     return np.lexsort((best, top_region[best]))
 
 
-def _permute_csr(ptr: np.ndarray, vals: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of a CSR (ptr, vals) taken in the given order."""
-    if vals.size == 0:
-        return np.zeros(order.shape[0] + 1, np.int64), vals
-    lens = np.diff(ptr)[order]
-    new_ptr = np.zeros(order.shape[0] + 1, np.int64)
-    np.cumsum(lens, out=new_ptr[1:])
-    return new_ptr, vals[_ranges(ptr[:-1][order], lens)]
-
-
-def _slice_csr(ptr: np.ndarray, vals: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows lo..hi of a CSR (ptr, vals), re-based."""
-    return ptr[lo: hi + 1] - ptr[lo], vals[ptr[lo]: ptr[hi]]
-
-
 def _children(A: TreeArrays, v: int) -> list[int]:
     out, c = [], A.first_child[v]
     while c >= 0:
@@ -599,41 +652,32 @@ def _depths(parent: np.ndarray, live: np.ndarray) -> np.ndarray:
     return depth
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + l) for each (s, l)."""
-    lengths = np.asarray(lengths, np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.empty(0, np.int64)
-    offs = np.repeat(np.asarray(starts, np.int64) - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
-    return offs + np.arange(total, dtype=np.int64)
+def _read_only(a: np.ndarray) -> np.ndarray:
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def _check_pointer_ranges(index: TreeIndex) -> None:
+    """Every link and slot range of a loaded index points inside its arrays."""
+    A, m, n = index._A, index._n_nodes, index._n_slots
+    for name in ("parent", "first_child", "next_sibling"):
+        a = getattr(A, name)
+        if a.size and (a.min() < -2 or a.max() >= m):
+            raise InvariantError(f"{name} points outside the {m} nodes")
+    ls, cap = A.leaf_start, A.leaf_cap
+    leaf = ls >= 0
+    if (ls < -1).any() or (ls[leaf] + cap[leaf] > n).any() or (A.leaf_size > cap).any():
+        raise InvariantError("leaf slot ranges point outside the slot arrays")
+    if A.slot_leaf.size and (A.slot_leaf.min() < -1 or A.slot_leaf.max() >= m):
+        raise InvariantError("slot owners point outside the nodes")
+    if index._key_slot.size and (index._key_slot.min() < 0 or index._key_slot.max() >= n):
+        raise InvariantError("id map points outside the slot arrays")
+    if m < 1 or A.vecs.ndim != 2 or A.center.shape[1:] != A.vecs.shape[1:]:
+        raise InvariantError("array shapes are inconsistent")
 
 
 def _grown(a: np.ndarray, cap: int, fill=0) -> np.ndarray:
     out = np.full((cap,) + a.shape[1:], fill, a.dtype)
     out[: a.shape[0]] = a
     return out
-
-
-def _progress_printer(enabled: bool, label: str):
-    """A callable that reports build stages; None closes it. tqdm if available."""
-    if not enabled:
-        return lambda msg: None
-    try:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=3, desc=label, unit="stage")
-
-        def say(msg):
-            if msg is None:
-                bar.close()
-            else:
-                bar.set_postfix_str(msg)
-                bar.update(1)
-        return say
-    except ImportError:  # tqdm is optional
-        import sys
-
-        def say(msg):
-            if msg is not None:
-                print(f"[{label}] {msg}", file=sys.stderr, flush=True)
-        return say
