@@ -1,10 +1,10 @@
 """NystromDrift: predict the current encoder's target vectors from a few re-encoded landmarks.
 
-Model (BRIEF §4, docs/drift.md). Stale vectors G (encoded at the last full refresh),
+Model (docs/drift.md). Stale vectors G (encoded at the last full refresh),
 landmarks L ⊂ Y, their fresh vectors G'_L. With a kernel k on stale vectors,
 K = k(G_L, G_L) (float64) and k_L(y) = k(G_L, g(y)):
 
-    residual=False:  g'(y) ≈ G'_Lᵀ K⁺ k_L(y)                  (the BRIEF's formula)
+    residual=False:  g'(y) ≈ G'_Lᵀ K⁺ k_L(y)                  (plain Nyström)
     residual=True:   g'(y) ≈ g(y) + (G'_L − G_L)ᵀ K⁺ k_L(y)   (default)
 
 The residual form regresses the *change*: directions the landmarks do not span, and
@@ -33,7 +33,8 @@ from typing import Literal
 
 import numpy as np
 
-from ._validate import as_ids, as_vectors
+from ._progress import progress_bar
+from ._validate import as_ids, as_vectors, check_positive_int
 
 Kernel = Literal["linear", "rbf", "cosine"]
 _CHUNK_ELEMS = 1 << 22  # rows per chunk so that chunk × m float64 stays ~32 MB
@@ -73,7 +74,7 @@ class NystromDrift:
         point; O(N·m·d)), "uniform", or an array of landmark ids.
     ridge: relative ridge (× trace(K)/m) added to the kept eigenvalues.
     eig_floor: eigenvalues below eig_floor × λ_max are dropped.
-    residual: predict the change g' − g (default) or g' itself (BRIEF formula).
+    residual: predict the change g' − g (default) or g' itself (plain Nyström).
     bandwidth: RBF σ in k = exp(−‖a − b‖²/(2σ²)); default sqrt(median squared
         landmark distance / 2).
     max_rank: keep at most this many eigenpairs (caps the feature dimension).
@@ -128,9 +129,7 @@ class NystromDrift:
         if isinstance(landmarks, str):
             if landmarks not in ("kcenter", "uniform"):
                 raise ValueError(f"landmarks: expected 'kcenter', 'uniform' or an id array, got {landmarks!r}")
-            if n_landmarks is None or isinstance(n_landmarks, bool) or not isinstance(n_landmarks, (int, np.integer)) \
-                    or n_landmarks < 1:
-                raise ValueError(f"n_landmarks: expected a positive integer, got {n_landmarks!r}")
+            check_positive_int(n_landmarks, "n_landmarks")
             if n_landmarks > n:
                 raise ValueError(f"n_landmarks={n_landmarks} is larger than the {n} targets")
             if landmarks == "uniform":
@@ -337,7 +336,7 @@ def kcenter(x: np.ndarray, m: int, seed: int = 0, progress: bool = False) -> np.
     chosen[0] = int(rng.integers(n))
     d2 = np.full(n, np.inf, np.float32)
     step = max(1, (1 << 22) // max(x.shape[1], 1))
-    bar = _bar(progress, m)
+    bar = progress_bar(progress, total=m, desc="k-center landmarks")
     for j in range(m):
         if j:
             i = int(np.argmax(d2))
@@ -348,20 +347,9 @@ def kcenter(x: np.ndarray, m: int, seed: int = 0, progress: bool = False) -> np.
         for a in range(0, n, step):
             diff = x[a:a + step] - c
             np.minimum(d2[a:a + step], np.einsum("ij,ij->i", diff, diff), out=d2[a:a + step])
-        bar(1)
-    bar(None)
+        bar.update(1)
+    bar.close()
     return chosen
-
-
-def _bar(enabled: bool, total: int):
-    if not enabled:
-        return lambda k: None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return lambda k: None
-    t = tqdm(total=total, desc="k-center landmarks")
-    return lambda k: t.close() if k is None else t.update(k)
 
 
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:

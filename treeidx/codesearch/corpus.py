@@ -25,6 +25,8 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
+from .._kernels.rng import mix64
+from .._progress import progress_bar
 from .._threads import run_parallel
 
 __all__ = ["CodeItem", "mine_code_corpus", "corpus_cache_key", "default_roots",
@@ -271,17 +273,13 @@ def _mine(roots: list[str], max_files: int | None, progress: bool, workers: int 
         results = pool.imap(_extract, files, chunksize=16)
     else:
         results = map(_extract, files)
-    if progress:
-        try:
-            from tqdm import tqdm
-            results = tqdm(results, total=len(files), desc="mining", unit="file")
-        except ImportError:
-            pass
+    bar = progress_bar(progress, total=len(files), desc="mining", unit="file")
     items: list[CodeItem] = []
     seen: set[bytes] = set()
     skipped = 0
     try:
         for res in results:
+            bar.update(1)
             if res is None:
                 skipped += 1
                 continue
@@ -294,6 +292,7 @@ def _mine(roots: list[str], max_files: int | None, progress: bool, workers: int 
                 seen.add(h)
                 items.append(CodeItem(len(items), module, qual, kind, doc, code))
     finally:
+        bar.close()
         if pool is not None:
             pool.close()
             pool.join()
@@ -309,14 +308,6 @@ _FNV_PRIME = np.uint64(0x100000001B3)
 # Distinct salts per feature family, so e.g. the token "get" and the sub-token "get"
 # are separate features (identifiers and their parts carry different signal).
 _NS_TOK, _NS_TOK2, _NS_SUB, _NS_SUB2 = (np.uint64(x) for x in (0x1111, 0x2222, 0x3333, 0x4444))
-
-
-@numba.njit(inline="always")
-def _mix(x):
-    # splitmix64 finaliser: a fixed, process-independent 64-bit mixer.
-    x = (x ^ (x >> _U(30))) * _U(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> _U(27))) * _U(0x94D049BB133111EB)
-    return x ^ (x >> _U(31))
 
 
 @numba.njit(inline="always")
@@ -354,7 +345,7 @@ def _doc_features(buf, lo, hi, seed, n_buckets):
     """Sorted unique buckets and counts of one document's hashed n-gram features."""
     feats = np.empty(4 * (hi - lo) + 4, np.uint64)
     nf = 0
-    salt = _mix(_U(seed) + _U(0x9E3779B97F4A7C15))
+    salt = mix64(_U(seed) + _U(0x9E3779B97F4A7C15))
     prev_tok = _U(0)
     has_tok = False
     prev_sub = _U(0)
@@ -369,10 +360,10 @@ def _doc_features(buf, lo, hi, seed, n_buckets):
             j += 1
         # whole token [i, j), lowercased
         h = _fnv_lower(buf, i, j, salt)
-        feats[nf] = _mix(h ^ _NS_TOK)
+        feats[nf] = mix64(h ^ _NS_TOK)
         nf += 1
         if has_tok:
-            feats[nf] = _mix(prev_tok * _U(31) + h + _NS_TOK2)
+            feats[nf] = mix64(prev_tok * _U(31) + h + _NS_TOK2)
             nf += 1
         prev_tok = h
         has_tok = True
@@ -394,10 +385,10 @@ def _doc_features(buf, lo, hi, seed, n_buckets):
                     break
                 m += 1
             hs = _fnv_lower(buf, k, m, salt)
-            feats[nf] = _mix(hs ^ _NS_SUB)
+            feats[nf] = mix64(hs ^ _NS_SUB)
             nf += 1
             if has_sub:
-                feats[nf] = _mix(prev_sub * _U(31) + hs + _NS_SUB2)
+                feats[nf] = mix64(prev_sub * _U(31) + hs + _NS_SUB2)
                 nf += 1
             prev_sub = hs
             has_sub = True
@@ -423,9 +414,9 @@ def _doc_features(buf, lo, hi, seed, n_buckets):
 @numba.njit(inline="always")
 def _project_add(out_row, bucket, w, seed, dim):
     # Row `bucket` of the implicit projection R: dim random signs, 64 per mixed hash.
-    base = _mix(_U(bucket) * _U(0xD6E8FEB86659FD93) + _mix(_U(seed) ^ _U(0xA5A5A5A5)))
+    base = mix64(_U(bucket) * _U(0xD6E8FEB86659FD93) + mix64(_U(seed) ^ _U(0xA5A5A5A5)))
     for blk in range((dim + 63) // 64):
-        bits = _mix(base + _U(blk) * _U(0x9E3779B97F4A7C15))
+        bits = mix64(base + _U(blk) * _U(0x9E3779B97F4A7C15))
         for t in range(min(64, dim - 64 * blk)):
             out_row[64 * blk + t] += w * (np.float32(((bits >> _U(t)) & _U(1)) * _U(2)) - np.float32(1.0))
 

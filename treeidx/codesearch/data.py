@@ -39,7 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._progress import progress_bar
-from .._validate import check_k, check_nonnegative_int
+from .._validate import check_nonnegative_int, check_positive_int
 from .corpus import CodeItem, corpus_cache_key, default_cache_dir, hash_features, mine_code_corpus
 from ..io import atomic_write
 
@@ -70,8 +70,10 @@ class _Settings:
     @classmethod
     def checked(cls, n_buckets: Any, max_target_chars: Any, max_query_chars: Any, min_query_words: Any,
                 seed: Any) -> "_Settings":
-        return cls(check_k(n_buckets, "n_buckets"), check_k(max_target_chars, "max_target_chars"),
-                   check_k(max_query_chars, "max_query_chars"), check_k(min_query_words, "min_query_words"),
+        return cls(check_positive_int(n_buckets, "n_buckets"),
+                   check_positive_int(max_target_chars, "max_target_chars"),
+                   check_positive_int(max_query_chars, "max_query_chars"),
+                   check_positive_int(min_query_words, "min_query_words"),
                    check_nonnegative_int(seed))
 
     def as_dict(self) -> dict[str, int]:
@@ -168,7 +170,7 @@ class CodeSearchData:
         queries (all splits alike) and exactly their positives. Ids are renumbered
         0..n-1 in their original order.
         """
-        max_targets = check_k(max_targets, "max_targets")
+        max_targets = check_positive_int(max_targets, "max_targets")
         if max_targets >= self.n_targets:
             return self
         pos = np.unique(self.query_target)

@@ -8,7 +8,7 @@ makes per-step re-encodes (the oracle baseline) affordable at all.
 
 Dense or sparse gradients: a training step with k = 32 sampled negatives encodes
 ~4,000 targets, whose features touch ~70% of a 2^18-row table, so sparse gradients
-save nothing; measured on 2 cores, SparseAdam's step over them costs ~180-240 ms
+save nothing: on 2 cores SparseAdam's step over them costs ~180-240 ms
 against ~12 ms for a dense fused Adam over the whole table (plus ~25 ms more
 backward). Hence `sparse=False` by default; `sparse=True` (SparseAdam) remains for
 tiny batches over huge tables.
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validate import check_k, check_nonnegative_int, check_positive
+from .._validate import check_nonnegative_int, check_positive, check_positive_int
 
 __all__ = ["BagTower", "DualEncoder", "SparseDenseOptimizer", "bag_inputs", "make_optimizer"]
 
@@ -74,8 +74,8 @@ class BagTower(nn.Module):
     def __init__(self, n_buckets: int, dim: int = 64, *, bag_dim: int | None = None, init_std: float = 0.01,
                  sparse: bool = False, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        n_buckets, dim = check_k(n_buckets, "n_buckets"), check_k(dim, "dim")
-        width = dim if bag_dim is None else check_k(bag_dim, "bag_dim")
+        n_buckets, dim = check_positive_int(n_buckets, "n_buckets"), check_positive_int(dim, "dim")
+        width = dim if bag_dim is None else check_positive_int(bag_dim, "bag_dim")
         self.bag = nn.EmbeddingBag(n_buckets, width, mode="sum", sparse=bool(sparse))
         self.proj = None if bag_dim is None else nn.Linear(width, dim, bias=False)
         with torch.no_grad():
@@ -169,7 +169,7 @@ class DualEncoder(nn.Module):
 
     @staticmethod
     def _encode_all(tower: BagTower, features: sp.csr_matrix, batch_size: int) -> torch.Tensor:
-        batch_size = check_k(batch_size, "batch_size")
+        batch_size = check_positive_int(batch_size, "batch_size")
         n = features.shape[0]
         out = torch.empty((n, tower.dim), dtype=torch.float32)
         for lo in range(0, n, batch_size):

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .._progress import progress_bar
-from .._validate import check_k, check_nonnegative_int, check_positive
+from .._validate import check_nonnegative_int, check_positive, check_positive_int
 from ..torch import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
 from .data import CodeSearchData
 from ..dynamic import DynamicIndex, RefreshPolicy
@@ -113,10 +113,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "k", "eval_queries", "dim", "stale_refresh_every", "cache_size",
                      "landmark_refresh_every"):
-            check_k(getattr(self, name), name)
+            check_positive_int(getattr(self, name), name)
         for name in ("bag_dim", "n_landmarks", "test_queries", "full_refresh_every"):
             if getattr(self, name) is not None:
-                check_k(getattr(self, name), name)
+                check_positive_int(getattr(self, name), name)
         check_positive(self.temperature, "temperature")
         check_positive(self.lr, "lr")
         check_positive(self.init_std, "init_std")
@@ -199,7 +199,7 @@ def evaluate(model: DualEncoder, data: CodeSearchData, split: str = "test", max_
 def eval_rows(data: CodeSearchData, split: str, max_queries: int | None, seed: int = 0) -> np.ndarray:
     """The query rows `evaluate` scores: all of the split, or a seeded subset."""
     rows = data.split(split)
-    if max_queries is not None and check_k(max_queries, "max_queries") < rows.size:
+    if max_queries is not None and check_positive_int(max_queries, "max_queries") < rows.size:
         rows = np.sort(np.random.default_rng([check_nonnegative_int(seed), 0xE7A1]).choice(rows, max_queries, replace=False))
     return rows
 
@@ -211,7 +211,7 @@ def query_ranks(model: DualEncoder, rows: np.ndarray, positives: np.ndarray, *, 
     queries = model.encode_all_queries(rows)
     pos = torch.from_numpy(np.asarray(positives, np.int64))
     out = torch.empty(len(rows), dtype=torch.int64)
-    for lo in range(0, len(rows), check_k(chunk, "chunk")):
+    for lo in range(0, len(rows), check_positive_int(chunk, "chunk")):
         s = queries[lo:lo + chunk] @ targets.T
         p = s.gather(1, pos[lo:lo + chunk, None])
         out[lo:lo + chunk] = 1 + (s > p).sum(1)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validate import check_positive
+from .._validate import check_k, check_positive  # noqa: F401  (check_k: shared by the samplers)
 from ..sampling import SampleResult
 
 
@@ -70,12 +70,6 @@ def empty_negatives(query_emb: torch.Tensor, k: int) -> Negatives:
     B = query_emb.shape[0]
     return Negatives(ids=torch.empty((B, k), dtype=torch.int64, device=query_emb.device),
                      log_q=torch.empty((B, k), dtype=log_q_dtype(query_emb), device=query_emb.device))
-
-
-def check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
-    return int(k)
 
 
 def check_temperature(t: Any) -> float:

@@ -1,4 +1,4 @@
-"""The negative samplers treeidx is compared against (BRIEF §1), behind one interface.
+"""The usual negative samplers, which treeidx is compared against, behind one interface.
 
 Each has `sample(query_emb (B, d) Tensor, positive_ids (B,) Tensor | None) -> Negatives`
 with ids and log_q on the queries' device, so a training loop can swap them for
@@ -14,12 +14,12 @@ with ids and log_q on the queries' device, so a training loop can swap them for
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Union
+from typing import Callable, Union
 
 import numpy as np
 import torch
 
-from .._validate import as_ids, check_nonnegative_int
+from .._validate import as_ids, check_nonnegative_int, check_positive_int
 from ..brute import BruteForce
 from ..tree import TreeIndex
 from ._common import (Negatives, check_k, check_positives, check_queries, check_temperature,
@@ -37,12 +37,6 @@ def _as_tensor(x: Vectors, what: str) -> torch.Tensor:
         raise ValueError(f"{what}: expected a non-empty floating (N, d) array, got "
                          f"{tuple(t.shape)} {t.dtype}")
     return t
-
-
-def _positive(v: Any, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{what}: expected an integer >= 1, got {v!r}")
-    return int(v)
 
 
 class UniformSampler:
@@ -121,7 +115,7 @@ class StaleTopK:
                              "targets other than a positive")
         if backend not in ("auto", "brute", "tree"):
             raise ValueError(f"backend: expected 'auto', 'brute' or 'tree', got {backend!r}")
-        self.refresh_every = _positive(refresh_every, "refresh_every")
+        self.refresh_every = check_positive_int(refresh_every, "refresh_every")
         self.skip = int(skip)
         self.backend = backend
         self.calls = 0
@@ -187,7 +181,7 @@ class NegativeCache:
                  cache_size: int, seed: int = 0, device: torch.device | str | None = None) -> None:
         self.k = check_k(k)
         self.temperature = check_temperature(temperature)
-        self.cache_size = _positive(cache_size, "cache_size")
+        self.cache_size = check_positive_int(cache_size, "cache_size")
         v = _as_tensor(vectors, "vectors")
         self.device = torch.device(device) if device is not None else v.device
         self._ids = torch.full((self.cache_size,), -1, dtype=torch.int64, device=self.device)
@@ -274,7 +268,7 @@ class BruteForceSampler:
                  exclude_positives: bool = True) -> None:
         self.k = check_k(k)
         self.temperature = check_temperature(temperature)
-        self.chunk_size = _positive(chunk_size, "chunk_size")
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size")
         self.exclude_positives = bool(exclude_positives)
         self._encode = targets if callable(targets) else None
         self._vectors = None if callable(targets) else _as_tensor(targets, "targets")
