@@ -68,7 +68,7 @@ def main() -> None:
 
     # --- sampling, k=64
     def torch_recipe() -> None:
-        # BRIEF §6 recipe; not exact: float32 prefix sum inside torch.multinomial
+        # the usual torch recipe; not exact: float32 prefix sum inside torch.multinomial
         np.matmul(Q, bf.vectors.T, out=buf)
         tb.mul_(a.beta)
         tb.sub_(tb.max(dim=1, keepdim=True).values)

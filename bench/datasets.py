@@ -1,7 +1,7 @@
 """Benchmark datasets, one entry point: `load(name, n, dim)`.
 
 * `clustered`: a seeded hierarchical Gaussian mixture of unit vectors shaped like
-  real embeddings (BRIEF §6: ~2000 wide, low-dimensional clusters).
+  real embeddings (~2000 wide, low-dimensional clusters).
 * `code`: hashed embeddings of a real code-search corpus mined from the installed
   Python sources (`treeidx.codesearch.corpus`): targets = code, queries = docstrings.
 * `minilm`: real sentence embeddings (all-MiniLM-L6-v2, 384-d) of the same corpus:

@@ -1,18 +1,10 @@
 """Certified bounds on <q, y> over the targets y below a tree node.
 
-Every node v stores its center c, ||c||^2, a radius R >= max ||y - c||, and the
-range [nu_min, nu_max] of ||y|| over its targets. Two bounds hold for every y:
-
-* Cauchy-Schwarz (BRIEF §2):   |<q, y> - <q, c>| <= ||q|| R
-* norm + triangle inequality: for t > 0,
-      <q, y> = (||t q||^2 + ||y||^2 - ||t q - y||^2) / (2 t),
-  and ||t q - c|| - R <= ||t q - y|| <= ||t q - c|| + R.
-  With t = nu_max / ||q|| this is the spherical-cap bound when targets have
-  unit norm; its width is ~2 D R instead of 2 ||q|| R, where D = ||t q - c|| is
-  small for the nodes near q, which are the ones that carry softmax mass.
-
-We return the tighter of the two on each side. `dot` arrives computed in
-float32, so it is widened by a rigorous rounding margin first: a bound must
+A node stores its center c, ||c||^2, a radius R >= max ||y - c|| and the range
+[nu_min, nu_max] of ||y|| over its targets. `node_bounds` returns the tighter, on each
+side, of the Cauchy-Schwarz bound and the norm + triangle-inequality bound (the
+spherical-cap bound for unit vectors); docs/sampling.md derives both. The float32
+<q, c> is first widened by a rigorous rounding margin (`dot_error`): a bound must
 never be violated by rounding.
 """
 from __future__ import annotations
