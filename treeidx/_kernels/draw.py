@@ -32,7 +32,7 @@ class Proposal(NamedTuple):
     shift: float        # Mw: the shift of approx mode's proposal weights
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def settle_shift(cut, exact):
     """Final shifts: M (bounds) moves down to the cut's largest upper bound, and approx
     mode's proposal weights get their own shift Mw. Returns Mw.
@@ -52,7 +52,7 @@ def settle_shift(cut, exact):
     return Mw
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def certificate(cut, X):
     """Certified (log lower, log upper) bound of log Z over the allowed targets, and the
     upper total relative to the shift (<= 0: nothing is allowed).
@@ -128,7 +128,7 @@ def build_alias(w, n, total, prob, alias):
         alias[small[i]] = small[i]
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def hidden_excluded_proposal(T, cut, X):
     """Approx mode: proposal weight that falls on excluded targets still inside unopened
     nodes (renormalised away: those draws are discarded)."""
@@ -154,7 +154,7 @@ def find_entry(T, cut, s):
     return 0
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def tv_bound(cut, prop, Ua):
     """Approx mode's certified total-variation bound: 1 - sum_v min(L_v / U, W_v / W)
     over the entries, plus the over-count of excluded targets in that overlap."""
@@ -204,10 +204,12 @@ def uniform_descendant(T, v, r):
     return T.leaf_start[v] + r
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def draw(T, Q, P, X, cut, prop, key, ids, log_q, stats):
     """k draws into ids / log_q (exact mode: beta <q, y>, normalised by the caller)."""
-    E, S = cut.entries, cut.scores
+    node, off, up, w = cut.entries.node, cut.entries.off, cut.entries.up, cut.entries.w  # the loop
+    sw, sslot = cut.scores.w, cut.scores.slot                                           # indexes locals
+    vecs, slot_id, count, leaf_size = T.vecs, T.slot_id, T.count, T.leaf_size
     log_allowed = math.log(prop.total - prop.excluded)
     props, acc = 0, 0
     ctr = U64(0)
@@ -220,30 +222,30 @@ def draw(T, Q, P, X, cut, prop, key, ids, log_q, stats):
         props += 1
         j = alias_pick(prop, uniform01(key + ctr))
         ctr += U64(1)
-        v = E.node[j]
-        if E.off[j] >= 0:  # evaluated leaf: a target by its exact weight
-            i = leaf_pick(cut, E.off[j], E.off[j] + T.leaf_size[v], uniform01(key + ctr))
+        v = node[j]
+        if off[j] >= 0:  # evaluated leaf: a target by its exact weight
+            i = leaf_pick(cut, off[j], off[j] + leaf_size[v], uniform01(key + ctr))
             ctr += U64(1)
             if i < 0:
                 continue
-            s = S.slot[i]
-            w_y = S.w[i]
-            lq = S.w[i] - prop.shift - log_allowed
+            s = sslot[i]
+            w_y = sw[i]
+            lq = sw[i] - prop.shift - log_allowed
         else:  # unopened node: a uniform target below it
-            s = uniform_descendant(T, v, int(uniform01(key + ctr) * T.count[v]))
+            s = uniform_descendant(T, v, int(uniform01(key + ctr) * count[v]))
             ctr += U64(1)
             if is_excluded_slot(X, s):
                 continue
             w_y = 0.0
             if P.exact:  # approx mode's log q is the proposal's: no score needed
-                w_y = P.beta * dot32(Q.vec, T.vecs[s])
+                w_y = P.beta * dot32(Q.vec, vecs[s])
                 stats[ST_DOTS] += 1
-                accept = uniform01(key + ctr) < math.exp(w_y - E.up[j] + math.log(T.count[v]))
+                accept = uniform01(key + ctr) < math.exp(w_y - up[j] + math.log(count[v]))
                 ctr += U64(1)
                 if not accept:
                     continue
-            lq = E.w[j] - math.log(T.count[v]) - prop.shift - log_allowed
-        ids[acc] = T.slot_id[s]
+            lq = w[j] - math.log(count[v]) - prop.shift - log_allowed
+        ids[acc] = slot_id[s]
         log_q[acc] = w_y if P.exact else lq
         acc += 1
     stats[ST_PROPOSALS] = props
@@ -251,7 +253,7 @@ def draw(T, Q, P, X, cut, prop, key, ids, log_q, stats):
     return OK
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def draw_stage(T, Q, P, X, cut, key, out, b):
     """Certificate, proposal and draws for query b of the batch; returns its status."""
     Mw = settle_shift(cut, P.exact)

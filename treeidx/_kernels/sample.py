@@ -61,7 +61,12 @@ def sample_batch(T, queries, qidx, top_nodes, top, P, seed, excl, out):
 
 @nb.njit(cache=True)  # no fastmath: the frontier sums rely on IEEE order
 def sample_one(T, q, b, top_nodes, top, P, key, ex_slots, out):
-    """Query b of the batch: plan, refine, draw. Returns its status."""
+    """Query b of the batch: plan, refine, draw. Returns its status.
+
+    The stages are separate functions in the source and inlined here (numba IR):
+    passing the cut between compiled functions cost a few percent in a same-process
+    benchmark. sample_one itself is not inlined into sample_batch: the parallel loop's
+    array analysis rejects the growing arrays' rebinding."""
     qn2 = squared_norm(q)
     Q = Query(q, math.sqrt(qn2), qn2)
     X = excluded_weights(T, q, P.beta, ex_slots)
@@ -76,7 +81,7 @@ def sample_one(T, q, b, top_nodes, top, P, key, ex_slots, out):
     return draw_stage(T, Q, P, X, cut, key, out, b)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def excluded_weights(T, q, beta, ex_slots):
     """The exact log-weights of a query's excluded targets, all still hidden."""
     n = ex_slots.shape[0]
@@ -88,7 +93,7 @@ def excluded_weights(T, q, beta, ex_slots):
 
 # ------------------------------------------------------------------------- plan
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def plan(top_nodes, top, b):
     """The initial cut of query b: the top level, queued by priority."""
     ntop = top_nodes.shape[0]
@@ -121,7 +126,7 @@ def plan(top_nodes, top, b):
 
 # ----------------------------------------------------------------------- refine
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def refine(T, Q, P, X, cut, stats):
     """Open entries in priority order until the cut is tight enough (U <= (1 + tol) L),
     the budget is spent, or (exact mode) further refinement would cost more than the
@@ -211,19 +216,20 @@ def open_leaf(T, Q, P, X, cut, v, stats):
 def score_leaf(T, q, beta, X, v, S, at):
     """beta <q, y> of leaf v's targets into S.w[at:] (-inf for excluded ones, which are
     then no longer hidden); returns the largest."""
-    s0 = T.leaf_start[v]
-    for i in range(T.leaf_size[v]):
+    vecs, ex_slots, hidden, sw, sslot = T.vecs, X.slots, X.hidden, S.w, S.slot  # loops index locals
+    s0, m = T.leaf_start[v], T.leaf_size[v]
+    for i in range(m):
         s = s0 + i
-        w = beta * dot32(q, T.vecs[s])
-        for j in range(X.slots.shape[0]):
-            if X.slots[j] == s:
+        w = beta * dot32(q, vecs[s])
+        for j in range(ex_slots.shape[0]):
+            if ex_slots[j] == s:
                 w = NEG_INF
-                X.hidden[j] = False
-        S.w[at + i] = w
-        S.slot[at + i] = s
+                hidden[j] = False
+        sw[at + i] = w
+        sslot[at + i] = s
     mx = NEG_INF
-    for i in range(T.leaf_size[v]):
-        mx = max(mx, S.w[at + i])
+    for i in range(m):
+        mx = max(mx, sw[at + i])
     return mx
 
 
@@ -234,29 +240,30 @@ def open_children(T, Q, P, cut, e, v, cost, stats):
     nf = cut.n[ENTRIES]
     cut = reserve(cut, nf + cost, 0, cut.n[QUEUED] + cost)
     E = cut.entries
-    plo, pup = E.blo[e], E.bup[e]
-    M = cut.shift[0]
-    dim = Q.vec.shape[0]
+    node, f_lo, f_up, f_w, off, alive, blo, bup, ew = E  # the loop indexes locals
+    center, count, sqsum, next_sibling = T.center, T.count, T.sqsum, T.next_sibling
+    q, beta, exact, M = Q.vec, P.beta, P.exact, cut.shift[0]
+    plo, pup = blo[e], bup[e]
     c = T.first_child[v]
     while c >= 0:
-        a = dot32(Q.vec, T.center[c])
+        a = dot32(q, center[c])
         lo, up = node_bounds_of(T, c, a, Q.norm)
         lo, up = max(lo, plo), min(up, pup)
         if up < lo:
             up = lo
-        lc = math.log(T.count[c])
-        E.node[nf], E.off[nf], E.alive[nf] = c, -1, True
-        E.lo[nf], E.up[nf] = lc + P.beta * lo, lc + P.beta * up
-        E.blo[nf], E.bup[nf] = lo, up
-        msd = T.sqsum[c] / max(T.count[c], 1)
-        E.w[nf] = proposal_log_weight(lc, P.beta, a, Q.norm2, msd, dim, E.lo[nf], E.up[nf])
-        seg_set(cut.sums, nf, lse_shifted(E.up[nf], M), lse_shifted(E.lo[nf], M))
-        E.ew[nf] = lse_shifted(E.w[nf], M)
+        lc = math.log(count[c])
+        node[nf], off[nf], alive[nf] = c, -1, True
+        f_lo[nf], f_up[nf] = lc + beta * lo, lc + beta * up
+        blo[nf], bup[nf] = lo, up
+        msd = sqsum[c] / max(count[c], 1)
+        f_w[nf] = proposal_log_weight(lc, beta, a, Q.norm2, msd, q.shape[0], f_lo[nf], f_up[nf])
+        seg_set(cut.sums, nf, lse_shifted(f_up[nf], M), lse_shifted(f_lo[nf], M))
+        ew[nf] = lse_shifted(f_w[nf], M)
         # exact mode refines where the envelope wastes most (the gap); approx mode
         # where the estimated mass is largest, as an IVF probes its best lists
-        push(cut, log_gap(E.lo[nf], E.up[nf]) if P.exact else E.w[nf], nf)
+        push(cut, log_gap(f_lo[nf], f_up[nf]) if exact else f_w[nf], nf)
         nf += 1
-        c = T.next_sibling[c]
+        c = next_sibling[c]
     cut.n[ENTRIES] = nf
     stats[ST_DOTS] += cost
     return cut
