@@ -48,22 +48,32 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from .._progress import progress_bar
 from .._validate import check_k, check_nonnegative_int, check_positive
-from ..torch import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
-from .data import CodeSearchData
 from ..dynamic import DynamicIndex, RefreshPolicy
-from .encoder import DualEncoder, make_optimizer
 from ..sampling import SampleResult, SoftmaxSampler
-from ..torch import (GlobalContrastiveBatchSampler, Negatives, TreeBatchSampler, TreeNegativeSampler,
-                     sampled_softmax_loss)
+from ..torch import (
+    BruteForceSampler,
+    GlobalContrastiveBatchSampler,
+    InBatch,
+    NegativeCache,
+    Negatives,
+    StaleTopK,
+    TreeBatchSampler,
+    TreeNegativeSampler,
+    UniformSampler,
+    sampled_softmax_loss,
+)
 from ..tree import TreeIndex
+from .data import CodeSearchData
+from .encoder import DualEncoder, make_optimizer
 
 __all__ = ["BATCH_SOURCES", "STRATEGIES", "TrainConfig", "TrainResult", "eval_rows", "evaluate", "parse_strategy",
            "query_ranks", "train"]
@@ -182,9 +192,10 @@ class TrainResult:
     arrays); peak_rss_mib: the process's peak resident memory so far.
     sampler_stats: strategy-specific figures (treeidx: full refreshes, the drift
     model's relative prediction error on the written-back targets; hard batches: epochs,
-    regroups, GCBS's last graph) and, for every strategy, inbatch_negative_cos: the mean
-    cosine of query i with positive j != i of its batch over the steps after the warm-up
-    (how hard the in-batch negatives were).
+    regroups, GCBS's last graph).
+    inbatch_negative_cos: the mean cosine of query i with positive j != i of its batch
+    over the steps after the warm-up (how hard the in-batch negatives were; None when
+    the warm-up never ended).
     """
 
     strategy: str
@@ -201,6 +212,7 @@ class TrainResult:
     sampler_mib: float
     peak_rss_mib: float
     sampler_stats: dict[str, Any]
+    inbatch_negative_cos: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (no model, no per-step losses)."""
@@ -210,7 +222,8 @@ class TrainResult:
                     time_split={k: round(v, 3) for k, v in self.time_split.items()},
                     targets_encoded_per_step=round(self.targets_encoded_per_step, 1),
                     sampler_mib=round(self.sampler_mib, 1), peak_rss_mib=round(self.peak_rss_mib, 1),
-                    sampler_stats=self.sampler_stats, final_loss=self.losses[-1] if self.losses else None)
+                    sampler_stats=self.sampler_stats, inbatch_negative_cos=self.inbatch_negative_cos,
+                    final_loss=self.losses[-1] if self.losses else None)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -670,5 +683,5 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
                        sampler_mib=(adapter.host_bytes() + (hard.host_bytes() if hard else 0)) / 2**20
                        if adapter.ready else 0.0,
                        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                       sampler_stats={**(adapter.stats() if adapter.ready else {}), **(hard.stats() if hard else {}),
-                                      "inbatch_negative_cos": float(np.mean(inbatch_cos)) if inbatch_cos else None})
+                       sampler_stats={**adapter.stats(), **(hard.stats() if hard else {})} if adapter.ready else {},
+                       inbatch_negative_cos=float(np.mean(inbatch_cos)) if inbatch_cos else None)

@@ -17,8 +17,8 @@ alone never loads torch.
 from __future__ import annotations
 
 from ._common import Negatives
-from .batching import GlobalContrastiveBatchSampler, TreeBatchSampler
 from .baselines import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
+from .batching import GlobalContrastiveBatchSampler, TreeBatchSampler
 from .loss import sampled_softmax_loss
 from .sampler import HostSampler, TreeNegativeSampler
 
