@@ -282,3 +282,15 @@ def test_scipy_is_imported_only_when_gcbs_orders(data, monkeypatch):
     g = fresh.GlobalContrastiveBatchSampler((q, p), 32)  # constructing needs no scipy either
     with pytest.raises(ImportError):
         list(g)
+
+
+def test_training_md_example_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    i = text.index("<!-- batch-samplers -->")
+    block = re.compile(r"```python\n(.*?)```", re.S).search(text, i).group(1)
+    scope: dict = {}
+    exec(compile(block.replace("N, d, B = 2000, 16, 64", "N, d, B = 300, 8, 32"), "training.md", "exec"), scope)
+    assert scope["gcbs"].epoch == 2 and scope["tree"].epoch == 1
