@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,13 +22,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,  # noqa: E402
-                                   SentenceTransformerTrainingArguments)
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments  # noqa: E402
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss  # noqa: E402
-
 from transformers import TrainerCallback  # noqa: E402
-from treeidx.sentence_transformers import (INDEX_FILE, TreeIndexRefreshCallback, TreeNegativesLoss,  # noqa: E402
-                                           log_q_data_collator, mine_softmax_negatives)
+
+from treeidx.sentence_transformers import (  # noqa: E402
+    INDEX_FILE,
+    TreeIndexRefreshCallback,
+    TreeNegativesLoss,
+    log_q_data_collator,
+    mine_softmax_negatives,
+)
 from treeidx.torch import sampled_softmax_loss  # noqa: E402
 
 VERBS = ["parse", "load", "merge", "sort", "split", "scale", "encode", "render"]
@@ -160,6 +165,43 @@ def test_unknown_positive_and_bad_arguments_raise_clearly(model, corpus):
         TreeNegativesLoss(model, docs[:3], corpus_ids=[1, 1, 2])
 
 
+def test_write_back_is_exact_and_skips_dropout_encodes_and_drift_triggers_a_full_refresh(model, corpus):
+    docs, queries = corpus
+    loss = TreeNegativesLoss(model, docs[:48], k=3, temperature=0.05, seed=2)
+    rows = [1, 2, 3, 4]
+    f = [feats(model, [queries[i] for i in rows]), feats(model, [docs[i] for i in rows])]
+    model.train()  # dropout on: "auto" leaves the index alone
+    loss(f, None)
+    assert loss.index.fresh_ids.size == 0
+    model.eval()
+    with torch.no_grad():
+        loss(f, None)
+        want = torch.nn.functional.normalize(model(feats(model, [docs[i] for i in rows]))["sentence_embedding"], dim=-1)
+    drawn = np.unique(loss.last["neg_ids"])
+    assert set(rows) | set(drawn.tolist()) == set(loss.index.fresh_ids.tolist())
+    # the index now scores the positives with exactly their fresh vectors
+    assert np.allclose(loss.index.predict(rows), want.numpy(), atol=1e-5)
+
+    # drift: perturb the last layer (restored afterwards); the hold-out error exposes it
+    params = list(model.parameters())[-4:]
+    saved = [p.detach().clone() for p in params]
+    g = torch.Generator().manual_seed(0)
+    cb = TreeIndexRefreshCallback(loss, landmark_every=3, holdout=8, max_drift_error=1e-3)
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        cb.on_step_end(None, SimpleNamespace(global_step=3), None)
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+    events = [(h["event"], h.get("reason")) for h in cb.history]
+    assert events == [("refresh_landmarks", None), ("full_refresh", "drift")]
+    assert cb.history[0]["holdout"] == 8 and cb.history[0]["holdout_error"] > 1e-3
+    assert not loss.index.needs_full_refresh and loss.index.fresh_ids.size == 0
+
+
 def _args(out, **kw):
     return SentenceTransformerTrainingArguments(
         output_dir=str(out), per_device_train_batch_size=8, learning_rate=2e-5, report_to=[], use_cpu=True,
@@ -171,7 +213,7 @@ def test_trainer_runs_and_a_resumed_checkpoint_restores_the_index(model, corpus,
     train = Dataset.from_dict({"anchor": queries[:64], "positive": docs[:64]})
     loss = TreeNegativesLoss(model, docs, k=4, temperature=0.05, seed=0)
     before = loss.index.tree.vectors(loss.index.ids).copy()
-    cb = TreeIndexRefreshCallback(loss, landmark_every=2)
+    cb = TreeIndexRefreshCallback(loss, landmark_every=2, write_back=True)
     trainer = SentenceTransformerTrainer(model=model, args=_args(tmp_path, max_steps=4, save_steps=4),
                                          train_dataset=train, loss=loss, callbacks=[cb])
     out = trainer.train()

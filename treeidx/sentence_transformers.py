@@ -81,6 +81,12 @@ def _check_choice(value: Any, name: str, choices: tuple) -> Any:
     return value
 
 
+def _check_write_back(value: Any) -> bool | str:
+    if not (value is True or value is False or value == "auto"):
+        raise ValueError(f"write_back: expected True, False or 'auto', got {value!r}")
+    return value
+
+
 def _token_key(ids: np.ndarray) -> bytes:
     """A fixed-size key for one tokenized text (its unpadded input ids): 16 bytes instead of
     a tuple of ints keeps the lookup table small for large corpora."""
@@ -158,7 +164,12 @@ class TreeNegativesLoss(nn.Module):
         columns (a triplet's (B,)): those get −log(n·q) like the sampled ones.
     write_back: re-encoded targets (this step's negatives and positives) replace their
         vectors in the index (`DynamicIndex.reencode`), so the hard negatives, which
-        carry most of the softmax mass, stay current between refreshes.
+        carry most of the softmax mass, stay current between refreshes. "auto" (default)
+        does it only when the step's encodes ran without dropout: a training-mode
+        encode of all-MiniLM-L6-v2 is 0.28 relative RMS away from the eval-mode vector
+        (cos 0.96; docs/sentence_transformers.md), more than fine-tuning moves a target
+        between refreshes, so writing it back would make the index worse, and its error
+        would read as drift. True / False: always / never.
     n_landmarks, kernel, policy, budget, tolerance: DynamicIndex / sampler options
         (n_landmarks default max(16, N/100), capped at N).
     seed: call c draws with a seed derived from (seed, rank, c): reproducible.
@@ -171,7 +182,8 @@ class TreeNegativesLoss(nn.Module):
                  mask_duplicate_positives: bool = True,
                  positive_ids: Literal["text", "label"] = "text",
                  unknown_positives: Literal["error", "ignore"] = "error",
-                 corpus_prompt: str | None = None, log_q_from_labels: bool = False, write_back: bool = True,
+                 corpus_prompt: str | None = None, log_q_from_labels: bool = False,
+                 write_back: bool | Literal["auto"] = "auto",
                  n_landmarks: int | None = None, kernel: str = "linear", policy: RefreshPolicy | None = None,
                  budget: int | None = None, tolerance: float = 0.05, seed: int = 0,
                  encode_batch_size: int = 64, show_progress_bar: bool = False) -> None:
@@ -213,7 +225,7 @@ class TreeNegativesLoss(nn.Module):
             raise TypeError(f"corpus_prompt: expected a str or None, got {type(corpus_prompt).__name__}")
         self.corpus_prompt = corpus_prompt
         self.log_q_from_labels = bool(log_q_from_labels)
-        self.write_back = bool(write_back)
+        self.write_back = _check_write_back(write_back)
         self.seed = _check_int(seed, "seed", 0)
         self.encode_batch_size = _check_int(encode_batch_size, "encode_batch_size", 1)
         self.show_progress_bar = bool(show_progress_bar)
@@ -330,7 +342,7 @@ class TreeNegativesLoss(nn.Module):
             cols.append(s - (torch.as_tensor(log_q, device=s.device, dtype=s.dtype) + math.log(self.k)))
         logits = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
         loss = -(positive - torch.logsumexp(logits, dim=1)).mean()
-        if self.write_back and self.k:
+        if self.k and (self.write_back is True or (self.write_back == "auto" and not self._dropout_active())):
             self._write_back(docs[0], pos_sets, fresh)
         self.last.update(neg_ids=neg_ids, log_q=log_q)
         return loss
@@ -359,6 +371,9 @@ class TreeNegativesLoss(nn.Module):
         neg = emb[torch.as_tensor(inv.reshape(-1), device=emb.device)].view(B, self.k, -1)
         self.last.update(result=res, unique_negatives=int(uniq.size))
         return neg, res.ids, res.log_q, (uniq, emb)
+
+    def _dropout_active(self) -> bool:
+        return any(isinstance(mod, nn.Dropout) and mod.p > 0 and mod.training for mod in self._st.modules())
 
     @torch.no_grad()
     def _write_back(self, pos_emb: Tensor, pos_sets: list[np.ndarray], fresh: tuple[np.ndarray, Tensor]) -> None:
@@ -401,15 +416,18 @@ class TreeIndexRefreshCallback(TrainerCallback):
 
     After every optimizer step (`on_step_end`), in this order:
 
-    * every `landmark_every` steps: re-encode the index's landmark texts (no grad) and
-      refit the drift model (`DynamicIndex.refresh_landmarks`): every target's predicted
-      vector moves with the encoder for the cost of m encodes;
-    * every `full_every` steps, or when the index asks for it (its running drift error,
-      fed by the loss's write-back, passed `max_drift_error`): re-encode the whole corpus
-      and rebuild (`DynamicIndex.full_refresh`).
+    * every `landmark_every` steps: re-encode the index's landmark texts (no grad, eval
+      mode) and refit the drift model (`DynamicIndex.refresh_landmarks`): every target's
+      predicted vector moves with the encoder for the cost of m encodes. `holdout`
+      other targets, drawn afresh each time, are encoded too: their prediction error
+      is the drift estimate (`DynamicIndex.drift_estimate`);
+    * every `full_every` steps, or when the drift estimate (hold-out and write-back
+      errors, running mean) passes `max_drift_error`: re-encode the whole corpus and
+      rebuild (`DynamicIndex.full_refresh`).
 
     Write-back (the loss replacing the vectors of the targets each step encodes anyway)
-    is switched with `write_back` (sets `loss.write_back`).
+    is set with `write_back` (sets `loss.write_back`; "auto": only for encodes without
+    dropout, see TreeNegativesLoss).
 
     Checkpoints: `on_save` writes the index (`DynamicIndex.save`) and the loss's draw
     counter into the checkpoint folder (`treeidx_index.npz`, `treeidx_state.json`), so
@@ -426,8 +444,9 @@ class TreeIndexRefreshCallback(TrainerCallback):
     """
 
     def __init__(self, loss: TreeNegativesLoss, *, landmark_every: int | None = 50, full_every: int | None = None,
-                 max_drift_error: float | None = 0.5, write_back: bool = True, save_index: bool = True,
-                 resume_dir: str | os.PathLike | None = None) -> None:
+                 max_drift_error: float | None = 0.5, holdout: int = 32,
+                 write_back: bool | Literal["auto"] = "auto", save_index: bool = True,
+                 resume_dir: str | os.PathLike | None = None, seed: int = 0) -> None:
         if not isinstance(loss, TreeNegativesLoss):
             raise TypeError(f"loss: expected a TreeNegativesLoss, got {type(loss).__name__}")
         self.loss = loss
@@ -437,7 +456,9 @@ class TreeIndexRefreshCallback(TrainerCallback):
             max_drift_error = _check_positive(max_drift_error, "max_drift_error")
         self.max_drift_error = max_drift_error
         loss.index.policy = replace(loss.index.policy, max_drift_error=max_drift_error)
-        loss.write_back = bool(write_back)
+        loss.write_back = _check_write_back(write_back)
+        self.holdout = _check_int(holdout, "holdout", 0)
+        self.seed = _check_int(seed, "seed", 0)
         self.save_index = bool(save_index)
         self.resume_dir = None if resume_dir is None else os.fspath(resume_dir)
         self.history: list[dict[str, Any]] = []
@@ -478,9 +499,23 @@ class TreeIndexRefreshCallback(TrainerCallback):
         import time
         t = time.perf_counter()
         index = self.loss.index
-        fit = index.refresh_landmarks(self.loss.encode_corpus(index.landmark_ids))
-        self._note(step, "refresh_landmarks", seconds=time.perf_counter() - t, n=int(index.landmark_ids.size),
-                   landmark_residual=fit.landmark_residual, drift_estimate=index.drift_estimate)
+        lm = index.landmark_ids
+        others = np.setdiff1d(index.ids, lm)
+        h = min(self.holdout, others.size)
+        kw: dict[str, Any] = {}
+        if h:
+            # a fresh uniform sample each time (seeded by the step): an unbiased error estimate
+            hold = np.random.default_rng([self.seed, max(step, 0)]).choice(others, h, replace=False)
+            x = self.loss.encode_corpus(np.concatenate([lm, hold]))
+            fresh, kw = x[: lm.size], dict(holdout_ids=hold, holdout_vectors=x[lm.size:])
+        else:
+            fresh = self.loss.encode_corpus(lm)
+        fit = index.refresh_landmarks(fresh, **kw)
+        self._note(step, "refresh_landmarks", seconds=time.perf_counter() - t, n=int(lm.size), holdout=int(h),
+                   landmark_residual=fit.landmark_residual,
+                   holdout_error=None if fit.holdout is None else fit.holdout.predicted,
+                   holdout_stale_error=None if fit.holdout is None else fit.holdout.stale,
+                   drift_estimate=index.drift_estimate)
 
     def full_refresh(self, step: int = -1) -> None:
         """Re-encode every corpus text and rebuild the index."""
