@@ -154,7 +154,7 @@ def _softmax_rows(buf, nrows: int, beta: float, u, out_idx, out_logp, out_logz) 
     n = buf.shape[1]
     k = u.shape[1]
     nchunk = (n + _CHUNK - 1) // _CHUNK
-    bad = -1
+    bad_row = np.zeros(nrows, np.bool_)  # per row: a scalar written inside prange is thread-private
     for r in nb.prange(nrows):
         s = buf[r]
         w = np.empty(_CHUNK, np.float64)
@@ -183,7 +183,7 @@ def _softmax_rows(buf, nrows: int, beta: float, u, out_idx, out_logp, out_logz) 
             if clog[ci] > big:
                 big = clog[ci]
         if not ok or big == -np.inf:
-            bad = r
+            bad_row[r] = True
             continue
         # chunk masses relative to the largest: float64 two-level CDF
         tot = 0.0
@@ -237,7 +237,10 @@ def _softmax_rows(buf, nrows: int, beta: float, u, out_idx, out_logp, out_logz) 
                 out_logp[r, dst] = beta * np.float64(_load(s, pick)) - logz
                 j += 1
             acc += e
-    return bad
+    for r in range(nrows):
+        if bad_row[r]:
+            return r
+    return -1
 
 
 @nb.njit(parallel=True, cache=True)
