@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -120,6 +121,27 @@ def as_ids(ids, n: int | None, what: str = "ids", unique: bool = True) -> np.nda
 
 _EXCLUDE_FORMS = ("None, one id set per query (a sequence of iterables of ids, or a 2-d array), "
                   "or a 1-d integer array holding one id per query")
+
+
+def _looks_like_ids(x) -> bool:
+    """A 0-d or 1-d integer array-like (torch tensors are inspected without a copy)."""
+    if hasattr(x, "is_floating_point") and hasattr(x, "dim"):
+        return x.dim() <= 1 and not x.is_floating_point() and not x.is_complex()
+    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    return a.ndim <= 1 and np.issubdtype(a.dtype, np.integer)
+
+
+def vectors_then_ids(first, second, where: str) -> tuple:
+    """(vectors, ids) from arguments in that order, as `build` and `insert` take them.
+
+    The old (ids, vectors) order of `update`, `add` and `reencode` is recognised (integer
+    ids first, floating vectors second), still served, and warned about.
+    """
+    if _looks_like_ids(first) and not _looks_like_ids(second):
+        warnings.warn(f"{where}(ids, vectors) is deprecated: pass (vectors, ids), the order of "
+                      "build and insert", DeprecationWarning, stacklevel=3)
+        return second, first
+    return first, second
 
 
 def as_exclude(exclude, n_queries: int) -> tuple[np.ndarray, np.ndarray]:

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import as_ids, as_vectors
+from ._validate import as_ids, as_vectors, vectors_then_ids
 from .io import IndexFileError, atomic_write
 from .nystrom import DriftError, DriftFit, NystromDrift, drift_error
 from .sampling import SampleResult, SoftmaxSampler
@@ -209,12 +209,15 @@ class DynamicIndex:
         """Exact top-k by inner product with the predicted vectors."""
         return self.tree.search(self.drift.transform_queries(queries), k, exclude=exclude)
 
-    def reencode(self, ids, fresh_vectors) -> DriftError:
+    def reencode(self, fresh_vectors, ids) -> DriftError:
         """Targets re-encoded anyway: from now on they score with their fresh vectors.
 
         Returns the prediction error of these targets before the update (a free,
         hard-negative-weighted estimate of the drift error; it feeds the policy).
+        Arguments in the order of `build` (the old (ids, vectors) order still works,
+        with a DeprecationWarning).
         """
+        fresh_vectors, ids = vectors_then_ids(fresh_vectors, ids, "reencode")
         ids_arr = as_ids(ids, None)
         fresh = as_vectors(fresh_vectors, self.dim, "fresh_vectors")
         if fresh.shape[0] != ids_arr.shape[0]:
@@ -222,7 +225,7 @@ class DynamicIndex:
         phi_old = self.tree.vectors(ids_arr)  # KeyError before anything changes
         err = self._error(ids_arr, fresh, phi_old)
         self._version += 1
-        self.tree.update(ids_arr, self._backproject(phi_old, fresh, "reencode"))
+        self.tree.update(self._backproject(phi_old, fresh, "reencode"), ids_arr)
         self._mark_fresh(ids_arr)
         self._track(err)
         self._note("reencode", "updated in place", n=int(ids_arr.size), predicted_error=err.predicted,
@@ -230,8 +233,10 @@ class DynamicIndex:
         self._apply_policy()
         return err
 
-    def add(self, ids, vectors) -> None:
-        """Add targets with their current vectors (new ids)."""
+    def add(self, vectors, ids) -> None:
+        """Add targets with their current vectors (new ids), in the order of `build`
+        (the old (ids, vectors) order still works, with a DeprecationWarning)."""
+        vectors, ids = vectors_then_ids(vectors, ids, "add")
         ids_arr = as_ids(ids, None)
         x = as_vectors(vectors, self.dim, "vectors")
         if x.shape[0] != ids_arr.shape[0]:

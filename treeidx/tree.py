@@ -25,7 +25,7 @@ from ._search import (GROUP_CHUNKS, merge_topk, search_batch, search_best_cluste
                       search_groups)
 from ._threads import run_parallel
 from ._validate import (as_exclude, as_ids, as_vectors, check_int, check_k, check_score_range, check_seed,
-                        check_storable)
+                        check_storable, vectors_then_ids)
 
 _DEFAULT_SHAPE = dict(leaf_size=32, fanout=4, top_fanout=None, kmeans_iters=6)
 _SEED_MASK = 2**63 - 1  # derived seeds (seed + counter) stay in the kernels' int64 range
@@ -360,13 +360,16 @@ class TreeIndex:
         self._keys, self._key_slot = keys, key_slot
         self._place_rows(x, ids_arr, None)
 
-    def update(self, ids, vectors) -> None:
-        """Move existing targets to new vectors; the tree is repaired locally.
+    def update(self, vectors, ids) -> None:
+        """Move existing targets (`ids`) to new `vectors`; the tree is repaired locally.
 
         Each target is removed from its leaf and re-inserted along the path of
         nearest centers, widening radii on the way, so every bound stays true.
-        Unknown ids raise KeyError; on any failure nothing changes.
+        Unknown ids raise KeyError; on any failure nothing changes. The arguments come
+        in the order of `build` and `insert`; the old (ids, vectors) order still works
+        with a DeprecationWarning.
         """
+        vectors, ids = vectors_then_ids(vectors, ids, "update")
         ids_arr = as_ids(ids, None)
         x = as_vectors(vectors, self.dim, "vectors")
         check_storable(x)

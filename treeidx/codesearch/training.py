@@ -417,7 +417,7 @@ class _TreeIdx(_Strategy):
 
     def observe(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
         if self.cfg.write_back:
-            err = self.clock.timed("sampling_s", self.index.reencode, ids.numpy(), vectors.numpy())
+            err = self.clock.timed("sampling_s", self.index.reencode, vectors.numpy(), ids.numpy())
             self.drift.append(err.predicted)
 
     def stats(self) -> dict[str, Any]:
@@ -544,7 +544,7 @@ class _HardBatches:
         ids_np = ids.numpy()
         keep = np.isin(ids_np, self.own_ids)
         if keep.any():
-            self.clock.timed("sampling_s", self.sampler.index.update, ids_np[keep], vectors.numpy()[keep])
+            self.clock.timed("sampling_s", self.sampler.index.update, vectors.numpy()[keep], ids_np[keep])
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(batch_source=self.kind, batch_epochs=self.epochs,

@@ -357,7 +357,7 @@ class TreeBatchSampler(_OrderedBatchSampler):
                         refresh_every: int | None = None, drop_last: bool = False,
                         seed: int = 0) -> TreeBatchSampler:
         """A sampler over a new TreeIndex of (N, d) pair embeddings (ids 0..N-1, pair i =
-        id i): e.g. query ⊕ positive. Update it with `sampler.index.update(ids, vectors)`."""
+        id i): e.g. query ⊕ positive. Update it with `sampler.index.update(vectors, ids)`."""
         z = as_vectors(pair_embeddings, None, "pair_embeddings")
         tree = TreeIndex.build(z, np.arange(z.shape[0], dtype=np.int64), seed=seed, leaf_size=leaf_size)
         return cls(tree, batch_size, mix=mix, refresh_every=refresh_every, drop_last=drop_last, seed=seed)
