@@ -193,8 +193,10 @@ def test_search_prunes_on_clustered_data(data):
     """The bounds must actually prune: far fewer leaves opened than exist."""
     x, q = data
     index = TreeIndex.build(x, seed=0)
-    index.search(q, 10)
-    assert np.median(index.last_search_visited) < 0.5 * index.stats()["nodes"]
+    _, _, work = index.search(q, 10, return_work=True)
+    assert np.median(work.nodes_visited) < 0.5 * index.stats()["nodes"]
+    assert (work.inner_products < len(index)).all() and (work.inner_products >= 10).all()
+    assert not hasattr(index, "last_search_visited")  # reads leave the index untouched
 
 
 def test_build_is_deterministic_under_seed(data):

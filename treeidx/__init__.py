@@ -18,8 +18,8 @@ from .dynamic import DynamicIndex, RefreshPolicy
 from .io import IndexFileError
 from .nystrom import DriftError, DriftFit, NystromDrift
 from .sampling import SampleResult, SoftmaxSampler
-from .tree import InvariantError, TreeIndex
+from .tree import InvariantError, SearchWork, TreeIndex
 
 __version__ = "0.1.0"
-__all__ = ["TreeIndex", "SoftmaxSampler", "SampleResult", "NystromDrift", "DriftFit", "DriftError",
+__all__ = ["TreeIndex", "SearchWork", "SoftmaxSampler", "SampleResult", "NystromDrift", "DriftFit", "DriftError",
            "DynamicIndex", "RefreshPolicy", "InvariantError", "IndexFileError", "__version__"]

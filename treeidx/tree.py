@@ -14,6 +14,7 @@ are exclusive: do not run them while another thread reads or writes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,14 @@ from ._validate import (as_exclude, as_ids, as_vectors, check_int, check_k, chec
 
 _DEFAULT_SHAPE = dict(leaf_size=32, fanout=4, top_fanout=None, kmeans_iters=6)
 _SEED_MASK = 2**63 - 1  # derived seeds (seed + counter) stay in the kernels' int64 range
+
+
+@dataclass(frozen=True)
+class SearchWork:
+    """Per-query work of one `TreeIndex.search` call (B,) each: tree nodes visited and
+    target inner products computed (a brute-force search computes N per query)."""
+    nodes_visited: np.ndarray
+    inner_products: np.ndarray
 
 
 class InvariantError(RuntimeError):
@@ -209,14 +218,19 @@ class TreeIndex:
         return int(sum(a.nbytes for a in self._A) + self._keys.nbytes + self._key_slot.nbytes)
 
     # ------------------------------------------------------------------ search
-    def search(self, queries, k: int, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int, exclude=None, *, return_work: bool = False):
         """Exact top-k by inner product.
 
         queries: (B, d) or (d,) array-like (numpy or torch; bf16 is widened). exclude:
         None, or one id set per query (a sequence of B iterables, a (B, m) array, or a (B,)
         integer array of one id each); unknown ids are ignored; a scalar raises TypeError.
-        Returns (scores (B, k) float32, descending; ids (B, k) int64).
-        ValueError when a query's norm times the largest stored norm could overflow float32.
+        Returns (scores (B, k) float32, descending; ids (B, k) int64), and with
+        return_work=True a third item, `SearchWork`: per-query nodes visited and inner
+        products computed.
+        ValueError when a query's norm times the largest stored norm could overflow float32,
+        and when k exceeds a query's allowed targets: an exact search has k answers or the
+        call is wrong (FAISS pads with id -1 instead, which then flows unnoticed into id
+        lookups and training batches).
         """
         q = as_vectors(queries, self.dim, "queries")
         k = check_k(k)
@@ -244,11 +258,10 @@ class TreeIndex:
             run_parallel(search_batch, q, k, top_nodes, top_dots, A.vecs, A.slot_id, A.center, A.csq,
                          A.radius, A.nu_min, A.nu_max, A.first_child, A.next_sibling, A.leaf_start,
                          A.leaf_size, ptr, ex, scores, out_ids, visited, dots)
-        # per-query work of the last call (diagnostics; not synchronised between threads)
         inv = np.empty_like(order)
         inv[order] = np.arange(order.shape[0])
-        self.last_search_visited = visited[inv]
-        self.last_search_inner_products = dots[inv]
+        if return_work:
+            return scores[inv], out_ids[inv], SearchWork(visited[inv], dots[inv])
         return scores[inv], out_ids[inv]
 
     def _search_grouped(self, q, k, top_nodes, top_dots, ptr, ex, scores, out_ids, visited, dots) -> None:
