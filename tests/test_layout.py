@@ -70,3 +70,29 @@ def test_writes_take_vectors_then_ids_and_the_old_order_still_works():
         di.reencode(moved[2:4], y[4:6])
     np.testing.assert_allclose(di.predict(np.r_[new, moved[:4]]), np.r_[y[:2], y[2:4], y[4:6]], rtol=1e-4,
                                atol=1e-4)
+
+
+def test_brute_force_takes_temperature_like_every_other_sampler():
+    import numpy as np
+
+    from treeidx.brute import BruteForce
+
+    x = np.random.default_rng(1).standard_normal((300, 5)).astype(np.float32)
+    bf = BruteForce(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = bf.sample(x[:3], 7, temperature=0.25, exclude=[[0], [], [1, 2]], seed=4)
+        lz = bf.log_partition(x[:3], temperature=0.25)
+        p = bf.probabilities(x[0], temperature=0.25)
+    with pytest.warns(DeprecationWarning, match="temperature=1/beta"):
+        old = bf.sample(x[:3], 7, 4.0, [[0], [], [1, 2]], 4)
+    for a, b in zip(new, old):
+        np.testing.assert_array_equal(a, b)
+    with pytest.warns(DeprecationWarning):
+        np.testing.assert_array_equal(lz, bf.log_partition(x[:3], 4.0))
+    s = x[0].astype(np.float64) @ x.T.astype(np.float64) * 4.0
+    np.testing.assert_allclose(p, np.exp(s - s.max()) / np.exp(s - s.max()).sum(), rtol=1e-5)
+    with pytest.raises(TypeError, match="not both"):
+        bf.sample(x[:1], 2, 4.0, temperature=0.25)
+    with pytest.raises(TypeError, match="missing temperature"):
+        bf.sample(x[:1], 2)

@@ -30,6 +30,7 @@ torch (imported on first use).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Sequence
 
 import numba as nb
@@ -402,6 +403,20 @@ def _check_beta(beta) -> float:
     return check_positive(beta, "beta")
 
 
+def _beta_of(beta, temperature, where: str) -> float:
+    """1 / temperature, the scale every other sampler takes; `beta` (the inverse
+    temperature, this class's old argument) still works with a DeprecationWarning."""
+    if temperature is not None:
+        if beta is not None:
+            raise TypeError(f"{where}: pass temperature= or beta=, not both")
+        return 1.0 / check_positive(temperature, "temperature")
+    if beta is None:
+        raise TypeError(f"{where}: missing temperature= (P(y|q) ∝ exp(<q, y> / temperature))")
+    warnings.warn(f"BruteForce.{where}(..., beta) is deprecated: pass temperature=1/beta like every "
+                  "other sampler", DeprecationWarning, stacklevel=3)
+    return _check_beta(beta)
+
+
 class BruteForce:
     """Inner-product search and softmax sampling over all N vectors.
 
@@ -554,11 +569,12 @@ class BruteForce:
                              "(vector/query norms too large for float32)")
         return idx, logp, logz
 
-    def sample(self, queries: np.ndarray, k: int, beta: float,
+    def sample(self, queries: np.ndarray, k: int, beta: float | None = None,
                exclude: Sequence[Iterable[int]] | None = None,
-               seed: int | np.random.SeedSequence | None = None
+               seed: int | np.random.SeedSequence | None = None, *, temperature: float | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """k exact draws with replacement from P(y|q) ∝ exp(beta <q, y>) over allowed rows.
+        """k exact draws with replacement from P(y|q) ∝ exp(beta <q, y>) over allowed rows,
+        beta = 1 / temperature (`beta` itself is deprecated).
 
         Returns (ids (B, k) int64, log P of each draw (B, k) float64 = beta*s - log Z,
         log Z (B,) float64). Same seed -> same output, whatever batch_size. Draws are
@@ -570,17 +586,20 @@ class BruteForce:
         the batch's shape, so there only the uniforms are independent of batch_size.
         """
         k = check_k(k)
+        beta = _beta_of(beta, temperature, "sample")
         idx, logp, logz = self._softmax(queries, k, beta, exclude, seed)
         return self.ids[idx], logp, logz
 
-    def log_partition(self, queries: np.ndarray, beta: float,
-                      exclude: Sequence[Iterable[int]] | None = None) -> np.ndarray:
-        """Exact float64 log Z = logsumexp(beta <q, y>) over allowed rows, per query
+    def log_partition(self, queries: np.ndarray, beta: float | None = None,
+                      exclude: Sequence[Iterable[int]] | None = None, *,
+                      temperature: float | None = None) -> np.ndarray:
+        """Exact float64 log Z = logsumexp(<q, y> / temperature) over allowed rows, per query
         (with precision bf16 / int8: Q's normaliser, from the reduced-precision scores)."""
-        return self._softmax(queries, 0, beta, exclude, 0)[2]
+        return self._softmax(queries, 0, _beta_of(beta, temperature, "log_partition"), exclude, 0)[2]
 
-    def probabilities(self, query: np.ndarray, beta: float,
-                      exclude: Iterable[int] | None = None) -> np.ndarray:
+    def probabilities(self, query: np.ndarray, beta: float | None = None,
+                      exclude: Iterable[int] | None = None, *,
+                      temperature: float | None = None) -> np.ndarray:
         """Float64 softmax over all N rows (row order) for one query; excluded rows get 0.
 
         The distribution `sample` draws from: the exact softmax of the float32 scores, or
@@ -588,7 +607,7 @@ class BruteForce:
         q = as_vectors(query, self.dim, "query")
         if q.shape[0] != 1:
             raise ValueError(f"query: expected a single query, got {q.shape[0]}")
-        beta = _check_beta(beta)
+        beta = _beta_of(beta, temperature, "probabilities")
         ex = None if exclude is None else [exclude]
         ptr, rows = self._excluded_rows(ex, 1)
         if ptr[1] >= len(self):
@@ -607,15 +626,16 @@ class BruteForce:
         p = np.exp(x - m)
         return p / p.sum()
 
-    def tv_to_exact(self, queries: np.ndarray, beta: float,
-                    exclude: Sequence[Iterable[int]] | None = None, *, block: int = 16) -> np.ndarray:
+    def tv_to_exact(self, queries: np.ndarray, beta: float | None = None,
+                    exclude: Sequence[Iterable[int]] | None = None, *, block: int = 16,
+                    temperature: float | None = None) -> np.ndarray:
         """Per query, the total variation between the distribution `sample` draws from
         and the exact softmax of the float32 scores: (B,) float64, 0 for precision fp32.
 
         Both softmaxes are summed in float64 over all N rows, `block` queries at a time
         (two block x N score arrays). Excluded rows have weight 0 in both."""
         q = as_vectors(queries, self.dim, "queries")
-        beta = _check_beta(beta)
+        beta = _beta_of(beta, temperature, "tv_to_exact")
         block = check_k(block, "block")
         nq = q.shape[0]
         ptr, rows = self._excluded_rows(exclude, nq)
