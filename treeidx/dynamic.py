@@ -47,7 +47,7 @@ import numpy as np
 
 from ._validate import as_ids, as_vectors, vectors_then_ids
 from .io import IndexFileError, atomic_write
-from .nystrom import DriftError, DriftFit, NystromDrift, drift_error
+from .nystrom import DriftFit, DriftReport, NystromDrift, drift_error
 from .sampling import SampleResult, SoftmaxSampler
 from .tree import TreeIndex
 
@@ -209,7 +209,7 @@ class DynamicIndex:
         """Exact top-k by inner product with the predicted vectors."""
         return self.tree.search(self.drift.transform_queries(queries), k, exclude=exclude)
 
-    def reencode(self, fresh_vectors, ids) -> DriftError:
+    def reencode(self, fresh_vectors, ids) -> DriftReport:
         """Targets re-encoded anyway: from now on they score with their fresh vectors.
 
         Returns the prediction error of these targets before the update (a free,
@@ -320,7 +320,7 @@ class DynamicIndex:
         self.last_backprojection_error = worst
         return phi
 
-    def _error(self, ids: np.ndarray, fresh: np.ndarray, phi: np.ndarray | None = None) -> DriftError:
+    def _error(self, ids: np.ndarray, fresh: np.ndarray, phi: np.ndarray | None = None) -> DriftReport:
         pred = self.drift.predict_from_features(self.tree.vectors(ids) if phi is None else phi)
         # stale baseline: the stale vector where the model has one, else the prediction
         known = np.isin(ids, self.drift.ids)
@@ -329,7 +329,7 @@ class DynamicIndex:
             stale[known] = self.drift.stale(ids[known])
         return drift_error(pred, stale, fresh)
 
-    def _track(self, err: DriftError) -> None:
+    def _track(self, err: DriftReport) -> None:
         a = self.policy.drift_ema
         e = err.predicted
         self.drift_estimate = e if self.drift_estimate is None else (1 - a) * self.drift_estimate + a * e
