@@ -197,7 +197,7 @@ def test_tree_batches_follow_index_updates(data):
     together = lambda bs: np.mean([np.isin(target, b).any() and np.isin(moved, b).sum()  # noqa: E731
                                    for b in bs])
     # write back: cluster 0's pairs now look like cluster 1's
-    s.index.update(moved, z[target[: moved.size]] + 0.01)
+    s.index.update(z[target[: moved.size]] + 0.01, moved)
     after = list(s)
     assert together(after) > together(before)
     same_cluster = [b for b in after if np.isin(moved, b).sum() >= 10]

@@ -85,7 +85,7 @@ def test_dynamic_index_partial_rebuild_keeps_exact_sampling():
     di = DynamicIndex.build(x, n_landmarks=30, temperature=0.2, seed=1,
                             policy=RefreshPolicy(max_moved_fraction=0.05, radius_growth=1.0))
     moved = np.argsort(((x - x[0]) ** 2).sum(axis=1))[:80]  # one neighbourhood: few subtrees grow
-    di.reencode(moved, x[moved] + 0.2 * rng.standard_normal((80, 6)).astype(np.float32))
+    di.reencode(x[moved] + 0.2 * rng.standard_normal((80, 6)).astype(np.float32), moved)
     assert any(e["action"] == "partial tree rebuild" for e in di.log), di.log
     assert di.tree._free_slots().size > 0
     q = rng.standard_normal((4, 6)).astype(np.float32)
@@ -190,7 +190,7 @@ def test_writing_while_a_prefetch_is_pending_raises(write, prefetch):
     s.submit(qt)
     {"remove": lambda: idx.remove(np.arange(100)),
      "insert": lambda: idx.insert(x[:3], [10**9, 10**9 + 1, -5]),
-     "update": lambda: idx.update([1, 2], x[3:5]),
+     "update": lambda: idx.update(x[3:5], [1, 2]),
      "rebuild": lambda: idx.rebuild(),
      "compact": lambda: idx.compact()}[write]()
     with pytest.raises(RuntimeError, match="index was modified"):
@@ -266,7 +266,7 @@ def test_allocation_failure_while_growing_changes_nothing(monkeypatch, op):
         if op == "insert":
             index.insert(new_x, new_ids)
         else:
-            index.update(upd_ids, upd_x)
+            index.update(upd_x, upd_ids)
 
     # count the growth calls of a successful write, and those of its first reservation
     probe = _FailingGrowth(10**9)
@@ -378,7 +378,7 @@ def test_ids_that_would_change_value_are_refused(bad, match):
         TreeIndex.build(x[:2], ids=bad)
     idx = TreeIndex.build(x, seed=0)
     before = snapshot(idx)
-    for call in (lambda: idx.insert(x[:2], bad), lambda: idx.remove(bad), lambda: idx.update(bad, x[:2]),
+    for call in (lambda: idx.insert(x[:2], bad), lambda: idx.remove(bad), lambda: idx.update(x[:2], bad),
                  lambda: idx.vectors(bad), lambda: idx.search(q[:1], 3, exclude=[bad]),
                  lambda: SoftmaxSampler(idx, temperature=1).sample(q[:1], 3, exclude=[bad])):
         with pytest.raises(ValueError, match=match):
@@ -410,7 +410,7 @@ def test_huge_queries_and_vectors_give_a_clear_value_error():
     with pytest.raises(ValueError, match="temperature"):  # the same query at a huge 1/temperature
         SoftmaxSampler(idx, temperature=1e-30).sample(q[:1], 4, seed=0)
     for call in (lambda: idx.insert(np.full((1, 8), 1e38, np.float32), [10**6]),
-                 lambda: idx.update([0], np.full((1, 8), 1e38, np.float32)),
+                 lambda: idx.update(np.full((1, 8), 1e38, np.float32), [0]),
                  lambda: TreeIndex.build(np.full((2, 8), 1e38, np.float32))):
         with pytest.raises(ValueError, match="norm .* <= " + re.escape(f"{STORE_LIMIT:.3g}")):
             call()
@@ -436,7 +436,7 @@ def test_bf16_tensors_are_widened():
     s = SoftmaxSampler(idx, temperature=0.5).sample(qb, 8, seed=1)
     np.testing.assert_array_equal(s.ids, SoftmaxSampler(ref, temperature=0.5).sample(q16, 8, seed=1).ids)
     idx.insert(xb[:2], [1000, 1001])
-    idx.update([1000], xb[2:3])
+    idx.update(xb[2:3], [1000])
     idx.check()
 
 

@@ -171,7 +171,7 @@ class TreeIndexMachine(_Machine):
         moved = self.rng.choice(live, max(1, int(round(frac * live.size))), replace=False)
         x = np.stack([self.model[i] for i in moved.tolist()])
         x = (x + scale * self.rng.standard_normal(x.shape) / np.sqrt(self.dim)).astype(np.float32)
-        self.index.update(moved, x)
+        self.index.update(x, moved)
         self.model.update(zip(moved.tolist(), x))
 
     @precondition(lambda self: len(self.model) > 0)
@@ -300,7 +300,7 @@ class DynamicIndexMachine(_Machine):
     def reencode(self, frac):
         ids = self.pick(frac)
         before = len(self.di.log)
-        self.di.reencode(ids, self.enc(np.stack([self.base[i] for i in ids.tolist()])))
+        self.di.reencode(self.enc(np.stack([self.base[i] for i in ids.tolist()])), ids)
         self.note_rebuilds(before)
 
     @rule(n=st.integers(1, 25))
@@ -308,7 +308,7 @@ class DynamicIndexMachine(_Machine):
         ids = fresh_ids(self.rng, n, self.live_ids, self.dead)
         x = self.points(n)
         before = len(self.di.log)
-        self.di.add(ids, self.enc(x))
+        self.di.add(self.enc(x), ids)
         self.note_rebuilds(before)
         for i, v in zip(ids.tolist(), x):
             if i not in self.di.drift.landmark_ids:  # a landmark's base stays what the model saw
