@@ -418,6 +418,20 @@ def static_units(*, cache_dir: str | None = None, roots=None, max_files: int | N
     return kinds, texts, dict(meta, key=key, n=len(texts))
 
 
+def static_meta(cache_dir: str | None = None, roots=None, max_files: int | None = None) -> dict | None:
+    """What the cached `static` build recorded (unit counts per kind, held-out units,
+    dropped rows, mining and encoding seconds), or None if it has not been built."""
+    from treeidx.codesearch.corpus import corpus_cache_key, default_cache_dir
+
+    key = f"{corpus_cache_key(roots, max_files)}-f{_STATIC_FORMAT}"
+    path = os.path.join(cache_dir or default_cache_dir(), f"static-{key[:20]}-m2v-meta.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def static(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None,
            roots=None, max_files: int | None = None, progress: bool = False,
            model=None, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:

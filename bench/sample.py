@@ -36,7 +36,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from bench._common import base_parser, emit, log, machine, timed
-from bench.datasets import STATIC_DIM, load
+from bench.datasets import STATIC_DIM, load, static_meta
 from bench.kmeans_peer import KMeansListProposal, peer_tv
 from treeidx import SoftmaxSampler, TreeIndex
 from treeidx.brute import BruteForce
@@ -131,10 +131,11 @@ def main(argv=None) -> dict:
                       max_items=a.max_items)
     n = x.shape[0]
     log(f"data: {a.dataset} {x.shape}, {queries.shape[0]} queries", quiet)
+    meta = static_meta() if a.dataset == "static" else None
     res: dict = dict(benchmark="sample", dataset=a.dataset, n=n, dim=dim, k=a.k,
                      queries=int(queries.shape[0]), max_items=a.max_items,
                      tv_queries=int(min(a.tv_queries, queries.shape[0])), tv_draws=a.tv_draws,
-                     machine=machine())
+                     machine=machine(), **({"dataset_meta": meta} if meta else {}))
     t = time.perf_counter()
     warm = TreeIndex.build(x[:3000])
     SoftmaxSampler(warm, temperature=0.1).sample(queries[:4], 4, seed=0)
