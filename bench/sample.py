@@ -175,7 +175,7 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
         # One reduced-precision copy at a time: each holds its own vectors and buffer.
         lowp = BruteForce(x, precision=prec)
         lowp.sample(queries[:8], k, beta, seed=0)
-        lowp_s[prec], _ = timed(lambda: lowp.sample(queries, k, beta, seed=1), repeat=2)
+        lowp_s[prec], _ = timed(lambda lp=lowp: lp.sample(queries, k, beta, seed=1), repeat=2)
         tv = lowp.tv_to_exact(queries[: a.lowp_tv_queries], beta)
         out[f"brute_force_{prec}"] = dict(ms_per_query=1e3 * lowp_s[prec] / nq,
                                            speedup_vs_brute=bf_s / lowp_s[prec],
