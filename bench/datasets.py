@@ -418,6 +418,20 @@ def static_units(*, cache_dir: str | None = None, roots=None, max_files: int | N
     return kinds, texts, dict(meta, key=key, n=len(texts))
 
 
+def static_meta(cache_dir: str | None = None, roots=None, max_files: int | None = None) -> dict | None:
+    """What the cached `static` build recorded (unit counts per kind, held-out units,
+    dropped rows, mining and encoding seconds), or None if it has not been built."""
+    from treeidx.codesearch.corpus import corpus_cache_key, default_cache_dir
+
+    key = f"{corpus_cache_key(roots, max_files)}-f{_STATIC_FORMAT}"
+    path = os.path.join(cache_dir or default_cache_dir(), f"static-{key[:20]}-m2v-meta.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def static(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None,
            roots=None, max_files: int | None = None, progress: bool = False,
            model=None, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -438,15 +452,13 @@ def static(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None
     Deterministic for the same installed files and model (floats may differ in the
     last bits across BLAS builds).
     """
-    from treeidx.codesearch.corpus import default_cache_dir
+    from treeidx.codesearch.corpus import corpus_cache_key, default_cache_dir
 
     cache_dir = cache_dir or default_cache_dir()
-    kinds, texts, meta = static_units(cache_dir=cache_dir, roots=roots, max_files=max_files,
-                                      progress=progress)
+    key = f"{corpus_cache_key(roots, max_files)}-f{_STATIC_FORMAT}"
     mtag = "custom" if model is not None else "m2v"
-    base = os.path.join(cache_dir, f"static-{meta['key'][:20]}-{mtag}")
+    base = os.path.join(cache_dir, f"static-{key[:20]}-{mtag}")
     t_path, q_path = base + "-targets.npy", base + f"-q{n_queries}-s{seed}.npy"
-    hold = np.fromiter((static_holdout(k, t) for k, t in zip(kinds, texts)), bool, len(texts))
     queries = _load_npy(q_path, STATIC_DIM)
     targets = None
     try:
@@ -457,7 +469,9 @@ def static(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None
         targets = None
     if targets is not None and queries is not None:
         return targets, queries
-    os.makedirs(cache_dir, exist_ok=True)
+    kinds, texts, meta = static_units(cache_dir=cache_dir, roots=roots, max_files=max_files,
+                                      progress=progress)
+    hold = np.fromiter((static_holdout(k, t) for k, t in zip(kinds, texts)), bool, len(texts))
     model = model if model is not None else static_model(cache_dir)
     if queries is None:
         pool = np.flatnonzero(hold)
@@ -559,3 +573,26 @@ def load(name: str, n: int | None, dim: int | None, *, n_queries: int = 1000,
             return np.ascontiguousarray(targets), queries
         return _subset(name, targets, n, seed), queries
     raise ValueError(f"unknown dataset {name!r}; expected 'clustered', 'code', 'minilm' or 'static'")
+
+
+def main(argv=None) -> None:
+    """`python -m bench.datasets static`: build (or find cached) a dataset, print its shape."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("name", choices=["code", "minilm", "static"])
+    p.add_argument("--dim", type=int, default=None, help="code only (default 64)")
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    t = time.perf_counter()
+    dim = a.dim or 64 if a.name == "code" else None
+    x, q = load(a.name, None, dim, n_queries=a.queries, seed=a.seed)
+    info = dict(name=a.name, targets=list(x.shape), queries=list(q.shape), seconds=round(time.perf_counter() - t, 1))
+    if a.name == "static":
+        info["meta"] = static_meta()
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()

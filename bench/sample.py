@@ -36,7 +36,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from bench._common import base_parser, emit, log, machine, timed
-from bench.datasets import STATIC_DIM, load
+from bench.datasets import STATIC_DIM, load, static_meta
 from bench.kmeans_peer import KMeansListProposal, peer_tv
 from treeidx import SoftmaxSampler, TreeIndex
 from treeidx.brute import BruteForce
@@ -131,10 +131,11 @@ def main(argv=None) -> dict:
                       max_items=a.max_items)
     n = x.shape[0]
     log(f"data: {a.dataset} {x.shape}, {queries.shape[0]} queries", quiet)
+    meta = static_meta() if a.dataset == "static" else None
     res: dict = dict(benchmark="sample", dataset=a.dataset, n=n, dim=dim, k=a.k,
                      queries=int(queries.shape[0]), max_items=a.max_items,
                      tv_queries=int(min(a.tv_queries, queries.shape[0])), tv_draws=a.tv_draws,
-                     machine=machine())
+                     machine=machine(), **({"dataset_meta": meta} if meta else {}))
     t = time.perf_counter()
     warm = TreeIndex.build(x[:3000])
     SoftmaxSampler(warm, temperature=0.1).sample(queries[:4], 4, seed=0)
@@ -174,7 +175,7 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
         # One reduced-precision copy at a time: each holds its own vectors and buffer.
         lowp = BruteForce(x, precision=prec)
         lowp.sample(queries[:8], k, beta, seed=0)
-        lowp_s[prec], _ = timed(lambda: lowp.sample(queries, k, beta, seed=1), repeat=2)
+        lowp_s[prec], _ = timed(lambda lp=lowp: lp.sample(queries, k, beta, seed=1), repeat=2)
         tv = lowp.tv_to_exact(queries[: a.lowp_tv_queries], beta)
         out[f"brute_force_{prec}"] = dict(ms_per_query=1e3 * lowp_s[prec] / nq,
                                            speedup_vs_brute=bf_s / lowp_s[prec],
