@@ -77,14 +77,14 @@ def recall_at_10(model, queries, pos_rows, texts, batch_size) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train", type=int, default=1600, help="training pairs (one epoch)")
-    p.add_argument("--test", type=int, default=300, help="test queries")
-    p.add_argument("--corpus", type=int, default=3000, help="corpus texts (targets)")
+    p.add_argument("--train", type=int, default=1280, help="training pairs (one epoch)")
+    p.add_argument("--test", type=int, default=400, help="test queries")
+    p.add_argument("--corpus", type=int, default=2000, help="corpus texts (targets)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--k", type=int, default=2, help="TreeNegativesLoss negatives per anchor")
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--max-seq-length", type=int, default=96)
+    p.add_argument("--max-seq-length", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
     p.add_argument("--runs", default="inbatch,mined,treeidx")
     p.add_argument("--seed", type=int, default=0)
@@ -129,15 +129,16 @@ def main(argv=None) -> None:
                   train_pairs=len(tq), test_queries=len(eq), corpus=len(texts), batch=a.batch, k=a.k,
                   temperature=a.temperature, lr=a.lr, max_seq_length=a.max_seq_length, torch_threads=a.threads,
                   steps=int(np.ceil(len(tq) / a.batch)), cpus=os.cpu_count(), runs={})
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     result["zero_shot_recall_at_10"] = recall_at_10(fresh_model(), eq, epos, texts, 64)
     result["eval_seconds"] = round(time.perf_counter() - t, 1)
+    result["eval_cpu_seconds"] = round(time.process_time() - c, 1)
     log(f"zero-shot recall@10 {result['zero_shot_recall_at_10']:.3f} ({result['eval_seconds']} s)", quiet)
 
     out_dir = os.path.join(a.cache_dir or "/tmp", "treeidx-st-example")
     for run in a.runs.split(","):
         model = fresh_model()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         info: dict = {}
         callbacks = []
         data = train
@@ -160,7 +161,7 @@ def main(argv=None) -> None:
         trainer = SentenceTransformerTrainer(model=model, args=trainer_args(os.path.join(out_dir, run)),
                                              train_dataset=data, loss=loss, callbacks=callbacks)
         out = trainer.train()
-        train_s = time.perf_counter() - t
+        train_s, train_cpu = time.perf_counter() - t, time.process_time() - c
         if run == "treeidx":
             cb = callbacks[0]
             info["refreshes"] = {e: sum(h["event"] == e for h in cb.history)
@@ -170,10 +171,13 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         r10 = recall_at_10(model, eq, epos, texts, 64)
         result["runs"][run] = dict(recall_at_10=r10, train_seconds=round(train_s, 1),
+                                   train_cpu_seconds=round(train_cpu, 1),
                                    eval_seconds=round(time.perf_counter() - t, 1),
                                    train_loss=out.training_loss, **info)
-        log(f"{run}: recall@10 {r10:.3f}, train {train_s:.0f} s {info}", quiet)
+        log(f"{run}: recall@10 {r10:.3f}, train {train_s:.0f} s wall, {train_cpu:.0f} s cpu {info}", quiet)
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    result["total_cpu_seconds"] = round(time.process_time(), 1)
+    result["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
     emit(result, quiet)
 
 

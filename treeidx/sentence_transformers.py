@@ -307,8 +307,8 @@ class TreeNegativesLoss(nn.Module):
         q, docs = embeddings[0], embeddings[1:]
         B = q.shape[0]
         n_extra = len(docs) - 1
-        pos_sets = self._positive_sets(features[1], labels, B) if (self.k or self.mask_duplicate_positives
-                                                                   or self.write_back) else None
+        pos_sets = self._positive_sets(features[1], labels, B) if (self.k or self.mask_duplicate_positives) \
+            else None
         # in-batch part, computed exactly as MultipleNegativesRankingLoss does
         sim = cos_sim(q, torch.cat(docs, dim=0)) * self.scale           # (B, B·(1 + n_extra))
         rows = torch.arange(B, device=sim.device)
@@ -320,11 +320,12 @@ class TreeNegativesLoss(nn.Module):
                 drop[rows, c * B + rows] = False
             drop[rows, rows] = False
         if self.mask_duplicate_positives and pos_sets is not None:
-            first = [int(s[0]) if s.size else None for s in pos_sets]
-            for i in range(B):
-                for j in range(B):
-                    if i != j and first[j] is not None and first[j] in pos_sets[i]:
-                        drop[i, j] = True
+            first = np.array([s[0] if s.size else -1 for s in pos_sets], np.int64)
+            known = first >= 0
+            dup = np.stack([np.isin(first, s) & known for s in pos_sets])  # (B, B): row i's positive in column j
+            np.fill_diagonal(dup, False)
+            if dup.any():
+                drop[:, :B] |= torch.from_numpy(dup).to(drop.device)
         cols = [sim]
         if self.log_q_from_labels and n_extra:
             lq = self._dataset_log_q(labels, B, n_extra).to(device=sim.device, dtype=sim.dtype)
@@ -338,9 +339,14 @@ class TreeNegativesLoss(nn.Module):
         fresh: tuple[np.ndarray, Tensor] | None = None
         if self.k:
             neg, neg_ids, log_q, fresh = self._sample_and_encode(q, pos_sets)
-            s = torch.einsum("bd,bkd->bk", F.normalize(q, dim=-1), F.normalize(neg, dim=-1)) * self.scale
-            cols.append(s - (torch.as_tensor(log_q, device=s.device, dtype=s.dtype) + math.log(self.k)))
-        logits = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+            dt = torch.promote_types(q.dtype, torch.float32)
+            s = torch.einsum("bd,bkd->bk", F.normalize(q.to(dt), dim=-1), F.normalize(neg.to(dt), dim=-1)) * self.scale
+            cols.append(s - (torch.as_tensor(log_q, device=s.device, dtype=dt) + math.log(self.k)))
+        # at least float32 (a half-precision log q is off by ~0.05); a no-op for float32 models,
+        # so k = 0 stays MultipleNegativesRankingLoss to the bit
+        dt = torch.promote_types(sim.dtype, torch.float32)
+        logits = torch.cat([c.to(dt) for c in cols], dim=1) if len(cols) > 1 else cols[0].to(dt)
+        positive = positive.to(dt)
         loss = -(positive - torch.logsumexp(logits, dim=1)).mean()
         if self.k and (self.write_back is True or (self.write_back == "auto" and not self._dropout_active())):
             self._write_back(docs[0], pos_sets, fresh)
