@@ -21,8 +21,10 @@ class TreeArrays(NamedTuple):
     n_slots slots and n_nodes nodes (held by TreeIndex) are meaningful.
     """
     vecs: np.ndarray          # (slot capacity, d) float32
-    slot_id: np.ndarray       # (slot capacity,) int64 id stored in the slot
-    slot_leaf: np.ndarray     # (slot capacity,) owning leaf, -1 marks a free slot
+    slot_id: np.ndarray       # (slot capacity,) int64 id stored in the slot (meaningless in a
+                              # free slot: ids may be negative, so no id value can mark one)
+    slot_leaf: np.ndarray     # (slot capacity,) owning leaf; -1 marks a free slot. This alone
+                              # says whether a slot is live (check() verifies it for every slot)
     center: np.ndarray        # (node capacity, d) float32
     csq: np.ndarray           # ||center||^2, float64
     radius: np.ndarray        # >= max ||y - center|| over the subtree, float64

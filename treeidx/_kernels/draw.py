@@ -90,7 +90,8 @@ def build_proposal(cut, exact, excluded, Mw):
         ne += 1
     prob = np.empty(ne, np.float64)
     alias = np.empty(ne, np.int64)
-    build_alias(ew, ne, tot, prob, alias)
+    if tot > 0.0:  # else every weight underflowed: the caller reports COLLAPSED
+        build_alias(ew, ne, tot, prob, alias)
     return Proposal(ent[:ne], ew[:ne], prob, alias, tot, excluded, Mw)
 
 
@@ -137,8 +138,31 @@ def hidden_excluded_proposal(T, cut, X):
     for jx in range(X.slots.shape[0]):
         if X.hidden[jx]:
             e = find_entry(T, cut, X.slots[jx])
-            q_ex += E.ew[e] / T.count[E.node[e]]
+            if e >= 0:
+                q_ex += E.ew[e] / T.count[E.node[e]]
     return q_ex
+
+
+@nb.njit(cache=True)
+def hidden_excluded_share(T, exact, X, cut):
+    """Share of the proposal that falls on excluded targets hidden in unopened nodes
+    (each is proposed like any target of its node: the node's weight / its count)."""
+    E, nf = cut.entries, cut.n[ENTRIES]
+    cap = cut.sums.up.shape[0] >> 1
+    tot = 0.0
+    for j in range(nf):
+        if E.alive[j]:
+            tot += cut.sums.up[cap + j] if (exact and E.off[j] < 0) else E.ew[j]
+    waste = 0.0
+    for jx in range(X.slots.shape[0]):
+        if X.hidden[jx]:
+            e = find_entry(T, cut, X.slots[jx])
+            if e >= 0:
+                w = cut.sums.up[cap + e] if exact else E.ew[e]
+                waste += w / T.count[E.node[e]]
+    if not tot > 0.0:
+        return 1.0  # every weight underflowed under the shift: refining can only help
+    return waste / tot
 
 
 @nb.njit(cache=True)
@@ -151,7 +175,7 @@ def find_entry(T, cut, s):
             if E.alive[j] and E.off[j] < 0 and E.node[j] == u:
                 return j
         u = T.parent[u]
-    return 0
+    return -1
 
 
 @nb.njit(cache=True)
@@ -260,6 +284,8 @@ def draw_stage(T, Q, P, X, cut, key, out, b):
         return ALL_EXCLUDED
     q_ex = 0.0 if P.exact else hidden_excluded_proposal(T, cut, X)
     prop = build_proposal(cut, P.exact, q_ex, Mw)
+    if not prop.total > 0.0:
+        return COLLAPSED  # every proposal weight underflowed (ruled out by the callers' checks)
     out.tv[b] = 0.0 if P.exact else tv_bound(cut, prop, Ua)
     stats = out.stats[b]
     status = draw(T, Q, P, X, cut, prop, key, out.ids[b], out.log_q[b], stats)

@@ -16,7 +16,7 @@ import numba as nb
 import numpy as np
 
 from .bounds import dot32, dot_error, node_bounds_of, squared_norm
-from .draw import draw_stage
+from .draw import draw_stage, find_entry, hidden_excluded_share
 from .frontier import (ENTRIES, GAVE_UP, NEG_INF, OK, QUEUED, SCORES, ST_DOTS, ST_OPENED, Cut,
                        Entries, Excluded, Heap, Query, Scores, Sums, hidden_excluded_mass, log_gap,
                        lse_shifted, proposal_log_weight, push, reserve, reshift, seg_build, seg_set)
@@ -149,16 +149,43 @@ def refine(T, Q, P, X, cut, stats):
             if saved < cost:
                 push(cut, gk, e)  # keep it queued; its mass is still drawable
                 break
-        cut.entries.alive[e] = False
-        stats[ST_OPENED] += 1
-        seg_set(cut.sums, e, 0.0, 0.0)
-        if T.leaf_start[v] >= 0:
-            cut = open_leaf(T, Q, P, X, cut, v, stats)
-        else:
-            cut = open_children(T, Q, P, cut, e, v, cost, stats)
-        # precision guard: everything shrank far below the shift, re-shift
-        if cut.sums.up[1] < 1e-250:
-            reshift(cut)
+        cut = open_entry(T, Q, P, X, cut, e, cost, stats)
+    return open_hidden_excluded(T, Q, P, X, cut, stats)
+
+
+@nb.njit(cache=True, inline="always")
+def open_entry(T, Q, P, X, cut, e, cost, stats):
+    """Replace entry e by its refinement: a leaf's exact scores, or a node's children."""
+    v = cut.entries.node[e]
+    cut.entries.alive[e] = False
+    stats[ST_OPENED] += 1
+    seg_set(cut.sums, e, 0.0, 0.0)
+    if T.leaf_start[v] >= 0:
+        cut = open_leaf(T, Q, P, X, cut, v, stats)
+    else:
+        cut = open_children(T, Q, P, cut, e, v, cost, stats)
+    # precision guard: everything shrank far below the shift, re-shift
+    if cut.sums.up[1] < 1e-250:
+        reshift(cut)
+    return cut
+
+
+@nb.njit(cache=True)
+def open_hidden_excluded(T, Q, P, X, cut, stats):
+    """Once refinement has stopped: if excluded targets hidden in unopened nodes would
+    take most of the proposals (each one a rejected or discarded draw), open the entries
+    that hold them, whatever the budget, until none is hidden. Returns (cut, status)."""
+    if X.slots.shape[0] == 0 or hidden_excluded_share(T, P.exact, X, cut) <= 0.5:
+        return cut, OK
+    for j in range(X.slots.shape[0]):
+        while X.hidden[j]:
+            if P.exact and stats[ST_DOTS] >= P.give_up:
+                return cut, GAVE_UP
+            e = find_entry(T, cut, X.slots[j])
+            if e < 0:  # not inside an unopened node (cannot happen while hidden)
+                X.hidden[j] = False
+                break
+            cut = open_entry(T, Q, P, X, cut, e, node_cost(T, cut.entries.node[e]), stats)
     return cut, OK
 
 
