@@ -74,7 +74,7 @@ def file_units(path: str) -> list[tuple[int, str]] | None:
         tree = ast.parse(text)
     except (OSError, SyntaxError, ValueError, UnicodeDecodeError, RecursionError, MemoryError):
         return None
-    from treeidx.codesearch.corpus import _code_without_docstring
+    from treeidx.codesearch.corpus import code_without_docstring
 
     src = text.encode("utf-8", "surrogatepass")
     starts = [0]
@@ -95,7 +95,7 @@ def file_units(path: str) -> list[tuple[int, str]] | None:
         for node in body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 try:
-                    out.append((_K_CODE, _norm(_code_without_docstring(src, node, off, starts))))
+                    out.append((_K_CODE, _norm(code_without_docstring(src, node, off, starts))))
                 except (IndexError, ValueError):
                     pass
                 docs(node)
@@ -179,10 +179,10 @@ def mine_units(roots: Sequence[str] | None = None, *, max_files: int | None = No
     `roots`/`max_files` as in `treeidx.codesearch.corpus.mine_code_corpus` (default: the
     standard library and site-packages of this interpreter).
     """
-    from treeidx.codesearch.corpus import _list_files, default_roots
+    from treeidx.codesearch.corpus import list_source_files, default_roots
 
     roots = [os.path.realpath(r) for r in (roots if roots is not None else default_roots())]
-    files = [os.path.join(root, rel) for root, rel, _, _ in _list_files(roots, max_files)]
+    files = [os.path.join(root, rel) for root, rel, _, _ in list_source_files(roots, max_files)]
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     pool = None
     if workers > 1 and len(files) > 50:

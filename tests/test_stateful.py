@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from treeidx import SoftmaxSampler, TreeIndex
-from treeidx._mutate import DEAD
+from treeidx._kernels.arrays import DEAD
 from treeidx.dynamic import DynamicIndex, RefreshPolicy
 from treeidx.tree import GROUP_MIN_QUERIES
 
@@ -177,8 +177,8 @@ class TreeIndexMachine(_Machine):
     @precondition(lambda self: len(self.model) > 0)
     @rule(pick=st.integers(0, 10**6))
     def rebuild_node(self, pick):
-        A, m = self.index._A, self.index._n_nodes
-        nodes = np.flatnonzero(A.parent[:m] != DEAD)
+        A = self.index.view().arrays  # trimmed to the nodes in use
+        nodes = np.flatnonzero(A.parent != DEAD)
         nodes = nodes[nodes != 0]
         if nodes.size:
             node = int(nodes[pick % nodes.size])

@@ -29,7 +29,7 @@ from .._kernels.rng import mix64
 from .._progress import progress_bar
 from .._threads import run_parallel
 
-__all__ = ["CodeItem", "mine_code_corpus", "corpus_cache_key", "default_roots",
+__all__ = ["CodeItem", "mine_code_corpus", "corpus_cache_key", "default_roots", "list_source_files", "code_without_docstring",
            "default_cache_dir", "hash_features", "hash_embed", "tokenize"]
 
 # Bump when the mining rules change, so old caches are not reused.
@@ -73,7 +73,7 @@ def default_cache_dir() -> str:
     return os.environ.get("TREEIDX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "treeidx")
 
 
-def _list_files(roots: Sequence[str], max_files: int | None) -> list[tuple[str, str, int, int]]:
+def list_source_files(roots: Sequence[str], max_files: int | None) -> list[tuple[str, str, int, int]]:
     """(root, relpath, size, mtime_ns) of every minable .py file, sorted per root."""
     out: list[tuple[str, str, int, int]] = []
     for root in roots:
@@ -102,7 +102,7 @@ def corpus_cache_key(roots: Sequence[str] | None = None, max_files: int | None =
     roots = [os.path.realpath(r) for r in (roots if roots is not None else default_roots())]
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([_FORMAT, sys.version, roots, max_files]).encode())
-    for root, rel, size, mtime in _list_files(roots, max_files):
+    for root, rel, size, mtime in list_source_files(roots, max_files):
         h.update(f"{roots.index(root)}\0{rel}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()
 
@@ -141,7 +141,7 @@ def _extract(path_rel: tuple[str, str]) -> list[tuple[str, str, str, str, str]] 
         for node in body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 qual = prefix + node.name
-                code = _code_without_docstring(src, node, off, starts)
+                code = code_without_docstring(src, node, off, starts)
                 doc = ast.get_docstring(node) or ""
                 kind = "class" if isinstance(node, ast.ClassDef) else "function"
                 items.append((module, qual, kind, doc, code))
@@ -164,7 +164,7 @@ def _decode_declared(raw: bytes) -> str:
     return raw.decode(enc)
 
 
-def _code_without_docstring(src: bytes, node: ast.AST, off, starts: list[int]) -> str:
+def code_without_docstring(src: bytes, node: ast.AST, off, starts: list[int]) -> str:
     """Source of `node` (from its first decorator) with its docstring statement cut out."""
     first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
     lo = starts[first - 1]  # whole first line: only indentation precedes a def, usually
@@ -262,7 +262,7 @@ mine_code_corpus.last_skipped = 0  # type: ignore[attr-defined]
 
 
 def _mine(roots: list[str], max_files: int | None, progress: bool, workers: int | None) -> list[CodeItem]:
-    files = [(root, rel) for root, rel, _, _ in _list_files(roots, max_files)]
+    files = [(root, rel) for root, rel, _, _ in list_source_files(roots, max_files)]
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     results: Iterator[list | None]
     pool = None
