@@ -312,9 +312,10 @@ class TreeIndex:
         search scores these globally, since the root's children are coarse regions),
         with a contiguous copy of their centers and a coarse label per node for ordering
         queries by locality (k-means of the centers). Cached until a write."""
-        if self._top is None:
-            self._top = {}
-        if expand not in self._top:
+        top = self._top  # one read: a write may reset the cache meanwhile
+        if top is None:
+            top = self._top = {}
+        if expand not in top:
             nodes = _children(self._A, 0)
             if expand:
                 nodes = [c for v in nodes for c in (_children(self._A, v) or [v])]
@@ -322,8 +323,8 @@ class TreeIndex:
             centers = np.ascontiguousarray(self._A.center[nodes])
             n_regions = max(1, nodes.shape[0] // 32)
             region = kmeans(centers, n_regions, self._seed)[1] if nodes.size else nodes
-            self._top[expand] = (nodes, centers, region)
-        return self._top[expand]
+            top[expand] = (nodes, centers, region)
+        return top[expand]
 
     def _check_k_fits(self, k: int, ptr: np.ndarray, ex: np.ndarray) -> None:
         n = len(self)

@@ -221,7 +221,12 @@ class TreeNegativeSampler:
             raise RuntimeError("result() called without a pending submit()")
         _, _, fut, sampler, version = self._pending
         self._pending = None
-        negatives = fut.result()
+        try:
+            negatives = fut.result()
+        except Exception:
+            # a write during the job can also break the job itself: the write is the cause
+            _check_version(sampler, version)
+            raise
         _check_version(sampler, version)
         return negatives
 
