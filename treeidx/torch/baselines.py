@@ -266,13 +266,28 @@ class BruteForceSampler:
     both by inverse CDF in float64 (torch.multinomial sums float32 weights and drops
     tiny ones). exclude_positives: the positive's weight is 0 and log Z excludes it.
     log_q = s_y − log Z, the exact log-softmax.
+
+    temperature is the proposal's: it may differ from the loss's (log_q is always the
+    distribution actually drawn from). false_negative_margin: also give weight 0 to
+    every target y with <q, v_y> >= <q, v_pos> - margin (raw inner products; the
+    positive must be one of `ids`), so log Z and log_q are over the remaining targets
+    (the same filter as TreeNegativeSampler's).
     """
 
     def __init__(self, targets: Vectors | Callable[[], Vectors], ids: Vectors | None = None, *,
                  k: int, temperature: float, chunk_size: int = 16384,
                  device: torch.device | str | None = None, seed: int = 0,
-                 exclude_positives: bool = True) -> None:
+                 exclude_positives: bool = True, false_negative_margin: float | None = None) -> None:
         self.k = check_k(k)
+        if false_negative_margin is not None:
+            if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin, (int, float)) \
+                    or not math.isfinite(false_negative_margin) or false_negative_margin < 0:
+                raise ValueError(f"false_negative_margin: expected None or a finite number >= 0, "
+                                 f"got {false_negative_margin!r}")
+            if not exclude_positives:
+                raise ValueError("false_negative_margin needs exclude_positives=True")
+            false_negative_margin = float(false_negative_margin)
+        self.false_negative_margin = false_negative_margin
         self.temperature = check_temperature(temperature)
         self.chunk_size = _positive(chunk_size, "chunk_size")
         self.exclude_positives = bool(exclude_positives)
@@ -307,11 +322,23 @@ class BruteForceSampler:
         pc = pos.to(dev) if (pos is not None and self.exclude_positives) else None
         B, C = q.shape[0], self.chunk_size
         chunks = [(lo, min(lo + C, N)) for lo in range(0, N, C)]
+        thr = None
+        if self.false_negative_margin is not None and pc is not None:
+            order = torch.argsort(ids)
+            at = torch.searchsorted(ids[order], pc).clamp_max(N - 1)
+            row = order[at]
+            if not bool((ids[row] == pc).all()):
+                raise ValueError("false_negative_margin: a positive id is not among the sampler's ids")
+            thr = (qc * v[row.to(v.device)].to(dev, dt)).sum(1) \
+                - self.false_negative_margin  # (B,) raw-score threshold
 
         def scores(rows: torch.Tensor | slice, lo: int, hi: int) -> torch.Tensor:
-            s = (qc[rows] @ v[lo:hi].to(dev, dt).T) / self.temperature
+            raw = qc[rows] @ v[lo:hi].to(dev, dt).T
+            s = raw / self.temperature
             if pc is not None:
                 s = s.masked_fill(ids[lo:hi][None, :] == pc[rows][:, None], -math.inf)
+            if thr is not None:
+                s = s.masked_fill(raw >= thr[rows][:, None], -math.inf)
             return s
 
         gen = self._generator(dev)
