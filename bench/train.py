@@ -92,13 +92,17 @@ def main(argv=None) -> dict:
     p.add_argument("--runs-file", default=None,
                    help="append each finished run (JSON line) here and skip runs already in it: "
                         "a crashed or interrupted benchmark resumes where it stopped")
+    p.add_argument("--corpus", choices=("pinned", "installed"), default="installed",
+                   help="pinned: the shipped manifest's modules (treeidx.codesearch.pinned), the same targets "
+                        "on every machine; installed: everything installed here (default: %(default)s, the "
+                        "corpus of the issue-14 experiments)")
     p.add_argument("--plot", default="bench/results/train.png")
     p.add_argument("--json", action="store_true", help="print only the JSON result line")
     a = p.parse_args(argv)
     quiet = a.json
     strategies = [s for s in a.strategies.split(",") if s]
     seeds = [int(s) for s in a.seeds.split(",") if s]
-    data = CodeSearchData.load(progress=not quiet)
+    data = CodeSearchData.load(progress=not quiet, corpus=a.corpus)
     if a.max_targets:
         data = data.subset(a.max_targets)
     log(f"data: {data.describe()}", quiet)

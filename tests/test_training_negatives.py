@@ -123,3 +123,25 @@ def test_progress_counts_seconds_when_time_limited(data, monkeypatch):
     train(data, "inbatch", TrainConfig(steps=3, **FAST), progress=True)
     assert (bars[0].total, bars[0].unit, bars[0].n) == (1, "s", 1)
     assert (bars[1].total, bars[1].unit, bars[1].n) == (3, "step", 3)
+
+
+def test_demo_plot_has_time_and_step_axes(tmp_path):
+    pytest.importorskip("matplotlib")
+    from treeidx.codesearch.demo import plot_histories
+    runs = {"a": types.SimpleNamespace(history=[(10, 1.0, 0.1), (20, 2.5, 0.2)]),
+            "b": types.SimpleNamespace(history=[(5, 2.0, 0.15)])}
+    seen = {}
+    import matplotlib.figure
+    real = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **kw):
+        seen["axes"] = [(ax.get_xlabel(), [list(line.get_xdata()) for line in ax.get_lines()]) for ax in fig.axes]
+        return real(fig, *a, **kw)
+
+    import unittest.mock
+    with unittest.mock.patch.object(matplotlib.figure.Figure, "savefig", spy):
+        assert plot_histories(runs, str(tmp_path / "p.png"), title="t")
+    (time_label, time_x), (step_label, step_x) = seen["axes"]
+    assert "time" in time_label and time_x == [[1.0, 2.5], [2.0]]
+    assert "steps" in step_label and step_x == [[10, 20], [5]]
+    assert (tmp_path / "p.png").stat().st_size > 0
