@@ -80,6 +80,9 @@ def main(argv=None) -> dict:
     p.add_argument("--k", type=int, default=d.k)
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-every-s", type=float, default=d.eval_every_s,
+                   help="also validate every this many training seconds (0: never; on a contended machine a "
+                        "time-based schedule validates nearly every step)")
     p.add_argument("--stale-refresh", type=int, default=d.stale_refresh_every)
     p.add_argument("--warmup", type=int, default=d.warmup_steps,
                    help="in-batch steps first, the same for every strategy (part of --steps)")
@@ -121,6 +124,7 @@ def main(argv=None) -> dict:
     log(f"data: {data.describe()}", quiet)
     base = replace(d, steps=a.steps, batch_size=a.batch, k=a.k, temperature=a.temperature,
                    eval_every=a.eval_every, stale_refresh_every=a.stale_refresh, warmup_steps=a.warmup,
+                   eval_every_s=a.eval_every_s or None,
                    batch_mix=a.batch_mix, batch_refresh_every=a.batch_refresh, gcbs_neighbors=a.gcbs_neighbors,
                    gcbs_similarity=a.gcbs_similarity,
                    correction=a.correction, proposal_temperature=a.proposal_temperature,
