@@ -108,10 +108,10 @@ def main(argv=None) -> dict:
     p.add_argument("--runs-file", default=None,
                    help="append each finished run (JSON line) here and skip runs already in it: "
                         "a crashed or interrupted benchmark resumes where it stopped")
-    p.add_argument("--corpus", choices=("pinned", "installed"), default="installed",
+    p.add_argument("--corpus", choices=("pinned", "installed"), default="pinned",
                    help="pinned: the shipped manifest's modules (treeidx.codesearch.pinned), the same targets "
-                        "on every machine; installed: everything installed here (default: %(default)s, the "
-                        "corpus of the issue-14 experiments)")
+                        "on every machine; installed: everything installed here, where the issue-14 "
+                        "experiments ran (default: %(default)s)")
     p.add_argument("--plot", default="bench/results/train.png")
     p.add_argument("--json", action="store_true", help="print only the JSON result line")
     a = p.parse_args(argv)

@@ -145,3 +145,20 @@ def test_demo_plot_has_time_and_step_axes(tmp_path):
     assert "time" in time_label and time_x == [[1.0, 2.5], [2.0]]
     assert "steps" in step_label and step_x == [[10, 20], [5]]
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_treeidx_proposal_temperature_is_treeidx_only(data, monkeypatch):
+    made = []
+    real = training.TreeNegativeSampler
+
+    def spy(*a, **kw):
+        made.append((kw["temperature"], kw["proposal_temperature"]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(training, "TreeNegativeSampler", spy)
+    cfg = TrainConfig(steps=3, seed=1, treeidx_proposal_temperature=0.2, **FAST)
+    for s in ("treeidx", "treeidx-fresh"):
+        train(data, s, cfg)
+    assert made == [(cfg.temperature, 0.2), (cfg.temperature, 0.2)]
+    assert cfg.sampler_temperature == cfg.temperature  # the baselines keep the loss's
+    assert TrainConfig(proposal_temperature=0.3).treeidx_temperature == 0.3

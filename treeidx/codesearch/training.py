@@ -117,6 +117,17 @@ class TrainConfig:
     pairs not yet seen this epoch every this many steps; None: once per epoch, the
     paper's schedule), batch_mix (share of each batch drawn at random). gcbs:
     gcbs_neighbors (top-k of the similarity graph), gcbs_similarity ("concat" | "cross").
+    Negatives (issue 14, docs/training.md "Why the cache beat the oracle"):
+    correction: the loss's treatment of the sampled negatives: "logq" (logit − log(k·Q),
+    consistent), "none" (raw logits), "fresh" (an experiment: Q replaced by the model's
+    exact softmax over all targets re-encoded every step, whatever drew the ids).
+    proposal_temperature: every softmax sampler's (cache, oracle, treeidx) temperature
+    (None: `temperature`); treeidx_proposal_temperature overrides it for treeidx and
+    treeidx-fresh only (`TreeNegativeSampler(proposal_temperature=)`).
+    false_negative_margin: treeidx, treeidx-fresh and oracle never draw a target scoring
+    within this cosine of the positive (exact: excluded and renormalised).
+    near_duplicate_cosine: the cosine above which the false-negative statistics count a
+    sampled negative as a near-duplicate of the positive.
     """
 
     steps: int = 1000
@@ -152,6 +163,7 @@ class TrainConfig:
     proposal_temperature: float | None = None
     false_negative_margin: float | None = None
     near_duplicate_cosine: float = 0.95
+    treeidx_proposal_temperature: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "k", "eval_queries", "dim", "stale_refresh_every", "cache_size",
@@ -183,6 +195,8 @@ class TrainConfig:
         if self.false_negative_margin is not None and not (0.0 <= self.false_negative_margin <= 2.0):
             raise ValueError(f"false_negative_margin: expected a cosine margin in [0, 2], "
                              f"got {self.false_negative_margin!r}")
+        if self.treeidx_proposal_temperature is not None:
+            check_positive(self.treeidx_proposal_temperature, "treeidx_proposal_temperature")
         if not -1.0 <= self.near_duplicate_cosine <= 1.0:
             raise ValueError(f"near_duplicate_cosine: expected a cosine in [-1, 1], got {self.near_duplicate_cosine!r}")
 
@@ -190,6 +204,13 @@ class TrainConfig:
     def sampler_temperature(self) -> float:
         """The proposal's temperature: proposal_temperature, else the loss's."""
         return self.proposal_temperature if self.proposal_temperature is not None else self.temperature
+
+    @property
+    def treeidx_temperature(self) -> float:
+        """The treeidx strategies' proposal temperature: treeidx_proposal_temperature,
+        else sampler_temperature."""
+        t = self.treeidx_proposal_temperature
+        return t if t is not None else self.sampler_temperature
 
     def model_kwargs(self) -> dict[str, Any]:
         """The DualEncoder arguments this config trains."""
@@ -463,9 +484,11 @@ class _TreeIdx(_Strategy):
         # vectors, for which a random sample is representative; k-center would cost
         # O(N·m·d) (~20 s here) for no gain in that fit
         self.index = self.clock.timed("sampling_s", DynamicIndex.build, vectors, n_landmarks=min(m, self.n),
-                                      landmarks="uniform", temperature=cfg.sampler_temperature, mode=cfg.sampler_mode,
+                                      landmarks="uniform", temperature=cfg.temperature, mode=cfg.sampler_mode,
                                       policy=RefreshPolicy(max_drift_error=cfg.max_drift_error), seed=cfg.seed)
-        self.sampler = TreeNegativeSampler(self.index, k=self.k, temperature=cfg.sampler_temperature,
+        # the index samples at the loss's T; the sampler scales the queries to draw at T'
+        self.sampler = TreeNegativeSampler(self.index, k=self.k, temperature=cfg.temperature,
+                                           proposal_temperature=cfg.treeidx_temperature,
                                            mode=cfg.sampler_mode, prefetch=False, seed=cfg.seed, rank=0,
                                            false_negative_margin=cfg.false_negative_margin)
 
@@ -518,14 +541,15 @@ class _TreeIdxFresh(_Strategy):
 
     def setup(self) -> None:
         self.host = _Swappable()
-        self.sampler = TreeNegativeSampler(self.host, k=self.k, temperature=self.cfg.sampler_temperature,
+        self.sampler = TreeNegativeSampler(self.host, k=self.k, temperature=self.cfg.temperature,
+                                           proposal_temperature=self.cfg.treeidx_temperature,
                                            mode=self.cfg.sampler_mode, prefetch=False, seed=self.cfg.seed, rank=0,
                                            false_negative_margin=self.cfg.false_negative_margin)
 
     def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
         vectors = self.encode_all().numpy()
         tree = self.clock.timed("sampling_s", TreeIndex.build, vectors, seed=self.cfg.seed)
-        self.host.current = SoftmaxSampler(tree, temperature=self.cfg.sampler_temperature, mode=self.cfg.sampler_mode)
+        self.host.current = SoftmaxSampler(tree, temperature=self.cfg.temperature, mode=self.cfg.sampler_mode)
         return super().negatives(step, q, pos)
 
     def host_bytes(self) -> int:
