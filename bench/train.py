@@ -105,6 +105,12 @@ def main(argv=None) -> dict:
     p.add_argument("--fn-margin", type=float, default=d.false_negative_margin,
                    help="false-negative filter: never sample a target within this cosine of the positive")
     p.add_argument("--cache-size", type=int, default=d.cache_size)
+    p.add_argument("--landmark-refresh", type=int, default=d.landmark_refresh_every,
+                   help="treeidx: refit the drift model every this many steps")
+    p.add_argument("--max-drift-error", type=float, default=d.max_drift_error,
+                   help="treeidx: full re-encode when the drift estimate passes this (0: never)")
+    p.add_argument("--no-write-back", action="store_true", help="treeidx: do not write back the step's targets")
+    p.add_argument("--treeidx-proposal-temperature", type=float, default=d.treeidx_proposal_temperature)
     p.add_argument("--runs-file", default=None,
                    help="append each finished run (JSON line) here and skip runs already in it: "
                         "a crashed or interrupted benchmark resumes where it stopped")
@@ -129,7 +135,9 @@ def main(argv=None) -> dict:
                    gcbs_similarity=a.gcbs_similarity,
                    correction=a.correction, proposal_temperature=a.proposal_temperature,
                    in_batch_negatives=not a.no_in_batch, false_negative_margin=a.fn_margin,
-                   cache_size=a.cache_size)
+                   cache_size=a.cache_size, landmark_refresh_every=a.landmark_refresh,
+                   max_drift_error=a.max_drift_error or None, write_back=not a.no_write_back,
+                   treeidx_proposal_temperature=a.treeidx_proposal_temperature)
     runs: dict[str, list[dict]] = {s: [] for s in strategies}
     first_seed = {}
     done = _read_runs(a.runs_file, data.describe())
