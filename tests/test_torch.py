@@ -305,7 +305,8 @@ def test_state_dict_round_trip(tree):
     a.sample(q, pos)
     a.sample(q, pos)
     state = a.state_dict()
-    assert state == {"seed": 4, "rank": 2, "calls": 2, "k": 8, "temperature": 0.1, "mode": "exact"}
+    assert state == {"seed": 4, "rank": 2, "calls": 2, "k": 8, "temperature": 0.1, "mode": "exact",
+                     "proposal_temperature": 0.1, "false_negative_margin": None}
     want = a.sample(q, pos)
     b = TreeNegativeSampler(index, k=3, temperature=1.0, mode="approx", seed=0, rank=2)
     b.load_state_dict(state)

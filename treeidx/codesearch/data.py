@@ -99,6 +99,8 @@ class CodeSearchData:
     target_names:    qualified name of each target within its module.
     query_summaries: the first line of each query's docstring (for display).
     settings:        the feature settings; corpus_key: the corpus cache key.
+    corpus:          which corpus: {"corpus": "installed"} or {"corpus": "pinned", ...the
+                     `treeidx.codesearch.pinned.PinReport` of this machine}.
     """
 
     target_features: sp.csr_matrix
@@ -111,6 +113,7 @@ class CodeSearchData:
     query_summaries: list[str]
     settings: dict[str, int] = field(default_factory=dict)
     corpus_key: str = ""
+    corpus: dict[str, Any] = field(default_factory=dict)  # "installed", or the pinned corpus's report
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -154,7 +157,9 @@ class CodeSearchData:
                     n_modules=len(self.modules), n_buckets=self.n_buckets,
                     target_nnz_per_row=round(self.target_features.nnz / max(self.n_targets, 1), 1),
                     query_nnz_per_row=round(self.query_features.nnz / max(self.n_queries, 1), 1),
-                    **{k: v for k, v in self.settings.items() if k != "n_buckets"})
+                    **{k: v for k, v in self.settings.items() if k != "n_buckets"},
+                    **({"corpus": self.corpus["corpus"]} if self.corpus else {}),
+                    **({"pinned_coverage": self.corpus["coverage"]} if "coverage" in self.corpus else {}))
 
     def __repr__(self) -> str:
         d = self.describe()
@@ -194,8 +199,13 @@ class CodeSearchData:
     def load(cls, *, roots: Sequence[str] | None = None, max_files: int | None = None,
              cache_dir: str | None = None, progress: bool = False, max_targets: int | None = None,
              n_buckets: int = 2**18, max_target_chars: int = 2000, max_query_chars: int = 1000,
-             min_query_words: int = 3, seed: int = 0) -> "CodeSearchData":
+             min_query_words: int = 3, seed: int = 0, corpus: str = "installed") -> "CodeSearchData":
         """The dataset of the corpus under `roots` (default: stdlib + site-packages).
+
+        corpus: "installed" (every module mined; depends on what is installed) or
+        "pinned" (`treeidx.codesearch.pinned`: the shipped manifest's modules only, the
+        same targets on every machine with its versions; this machine's coverage is in
+        `.corpus` and `describe()`).
 
         roots / max_files restrict mining (as in `mine_code_corpus`; tests use a tiny
         tree). The featurised result is cached in `cache_dir` (default: the corpus
@@ -203,17 +213,39 @@ class CodeSearchData:
         max_targets: an optional subset (see `subset`), applied after the cache.
         """
         s = _Settings.checked(n_buckets, max_target_chars, max_query_chars, min_query_words, seed)
+        if corpus not in ("installed", "pinned"):
+            raise ValueError(f"corpus: expected 'installed' or 'pinned', got {corpus!r}")
+        if corpus == "pinned" and (roots is not None or max_files is not None):
+            raise ValueError("corpus='pinned' mines the default roots; roots/max_files need corpus='installed'")
         cache_dir = cache_dir or default_cache_dir()
         corpus_key = corpus_cache_key(roots, max_files)
+        if corpus == "pinned":
+            from .pinned import load_manifest, manifest_digest, pin
+            manifest = load_manifest()
+            corpus_key += "-pinned-" + manifest_digest(manifest)
         path = os.path.join(cache_dir, f"codesearch-{s.key(corpus_key)}.npz")
         data = _read(path, corpus_key, s)
         if data is None:
             items = mine_code_corpus(roots, cache_dir=cache_dir, progress=progress, max_files=max_files)
+            info: dict[str, Any] = {"corpus": corpus}
+            if corpus == "pinned":
+                items, report = pin(items, manifest)
+                if not items:
+                    raise ValueError(report.describe())
+                info.update(report.as_dict())
             data = cls.from_items(items, progress=progress, **s.as_dict())
             data.corpus_key = corpus_key
+            data.corpus = info
             os.makedirs(cache_dir, exist_ok=True)
             _write(path, data)
         return data if max_targets is None else data.subset(max_targets)
+
+    def corpus_report(self) -> str:
+        """One line on which corpus this is (the pinned corpus's coverage here)."""
+        if self.corpus.get("corpus") == "pinned":
+            from .pinned import PinReport
+            return PinReport(**{k: v for k, v in self.corpus.items() if k not in ("corpus", "coverage")}).describe()
+        return "installed corpus: every function and class of this interpreter's stdlib and site-packages"
 
     @classmethod
     def from_items(cls, items: Sequence[CodeItem], *, progress: bool = False, n_buckets: int = 2**18,
@@ -290,7 +322,7 @@ def _unpack(a: np.ndarray, n: int) -> list[str]:
 
 def _write(path: str, d: CodeSearchData) -> None:
     meta = dict(format=_FORMAT, corpus_key=d.corpus_key, settings=d.settings, n_targets=d.n_targets,
-                n_queries=d.n_queries, n_modules=len(d.modules))
+                n_queries=d.n_queries, n_modules=len(d.modules), corpus=d.corpus)
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
               "query_target": d.query_target, "query_split": d.query_split, "target_module": d.target_module,
               "modules": _pack(d.modules), "target_names": _pack(d.target_names),
@@ -323,7 +355,7 @@ def _read(path: str, corpus_key: str, s: _Settings) -> CodeSearchData | None:
                               query_split=qs.astype(np.int8), target_module=tm.astype(np.int32),
                               modules=modules, target_names=_unpack(a["target_names"], nt),
                               query_summaries=_unpack(a["query_summaries"], nq),
-                              settings=settings, corpus_key=corpus_key)
+                              settings=settings, corpus_key=corpus_key, corpus=meta.get("corpus", {}))
     except Exception:  # missing, truncated zip, bad CRC, bad JSON, wrong shapes: rebuild
         return None
 

@@ -79,8 +79,9 @@ __all__ = ["BATCH_SOURCES", "STRATEGIES", "TrainConfig", "TrainResult", "eval_ro
            "query_ranks", "train"]
 
 STRATEGIES = ("inbatch", "uniform", "stale-topk", "cache", "treeidx", "treeidx-fresh", "oracle",
-              "gcbs", "tree-batches", "gcbs+treeidx", "tree-batches+treeidx")
+              "gcbs", "tree-batches", "gcbs+treeidx", "tree-batches+treeidx", "full")
 BATCH_SOURCES = ("gcbs", "tree-batches")
+CORRECTIONS = ("logq", "none", "fresh")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,17 @@ class TrainConfig:
     pairs not yet seen this epoch every this many steps; None: once per epoch, the
     paper's schedule), batch_mix (share of each batch drawn at random). gcbs:
     gcbs_neighbors (top-k of the similarity graph), gcbs_similarity ("concat" | "cross").
+    Negatives (issue 14, docs/training.md "Why the cache beat the oracle"):
+    correction: the loss's treatment of the sampled negatives: "logq" (logit − log(k·Q),
+    consistent), "none" (raw logits), "fresh" (an experiment: Q replaced by the model's
+    exact softmax over all targets re-encoded every step, whatever drew the ids).
+    proposal_temperature: every softmax sampler's (cache, oracle, treeidx) temperature
+    (None: `temperature`); treeidx_proposal_temperature overrides it for treeidx and
+    treeidx-fresh only (`TreeNegativeSampler(proposal_temperature=)`).
+    false_negative_margin: treeidx, treeidx-fresh and oracle never draw a target scoring
+    within this cosine of the positive (exact: excluded and renormalised).
+    near_duplicate_cosine: the cosine above which the false-negative statistics count a
+    sampled negative as a near-duplicate of the positive.
     """
 
     steps: int = 1000
@@ -147,6 +159,11 @@ class TrainConfig:
     batch_mix: float = 0.0
     gcbs_neighbors: int = 10
     gcbs_similarity: str = "concat"
+    correction: str = "logq"
+    proposal_temperature: float | None = None
+    false_negative_margin: float | None = None
+    near_duplicate_cosine: float = 0.95
+    treeidx_proposal_temperature: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "k", "eval_queries", "dim", "stale_refresh_every", "cache_size",
@@ -171,6 +188,29 @@ class TrainConfig:
         if isinstance(self.batch_mix, bool) or not isinstance(self.batch_mix, (int, float)) \
                 or not 0.0 <= self.batch_mix <= 1.0:
             raise ValueError(f"batch_mix: expected a number in [0, 1], got {self.batch_mix!r}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"correction: expected one of {CORRECTIONS}, got {self.correction!r}")
+        if self.proposal_temperature is not None:
+            check_positive(self.proposal_temperature, "proposal_temperature")
+        if self.false_negative_margin is not None and not (0.0 <= self.false_negative_margin <= 2.0):
+            raise ValueError(f"false_negative_margin: expected a cosine margin in [0, 2], "
+                             f"got {self.false_negative_margin!r}")
+        if self.treeidx_proposal_temperature is not None:
+            check_positive(self.treeidx_proposal_temperature, "treeidx_proposal_temperature")
+        if not -1.0 <= self.near_duplicate_cosine <= 1.0:
+            raise ValueError(f"near_duplicate_cosine: expected a cosine in [-1, 1], got {self.near_duplicate_cosine!r}")
+
+    @property
+    def sampler_temperature(self) -> float:
+        """The proposal's temperature: proposal_temperature, else the loss's."""
+        return self.proposal_temperature if self.proposal_temperature is not None else self.temperature
+
+    @property
+    def treeidx_temperature(self) -> float:
+        """The treeidx strategies' proposal temperature: treeidx_proposal_temperature,
+        else sampler_temperature."""
+        t = self.treeidx_proposal_temperature
+        return t if t is not None else self.sampler_temperature
 
     def model_kwargs(self) -> dict[str, Any]:
         """The DualEncoder arguments this config trains."""
@@ -317,8 +357,41 @@ class _Strategy:
 
     def stats(self) -> dict[str, Any]:
         """Strategy-specific figures for the result (JSON-serialisable)."""
-        return {}
+        return self.false_negative_stats()
 
+    # false negatives: how often a sampled negative is the positive's twin
+    dup_group: np.ndarray | None = None  # target id -> exact-duplicate group (set by train)
+    _fn: dict[str, float] | None = None
+
+    def track(self, pos: torch.Tensor, neg_ids: torch.Tensor, pos_vecs: torch.Tensor, neg_vecs: torch.Tensor,
+              q: torch.Tensor) -> None:
+        """Count the step's sampled negatives that are exact duplicates of the row's
+        positive (same feature row, another id), near-duplicates (cosine with the
+        positive's vector above cfg.near_duplicate_cosine; the vectors are unit-norm), or
+        score above the positive for the row's query."""
+        if neg_ids.numel() == 0:
+            return
+        with torch.no_grad():
+            other = neg_ids != pos[:, None]
+            cos = torch.einsum("bd,bkd->bk", pos_vecs, neg_vecs)
+            above = torch.einsum("bd,bkd->bk", q, neg_vecs) > (q * pos_vecs).sum(-1, keepdim=True)
+            fn = self._fn or dict(draws=0.0, exact_dup=0.0, near_dup=0.0, above_pos=0.0, cos_sum=0.0)
+            fn["draws"] += float(other.sum())
+            fn["near_dup"] += float((other & (cos > self.cfg.near_duplicate_cosine)).sum())
+            fn["above_pos"] += float((other & above).sum())
+            fn["cos_sum"] += float(cos[other].sum())
+            if self.dup_group is not None:
+                g = torch.from_numpy(self.dup_group)
+                fn["exact_dup"] += float((other & (g[neg_ids] == g[pos][:, None])).sum())
+            self._fn = fn
+
+    def false_negative_stats(self) -> dict[str, Any]:
+        fn = self._fn
+        if not fn or not fn["draws"]:
+            return {}
+        n = fn["draws"]
+        return dict(neg_exact_dup_rate=fn["exact_dup"] / n, neg_near_dup_rate=fn["near_dup"] / n,
+                    neg_above_pos_rate=fn["above_pos"] / n, neg_mean_cos_to_pos=fn["cos_sum"] / n)
 
     def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
         # samplers that re-encode inside sample() (stale-topk, oracle) go through
@@ -327,7 +400,19 @@ class _Strategy:
         t = time.perf_counter()
         neg = self.sampler.sample(q, pos)
         self.clock.s["sampling_s"] += time.perf_counter() - t - (self.clock.s["reencode_s"] - before)
+        if self.cfg.correction == "fresh" and self.k:
+            neg = Negatives(neg.ids, self.fresh_log_q(q, pos, neg.ids), neg.result)
         return neg
+
+    def fresh_log_q(self, q: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """correction="fresh": log P(y | q) of the model's own softmax over every target
+        but the positive, from all targets re-encoded now, whatever drew the ids (an
+        experiment: the proposal's samples, the exact current weights)."""
+        v = self.encode_all()
+        with torch.no_grad():
+            s = (q @ v.T) / self.cfg.temperature
+            s[torch.arange(len(pos)), pos] = -float("inf")
+            return torch.log_softmax(s, 1).gather(1, ids).to(torch.float32)
 
 
 class _InBatch(_Strategy):
@@ -363,7 +448,7 @@ class _Cache(_Strategy):
         size = min(self.cfg.cache_size, self.n)
         # a seeded random initial fill: ids are grouped by module, a prefix would not be
         ids = np.sort(np.random.default_rng([self.cfg.seed, 0xCAC4E]).choice(self.n, size, replace=False))
-        self.sampler = NegativeCache(ids, self.encode(ids), k=self.k, temperature=self.cfg.temperature,
+        self.sampler = NegativeCache(ids, self.encode(ids), k=self.k, temperature=self.cfg.sampler_temperature,
                                      cache_size=size, seed=self.cfg.seed)
 
     def observe(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
@@ -376,7 +461,8 @@ class _Cache(_Strategy):
 class _Oracle(_Strategy):
     def setup(self) -> None:
         self.sampler = BruteForceSampler(self.encode_all, np.arange(self.n), k=self.k,
-                                         temperature=self.cfg.temperature, seed=self.cfg.seed)
+                                         temperature=self.cfg.sampler_temperature, seed=self.cfg.seed,
+                                         false_negative_margin=self.cfg.false_negative_margin)
 
     def host_bytes(self) -> int:
         return self.n * self.model.dim * 4
@@ -400,8 +486,11 @@ class _TreeIdx(_Strategy):
         self.index = self.clock.timed("sampling_s", DynamicIndex.build, vectors, n_landmarks=min(m, self.n),
                                       landmarks="uniform", temperature=cfg.temperature, mode=cfg.sampler_mode,
                                       policy=RefreshPolicy(max_drift_error=cfg.max_drift_error), seed=cfg.seed)
+        # the index samples at the loss's T; the sampler scales the queries to draw at T'
         self.sampler = TreeNegativeSampler(self.index, k=self.k, temperature=cfg.temperature,
-                                           mode=cfg.sampler_mode, prefetch=False, seed=cfg.seed, rank=0)
+                                           proposal_temperature=cfg.treeidx_temperature,
+                                           mode=cfg.sampler_mode, prefetch=False, seed=cfg.seed, rank=0,
+                                           false_negative_margin=cfg.false_negative_margin)
 
     def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
         cfg = self.cfg
@@ -422,7 +511,7 @@ class _TreeIdx(_Strategy):
 
     def stats(self) -> dict[str, Any]:
         d = np.asarray(self.drift)
-        return dict(full_refreshes=self.full_refreshes,
+        return dict(**super().stats(), full_refreshes=self.full_refreshes,
                     drift_error_median=float(np.median(d)) if d.size else None,
                     drift_error_max=float(d.max()) if d.size else None)
 
@@ -441,6 +530,11 @@ class _Swappable:
         assert self.current is not None
         return self.current.sample(queries, k, exclude=exclude, seed=seed)
 
+    @property
+    def index(self) -> TreeIndex:  # the false-negative filter searches it
+        assert self.current is not None
+        return self.current.index
+
 
 class _TreeIdxFresh(_Strategy):
     """A TreeIndex over all targets re-encoded and rebuilt every step: exact w.r.t. fresh vectors."""
@@ -448,7 +542,9 @@ class _TreeIdxFresh(_Strategy):
     def setup(self) -> None:
         self.host = _Swappable()
         self.sampler = TreeNegativeSampler(self.host, k=self.k, temperature=self.cfg.temperature,
-                                           mode=self.cfg.sampler_mode, prefetch=False, seed=self.cfg.seed, rank=0)
+                                           proposal_temperature=self.cfg.treeidx_temperature,
+                                           mode=self.cfg.sampler_mode, prefetch=False, seed=self.cfg.seed, rank=0,
+                                           false_negative_margin=self.cfg.false_negative_margin)
 
     def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
         vectors = self.encode_all().numpy()
@@ -460,9 +556,47 @@ class _TreeIdxFresh(_Strategy):
         return int(self.host.current.index.nbytes) if self.host.current is not None else 0
 
 
+class _Full(_InBatch):
+    """The reference objective: cross-entropy over ALL targets, encoded with gradients
+    every step (what the oracle's sampled loss estimates; affordable at ~50k targets)."""
+
+    full = True
+
+
 _ADAPTERS: dict[str, type[_Strategy]] = {
     "inbatch": _InBatch, "uniform": _Uniform, "stale-topk": _StaleTopK, "cache": _Cache,
-    "treeidx": _TreeIdx, "treeidx-fresh": _TreeIdxFresh, "oracle": _Oracle}
+    "treeidx": _TreeIdx, "treeidx-fresh": _TreeIdxFresh, "oracle": _Oracle, "full": _Full}
+
+
+_FILTERED = ("treeidx", "treeidx-fresh", "oracle")  # strategies with the false-negative filter
+
+
+def duplicate_groups(data: CodeSearchData) -> np.ndarray:
+    """(n_targets,) int64: targets with identical feature rows (duplicate code text, up
+    to the feature hashing) share a group id, the smallest of their ids."""
+    tf = data.target_features
+    keys = [hash((tf.indices[a:b].tobytes(), tf.data[a:b].tobytes()))
+            for a, b in zip(tf.indptr[:-1], tf.indptr[1:])]
+    first: dict[int, int] = {}
+    return np.fromiter((first.setdefault(h, i) for i, h in enumerate(keys)), np.int64, len(keys))
+
+
+def _full_step(model: DualEncoder, opt: Any, data: CodeSearchData, rows: np.ndarray,
+               cfg: TrainConfig) -> tuple[float, float]:
+    """One step of the full-softmax loss over every target (strategy "full"); returns
+    the loss and the in-batch negatives' mean cosine, as `_step` does."""
+    pos = torch.from_numpy(data.query_target[rows])
+    q = model.encode_queries(rows)
+    t = model.encode_targets(np.arange(model.n_targets))
+    loss = torch.nn.functional.cross_entropy(q @ t.T / cfg.temperature, pos)
+    with torch.no_grad():
+        B = len(rows)
+        cos = q @ t[pos].T
+        inbatch_cos = float((cos.sum() - cos.diagonal().sum()) / max(B * (B - 1), 1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), inbatch_cos
 
 
 # ---------------------------------------------------------------------------- batch sources
@@ -581,12 +715,15 @@ def _step(model: DualEncoder, opt: Any, strategy: _Strategy, data: CodeSearchDat
     pos = torch.from_numpy(data.query_target[rows])
     q = model.encode_queries(rows)
     neg = strategy.negatives(step, q.detach(), pos)
+    if getattr(strategy, "full", False):
+        return _full_step(model, opt, data, rows, cfg)
     B = len(rows)
     # encode each distinct target once: softmax negatives repeat within and across rows
     ids, inverse = torch.unique(torch.cat([pos, neg.ids.reshape(-1)]), return_inverse=True)
     vecs = model.encode_targets(ids)
     t = vecs[inverse]
-    loss = sampled_softmax_loss(q, t[:B], t[B:].view(B, strategy.k, t.shape[1]), log_q=neg.log_q,
+    loss = sampled_softmax_loss(q, t[:B], t[B:].view(B, strategy.k, t.shape[1]),
+                                log_q=None if cfg.correction == "none" else neg.log_q,
                                 temperature=cfg.temperature,
                                 in_batch_negatives=cfg.in_batch_negatives or strategy.k == 0,
                                 pos_ids=pos, neg_ids=neg.ids)
@@ -597,6 +734,7 @@ def _step(model: DualEncoder, opt: Any, strategy: _Strategy, data: CodeSearchDat
     loss.backward()
     opt.step()
     strategy.observe(ids, vecs.detach())
+    strategy.track(pos, neg.ids, t[:B].detach(), t[B:].detach().view(B, strategy.k, t.shape[1]), q.detach())
     if batches is not None:
         batches.observe(ids, vecs.detach())
     return float(loss.detach()), inbatch_cos
@@ -611,7 +749,8 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
     machine and thread count). callback(step, model) is called with step = 0 before
     training and after every optimiser step (e.g. to save checkpoints every n steps);
     its time, like evaluation's, is excluded from the training time. progress: a tqdm
-    bar with the latest loss and validation recall@10.
+    bar with the latest loss and validation recall@10, counting training seconds
+    against config.time_limit_s when that is set, else steps against config.steps.
     """
     cfg = config or TrainConfig()
     source, negatives = parse_strategy(strategy)
@@ -620,6 +759,10 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
         raise ValueError("data has no training queries")
     if negatives == "inbatch" and not cfg.in_batch_negatives:
         raise ValueError(f"strategy {strategy!r} needs in_batch_negatives=True (it has no other negatives)")
+    if negatives == "full" and source is not None:
+        raise ValueError("strategy 'full' trains on random batches only")
+    if cfg.false_negative_margin is not None and negatives not in _FILTERED:
+        raise ValueError(f"false_negative_margin: supported by {_FILTERED}, not {strategy!r}")
     if negatives != "inbatch" and cfg.k >= data.n_targets:
         raise ValueError(f"k={cfg.k} needs more than k targets, data has {data.n_targets}")
     wall0 = time.perf_counter()
@@ -629,6 +772,7 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
     adapter = _ADAPTERS[negatives](model, cfg, clock)
     hard = None if source is None else _HardBatches(source, model, cfg, clock, train_rows,
                                                       data.query_target[train_rows])
+    adapter.dup_group = duplicate_groups(data)
     val_rows = eval_rows(data, "val", cfg.eval_queries, cfg.seed) if data.split("val").size else None
     history: list[tuple[int, float, float]] = []
     losses: list[float] = []
@@ -645,7 +789,12 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
     warm = _InBatch(model, cfg, clock)
     warm.setup()
     batches = _batches(train_rows, cfg.batch_size, cfg.seed)
-    bar = progress_bar(progress, total=cfg.steps, desc=f"train {strategy}", unit="step")
+    # a time-limited run shows training seconds against its limit (a step total of 10^9
+    # would show an ETA of years); a step-limited one shows steps
+    by_time = cfg.time_limit_s is not None
+    bar = progress_bar(progress, total=round(cfg.time_limit_s) if by_time else cfg.steps,
+                       desc=f"train {strategy}", unit="s" if by_time else "step")
+    shown = 0
     step = 0
     while step < cfg.steps and (cfg.time_limit_s is None or train_s < cfg.time_limit_s):
         t = time.perf_counter()
@@ -663,11 +812,17 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
             inbatch_cos.append(cos)
         train_s += time.perf_counter() - t
         step += 1
-        bar.update(1)
+        if by_time:  # whole training seconds so far, capped at the limit
+            now = min(int(train_s), round(cfg.time_limit_s))
+            bar.update(now - shown)
+            shown = now
+        else:
+            bar.update(1)
         due_s = cfg.eval_every_s is not None and train_s >= (len(history) + 1) * cfg.eval_every_s
         if (cfg.eval_every and step % cfg.eval_every == 0) or due_s:
             validate(step)
-            bar.set_postfix_str(f"loss {losses[-1]:.3f} val r@10 {history[-1][2]:.3f}" if history else "")
+            bar.set_postfix_str((f"step {step} " if by_time else "")
+                                + (f"loss {losses[-1]:.3f} val r@10 {history[-1][2]:.3f}" if history else ""))
         if callback is not None:
             callback(step, model)
     bar.close()

@@ -23,10 +23,13 @@ class Negatives:
             `sampled_softmax_loss(log_q=...)`.
     result: the host-side `SampleResult` (certified log Z interval, tv_bound, work
             counters) when the negatives come from a tree sampler; None otherwise.
+    excluded: (B,) int64 number of targets a false-negative filter excluded per row
+            beside the positive (None without a filter).
     """
     ids: torch.Tensor
     log_q: torch.Tensor
     result: SampleResult | None = field(default=None, repr=False, compare=False)
+    excluded: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 def check_queries(query_emb: Any, dim: int | None = None) -> torch.Tensor:

@@ -272,13 +272,28 @@ class BruteForceSampler:
     log Z summed over all targets in the same passes), so the loss's correction stays
     consistent. `tv_to_exact` reports TV(Q, softmax). The reduced-precision copy of
     fixed `targets` is made once (again if the tensor is modified in place).
+    temperature is the proposal's: it may differ from the loss's (log_q is always the
+    distribution actually drawn from). false_negative_margin: also give weight 0 to
+    every target y with <q, v_y> >= <q, v_pos> - margin (raw inner products; the
+    positive must be one of `ids`), so log Z and log_q are over the remaining targets
+    (the same filter as TreeNegativeSampler's).
     """
 
     def __init__(self, targets: Vectors | Callable[[], Vectors], ids: Vectors | None = None, *,
                  k: int, temperature: float, chunk_size: int = 16384,
                  device: torch.device | str | None = None, seed: int = 0,
-                 exclude_positives: bool = True, precision: str = "fp32") -> None:
+                 exclude_positives: bool = True, precision: str = "fp32",
+                 false_negative_margin: float | None = None) -> None:
         self.k = check_k(k)
+        if false_negative_margin is not None:
+            if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin, (int, float)) \
+                    or not math.isfinite(false_negative_margin) or false_negative_margin < 0:
+                raise ValueError(f"false_negative_margin: expected None or a finite number >= 0, "
+                                 f"got {false_negative_margin!r}")
+            if not exclude_positives:
+                raise ValueError("false_negative_margin needs exclude_positives=True")
+            false_negative_margin = float(false_negative_margin)
+        self.false_negative_margin = false_negative_margin
         self.temperature = check_temperature(temperature)
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")
         self.exclude_positives = bool(exclude_positives)
@@ -321,9 +336,10 @@ class BruteForceSampler:
         return out
 
     def _scorer(self, q: torch.Tensor, v: torch.Tensor, dev: torch.device, dt: torch.dtype,
-                pos: torch.Tensor | None, precision: str) -> Callable:
+                pos: torch.Tensor | None, precision: str, thr: torch.Tensor | None = None) -> Callable:
         """scores(rows, lo, hi): (len(rows), hi − lo) logits s / temperature at `precision`,
-        positives (if excluded) at −inf."""
+        positives (if excluded) at −inf, and so is every target whose raw score reaches its
+        row's threshold `thr` (the false-negative filter)."""
         ids = self.ids.to(dev)
         pc = pos.to(dev) if (pos is not None and self.exclude_positives) else None
         T = self.temperature
@@ -345,9 +361,12 @@ class BruteForceSampler:
                 return _int8_products(qi[rows], vi[lo:hi]).to(dt) * qs[rows][:, None] * vs[lo:hi][None, :]
 
         def scores(rows: torch.Tensor | slice, lo: int, hi: int) -> torch.Tensor:
-            s = raw(rows, lo, hi) / T
+            r = raw(rows, lo, hi)
+            s = r / T
             if pc is not None:
                 s = s.masked_fill(ids[lo:hi][None, :] == pc[rows][:, None], -math.inf)
+            if thr is not None:
+                s = s.masked_fill(r >= thr[rows][:, None], -math.inf)
             return s
         return scores
 
@@ -359,9 +378,20 @@ class BruteForceSampler:
         dev = self.device or v.device
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         ids = self.ids.to(dev)
-        scores = self._scorer(q, v, dev, dt, pos, self.precision)
+        pc = pos.to(dev) if (pos is not None and self.exclude_positives) else None
         B, C = q.shape[0], self.chunk_size
         chunks = [(lo, min(lo + C, N)) for lo in range(0, N, C)]
+        thr = None
+        if self.false_negative_margin is not None and pc is not None:
+            qc = q.to(dev, dt)
+            order = torch.argsort(ids)
+            at = torch.searchsorted(ids[order], pc).clamp_max(N - 1)
+            row = order[at]
+            if not bool((ids[row] == pc).all()):
+                raise ValueError("false_negative_margin: a positive id is not among the sampler's ids")
+            thr = (qc * v[row.to(v.device)].to(dev, dt)).sum(1) \
+                - self.false_negative_margin  # (B,) raw-score threshold
+        scores = self._scorer(q, v, dev, dt, pos, self.precision, thr)
 
         gen = self._generator(dev)
         u = torch.rand((2, B, self.k), generator=gen, dtype=torch.float64, device=dev)
