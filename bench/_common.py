@@ -56,7 +56,9 @@ def recall_ties_aside(x: np.ndarray, queries: np.ndarray, found: np.ndarray,
 def machine() -> dict:
     import numba
     import torch
-    return dict(cpus=os.cpu_count(), numba_threads=numba.get_num_threads(),
+    # the load average says how shared the machine was (2 cores, several users here)
+    return dict(cpus=os.cpu_count(), loadavg=[round(v, 2) for v in os.getloadavg()],
+                numba_threads=numba.get_num_threads(),
                 torch_threads=torch.get_num_threads(), python=platform.python_version(),
                 numpy=np.__version__, numba=numba.__version__, torch=torch.__version__)
 

@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
         remove_per_s=n_edit / remove_s, insert_per_s=n_edit / insert_s, edited=n_edit,
         search_ms_per_query=1e3 * tx_s / nq, recall=recall(tx_ids, truth),
         recall_ties_aside=recall_ties_aside(x, queries, tx_ids, truth_s),
-        nodes_visited_median=float(np.median(index.last_search_visited)),
+        nodes_visited_median=float(np.median(index.search(queries, a.k, return_work=True)[2].nodes_visited)),
         nodes=st["nodes"], leaves=st["leaves"], depth=st["depth"],
         root_children=st["root_children"], clusters=st["clusters"])
     res["brute_force"] = dict(search_ms_per_query=1e3 * bf_s / nq, recall=1.0)

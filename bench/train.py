@@ -4,12 +4,16 @@
 
 For each seed and each strategy of `treeidx.codesearch.training.STRATEGIES` (in-batch, uniform,
 stale top-k, negative cache, treeidx exact + Nyström drift, treeidx over all targets
-re-encoded every step, the brute-force oracle) it trains the code-search dual encoder
+re-encoded every step, the brute-force oracle; and the hard-batch sources gcbs and
+tree-batches, alone with in-batch negatives or as "<batches>+<negatives>", e.g.
+gcbs+treeidx) it trains the code-search dual encoder
 for --steps steps and reports test recall@1/@10 and MRR (test queries from modules never
 seen in training, ranked exactly against all targets), wall time, the share of the
 training time spent sampling and re-encoding targets for the sampler, the targets the
 sampler alone encodes per step (beside the B·(k+1) every sampled strategy encodes for
-the loss), the sampler's host memory and the process's peak RSS. Then mean ± standard
+the loss), seconds per step (training time / steps, so equal-time comparisons can be
+derived), the mean cosine of the in-batch negatives, the sampler's host memory and the
+process's peak RSS. Then mean ± standard
 deviation over the seeds, and a plot of validation recall@10 against training time.
 """
 from __future__ import annotations
@@ -35,6 +39,9 @@ def summarise(runs: list[dict]) -> dict:
         return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if v.size > 1 else 0.0)
     out = {m: stat([r["test"][m] for r in runs]) for m in METRICS}
     out["train_s"] = stat([r["train_s"] for r in runs])
+    out["s_per_step"] = stat([r["train_s"] / max(r["steps"], 1) for r in runs])
+    cos = [r["inbatch_negative_cos"] for r in runs if r.get("inbatch_negative_cos") is not None]
+    out["inbatch_negative_cos"] = stat(cos) if cos else None
     out["sampling_share"] = stat([r["time_split"]["sampling_s"] / r["train_s"] for r in runs])
     out["reencode_share"] = stat([r["time_split"]["reencode_s"] / r["train_s"] for r in runs])
     out["targets_encoded_per_step"] = stat([r["targets_encoded_per_step"] for r in runs])
@@ -55,6 +62,12 @@ def main(argv=None) -> dict:
     p.add_argument("--stale-refresh", type=int, default=d.stale_refresh_every)
     p.add_argument("--warmup", type=int, default=d.warmup_steps,
                    help="in-batch steps first, the same for every strategy (part of --steps)")
+    p.add_argument("--batch-mix", type=float, default=d.batch_mix,
+                   help="hard batches: share of each batch drawn at random")
+    p.add_argument("--batch-refresh", type=int, default=None,
+                   help="hard batches: regroup every this many steps (default: once per epoch)")
+    p.add_argument("--gcbs-neighbors", type=int, default=d.gcbs_neighbors)
+    p.add_argument("--gcbs-similarity", default=d.gcbs_similarity, choices=("concat", "cross"))
     p.add_argument("--max-targets", type=int, default=None,
                    help="a subset of the targets (every query's positive kept); default all")
     p.add_argument("--plot", default="bench/results/train.png")
@@ -68,7 +81,9 @@ def main(argv=None) -> dict:
         data = data.subset(a.max_targets)
     log(f"data: {data.describe()}", quiet)
     base = replace(d, steps=a.steps, batch_size=a.batch, k=a.k, temperature=a.temperature,
-                   eval_every=a.eval_every, stale_refresh_every=a.stale_refresh, warmup_steps=a.warmup)
+                   eval_every=a.eval_every, stale_refresh_every=a.stale_refresh, warmup_steps=a.warmup,
+                   batch_mix=a.batch_mix, batch_refresh_every=a.batch_refresh, gcbs_neighbors=a.gcbs_neighbors,
+                   gcbs_similarity=a.gcbs_similarity)
     runs: dict[str, list[dict]] = {s: [] for s in strategies}
     first_seed = {}
     for seed in seeds:
@@ -77,7 +92,7 @@ def main(argv=None) -> dict:
             runs[s].append(r.to_dict())
             if seed == seeds[0]:
                 first_seed[s] = r
-            log(f"seed {seed} {s}: {r.test}  {r.train_s:.0f}s", quiet)
+            log(f"seed {seed} {s}: {r.test}  {r.train_s:.0f}s ({r.train_s / max(r.steps, 1):.3f} s/step)", quiet)
     if first_seed and a.plot:
         os.makedirs(os.path.dirname(a.plot) or ".", exist_ok=True)
         plot_histories(first_seed, a.plot, title=f"code search, {data.n_targets:,} targets, seed {seeds[0]}")

@@ -76,7 +76,7 @@ class DynamicEdits(RuleBasedStateMachine):
     def reencode(self, k):
         ids = self.some(k)
         fresh = self.enc(np.stack([self.base[i] for i in ids.tolist()]))
-        self.di.reencode(ids, fresh)
+        self.di.reencode(fresh, ids)
         self.known.update(zip(ids.tolist(), fresh))
 
     @rule(k=st.integers(1, 10))
@@ -87,7 +87,7 @@ class DynamicEdits(RuleBasedStateMachine):
         self.base.update(zip(ids.tolist(), x))
         self.live.update(ids.tolist())
         fresh = self.enc(x)
-        self.di.add(ids, fresh)
+        self.di.add(fresh, ids)
         self.known.update(zip(ids.tolist(), fresh))
 
     @rule(k=st.integers(1, 10))
@@ -140,8 +140,8 @@ def test_sampling_is_exact_wrt_predicted_vectors(kernel):
     di.refresh_landmarks(landmark_fresh(di, base, enc))
     enc.step(0.1)  # the re-encoded ones below are fresher than the landmark fit
     re = di.ids[:100]
-    di.reencode(re, enc(np.stack([base[i] for i in re.tolist()])))
-    di.add(np.array([-1, -2]), enc(rng.standard_normal((2, 6))))
+    di.reencode(enc(np.stack([base[i] for i in re.tolist()])), re)
+    di.add(enc(rng.standard_normal((2, 6))), np.array([-1, -2]))
     di.remove(di.ids[-50:])
     ids = di.ids
     pred = di.predict(ids).astype(np.float64)
@@ -171,7 +171,7 @@ def test_reencode_makes_scores_exact_and_reports_error():
     di.refresh_landmarks(landmark_fresh(di, base, enc))
     ids = di.ids[:30]
     fresh = enc(np.stack([base[i] for i in ids.tolist()]))
-    err = di.reencode(ids, fresh)
+    err = di.reencode(fresh, ids)
     assert 0 < err.predicted < err.stale and err.n == 30
     np.testing.assert_allclose(di.predict(ids), fresh, atol=1e-5)
     assert di.last_backprojection_error < 1e-5
@@ -189,7 +189,7 @@ def test_policy_rebuilds_and_flags_full_refresh():
     assert di.needs_full_refresh
     assert any(e["action"] == "full re-encode recommended" for e in di.log)
     ids = di.ids[:40]
-    di.reencode(ids, enc(np.stack([base[i] for i in ids.tolist()])))
+    di.reencode(enc(np.stack([base[i] for i in ids.tolist()])), ids)
     assert any(e["event"] == "rebuild" for e in di.log)
     di.check()
     all_ids = di.ids
@@ -203,7 +203,7 @@ def test_save_load_round_trip_and_corruption(tmp_path):
     di, base, enc, rng = setup(kernel="rbf", seed=5)
     enc.step(0.3)
     di.refresh_landmarks(landmark_fresh(di, base, enc))
-    di.reencode(di.ids[:10], enc(np.stack([base[i] for i in di.ids[:10].tolist()])))
+    di.reencode(enc(np.stack([base[i] for i in di.ids[:10].tolist()])), di.ids[:10])
     path = tmp_path / "di.npz"
     di.save(path)
     back = DynamicIndex.load(path)
@@ -230,11 +230,11 @@ def test_errors_change_nothing():
     di, base, enc, rng = setup(n=100, seed=6)
     before = di.predict(di.ids)
     with pytest.raises(KeyError):
-        di.reencode([10**9], np.zeros((1, 5)))
+        di.reencode(np.zeros((1, 5)), [10**9])
     with pytest.raises(ValueError, match="already in the index"):
-        di.add(di.ids[:1], np.zeros((1, 5)))
+        di.add(np.zeros((1, 5)), di.ids[:1])
     with pytest.raises(ValueError, match="expected dimension 5"):
-        di.reencode(di.ids[:1], np.zeros((1, 4)))
+        di.reencode(np.zeros((1, 4)), di.ids[:1])
     with pytest.raises(ValueError, match="expected 40 rows"):
         di.refresh_landmarks(np.zeros((3, 5)))
     np.testing.assert_array_equal(di.predict(di.ids), before)

@@ -9,7 +9,7 @@ import torch
 
 from treeidx.codesearch import CodeSearchData
 from treeidx.codesearch.encoder import DualEncoder
-from treeidx.codesearch.training import STRATEGIES, TrainConfig, evaluate, train
+from treeidx.codesearch.training import STRATEGIES, TrainConfig, evaluate, parse_strategy, train
 
 from ._codesearch_corpus import write_corpus
 
@@ -91,13 +91,50 @@ def test_every_strategy_runs(data, strategy):
     split = r.time_split
     assert min(split.values()) >= 0 or split["rest_s"] > -1e-6
     assert split["sampling_s"] + split["reencode_s"] + split["rest_s"] == pytest.approx(r.train_s)
-    n = data.n_targets
+    n, n_train = data.n_targets, data.train.size
+    n_pos = np.unique(data.query_target[data.train]).size
     expected = {"inbatch": 0, "uniform": 0, "stale-topk": 2 * n,  # refreshed at steps 0 and 2
                 "cache": 64, "treeidx": n + 2 * 20,  # initial encode + landmarks at steps 1, 2
-                "treeidx-fresh": steps * n, "oracle": steps * n}[strategy]
+                "treeidx-fresh": steps * n, "oracle": steps * n,
+                "gcbs": n_train,  # every pair's positive (and query) once: 3 steps < 1 epoch
+                "tree-batches": n_pos,  # its index of the distinct positives
+                "gcbs+treeidx": n + 2 * 20 + n_train,
+                "tree-batches+treeidx": n + 2 * 20}[strategy]  # batches from treeidx's own index
     assert r.targets_encoded_per_step == pytest.approx(expected / steps)
     assert (r.sampler_mib > 0) == (strategy != "inbatch")
     assert r.to_dict()["strategy"] == strategy
+
+
+def test_strategy_names():
+    assert parse_strategy("treeidx") == (None, "treeidx")
+    assert parse_strategy("gcbs") == ("gcbs", "inbatch")
+    assert parse_strategy("tree-batches+treeidx") == ("tree-batches", "treeidx")
+    assert parse_strategy("gcbs+cache") == ("gcbs", "cache")
+    for bad in ("gcbs+", "gcbs+hardest", "hardest+treeidx", "treeidx+gcbs", "gcbs+tree-batches", 3):
+        with pytest.raises(ValueError, match="strategy"):
+            parse_strategy(bad)
+
+
+def test_hard_batches_after_the_warmup(data):
+    cfg = TrainConfig(steps=8, warmup_steps=3, seed=2, **FAST)
+    base = train(data, "inbatch", cfg)
+    for s in ("gcbs", "tree-batches"):
+        r = train(data, s, cfg)
+        assert r.losses[:3] == base.losses[:3] and r.losses[3:] != base.losses[3:]
+        assert r.losses == train(data, s, cfg).losses  # deterministic
+        # the same model after the warm-up, harder in-batch negatives than random batches
+        assert r.inbatch_negative_cos > base.inbatch_negative_cos
+        assert r.sampler_stats["batch_source"] == s and r.sampler_stats["batch_epochs"] == 1
+    n_train = data.train.size
+    per_epoch = -(-n_train // FAST["batch_size"])
+    r = train(data, "gcbs", TrainConfig(steps=per_epoch + 1, seed=2, **FAST))  # 1 step into epoch 2
+    assert r.sampler_stats["batch_epochs"] == 2 and r.sampler_stats["queries_encoded_for_batches"] == 2 * n_train
+    assert r.time_split["reencode_s"] > 0 and r.sampler_stats["gcbs_last_graph"]["pairs"] == n_train
+    r = train(data, "tree-batches", TrainConfig(steps=6, **{**FAST, "batch_refresh_every": 2, "batch_mix": 0.5}))
+    assert r.sampler_stats["batch_regroups"] == 3
+    for bad in (dict(batch_mix=2.0), dict(gcbs_similarity="l2"), dict(gcbs_neighbors=0), dict(batch_refresh_every=0)):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
 
 
 def test_warmup_is_inbatch_then_the_strategy(data):
@@ -150,3 +187,22 @@ def test_time_limit_and_bad_arguments(data):
             TrainConfig(**bad)
     with pytest.raises(ValueError, match="split"):
         evaluate(DualEncoder(data.query_features, data.target_features), data, "dev")
+
+
+def test_demo_takes_hard_batch_strategies(data, monkeypatch, tmp_path, capsys):
+    import argparse
+    import json
+
+    from treeidx.codesearch import demo
+
+    monkeypatch.setattr(CodeSearchData, "load", classmethod(lambda cls, **kw: data))
+    monkeypatch.setattr(demo, "demo_config", lambda: TrainConfig(warmup_steps=2, **FAST))
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    args = p.parse_args(["--strategies", "gcbs,tree-batches+treeidx", "--steps", "4", "--batch-mix", "0.25",
+                         "--out", str(tmp_path), "--no-progress"])
+    assert demo.run(args) == 0
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert set(out) == {"gcbs", "tree-batches+treeidx"}
+    assert all(r["steps"] == 4 and r["config"]["batch_mix"] == 0.25 for r in out.values())
+    assert "s/step" in capsys.readouterr().out

@@ -90,7 +90,7 @@ class TreeEdits(RuleBasedStateMachine):
         moved = self.rng.choice(keys, max(1, int(frac * len(keys))), replace=False)
         x = np.stack([self.model[i] for i in moved.tolist()])
         x = (x + scale * self.rng.standard_normal(x.shape)).astype(np.float32)
-        self.index.update(moved, x)
+        self.index.update(x, moved)
         self.model.update(zip(moved.tolist(), x))
 
     @precondition(lambda self: len(self.model) > 0)
@@ -193,8 +193,10 @@ def test_search_prunes_on_clustered_data(data):
     """The bounds must actually prune: far fewer leaves opened than exist."""
     x, q = data
     index = TreeIndex.build(x, seed=0)
-    index.search(q, 10)
-    assert np.median(index.last_search_visited) < 0.5 * index.stats()["nodes"]
+    _, _, work = index.search(q, 10, return_work=True)
+    assert np.median(work.nodes_visited) < 0.5 * index.stats()["nodes"]
+    assert (work.inner_products < len(index)).all() and (work.inner_products >= 10).all()
+    assert not hasattr(index, "last_search_visited")  # reads leave the index untouched
 
 
 def test_build_is_deterministic_under_seed(data):
@@ -317,9 +319,9 @@ def _snapshot(index: TreeIndex):
     (lambda ix, x: ix.remove([5, 10**9]), KeyError, "unknown"),
     (lambda ix, x: ix.remove([5, 5]), ValueError, "duplicate"),
     (lambda ix, x: ix.remove([]), ValueError, "empty"),
-    (lambda ix, x: ix.update([5, 10**9], x[:2]), KeyError, "unknown"),
-    (lambda ix, x: ix.update([5, 6], x[:3]), ValueError, "2 ids but 3"),
-    (lambda ix, x: ix.update([5, 6], x[:2] * np.inf), ValueError, "inf"),
+    (lambda ix, x: ix.update(x[:2], [5, 10**9]), KeyError, "unknown"),
+    (lambda ix, x: ix.update(x[:3], [5, 6]), ValueError, "2 ids but 3"),
+    (lambda ix, x: ix.update(x[:2] * np.inf, [5, 6]), ValueError, "inf"),
     (lambda ix, x: ix.search(x[:2], 0), ValueError, "positive"),
     (lambda ix, x: ix.search(x[:2], 501), ValueError, "larger than"),
     (lambda ix, x: ix.search(x[:1], 500, exclude=[[1]]), ValueError, "larger than"),

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from .dynamic import DynamicIndex, RefreshPolicy
 from .io import IndexFileError
-from .nystrom import DriftError, DriftFit, NystromDrift
+from .nystrom import DriftError, DriftFit, DriftReport, NystromDrift
 from .sampling import SampleResult, SoftmaxSampler
-from .tree import InvariantError, TreeIndex
+from .tree import InvariantError, SearchWork, TreeIndex
 
 __version__ = "0.1.0"
-__all__ = ["TreeIndex", "SoftmaxSampler", "SampleResult", "NystromDrift", "DriftFit", "DriftError",
+__all__ = ["TreeIndex", "SearchWork", "SoftmaxSampler", "SampleResult", "NystromDrift", "DriftFit", "DriftReport", "DriftError",
            "DynamicIndex", "RefreshPolicy", "InvariantError", "IndexFileError", "__version__"]

@@ -123,37 +123,53 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
     seg_build(segU, segL, scap)
     U, L = segU[1], segL[1]
     dots, opened = nex + ntop, 1
-    while hs > 0:
-        # --- stopping rule
-        exw = 0.0
-        for j in range(nex):
-            if ex_open[j]:
-                exw += lse_shifted(ex_w[j], M)
-        La = L - exw
-        Ua = U - exw
-        if La > 0.0 and Ua <= (1.0 + tol) * La:
-            break
-        if dots >= budget:
-            break
+    # forced: the refinement rules have stopped, but excluded targets inside unopened
+    # nodes would take most of the proposals (each one a rejected draw): open the
+    # entries that hold them, whatever the budget, until none is left
+    forced = False
+    while True:
         if exact and dots >= give_up:
             stats[ST_OPENED], stats[ST_DOTS] = opened, dots  # work wasted, reported
             return GAVE_UP
-        gk, e, hs = heap_pop(hk, hv, hs)
-        if not f_alive[e] or gk == NEG_INF:
-            continue
-        v = f_node[e]
-        cost = leaf_size[v] if leaf_start[v] >= 0 else 0
-        if leaf_start[v] < 0:
-            c = first_child[v]
-            while c >= 0:
-                cost += 1
-                c = next_sibling[c]
-        if exact and La > 0.0:
-            # cost-aware: refining e saves at most k * gap/La proposals of draw_cost each
-            saved = k * math.exp(gk - M) / La * draw_cost
-            if saved < cost:
-                hk, hv, hs = heap_push(hk, hv, hs, gk, e)  # keep it; its mass is still drawable
+        if forced:
+            jx = -1
+            for j in range(nex):
+                if ex_open[j]:
+                    jx = j
+                    break
+            if jx < 0:
                 break
+            e = find_entry(ex_slots[jx], slot_leaf, parent, f_node, f_alive, f_off, nf)
+            if e < 0:  # not inside an unopened node (cannot happen while ex_open)
+                ex_open[jx] = False
+                continue
+        else:
+            # --- stopping rule
+            exw = 0.0
+            for j in range(nex):
+                if ex_open[j]:
+                    exw += lse_shifted(ex_w[j], M)
+            La = L - exw
+            Ua = U - exw
+            stop = hs == 0 or (La > 0.0 and Ua <= (1.0 + tol) * La) or dots >= budget
+            if not stop:
+                gk, e, hs = heap_pop(hk, hv, hs)
+                if not f_alive[e] or gk == NEG_INF:
+                    continue
+                if exact and La > 0.0:
+                    # cost-aware: refining e saves at most k * gap/La proposals of draw_cost each
+                    saved = k * math.exp(gk - M) / La * draw_cost
+                    if saved < open_cost(f_node[e], leaf_start, leaf_size, first_child, next_sibling):
+                        hk, hv, hs = heap_push(hk, hv, hs, gk, e)  # keep it; its mass is still drawable
+                        stop = True
+            if stop:
+                if nex > 0 and excluded_share(exact, ex_slots, ex_open, slot_leaf, parent, f_node,
+                                              f_alive, f_off, f_ew, segU, scap, count, nf) > 0.5:
+                    forced = True
+                    continue
+                break
+        v = f_node[e]
+        cost = open_cost(v, leaf_start, leaf_size, first_child, next_sibling)
         f_alive[e] = False
         opened += 1
         seg_set(segU, segL, scap, e, 0.0, 0.0)
@@ -286,6 +302,8 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
         ent[ne] = j
         ew[ne] = w
         ne += 1
+    if not tot > 0.0:
+        return COLLAPSED  # every proposal weight underflowed (ruled out by the callers' checks)
     a_prob = np.empty(ne, np.float64)
     a_alias = np.empty(ne, np.int64)
     build_alias(ew, ne, tot, a_prob, a_alias)
@@ -295,7 +313,8 @@ def _sample_one(q, top_nodes, t_blo, t_bup, t_flo, t_fup, t_w, t_prio, t_eu, t_e
         for jx in range(nex):
             if ex_open[jx]:
                 e = find_entry(ex_slots[jx], slot_leaf, parent, f_node, f_alive, f_off, nf)
-                q_ex += f_ew[e] / count[f_node[e]]
+                if e >= 0:
+                    q_ex += f_ew[e] / count[f_node[e]]
     # certified TV bound (approx): 1 - sum_v min(L_v / U_alw, W_v / W_alw)
     tv = 0.0
     if not exact:
@@ -503,6 +522,40 @@ def uniform_descendant(v, r, first_child, next_sibling, leaf_start, count, node_
     return leaf_start[v] + r
 
 
+@nb.njit(cache=True, inline="always")
+def open_cost(v, leaf_start, leaf_size, first_child, next_sibling):
+    """Inner products to open node v: its leaf's targets, or one per child."""
+    if leaf_start[v] >= 0:
+        return leaf_size[v]
+    cost = 0
+    c = first_child[v]
+    while c >= 0:
+        cost += 1
+        c = next_sibling[c]
+    return cost
+
+
+@nb.njit(cache=True)
+def excluded_share(exact, ex_slots, ex_open, slot_leaf, parent, f_node, f_alive, f_off, f_ew,
+                   segU, scap, count, nf):
+    """Share of the proposal that falls on excluded targets inside unopened nodes (each is
+    proposed like any target of its node: the node's weight / its count)."""
+    tot = 0.0
+    for j in range(nf):
+        if f_alive[j]:
+            tot += segU[scap + j] if (exact and f_off[j] < 0) else f_ew[j]
+    waste = 0.0
+    for jx in range(ex_slots.shape[0]):
+        if ex_open[jx]:
+            e = find_entry(ex_slots[jx], slot_leaf, parent, f_node, f_alive, f_off, nf)
+            if e >= 0:
+                w = segU[scap + e] if exact else f_ew[e]
+                waste += w / count[f_node[e]]
+    if not tot > 0.0:
+        return 1.0  # every weight underflowed under the shift: refining can only help
+    return waste / tot
+
+
 @nb.njit(cache=True)
 def find_entry(s, slot_leaf, parent, f_node, f_alive, f_off, nf):
     """Frontier entry whose unopened node holds slot s."""
@@ -512,7 +565,7 @@ def find_entry(s, slot_leaf, parent, f_node, f_alive, f_off, nf):
             if f_alive[j] and f_off[j] < 0 and f_node[j] == u:
                 return j
         u = parent[u]
-    return 0
+    return -1
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)

@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import as_ids, as_vectors
+from ._validate import as_ids, as_vectors, vectors_then_ids
 from .io import IndexFileError, atomic_write
-from .nystrom import DriftError, DriftFit, NystromDrift, drift_error
+from .nystrom import DriftFit, DriftReport, NystromDrift, drift_error
 from .sampling import SampleResult, SoftmaxSampler
 from .tree import TreeIndex
 
@@ -108,6 +108,7 @@ class DynamicIndex:
         self._moved = 0
         self._fresh_epoch: dict[int, int] = {}  # id -> epoch its fresh vector was set at
         self._top_radius: dict[int, float] = {}
+        self._version = 0  # this object's own writes; see `version`
         self._record_top_radii(reset=True)
         self._update_pinv()
 
@@ -161,6 +162,13 @@ class DynamicIndex:
         """Ids re-encoded or added since the last full refresh."""
         return np.array(sorted(self._fresh_epoch), np.int64)
 
+    @property
+    def version(self) -> tuple[int, int, int]:
+        """An opaque value (compare with ==) that changes with every write: refresh,
+        reencode, add, remove, rebuild, full refresh, and direct writes to `tree`.
+        `TreeNegativeSampler` uses it to refuse results computed across a write."""
+        return (self._version, id(self.tree), self.tree.version)
+
     def predict(self, ids) -> np.ndarray:
         """The vectors the sampler is exact for: Wᵀ φ(y), (n, d) float32."""
         return self.drift.predict_from_features(self.tree.vectors(ids))
@@ -178,6 +186,7 @@ class DynamicIndex:
         policy; they are not re-encoded into the index (call `reencode` for that).
         """
         fit = self.drift.fit(fresh_landmark_vectors)
+        self._version += 1
         self.epoch += 1
         self._update_pinv()
         if holdout_ids is not None or holdout_vectors is not None:
@@ -200,19 +209,23 @@ class DynamicIndex:
         """Exact top-k by inner product with the predicted vectors."""
         return self.tree.search(self.drift.transform_queries(queries), k, exclude=exclude)
 
-    def reencode(self, ids, fresh_vectors) -> DriftError:
+    def reencode(self, fresh_vectors, ids) -> DriftReport:
         """Targets re-encoded anyway: from now on they score with their fresh vectors.
 
         Returns the prediction error of these targets before the update (a free,
         hard-negative-weighted estimate of the drift error; it feeds the policy).
+        Arguments in the order of `build` (the old (ids, vectors) order still works,
+        with a DeprecationWarning).
         """
+        fresh_vectors, ids = vectors_then_ids(fresh_vectors, ids, "reencode")
         ids_arr = as_ids(ids, None)
         fresh = as_vectors(fresh_vectors, self.dim, "fresh_vectors")
         if fresh.shape[0] != ids_arr.shape[0]:
             raise ValueError(f"reencode: {ids_arr.shape[0]} ids but {fresh.shape[0]} vectors")
         phi_old = self.tree.vectors(ids_arr)  # KeyError before anything changes
         err = self._error(ids_arr, fresh, phi_old)
-        self.tree.update(ids_arr, self._backproject(phi_old, fresh, "reencode"))
+        self._version += 1
+        self.tree.update(self._backproject(phi_old, fresh, "reencode"), ids_arr)
         self._mark_fresh(ids_arr)
         self._track(err)
         self._note("reencode", "updated in place", n=int(ids_arr.size), predicted_error=err.predicted,
@@ -220,13 +233,16 @@ class DynamicIndex:
         self._apply_policy()
         return err
 
-    def add(self, ids, vectors) -> None:
-        """Add targets with their current vectors (new ids)."""
+    def add(self, vectors, ids) -> None:
+        """Add targets with their current vectors (new ids), in the order of `build`
+        (the old (ids, vectors) order still works, with a DeprecationWarning)."""
+        vectors, ids = vectors_then_ids(vectors, ids, "add")
         ids_arr = as_ids(ids, None)
         x = as_vectors(vectors, self.dim, "vectors")
         if x.shape[0] != ids_arr.shape[0]:
             raise ValueError(f"add: {ids_arr.shape[0]} ids but {x.shape[0]} vectors")
         phi = self._backproject(self.drift.features_of(x), x, "add")
+        self._version += 1
         self.tree.insert(phi, ids_arr)  # raises on present ids before changing anything
         self._mark_fresh(ids_arr)
         self._note("add", "inserted", n=int(ids_arr.size))
@@ -236,6 +252,7 @@ class DynamicIndex:
         """Remove targets (KeyError if any is unknown; nothing changes then)."""
         ids_arr = as_ids(ids, None)
         self.tree.remove(ids_arr)
+        self._version += 1
         for i in ids_arr.tolist():
             self._fresh_epoch.pop(i, None)
         lm = int(np.isin(ids_arr, self.drift.landmark_ids).sum())
@@ -246,6 +263,7 @@ class DynamicIndex:
         landmarks, new features and tree; clears `needs_full_refresh`."""
         cfg = self._config
         self.drift, self.tree = self._make(vectors, ids, cfg, cfg["seed"], progress)
+        self._version += 1
         self.sampler = SoftmaxSampler(self.tree, **{k: cfg[k] for k in _SAMPLER_KEYS})
         self.epoch, self._moved, self.needs_full_refresh, self.drift_estimate = 0, 0, False, None
         self._fresh_epoch.clear()
@@ -255,6 +273,7 @@ class DynamicIndex:
 
     def rebuild(self, partial: bool = False) -> None:
         """Rebuild the tree over the current features (all, or the grown top-level subtrees)."""
+        self._version += 1
         if not partial:
             self.tree.rebuild()
             self._record_top_radii(reset=True)
@@ -301,7 +320,7 @@ class DynamicIndex:
         self.last_backprojection_error = worst
         return phi
 
-    def _error(self, ids: np.ndarray, fresh: np.ndarray, phi: np.ndarray | None = None) -> DriftError:
+    def _error(self, ids: np.ndarray, fresh: np.ndarray, phi: np.ndarray | None = None) -> DriftReport:
         pred = self.drift.predict_from_features(self.tree.vectors(ids) if phi is None else phi)
         # stale baseline: the stale vector where the model has one, else the prediction
         known = np.isin(ids, self.drift.ids)
@@ -310,7 +329,7 @@ class DynamicIndex:
             stale[known] = self.drift.stale(ids[known])
         return drift_error(pred, stale, fresh)
 
-    def _track(self, err: DriftError) -> None:
+    def _track(self, err: DriftReport) -> None:
         a = self.policy.drift_ema
         e = err.predicted
         self.drift_estimate = e if self.drift_estimate is None else (1 - a) * self.drift_estimate + a * e

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
-import tempfile
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,8 +35,16 @@ class IndexFileError(ValueError):
     """A saved index file is truncated, corrupted, or of an unknown format."""
 
 
+def _bytes_of(a) -> memoryview:
+    """The raw bytes of a bytes-like object or a C-contiguous array (empty ones too:
+    memoryview refuses to cast a view with a zero in its shape)."""
+    if isinstance(a, np.ndarray):
+        return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return memoryview(a).cast("B")
+
+
 def _crc(buf) -> int:
-    return zlib.crc32(memoryview(buf).cast("B")) & 0xFFFFFFFF
+    return zlib.crc32(_bytes_of(buf)) & 0xFFFFFFFF
 
 
 def save_index(index, path) -> None:
@@ -67,16 +75,32 @@ def save_index(index, path) -> None:
         for e in entries:
             a = arrays[e["name"]]
             f.seek(base + e["offset"])
-            f.write(memoryview(a).cast("B"))
+            f.write(_bytes_of(a))
         f.truncate(base + offset)
 
 
 @contextmanager
 def atomic_write(path):
     """A binary file object whose content replaces `path` only if the block completes:
-    written to a temporary file in the same folder, fsynced, then renamed over it."""
+    written to a temporary file in the same folder, fsynced, then renamed over it.
+
+    The file gets the permissions any new file of the user gets (0666 minus the umask).
+    On an exception the temporary file is removed; only a process killed outright
+    (SIGKILL, power loss) can leave one behind: `.<name>.<random>.tmp` next to `path`,
+    safe to delete.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    folder = path.parent
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)  # the kernel applies the umask, as for open()
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 48 random bits
+        raise FileExistsError(f"could not create a temporary file next to {path}")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -84,8 +108,10 @@ def atomic_write(path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
 
 
@@ -155,13 +181,14 @@ def load_index(path, *, verify: bool = True):
 
 def _check_pointer_ranges(index) -> None:
     A, m, n = index._A, index._n_nodes, index._n_slots
+    from ._mutate import DEAD
     from .tree import InvariantError
     for name in ("parent", "first_child", "next_sibling"):
         a = getattr(A, name)
         if a.size and (a.min() < -2 or a.max() >= m):
             raise InvariantError(f"{name} points outside the {m} nodes")
     ls, cap = A.leaf_start, A.leaf_cap
-    leaf = ls >= 0
+    leaf = (ls >= 0) & (A.parent != DEAD)  # unlinked nodes are never read
     if (ls < -1).any() or (ls[leaf] + cap[leaf] > n).any() or (A.leaf_size > cap).any():
         raise InvariantError("leaf slot ranges point outside the slot arrays")
     if A.slot_leaf.size and (A.slot_leaf.min() < -1 or A.slot_leaf.max() >= m):

@@ -40,12 +40,16 @@ _CHUNK_ELEMS = 1 << 22  # rows per chunk so that chunk × m float64 stays ~32 MB
 
 
 @dataclass(frozen=True)
-class DriftError:
+class DriftReport:
     """Prediction error on targets whose fresh vectors are known (relative RMS:
-    sqrt(Σ‖pred − fresh‖² / Σ‖fresh‖²)), against doing nothing (stale vectors)."""
+    sqrt(Σ‖pred − fresh‖² / Σ‖fresh‖²)), against doing nothing (stale vectors).
+    A measurement, not an exception (it was called DriftError, still an alias)."""
     predicted: float
     stale: float
     n: int
+
+
+DriftError = DriftReport  # the old name of DriftReport, kept for existing code
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,12 @@ class DriftFit:
 
     landmark_residual: relative RMS error of the prediction on the landmarks themselves
         (0 when the model interpolates them; a poor fit shows here first).
-    holdout: DriftError on extra re-encoded targets, when given (None otherwise):
+    holdout: DriftReport on extra re-encoded targets, when given (None otherwise):
         the estimate of the error on all targets.
     rank: eigenpairs of K kept after clipping.
     """
     landmark_residual: float
-    holdout: DriftError | None
+    holdout: DriftReport | None
     rank: int
 
 
@@ -272,7 +276,7 @@ class NystromDrift:
         """Predicted current vectors of stale targets `ids`, (n, d) float32."""
         return self.predict_from_features(self.features(ids))
 
-    def evaluate(self, ids, fresh_vectors) -> DriftError:
+    def evaluate(self, ids, fresh_vectors) -> DriftReport:
         """Prediction error of `ids` against their known fresh vectors (and the stale baseline)."""
         ids_arr = as_ids(ids, None)
         fresh = as_vectors(fresh_vectors, self._G.shape[1], "fresh_vectors").astype(np.float64)
@@ -314,12 +318,12 @@ class NystromDrift:
 
 
 # ----------------------------------------------------------------- helpers
-def drift_error(pred: np.ndarray, stale: np.ndarray, fresh: np.ndarray) -> DriftError:
+def drift_error(pred: np.ndarray, stale: np.ndarray, fresh: np.ndarray) -> DriftReport:
     """Relative RMS error of predicted and of stale vectors against fresh ones."""
     fresh = np.asarray(fresh, np.float64)
     den = max(float((fresh ** 2).sum()), 1e-300)
     err = lambda a: float(np.sqrt(((np.asarray(a, np.float64) - fresh) ** 2).sum() / den))  # noqa: E731
-    return DriftError(predicted=err(pred), stale=err(stale), n=int(fresh.shape[0]))
+    return DriftReport(predicted=err(pred), stale=err(stale), n=int(fresh.shape[0]))
 
 
 def kcenter(x: np.ndarray, m: int, seed: int = 0, progress: bool = False) -> np.ndarray:

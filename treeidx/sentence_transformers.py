@@ -397,7 +397,7 @@ class TreeNegativesLoss(nn.Module):
             return
         ids = np.fromiter(vec.keys(), np.int64, len(vec))
         x = torch.stack([vec[i] for i in ids.tolist()]).to(device="cpu", dtype=torch.float32).numpy()
-        err = self.index.reencode(ids, x)
+        err = self.index.reencode(x, ids)
         self.last["write_back_error"] = err
 
     # ------------------------------------------------------------------ sentence-transformers hooks

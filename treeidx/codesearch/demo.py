@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .training import STRATEGIES
     d = demo_config()
     p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
-                   help=f"comma-separated, from {', '.join(STRATEGIES)} (default: %(default)s)")
+                   help=f"comma-separated, from {', '.join(STRATEGIES)}, or '<batches>+<negatives>' with "
+                        "batches gcbs or tree-batches (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=3.0,
                    help="training time per strategy, evaluation excluded (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
@@ -42,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature, help="(default: %(default)s)")
     p.add_argument("--mode", choices=("exact", "approx"), default=d.sampler_mode,
                    help="treeidx sampler mode (default: %(default)s)")
+    p.add_argument("--batch-mix", type=float, default=d.batch_mix,
+                   help="gcbs / tree-batches: share of each batch drawn at random (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-targets", type=int, default=None,
                    help="use a subset of the targets (every query's positive kept)")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         data = data.subset(args.max_targets)
     print("     " + _describe(data.describe()), flush=True)
     base = replace(demo_config(), k=args.k, batch_size=args.batch, temperature=args.temperature,
-                   sampler_mode=args.mode, seed=args.seed)
+                   sampler_mode=args.mode, seed=args.seed, batch_mix=args.batch_mix)
     if args.steps is not None:
         base = replace(base, steps=args.steps, time_limit_s=None)
     else:
@@ -88,12 +91,14 @@ def _describe(d: dict) -> str:
 
 
 def format_table(results: dict) -> str:
-    """One row per strategy: test recall@1, recall@10, MRR, steps, training seconds."""
-    rows = [("negatives", "recall@1", "recall@10", "MRR", "steps", "train s", "sampling s")]
+    """One row per strategy: test recall@1, recall@10, MRR, steps, training seconds (in
+    all and per step), sampling seconds."""
+    rows = [("strategy", "recall@1", "recall@10", "MRR", "steps", "train s", "s/step", "sampling s")]
     for name, r in results.items():
         m = r.test
         rows.append((name, f"{m['recall@1']:.3f}", f"{m['recall@10']:.3f}", f"{m['mrr']:.3f}",
-                     f"{r.steps}", f"{r.train_s:.0f}", f"{r.time_split['sampling_s']:.0f}"))
+                     f"{r.steps}", f"{r.train_s:.0f}", f"{r.train_s / max(r.steps, 1):.3f}",
+                     f"{r.time_split['sampling_s']:.0f}"))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
                                for c, (cell, w) in enumerate(zip(row, widths))) for row in rows)

@@ -18,6 +18,20 @@ negatives from one of STRATEGIES, each a thin adapter around the library's sampl
                    rebuilt each step): treeidx without the drift model's error
     oracle         exact softmax over all targets re-encoded every step (BruteForceSampler)
 
+and from one of two hard-batch sources, which choose which pairs share a batch (the
+in-batch negatives) instead of random batches:
+
+    gcbs           GlobalContrastiveBatchSampler: the train pairs' (query ⊕ positive)
+                   embeddings re-encoded once per epoch, top-k graph, reverse
+                   Cuthill-McKee, cut into batches
+    tree-batches   TreeBatchSampler over a TreeIndex of the train positives' vectors,
+                   kept current by writing back the positives every step encodes anyway
+
+alone (in-batch negatives only) or combined with a negatives strategy as
+"<batches>+<negatives>", e.g. "gcbs+treeidx" or "tree-batches+treeidx" (whose tree
+batches group the pairs by the leaves of the treeidx DynamicIndex itself: no index of
+its own).
+
 Everything else is identical across strategies for a given seed: the initial model,
 the sequence of training batches, the optimiser, the loss (sampled negatives with the
 log Q correction, plus in-batch negatives unless turned off), and the evaluation.
@@ -26,31 +40,47 @@ Costs are reported apart: `reencode_s` = target-tower forward passes done only f
 sampler (landmarks, full re-encodes, the cache's initial fill); `sampling_s` = the
 sampler itself and its upkeep (drawing, index builds and updates, drift fits, cache
 updates); the B·(k+1) targets every sampled strategy encodes for the loss are part
-of `rest_s`, like the forward/backward pass and the optimiser step.
+of `rest_s`, like the forward/backward pass and the optimiser step. For the hard-batch
+sources: encoding the pairs for GCBS is `reencode_s`, its graph and reordering (and the
+tree batches' index upkeep and grouping) `sampling_s`.
 """
 from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from .._progress import progress_bar
 from .._validate import check_k, check_nonnegative_int, check_positive
-from ..torch import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
-from .data import CodeSearchData
 from ..dynamic import DynamicIndex, RefreshPolicy
-from .encoder import DualEncoder, make_optimizer
 from ..sampling import SampleResult, SoftmaxSampler
-from ..torch import Negatives, TreeNegativeSampler, sampled_softmax_loss
+from ..torch import (
+    BruteForceSampler,
+    GlobalContrastiveBatchSampler,
+    InBatch,
+    NegativeCache,
+    Negatives,
+    StaleTopK,
+    TreeBatchSampler,
+    TreeNegativeSampler,
+    UniformSampler,
+    sampled_softmax_loss,
+)
 from ..tree import TreeIndex
+from .data import CodeSearchData
+from .encoder import DualEncoder, make_optimizer
 
-__all__ = ["STRATEGIES", "TrainConfig", "TrainResult", "eval_rows", "evaluate", "query_ranks", "train"]
+__all__ = ["BATCH_SOURCES", "STRATEGIES", "TrainConfig", "TrainResult", "eval_rows", "evaluate", "parse_strategy",
+           "query_ranks", "train"]
 
-STRATEGIES = ("inbatch", "uniform", "stale-topk", "cache", "treeidx", "treeidx-fresh", "oracle")
+STRATEGIES = ("inbatch", "uniform", "stale-topk", "cache", "treeidx", "treeidx-fresh", "oracle",
+              "gcbs", "tree-batches", "gcbs+treeidx", "tree-batches+treeidx")
+BATCH_SOURCES = ("gcbs", "tree-batches")
 
 
 @dataclass(frozen=True)
@@ -82,6 +112,10 @@ class TrainConfig:
     vectors' norm in from-scratch training, docs/training.md) and full_refresh_every
     (steps; None: never). treeidx, treeidx-fresh:
     sampler_mode "exact" | "approx".
+    gcbs, tree-batches (`treeidx.torch.batching`): batch_refresh_every (regroup the
+    pairs not yet seen this epoch every this many steps; None: once per epoch, the
+    paper's schedule), batch_mix (share of each batch drawn at random). gcbs:
+    gcbs_neighbors (top-k of the similarity graph), gcbs_similarity ("concat" | "cross").
     """
 
     steps: int = 1000
@@ -109,12 +143,16 @@ class TrainConfig:
     max_drift_error: float | None = 0.5
     full_refresh_every: int | None = None
     sampler_mode: str = "exact"
+    batch_refresh_every: int | None = None
+    batch_mix: float = 0.0
+    gcbs_neighbors: int = 10
+    gcbs_similarity: str = "concat"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "k", "eval_queries", "dim", "stale_refresh_every", "cache_size",
-                     "landmark_refresh_every"):
+                     "landmark_refresh_every", "gcbs_neighbors"):
             check_k(getattr(self, name), name)
-        for name in ("bag_dim", "n_landmarks", "test_queries", "full_refresh_every"):
+        for name in ("bag_dim", "n_landmarks", "test_queries", "full_refresh_every", "batch_refresh_every"):
             if getattr(self, name) is not None:
                 check_k(getattr(self, name), name)
         check_positive(self.temperature, "temperature")
@@ -128,6 +166,11 @@ class TrainConfig:
                 check_positive(getattr(self, name), name)
         if self.sampler_mode not in ("exact", "approx"):
             raise ValueError(f"sampler_mode: expected 'exact' or 'approx', got {self.sampler_mode!r}")
+        if self.gcbs_similarity not in ("concat", "cross"):
+            raise ValueError(f"gcbs_similarity: expected 'concat' or 'cross', got {self.gcbs_similarity!r}")
+        if isinstance(self.batch_mix, bool) or not isinstance(self.batch_mix, (int, float)) \
+                or not 0.0 <= self.batch_mix <= 1.0:
+            raise ValueError(f"batch_mix: expected a number in [0, 1], got {self.batch_mix!r}")
 
     def model_kwargs(self) -> dict[str, Any]:
         """The DualEncoder arguments this config trains."""
@@ -148,7 +191,11 @@ class TrainResult:
     sampler_mib: host memory of the sampler's data structures (estimated from their
     arrays); peak_rss_mib: the process's peak resident memory so far.
     sampler_stats: strategy-specific figures (treeidx: full refreshes, the drift
-    model's relative prediction error on the written-back targets).
+    model's relative prediction error on the written-back targets; hard batches: epochs,
+    regroups, GCBS's last graph).
+    inbatch_negative_cos: the mean cosine of query i with positive j != i of its batch
+    over the steps after the warm-up (how hard the in-batch negatives were; None when
+    the warm-up never ended).
     """
 
     strategy: str
@@ -165,6 +212,7 @@ class TrainResult:
     sampler_mib: float
     peak_rss_mib: float
     sampler_stats: dict[str, Any]
+    inbatch_negative_cos: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (no model, no per-step losses)."""
@@ -174,7 +222,8 @@ class TrainResult:
                     time_split={k: round(v, 3) for k, v in self.time_split.items()},
                     targets_encoded_per_step=round(self.targets_encoded_per_step, 1),
                     sampler_mib=round(self.sampler_mib, 1), peak_rss_mib=round(self.peak_rss_mib, 1),
-                    sampler_stats=self.sampler_stats, final_loss=self.losses[-1] if self.losses else None)
+                    sampler_stats=self.sampler_stats, inbatch_negative_cos=self.inbatch_negative_cos,
+                    final_loss=self.losses[-1] if self.losses else None)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -368,7 +417,7 @@ class _TreeIdx(_Strategy):
 
     def observe(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
         if self.cfg.write_back:
-            err = self.clock.timed("sampling_s", self.index.reencode, ids.numpy(), vectors.numpy())
+            err = self.clock.timed("sampling_s", self.index.reencode, vectors.numpy(), ids.numpy())
             self.drift.append(err.predicted)
 
     def stats(self) -> dict[str, Any]:
@@ -416,6 +465,102 @@ _ADAPTERS: dict[str, type[_Strategy]] = {
     "treeidx": _TreeIdx, "treeidx-fresh": _TreeIdxFresh, "oracle": _Oracle}
 
 
+# ---------------------------------------------------------------------------- batch sources
+
+def parse_strategy(strategy: str) -> tuple[str | None, str]:
+    """(batch source or None for random batches, negatives strategy) of a strategy name:
+    "gcbs" -> ("gcbs", "inbatch"), "tree-batches+treeidx" -> ("tree-batches", "treeidx")."""
+    if not isinstance(strategy, str):
+        raise ValueError(f"strategy: expected a string, got {strategy!r}")
+    head, plus, tail = strategy.partition("+")
+    source, negatives = (head, tail) if plus else ((head, "inbatch") if head in BATCH_SOURCES else (None, head))
+    if (source is not None and source not in BATCH_SOURCES) or negatives not in _ADAPTERS:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, or '<batches>+<negatives>' with batches in "
+                         f"{BATCH_SOURCES} and negatives in {tuple(_ADAPTERS)}; got {strategy!r}")
+    return source, negatives
+
+
+class _HardBatches:
+    """Batches of train query rows from a GCBS or tree batch sampler, epoch after epoch,
+    set up (like the negatives' sampler) when the warm-up ends."""
+
+    def __init__(self, kind: str, model: DualEncoder, cfg: TrainConfig, clock: _Clock, rows: np.ndarray,
+                 positives: np.ndarray) -> None:
+        self.kind, self.model, self.cfg, self.clock = kind, model, cfg, clock
+        self.rows, self.positives = rows, positives
+        self.sampler: GlobalContrastiveBatchSampler | TreeBatchSampler | None = None
+        self.own_ids: np.ndarray | None = None  # ids of the tree batches' own index (sorted)
+        self.targets_encoded = 0
+        self.queries_encoded = 0
+        self.epochs = 0
+
+    def setup(self, negatives: _Strategy) -> None:
+        cfg = self.cfg
+        common = dict(refresh_every=cfg.batch_refresh_every, mix=cfg.batch_mix, seed=cfg.seed)
+        if self.kind == "gcbs":
+            self.sampler = GlobalContrastiveBatchSampler(self.encode_pairs, cfg.batch_size,
+                                                         n_neighbors=cfg.gcbs_neighbors,
+                                                         similarity=cfg.gcbs_similarity, **common)
+        else:
+            # combined with treeidx, the negatives' DynamicIndex (kept current by its
+            # write-back) groups the batches too; otherwise an index of the positives
+            index = getattr(negatives, "index", None)
+            if index is None:
+                self.own_ids = np.unique(self.positives)
+                vectors = self.encode_targets(self.own_ids)
+                index = self.clock.timed("sampling_s", TreeIndex.build, vectors, self.own_ids, seed=cfg.seed)
+            self.sampler = TreeBatchSampler(index, cfg.batch_size, keys=self.positives, **common)
+        self._it = self._endless()
+
+    def _endless(self):
+        while True:
+            self.epochs += 1
+            for b in self.sampler:
+                yield self.rows[np.asarray(b, np.int64)]
+
+    def next(self) -> np.ndarray:
+        before = self.clock.s["reencode_s"]  # GCBS re-encodes inside: booked as re-encoding
+        t = time.perf_counter()
+        rows = next(self._it)
+        self.clock.s["sampling_s"] += time.perf_counter() - t - (self.clock.s["reencode_s"] - before)
+        return rows
+
+    def encode_targets(self, ids: np.ndarray, chunk: int = 32768) -> np.ndarray:
+        self.targets_encoded += len(ids)
+        with torch.no_grad():
+            return self.clock.timed("reencode_s", lambda: torch.cat(
+                [self.model.encode_targets(ids[lo:lo + chunk]) for lo in range(0, len(ids), chunk)]).numpy())
+
+    def encode_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """GCBS's embeddings: every train pair's query and positive under the current encoder."""
+        self.queries_encoded += len(self.rows)
+        q = self.clock.timed("reencode_s", self.model.encode_all_queries, self.rows).numpy()
+        return q, self.encode_targets(self.positives)
+
+    def observe(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Write the step's freshly encoded positives back into the tree batches' own index."""
+        if self.own_ids is None:
+            return
+        ids_np = ids.numpy()
+        keep = np.isin(ids_np, self.own_ids)
+        if keep.any():
+            self.clock.timed("sampling_s", self.sampler.index.update, vectors.numpy()[keep], ids_np[keep])
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(batch_source=self.kind, batch_epochs=self.epochs,
+                                   batch_regroups=self.sampler.regroups if self.sampler else 0)
+        if self.kind == "gcbs" and self.sampler is not None:
+            out.update(queries_encoded_for_batches=self.queries_encoded, gcbs_last_graph=self.sampler.last_graph)
+        return out
+
+    def host_bytes(self) -> int:
+        if self.sampler is None:
+            return 0
+        if self.kind == "gcbs":  # the pair embeddings it holds
+            return 2 * len(self.rows) * self.model.dim * 4
+        return int(self.sampler.index.nbytes) if self.own_ids is not None else 0
+
+
 # ---------------------------------------------------------------------------- training
 
 def _batches(rows: np.ndarray, batch_size: int, seed: int):
@@ -430,8 +575,9 @@ def _batches(rows: np.ndarray, batch_size: int, seed: int):
 
 
 def _step(model: DualEncoder, opt: Any, strategy: _Strategy, data: CodeSearchData, rows: np.ndarray,
-          step: int, cfg: TrainConfig) -> float:
-    """One optimisation step; returns the loss."""
+          step: int, cfg: TrainConfig, batches: _HardBatches | None = None) -> tuple[float, float]:
+    """One optimisation step; returns the loss and the mean cosine of the in-batch
+    negatives (query i against positive j != i: how hard the batch is)."""
     pos = torch.from_numpy(data.query_target[rows])
     q = model.encode_queries(rows)
     neg = strategy.negatives(step, q.detach(), pos)
@@ -444,11 +590,16 @@ def _step(model: DualEncoder, opt: Any, strategy: _Strategy, data: CodeSearchDat
                                 temperature=cfg.temperature,
                                 in_batch_negatives=cfg.in_batch_negatives or strategy.k == 0,
                                 pos_ids=pos, neg_ids=neg.ids)
+    with torch.no_grad():
+        cos = q @ t[:B].T
+        inbatch_cos = float((cos.sum() - cos.diagonal().sum()) / max(B * (B - 1), 1))
     opt.zero_grad()
     loss.backward()
     opt.step()
     strategy.observe(ids, vecs.detach())
-    return float(loss.detach())
+    if batches is not None:
+        batches.observe(ids, vecs.detach())
+    return float(loss.detach()), inbatch_cos
 
 
 def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None, *, progress: bool = False,
@@ -463,23 +614,25 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
     bar with the latest loss and validation recall@10.
     """
     cfg = config or TrainConfig()
-    if strategy not in _ADAPTERS:
-        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    source, negatives = parse_strategy(strategy)
     train_rows = data.train
     if train_rows.size == 0:
         raise ValueError("data has no training queries")
-    if strategy == "inbatch" and not cfg.in_batch_negatives:
-        raise ValueError("strategy 'inbatch' needs in_batch_negatives=True (it has no other negatives)")
-    if strategy != "inbatch" and cfg.k >= data.n_targets:
+    if negatives == "inbatch" and not cfg.in_batch_negatives:
+        raise ValueError(f"strategy {strategy!r} needs in_batch_negatives=True (it has no other negatives)")
+    if negatives != "inbatch" and cfg.k >= data.n_targets:
         raise ValueError(f"k={cfg.k} needs more than k targets, data has {data.n_targets}")
     wall0 = time.perf_counter()
     model = DualEncoder(data.query_features, data.target_features, **cfg.model_kwargs())
     opt = make_optimizer(model, cfg.lr)
     clock = _Clock()
-    adapter = _ADAPTERS[strategy](model, cfg, clock)
+    adapter = _ADAPTERS[negatives](model, cfg, clock)
+    hard = None if source is None else _HardBatches(source, model, cfg, clock, train_rows,
+                                                      data.query_target[train_rows])
     val_rows = eval_rows(data, "val", cfg.eval_queries, cfg.seed) if data.split("val").size else None
     history: list[tuple[int, float, float]] = []
     losses: list[float] = []
+    inbatch_cos: list[float] = []
     train_s = 0.0
 
     def validate(step: int) -> None:
@@ -499,8 +652,15 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
         if step == cfg.warmup_steps:
             adapter.setup()
             adapter.ready = True
+            if hard is not None:
+                hard.setup(adapter)
         active = adapter if adapter.ready else warm
-        losses.append(_step(model, opt, active, data, next(batches), step - cfg.warmup_steps, cfg))
+        rows = hard.next() if hard is not None and adapter.ready else next(batches)
+        loss, cos = _step(model, opt, active, data, rows, step - cfg.warmup_steps, cfg,
+                          hard if adapter.ready else None)
+        losses.append(loss)
+        if adapter.ready:
+            inbatch_cos.append(cos)
         train_s += time.perf_counter() - t
         step += 1
         bar.update(1)
@@ -518,7 +678,10 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
     return TrainResult(strategy=strategy, config=cfg, model=model, test=test, history=history, losses=losses,
                        steps=step, train_s=train_s, wall_s=time.perf_counter() - wall0,
                        time_split={**clock.s, "rest_s": rest},
-                       targets_encoded_per_step=adapter.targets_encoded / max(step - cfg.warmup_steps, 1),
-                       sampler_mib=adapter.host_bytes() / 2**20 if adapter.ready else 0.0,
+                       targets_encoded_per_step=(adapter.targets_encoded + (hard.targets_encoded if hard else 0))
+                       / max(step - cfg.warmup_steps, 1),
+                       sampler_mib=(adapter.host_bytes() + (hard.host_bytes() if hard else 0)) / 2**20
+                       if adapter.ready else 0.0,
                        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                       sampler_stats=adapter.stats() if adapter.ready else {})
+                       sampler_stats={**adapter.stats(), **(hard.stats() if hard else {})} if adapter.ready else {},
+                       inbatch_negative_cos=float(np.mean(inbatch_cos)) if inbatch_cos else None)

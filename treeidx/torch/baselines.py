@@ -10,6 +10,8 @@ with ids and log_q on the queries' device, so a training loop can swap them for
     StaleTopK          ANCE: top-k under stale target vectors  log_q = −log k (no correction)
     NegativeCache      Lindgren et al. 2021: softmax over a FIFO cache of stale vectors
     BruteForceSampler  the oracle: exact softmax over all fresh vectors, chunked
+                       (precision="bf16" / "int8": the reduced-precision peer, a full-scan
+                       proposal with its exact log q)
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from .._validate import as_ids, check_nonnegative_int
-from ..brute import BruteForce
+from ..brute import BruteForce, check_precision
 from ..tree import TreeIndex
 from ._common import (Negatives, check_k, check_positives, check_queries, check_temperature,
                       empty_negatives, host_queries, log_q_dtype)
@@ -266,16 +268,27 @@ class BruteForceSampler:
     both by inverse CDF in float64 (torch.multinomial sums float32 weights and drops
     tiny ones). exclude_positives: the positive's weight is 0 and log Z excludes it.
     log_q = s_y − log Z, the exact log-softmax.
+
+    precision: ``"fp32"`` (default, as above), or the reduced-precision peer a user
+    would try first (as `treeidx.brute.BruteForce`): ``"bf16"`` scores from a bfloat16
+    product (queries and vectors rounded to bfloat16), ``"int8"`` from symmetric int8
+    codes with one scale per vector and per query (exact integer products: int32 by
+    `torch._int_mm` where the device has it, else float64). The draws then come from
+    Q ∝ exp(s~ / temperature), **not the exact softmax**, and log_q is exact for Q (its
+    log Z summed over all targets in the same passes), so the loss's correction stays
+    consistent. `tv_to_exact` reports TV(Q, softmax). The reduced-precision copy of
+    fixed `targets` is made once (again if the tensor is modified in place).
     """
 
     def __init__(self, targets: Vectors | Callable[[], Vectors], ids: Vectors | None = None, *,
                  k: int, temperature: float, chunk_size: int = 16384,
                  device: torch.device | str | None = None, seed: int = 0,
-                 exclude_positives: bool = True) -> None:
+                 exclude_positives: bool = True, precision: str = "fp32") -> None:
         self.k = check_k(k)
         self.temperature = check_temperature(temperature)
         self.chunk_size = _positive(chunk_size, "chunk_size")
         self.exclude_positives = bool(exclude_positives)
+        self.precision = check_precision(precision)
         self._encode = targets if callable(targets) else None
         self._vectors = None if callable(targets) else _as_tensor(targets, "targets")
         if ids is None:
@@ -286,6 +299,7 @@ class BruteForceSampler:
         self.device = torch.device(device) if device is not None else None
         self._seed = check_nonnegative_int(seed)
         self._gen: dict[torch.device, torch.Generator] = {}
+        self._coded: tuple | None = None  # (key, reduced-precision targets) of fixed targets
 
     def _generator(self, dev: torch.device) -> torch.Generator:
         if dev not in self._gen:
@@ -293,26 +307,67 @@ class BruteForceSampler:
             self._gen[dev].manual_seed(self._seed)
         return self._gen[dev]
 
-    def sample(self, query_emb: torch.Tensor, positive_ids: torch.Tensor | None = None) -> Negatives:
+    def _targets(self) -> torch.Tensor:
         v = self._vectors if self._encode is None else _as_tensor(self._encode(), "targets()")
+        if v.shape[0] != self.ids.shape[0]:
+            raise ValueError(f"targets: expected {self.ids.shape[0]} rows (one per id), got {v.shape[0]}")
+        return v
+
+    def _reduced(self, v: torch.Tensor, dev: torch.device):
+        """The targets at this precision on dev: bf16 vectors, or (int8 codes, scales)."""
+        key = (id(v), v._version, dev)
+        if self._encode is None and self._coded is not None and self._coded[0] == key:
+            return self._coded[1]
+        if self.precision == "bf16":
+            out = v.to(dev, torch.bfloat16)
+        else:
+            out = _quantize_int8(v.to(dev))
+        if self._encode is None:
+            self._coded = (key, out)
+        return out
+
+    def _scorer(self, q: torch.Tensor, v: torch.Tensor, dev: torch.device, dt: torch.dtype,
+                pos: torch.Tensor | None, precision: str) -> Callable:
+        """scores(rows, lo, hi): (len(rows), hi − lo) logits s / temperature at `precision`,
+        positives (if excluded) at −inf."""
+        ids = self.ids.to(dev)
+        pc = pos.to(dev) if (pos is not None and self.exclude_positives) else None
+        T = self.temperature
+        if precision == "fp32":
+            qc = q.to(dev, dt)
+
+            def raw(rows, lo, hi):
+                return qc[rows] @ v[lo:hi].to(dev, dt).T
+        elif precision == "bf16":
+            qb, vb = q.to(dev, torch.bfloat16), self._reduced(v, dev)
+
+            def raw(rows, lo, hi):
+                return (qb[rows] @ vb[lo:hi].T).to(dt)
+        else:
+            (qi, qs), (vi, vs) = _quantize_int8(q.to(dev)), self._reduced(v, dev)
+            qs, vs = qs.to(dt), vs.to(dt)
+
+            def raw(rows, lo, hi):
+                return _int8_products(qi[rows], vi[lo:hi]).to(dt) * qs[rows][:, None] * vs[lo:hi][None, :]
+
+        def scores(rows: torch.Tensor | slice, lo: int, hi: int) -> torch.Tensor:
+            s = raw(rows, lo, hi) / T
+            if pc is not None:
+                s = s.masked_fill(ids[lo:hi][None, :] == pc[rows][:, None], -math.inf)
+            return s
+        return scores
+
+    def sample(self, query_emb: torch.Tensor, positive_ids: torch.Tensor | None = None) -> Negatives:
+        v = self._targets()
         N = self.ids.shape[0]
-        if v.shape[0] != N:
-            raise ValueError(f"targets: expected {N} rows (one per id), got {v.shape[0]}")
         q = check_queries(query_emb, v.shape[1])
         pos = check_positives(positive_ids, q.shape[0])
         dev = self.device or v.device
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qc = q.to(dev, dt)
         ids = self.ids.to(dev)
-        pc = pos.to(dev) if (pos is not None and self.exclude_positives) else None
+        scores = self._scorer(q, v, dev, dt, pos, self.precision)
         B, C = q.shape[0], self.chunk_size
         chunks = [(lo, min(lo + C, N)) for lo in range(0, N, C)]
-
-        def scores(rows: torch.Tensor | slice, lo: int, hi: int) -> torch.Tensor:
-            s = (qc[rows] @ v[lo:hi].to(dev, dt).T) / self.temperature
-            if pc is not None:
-                s = s.masked_fill(ids[lo:hi][None, :] == pc[rows][:, None], -math.inf)
-            return s
 
         gen = self._generator(dev)
         u = torch.rand((2, B, self.k), generator=gen, dtype=torch.float64, device=dev)
@@ -335,6 +390,49 @@ class BruteForceSampler:
             idx[r, col] = lo + j[h]
             log_q[r, col] = (s.gather(1, j) - log_z[rows][:, None])[h]
         return Negatives(ids=ids[idx].to(q.device), log_q=log_q.to(q.device, log_q_dtype(q)))
+
+    def tv_to_exact(self, query_emb: torch.Tensor, positive_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) float64 on the queries' device: TV between the distribution `sample` draws
+        from and the exact softmax (the fp32 scores, as precision="fp32" samples); 0 for fp32.
+
+        Two chunked passes (both log Z, then the summed |P − Q|), in float64."""
+        v = self._targets()
+        N = self.ids.shape[0]
+        q = check_queries(query_emb, v.shape[1])
+        pos = check_positives(positive_ids, q.shape[0])
+        dev = self.device or v.device
+        if self.precision == "fp32" or q.shape[0] == 0:
+            return torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        exact = self._scorer(q, v, dev, dt, pos, "fp32")
+        prop = self._scorer(q, v, dev, dt, pos, self.precision)
+        chunks = [(lo, min(lo + self.chunk_size, N)) for lo in range(0, N, self.chunk_size)]
+        every = slice(None)
+        lz = [torch.logsumexp(torch.stack([torch.logsumexp(f(every, lo, hi).double(), 1) for lo, hi in chunks], 1), 1)
+              for f in (exact, prop)]
+        tv = torch.zeros(q.shape[0], dtype=torch.float64, device=dev)
+        for lo, hi in chunks:
+            p = torch.exp(exact(every, lo, hi).double() - lz[0][:, None])
+            r = torch.exp(prop(every, lo, hi).double() - lz[1][:, None])
+            tv += (p - r).abs().sum(1)
+        return (0.5 * tv).to(q.device)
+
+
+def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 codes and float32 scales, as `treeidx.brute.quantize_int8`."""
+    x = x.to(torch.float32)
+    a = x.abs().amax(1)
+    scale = torch.where(a > 0, a / 127, torch.ones_like(a))
+    return torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def _int8_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact a @ b.T of int8 codes (R, d) × (C, d): int32 by torch._int_mm where the device
+    and shapes allow, else float64 (exact: |sum| ≤ d · 127² < 2^53)."""
+    try:
+        return torch._int_mm(a, b.T)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return a.to(torch.float64) @ b.to(torch.float64).T
 
 
 def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -35,10 +35,14 @@ def sampled_softmax_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor |
     unbiased for any k. log_q is a constant (detached): the proposal is not trained.
     log_q=None: no correction (logits s_j as they are; e.g. top-k hard negatives).
 
-    in_batch_negatives: the other rows' positives are extra negatives with no
-    correction. Their inclusion probability is unknown, so they add their raw mass to
-    Ẑ: Z is over-estimated by that mass (the DPR bias: popular targets are pushed
-    down extra). Turn it off for the consistent estimator.
+    in_batch_negatives (default True): the other rows' positives are extra negatives
+    with no correction, as in MultipleNegativesRankingLoss; they cost nothing (already
+    encoded) and alone they are the in-batch baseline (neg=None). Their inclusion
+    probability is unknown, so they add their raw mass to Ẑ: Z is over-estimated by
+    that mass (the DPR bias: popular targets are pushed down extra). With sampled
+    negatives and log_q, pass False for the consistent estimator of the full-softmax
+    loss; whether the extra mass helps or hurts the trained model is an empirical
+    question (docs/training.md).
 
     Accidental hits (pos_ids (B,) and neg_ids (B, k) given): a sampled id equal to the
     row's positive, and an in-batch column whose positive id equals the row's own

@@ -31,6 +31,25 @@ class HostSampler(Protocol):
                seed: int | None = None) -> SampleResult: ...
 
 
+def index_version(sampler: Any) -> Any:
+    """The `version` of the index a host sampler reads (its own, or its `.index`'s), or
+    None when it exposes none. It changes with every write to the index."""
+    for obj in (sampler, getattr(sampler, "index", None)):
+        v = getattr(obj, "version", None)
+        if v is not None:
+            return v
+    return None
+
+
+def _check_version(sampler: Any, version: Any) -> None:
+    if version is not None and index_version(sampler) != version:
+        raise RuntimeError("the index was modified (insert/remove/update/rebuild/compact or a "
+                           "DynamicIndex write) while a submitted batch was pending; its negatives "
+                           "could hold removed or stale ids and were discarded. Collect result() "
+                           "before writing to the index.")
+
+
+
 class TreeNegativeSampler:
     """Softmax negatives P(y|q) ∝ exp(<q, y> / temperature) from a tree index.
 
@@ -53,7 +72,10 @@ class TreeNegativeSampler:
 
     Prefetch: `submit` copies the queries to host memory before it returns (later
     in-place changes to them do not matter) and samples on one background thread
-    (numba releases the GIL). Do not mutate the index while a submit is pending.
+    (numba releases the GIL). Do not mutate the index while a submit is pending:
+    `result()` raises RuntimeError when the index's `version` changed since `submit`
+    (its negatives could hold removed or stale ids), and the background job does not
+    start on an index that changed already.
 
     threads: numba threads the sampling may use (None: numba's setting for the calling
         thread, by default every core). On a CPU-only machine, leave the training step
@@ -98,7 +120,8 @@ class TreeNegativeSampler:
         self.threads = None if threads is None else int(threads)
         self.calls = 0
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending: tuple[torch.Tensor, torch.Tensor | None, concurrent.futures.Future] | None = None
+        # (queries, positives, future, sampler, index version at submit)
+        self._pending: tuple[torch.Tensor, torch.Tensor | None, concurrent.futures.Future, Any, Any] | None = None
 
     def _check_foreign(self, temperature: float, mode: str) -> None:
         """A ready-made sampler's own settings must agree with ours (they are the real ones)."""
@@ -138,11 +161,13 @@ class TreeNegativeSampler:
         q, q_host, ex = self._prepare(query_emb, positive_ids)
         seed = self.call_seed(self.calls)
         self.calls += 1
-        return self.sampler, q_host, self.k, ex, seed, q.device, log_q_dtype(q), self.threads
+        return (self.sampler, q_host, self.k, ex, seed, q.device, log_q_dtype(q), self.threads,
+                index_version(self.sampler))
 
     @staticmethod
     def _run(sampler: HostSampler, q_host: np.ndarray, k: int, ex: np.ndarray | None, seed: int,
-             device: torch.device, dtype: torch.dtype, threads: int | None) -> Negatives:
+             device: torch.device, dtype: torch.dtype, threads: int | None, version: Any = None) -> Negatives:
+        _check_version(sampler, version)
         with numba_threads(threads):
             return TreeNegativeSampler._draw(sampler, q_host, k, ex, seed, device, dtype)
 
@@ -165,7 +190,7 @@ class TreeNegativeSampler:
         positive_ids: (B,) integer tensor or None; excluded when exclude_positives.
         """
         if self._pending is not None:
-            pq, pp, _ = self._pending
+            pq, pp = self._pending[:2]
             if query_emb is pq and positive_ids is pp:
                 return self.result()
             raise RuntimeError("a submitted batch is pending for other tensors: call result() "
@@ -188,15 +213,17 @@ class TreeNegativeSampler:
                 fut.set_result(self._run(*args))
             except BaseException as e:  # surfaced by result(), as with the background path
                 fut.set_exception(e)
-        self._pending = (query_emb, positive_ids, fut)
+        self._pending = (query_emb, positive_ids, fut, args[0], args[-1])
 
     def result(self) -> Negatives:
         """The Negatives of the pending submit (waits for it); re-raises its error."""
         if self._pending is None:
             raise RuntimeError("result() called without a pending submit()")
-        fut = self._pending[2]
+        _, _, fut, sampler, version = self._pending
         self._pending = None
-        return fut.result()
+        negatives = fut.result()
+        _check_version(sampler, version)
+        return negatives
 
     @property
     def pending(self) -> bool:
