@@ -410,7 +410,7 @@ class TreeNegativesLoss(nn.Module):
 
     @property
     def citation(self) -> str:
-        return ("@inproceedings{bengio2008adaptive, title={Adaptive importance sampling to accelerate training of a "
+        return ("@article{bengio2008adaptive, title={Adaptive importance sampling to accelerate training of a "
                 "neural probabilistic language model}, author={Bengio, Yoshua and Sen{\\'e}cal, Jean-S{\\'e}bastien}, "
                 "journal={IEEE Transactions on Neural Networks}, year={2008}}")
 
@@ -431,9 +431,9 @@ class TreeIndexRefreshCallback(TrainerCallback):
       errors, running mean) passes `max_drift_error`: re-encode the whole corpus and
       rebuild (`DynamicIndex.full_refresh`).
 
-    Write-back (the loss replacing the vectors of the targets each step encodes anyway)
-    is set with `write_back` (sets `loss.write_back`; "auto": only for encodes without
-    dropout, see TreeNegativesLoss).
+    Write-back (the loss replacing the vectors of the targets each step encodes anyway):
+    `write_back` True / False / "auto" sets `loss.write_back` ("auto": only encodes made
+    without dropout, see TreeNegativesLoss); None keeps the loss's own setting.
 
     Checkpoints: `on_save` writes the index (`DynamicIndex.save`) and the loss's draw
     counter into the checkpoint folder (`treeidx_index.npz`, `treeidx_state.json`), so
@@ -443,15 +443,15 @@ class TreeIndexRefreshCallback(TrainerCallback):
     resumed run samples from the index the interrupted one had. A resumed run whose
     checkpoint has no index files logs a warning and re-encodes the corpus instead.
 
-    Single process: under distributed training each rank keeps its own index; only the
-    process that saves (rank 0) writes it, and every rank reloads that one.
+    Distributed training is not handled yet (untested): each rank would keep its own
+    index; only rank 0 writes it at a checkpoint.
 
     `history` lists what was done (step, event, seconds, drift diagnostics).
     """
 
     def __init__(self, loss: TreeNegativesLoss, *, landmark_every: int | None = 50, full_every: int | None = None,
                  max_drift_error: float | None = 0.5, holdout: int = 32,
-                 write_back: bool | Literal["auto"] = "auto", save_index: bool = True,
+                 write_back: bool | Literal["auto"] | None = None, save_index: bool = True,
                  resume_dir: str | os.PathLike | None = None, seed: int = 0) -> None:
         if not isinstance(loss, TreeNegativesLoss):
             raise TypeError(f"loss: expected a TreeNegativesLoss, got {type(loss).__name__}")
@@ -462,7 +462,8 @@ class TreeIndexRefreshCallback(TrainerCallback):
             max_drift_error = _check_positive(max_drift_error, "max_drift_error")
         self.max_drift_error = max_drift_error
         loss.index.policy = replace(loss.index.policy, max_drift_error=max_drift_error)
-        loss.write_back = _check_write_back(write_back)
+        if write_back is not None:
+            loss.write_back = _check_write_back(write_back)
         self.holdout = _check_int(holdout, "holdout", 0)
         self.seed = _check_int(seed, "seed", 0)
         self.save_index = bool(save_index)
