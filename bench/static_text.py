@@ -15,6 +15,7 @@ boilerplate lines are everywhere). Units too short to say anything are dropped (
 `_keep`). Files are visited in the code corpus's sorted order, so the unit list is a
 deterministic function of the installed files.
 """
+
 from __future__ import annotations
 
 import ast
@@ -32,8 +33,9 @@ _K_CODE, _K_DOC, _K_COMMENT, _K_LINE = range(4)
 _MAX_WORDS = 256
 _PARA = re.compile(r"\n\s*\n")
 # Comments that are markup for tools, not text.
-_TOOL_COMMENT = re.compile(r"^(noqa|type:|pragma|pylint:|fmt:|isort:|mypy:|pyright:|ruff:|-\*-|!|flake8)",
-                           re.IGNORECASE)
+_TOOL_COMMENT = re.compile(
+    r"^(noqa|type:|pragma|pylint:|fmt:|isort:|mypy:|pyright:|ruff:|-\*-|!|flake8)", re.IGNORECASE
+)
 
 
 def _norm(text: str) -> str:
@@ -125,14 +127,16 @@ def _token_units(text: str) -> Iterator[tuple[int, str]]:
                 if c and not _TOOL_COMMENT.match(c):
                     yield _K_COMMENT, _norm(c)
                 continue
-            if tt in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING,
-                      tokenize.ENDMARKER):
+            if tt in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING, tokenize.ENDMARKER):
                 continue
             if tt == tokenize.NEWLINE:
                 if start is not None and not only_string:
                     (r0, c0), (r1, c1) = start, tok.start
-                    seg = (lines[r0 - 1][c0:] + "".join(lines[r0:r1 - 1]) + lines[r1 - 1][:c1]
-                           if r1 > r0 else lines[r0 - 1][c0:c1])
+                    seg = (
+                        lines[r0 - 1][c0:] + "".join(lines[r0 : r1 - 1]) + lines[r1 - 1][:c1]
+                        if r1 > r0
+                        else lines[r0 - 1][c0:c1]
+                    )
                     yield _K_LINE, _norm(_strip_comments(seg))
                 start, only_string = None, True
                 continue
@@ -149,8 +153,7 @@ def _strip_comments(seg: str) -> str:
     if "#" not in seg:
         return seg
     try:
-        toks = [t for t in tokenize.generate_tokens(io.StringIO(seg).readline)
-                if t.type == tokenize.COMMENT]
+        toks = [t for t in tokenize.generate_tokens(io.StringIO(seg).readline) if t.type == tokenize.COMMENT]
     except (tokenize.TokenError, IndentationError, SyntaxError):
         return seg
     if not toks:
@@ -164,22 +167,26 @@ def _strip_comments(seg: str) -> str:
 
 def unit_hash(text: str) -> int:
     """A stable 64-bit hash of a unit's text (the query hold-out draw uses it)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                          "little")
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 def _units_of(path: str) -> list[tuple[int, str]] | None:
     return file_units(path)
 
 
-def mine_units(roots: Sequence[str] | None = None, *, max_files: int | None = None,
-               workers: int | None = None, progress: bool = False) -> tuple[list[int], list[str], int]:
+def mine_units(
+    roots: Sequence[str] | None = None,
+    *,
+    max_files: int | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> tuple[list[int], list[str], int]:
     """(kinds, texts, files skipped) of every unit of every minable file, deduplicated.
 
     `roots`/`max_files` as in `treeidx.codesearch.corpus.mine_code_corpus` (default: the
     standard library and site-packages of this interpreter).
     """
-    from treeidx.codesearch.corpus import list_source_files, default_roots
+    from treeidx.codesearch.corpus import default_roots, list_source_files
 
     roots = [os.path.realpath(r) for r in (roots if roots is not None else default_roots())]
     files = [os.path.join(root, rel) for root, rel, _, _ in list_source_files(roots, max_files)]
@@ -193,6 +200,7 @@ def mine_units(roots: Sequence[str] | None = None, *, max_files: int | None = No
         results = map(_units_of, files)
     if progress:
         from tqdm import tqdm
+
         results = tqdm(results, total=len(files), desc="static units", unit="file")
     kinds: list[int] = []
     texts: list[str] = []

@@ -7,6 +7,7 @@ Binomial(draws, p) under the null, and the test rejects when some cell's two-sid
 binomial p-value is below ALPHA / (number of cells). By the union bound a correct sampler
 fails one check with probability at most ALPHA.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,7 @@ def binomial_gof_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
     if (c[~keep] > 0).any():
         return 0.0  # draws where the softmax has no mass
     c, p = c[keep], np.minimum(p[keep], 1.0)
-    lower = bdtr(c, n, p)       # P(X <= c)
+    lower = bdtr(c, n, p)  # P(X <= c)
     upper = bdtrc(c - 1, n, p)  # P(X >= c); 1 for c = 0
     pv = np.minimum(1.0, 2.0 * np.minimum(lower, upper))
     return float(min(1.0, pv.min() * c.size))
@@ -59,8 +60,9 @@ def assert_search_exact(search, x: np.ndarray, ids: np.ndarray, q: np.ndarray, k
     assert (np.diff(np.sort(pos, axis=1), axis=1) > 0).all(), "search returned an id twice"
 
 
-def assert_sampling_exact(sample, x: np.ndarray, ids: np.ndarray, q: np.ndarray, beta: float,
-                          rows: list, seed: int, dense: bool) -> None:
+def assert_sampling_exact(
+    sample, x: np.ndarray, ids: np.ndarray, q: np.ndarray, beta: float, rows: list, seed: int, dense: bool
+) -> None:
     """sample(q, draws, exclude=rows, seed=) on one exact path against the brute-force softmax."""
     path = "dense" if dense else "tree"
     r = sample(q, DRAWS, exclude=rows, seed=seed)
@@ -73,15 +75,17 @@ def assert_sampling_exact(sample, x: np.ndarray, ids: np.ndarray, q: np.ndarray,
         assert (r.frontier_size > 0).all(), "a query went dense with dense_fallback=None"
     np.testing.assert_array_equal(r.tv_bound, 0.0, err_msg=f"{path} path: tv_bound of exact draws")
     slack = 1e-12 * (1.0 + np.abs(logz))
-    assert ((r.log_z[:, 0] - slack <= logz) & (logz <= r.log_z[:, 1] + slack)).all(), \
+    assert ((r.log_z[:, 0] - slack <= logz) & (logz <= r.log_z[:, 1] + slack)).all(), (
         f"{path} path: log Z {logz} outside the certified interval {r.log_z}"
+    )
     assert np.isfinite(r.log_q).all()
     pos = np.minimum(np.searchsorted(ids, r.ids), ids.size - 1)
     live = ids[pos] == r.ids
     assert live.all(), f"{path} path: dead id(s) drawn: {np.unique(r.ids[~live])[:5].tolist()}"
     drawn_excluded = np.take_along_axis(s, pos, 1) == -np.inf
-    assert not drawn_excluded.any(), \
+    assert not drawn_excluded.any(), (
         f"{path} path: excluded id(s) drawn: {np.unique(r.ids[drawn_excluded])[:5].tolist()}"
+    )
     for b in range(q.shape[0]):
         allowed = np.isfinite(s[b])
         counts = np.bincount(pos[b], minlength=ids.size)[allowed]

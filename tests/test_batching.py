@@ -1,4 +1,5 @@
 """Tests for treeidx.torch.batching: GCBS and tree batches as torch batch samplers."""
+
 from __future__ import annotations
 
 import sys
@@ -119,8 +120,7 @@ def test_dataloader_batch_sampler(data, kind):
     q, p, _ = data
     s = SAMPLERS[kind](q, p, 50, seed=2)
     expected = list(SAMPLERS[kind](q, p, 50, seed=2))
-    loader = DataLoader(TensorDataset(torch.from_numpy(q), torch.from_numpy(p), torch.arange(len(q))),
-                        batch_sampler=s)
+    loader = DataLoader(TensorDataset(torch.from_numpy(q), torch.from_numpy(p), torch.arange(len(q))), batch_sampler=s)
     assert len(loader) == len(expected)
     for (bq, bp, idx), b in zip(loader, expected):
         assert idx.tolist() == b
@@ -194,8 +194,12 @@ def test_tree_batches_follow_index_updates(data):
     moved = np.flatnonzero(labels == 0)
     target = np.flatnonzero(labels == 1)
     before = list(s)
-    together = lambda bs: np.mean([np.isin(target, b).any() and np.isin(moved, b).sum()  # noqa: E731
-                                   for b in bs])
+    together = lambda bs: np.mean(
+        [
+            np.isin(target, b).any() and np.isin(moved, b).sum()  # noqa: E731
+            for b in bs
+        ]
+    )
     # write back: cluster 0's pairs now look like cluster 1's
     s.index.update(z[target[: moved.size]] + 0.01, moved)
     after = list(s)
@@ -241,11 +245,18 @@ def test_leaf_order_is_every_id_once_and_local(data):
 
 def test_bad_arguments(data):
     q, p, _ = data
-    for bad, match in [(dict(batch_size=0), "batch_size"), (dict(mix=1.5), "mix"), (dict(mix=True), "mix"),
-                       (dict(refresh_every=0), "refresh_every"), (dict(drop_last=1), "drop_last"),
-                       (dict(seed=-1), "seed"), (dict(n_neighbors=0), "n_neighbors"),
-                       (dict(similarity="cosine"), "similarity"), (dict(quantile=1.0), "quantile"),
-                       (dict(backend="faiss"), "backend")]:
+    for bad, match in [
+        (dict(batch_size=0), "batch_size"),
+        (dict(mix=1.5), "mix"),
+        (dict(mix=True), "mix"),
+        (dict(refresh_every=0), "refresh_every"),
+        (dict(drop_last=1), "drop_last"),
+        (dict(seed=-1), "seed"),
+        (dict(n_neighbors=0), "n_neighbors"),
+        (dict(similarity="cosine"), "similarity"),
+        (dict(quantile=1.0), "quantile"),
+        (dict(backend="faiss"), "backend"),
+    ]:
         kw = {"batch_size": 8, **bad}
         with pytest.raises(ValueError, match=match):
             GlobalContrastiveBatchSampler((q, p), **kw)

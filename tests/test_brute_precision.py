@@ -1,6 +1,7 @@
 """Reduced-precision brute force (treeidx.brute.BruteForce(precision=...)) and the torch
 layer's BruteForceSampler(precision=...): the draws follow the distribution whose log q
 is returned, which is close to (but not) the exact softmax."""
+
 from __future__ import annotations
 
 import sys
@@ -141,8 +142,7 @@ def test_torch_sampler_precision(precision: str) -> None:
 
     x, q = _unit(2000, 16, 0), _unit(1, 16, 1)
     T = 1 / 30
-    s = BruteForceSampler(torch.from_numpy(x), k=50_000, temperature=T, chunk_size=500, seed=1,
-                          precision=precision)
+    s = BruteForceSampler(torch.from_numpy(x), k=50_000, temperature=T, chunk_size=500, seed=1, precision=precision)
     neg = s.sample(torch.from_numpy(q).double())  # float64 queries: float64 log q
     ids, logq = neg.ids[0].numpy(), neg.log_q[0].numpy()
     # log q is constant per id and sums to 1 over the ids it covers (the same Q)

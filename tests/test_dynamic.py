@@ -1,4 +1,5 @@
 """DynamicIndex: invariants under edit sequences, exact sampling w.r.t. predictions, policy, persistence."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,8 +41,9 @@ def setup(n=600, d=5, kernel="rbf", seed=0, **kw):
     base = rng.standard_normal((n, d)).astype(np.float32)
     ids = rng.permutation(10 * n)[:n].astype(np.int64)
     enc = Encoder(d, seed)
-    di = DynamicIndex.build(enc(base), ids, n_landmarks=min(40, n), kernel=kernel, seed=seed,
-                            leaf_size=8, fanout=3, **kw)
+    di = DynamicIndex.build(
+        enc(base), ids, n_landmarks=min(40, n), kernel=kernel, seed=seed, leaf_size=8, fanout=3, **kw
+    )
     return di, dict(zip(ids.tolist(), base)), enc, rng
 
 
@@ -53,8 +55,12 @@ class DynamicEdits(RuleBasedStateMachine):
     """Random refresh / reencode / add / remove sequences; after each, the tree holds its
     invariants, holds exactly the live ids, and predict() equals the model's definition."""
 
-    @initialize(n=st.integers(30, 150), kernel=st.sampled_from(["linear", "rbf", "cosine"]),
-                seed=st.integers(0, 2**16), rebuild=st.sampled_from(["partial", "full"]))
+    @initialize(
+        n=st.integers(30, 150),
+        kernel=st.sampled_from(["linear", "rbf", "cosine"]),
+        seed=st.integers(0, 2**16),
+        rebuild=st.sampled_from(["partial", "full"]),
+    )
     def build(self, n, kernel, seed, rebuild):
         policy = RefreshPolicy(max_moved_fraction=0.3, rebuild=rebuild, radius_growth=1.0)
         self.di, self.base, self.enc, self.rng = setup(n=n, d=4, kernel=kernel, seed=seed, policy=policy)
@@ -112,12 +118,14 @@ class DynamicEdits(RuleBasedStateMachine):
             np.testing.assert_allclose(self.di.predict(ids), want, atol=1e-4 * (1 + np.abs(want).max()))
         untouched = np.setdiff1d(self.di.ids, self.di.fresh_ids)
         if untouched.size:  # never re-encoded: the Nyström prediction from the stale vector
-            np.testing.assert_allclose(self.di.predict(untouched), self.di.drift.predict(untouched),
-                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                self.di.predict(untouched), self.di.drift.predict(untouched), rtol=1e-5, atol=1e-5
+            )
 
 
-DynamicEdits.TestCase.settings = settings(max_examples=25, stateful_step_count=12, deadline=None,
-                                          suppress_health_check=[HealthCheck.too_slow])
+DynamicEdits.TestCase.settings = settings(
+    max_examples=25, stateful_step_count=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 TestDynamicEdits = DynamicEdits.TestCase
 
 
@@ -183,8 +191,11 @@ def test_policy_rebuilds_and_flags_full_refresh():
     policy = RefreshPolicy(max_moved_fraction=0.05, rebuild="partial", max_drift_error=0.01)
     di, base, enc, rng = setup(n=400, kernel="linear", seed=3, policy=policy)
     enc.step(0.5)
-    fit = di.refresh_landmarks(landmark_fresh(di, base, enc), holdout_ids=di.ids[:50],
-                               holdout_vectors=enc(np.stack([base[i] for i in di.ids[:50].tolist()])))
+    fit = di.refresh_landmarks(
+        landmark_fresh(di, base, enc),
+        holdout_ids=di.ids[:50],
+        holdout_vectors=enc(np.stack([base[i] for i in di.ids[:50].tolist()])),
+    )
     assert fit.holdout.predicted < fit.holdout.stale
     assert di.needs_full_refresh
     assert any(e["action"] == "full re-encode recommended" for e in di.log)
@@ -195,8 +206,7 @@ def test_policy_rebuilds_and_flags_full_refresh():
     all_ids = di.ids
     di.full_refresh(enc(np.stack([base[i] for i in all_ids.tolist()])), all_ids)
     assert not di.needs_full_refresh and di.epoch == 0 and di.fresh_ids.size == 0
-    np.testing.assert_allclose(di.predict(all_ids), enc(np.stack([base[i] for i in all_ids.tolist()])),
-                               atol=1e-5)
+    np.testing.assert_allclose(di.predict(all_ids), enc(np.stack([base[i] for i in all_ids.tolist()])), atol=1e-5)
 
 
 def test_save_load_round_trip_and_corruption(tmp_path):

@@ -1,4 +1,5 @@
 """The package's shape: what `import treeidx` loads, and names that moved still work."""
+
 from __future__ import annotations
 
 import importlib
@@ -12,26 +13,31 @@ import pytest
 def test_the_core_works_without_torch_or_scipy():
     # None in sys.modules makes any import of them raise ImportError, as if not installed
     # (numba itself imports scipy when it is there, so absence is what can be tested).
-    code = ("import sys; sys.modules.update(torch=None, scipy=None)\n"
-            "import numpy as np, treeidx\n"
-            "from treeidx.brute import BruteForce\n"
-            "x = np.random.default_rng(0).normal(size=(300, 4)).astype('f4')\n"
-            "idx = treeidx.TreeIndex.build(x)\n"
-            "s, i = idx.search(x[:3], 5)\n"
-            "assert (i == BruteForce(x).search(x[:3], 5)[1]).all()\n"
-            "r = treeidx.SoftmaxSampler(idx, temperature=1.0).sample(x[:2], 4, seed=0)\n"
-            "print(r.ids.shape, 'torch' in sys.modules and sys.modules['torch'] is not None)")
+    code = (
+        "import sys; sys.modules.update(torch=None, scipy=None)\n"
+        "import numpy as np, treeidx\n"
+        "from treeidx.brute import BruteForce\n"
+        "x = np.random.default_rng(0).normal(size=(300, 4)).astype('f4')\n"
+        "idx = treeidx.TreeIndex.build(x)\n"
+        "s, i = idx.search(x[:3], 5)\n"
+        "assert (i == BruteForce(x).search(x[:3], 5)[1]).all()\n"
+        "r = treeidx.SoftmaxSampler(idx, temperature=1.0).sample(x[:2], 4, seed=0)\n"
+        "print(r.ids.shape, 'torch' in sys.modules and sys.modules['torch'] is not None)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(2, 4) False"
 
 
-@pytest.mark.parametrize("old,new,name", [
-    ("treeidx.baselines", "treeidx.torch", "NegativeCache"),
-    ("treeidx.encoder", "treeidx.codesearch.encoder", "DualEncoder"),
-    ("treeidx.training", "treeidx.codesearch.training", "train"),
-    ("treeidx.corpus", "treeidx.codesearch.corpus", "mine_code_corpus"),
-])
+@pytest.mark.parametrize(
+    "old,new,name",
+    [
+        ("treeidx.baselines", "treeidx.torch", "NegativeCache"),
+        ("treeidx.encoder", "treeidx.codesearch.encoder", "DualEncoder"),
+        ("treeidx.training", "treeidx.codesearch.training", "train"),
+        ("treeidx.corpus", "treeidx.codesearch.corpus", "mine_code_corpus"),
+    ],
+)
 def test_moved_modules_keep_working_with_a_deprecation_warning(old, new, name):
     sys.modules.pop(old, None)
     with warnings.catch_warnings(record=True) as caught:
@@ -68,8 +74,7 @@ def test_writes_take_vectors_then_ids_and_the_old_order_still_works():
         di.reencode(y[2:4], moved[:2])
     with pytest.warns(DeprecationWarning, match=r"reencode\(ids, vectors\)"):
         di.reencode(moved[2:4], y[4:6])
-    np.testing.assert_allclose(di.predict(np.r_[new, moved[:4]]), np.r_[y[:2], y[2:4], y[4:6]], rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(di.predict(np.r_[new, moved[:4]]), np.r_[y[:2], y[2:4], y[4:6]], rtol=1e-4, atol=1e-4)
 
 
 def test_brute_force_takes_temperature_like_every_other_sampler():

@@ -1,4 +1,5 @@
 """treeidx.codesearch.pinned: the manifest pins the corpus's targets."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -11,11 +12,18 @@ from treeidx.codesearch.pinned import PINNED_PACKAGES, in_scope, load_manifest, 
 
 
 def items():
-    rows = [("json.decoder", "f", "def f(): pass"), ("json.decoder", "g", "def g(): return 1"),
-            ("numpy.linalg", "solve", "def solve(a, b): ..."), ("sklearn.base", "clone", "def clone(x): ..."),
-            ("os", "walk", "def walk(top): ..."), ("torch.nn", "Linear", "class Linear: ...")]
-    return [CodeItem(id=i, module=m, qualname=q, kind="function", docstring=f"Doc of {q}.", code=c)
-            for i, (m, q, c) in enumerate(rows)]
+    rows = [
+        ("json.decoder", "f", "def f(): pass"),
+        ("json.decoder", "g", "def g(): return 1"),
+        ("numpy.linalg", "solve", "def solve(a, b): ..."),
+        ("sklearn.base", "clone", "def clone(x): ..."),
+        ("os", "walk", "def walk(top): ..."),
+        ("torch.nn", "Linear", "class Linear: ..."),
+    ]
+    return [
+        CodeItem(id=i, module=m, qualname=q, kind="function", docstring=f"Doc of {q}.", code=c)
+        for i, (m, q, c) in enumerate(rows)
+    ]
 
 
 def test_manifest_scope_and_exact_pinning():
@@ -25,13 +33,20 @@ def test_manifest_scope_and_exact_pinning():
     assert man["n_items"] == 5 and not in_scope("sklearn.base") and in_scope("numpy.linalg")
     assert set(man["packages"]) == set(PINNED_PACKAGES)
     kept, rep = pin(its, man)
-    assert [(it.module, it.qualname) for it in kept] == [("json.decoder", "f"), ("json.decoder", "g"),
-                                                         ("numpy.linalg", "solve"), ("os", "walk"),
-                                                         ("torch.nn", "Linear")]
+    assert [(it.module, it.qualname) for it in kept] == [
+        ("json.decoder", "f"),
+        ("json.decoder", "g"),
+        ("numpy.linalg", "solve"),
+        ("os", "walk"),
+        ("torch.nn", "Linear"),
+    ]
     assert [it.id for it in kept] == list(range(5)) and rep.coverage == 1.0
     # another machine: numpy's module changed (another version), torch missing, extra modules installed
-    other = [replace(it, code=it.code + " # v2") if it.module == "numpy.linalg" else it
-             for it in its if it.module != "torch.nn"]
+    other = [
+        replace(it, code=it.code + " # v2") if it.module == "numpy.linalg" else it
+        for it in its
+        if it.module != "torch.nn"
+    ]
     other.append(CodeItem(id=99, module="os", qualname="extra", kind="function", docstring="", code="x"))
     kept2, rep2 = pin(other, man)
     assert [(it.module, it.qualname) for it in kept2] == [("json.decoder", "f"), ("json.decoder", "g")]

@@ -1,6 +1,7 @@
 """Regression tests for the reliability issue: each reproduction now gives the right
 answer or a clear error naming the argument, and a refused call leaves the index as it was
 (check() passes, search results identical)."""
+
 from __future__ import annotations
 
 import os
@@ -49,6 +50,7 @@ def live_node(index: TreeIndex, internal: bool) -> int:
 
 # ------------------------------------------------------------------ defect 0: id map order
 
+
 def test_insert_of_unsorted_new_ids_keeps_the_id_map_sorted():
     x, q, rng = data()
     idx = TreeIndex.build(x, seed=0)
@@ -61,6 +63,7 @@ def test_insert_of_unsorted_new_ids_keeps_the_id_map_sorted():
 
 
 # ------------------------------------------------------------------ defect 1: retired slots
+
 
 @pytest.mark.parametrize("dense_fallback", [None, 1e-12])
 def test_exact_sampling_after_subtree_rebuilds(dense_fallback):
@@ -75,15 +78,15 @@ def test_exact_sampling_after_subtree_rebuilds(dense_fallback):
     sampler = SoftmaxSampler(idx, temperature=0.05, dense_fallback=dense_fallback)
     r = sampler.sample(q, 64, exclude=[np.arange(2000)] * 20, seed=3)
     assert (r.ids >= 2000).all()
-    assert_sampling_exact(sampler.sample, x, np.arange(3000), q[:4], 20.0, rows, 5,
-                          dense=dense_fallback is not None)
+    assert_sampling_exact(sampler.sample, x, np.arange(3000), q[:4], 20.0, rows, 5, dense=dense_fallback is not None)
 
 
 def test_dynamic_index_partial_rebuild_keeps_exact_sampling():
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((1500, 6)) / np.sqrt(6)).astype(np.float32)
-    di = DynamicIndex.build(x, n_landmarks=30, temperature=0.2, seed=1,
-                            policy=RefreshPolicy(max_moved_fraction=0.05, radius_growth=1.0))
+    di = DynamicIndex.build(
+        x, n_landmarks=30, temperature=0.2, seed=1, policy=RefreshPolicy(max_moved_fraction=0.05, radius_growth=1.0)
+    )
     moved = np.argsort(((x - x[0]) ** 2).sum(axis=1))[:80]  # one neighbourhood: few subtrees grow
     di.reencode(x[moved] + 0.2 * rng.standard_normal((80, 6)).astype(np.float32), moved)
     assert any(e["action"] == "partial tree rebuild" for e in di.log), di.log
@@ -96,15 +99,24 @@ def test_dynamic_index_partial_rebuild_keeps_exact_sampling():
         r = di.sample(q, 1024, exclude=rows, seed=7)
         assert not np.isin(r.ids, ids[:1000]).any()
     di.sampler.dense_fallback = 1e-12
-    assert_sampling_exact(lambda _q, k, exclude, seed: di.sample(q, k, exclude=exclude, seed=seed),
-                          di.tree.vectors(ids), ids, di.drift.transform_queries(q), 5.0, rows, 3, dense=True)
+    assert_sampling_exact(
+        lambda _q, k, exclude, seed: di.sample(q, k, exclude=exclude, seed=seed),
+        di.tree.vectors(ids),
+        ids,
+        di.drift.transform_queries(q),
+        5.0,
+        rows,
+        3,
+        dense=True,
+    )
 
 
 @pytest.mark.parametrize("dense_fallback", [None, 1e-12])
 def test_negative_ids_are_drawn(dense_fallback):
     t = TreeIndex.build(np.ones((2, 1), np.float32), ids=[-1, 1])
-    r = SoftmaxSampler(t, temperature=1, dense_fallback=dense_fallback).sample(np.ones((1, 1), np.float32),
-                                                                              2000, seed=0)
+    r = SoftmaxSampler(t, temperature=1, dense_fallback=dense_fallback).sample(
+        np.ones((1, 1), np.float32), 2000, seed=0
+    )
     assert set(np.unique(r.ids).tolist()) == {-1, 1}
     assert r.log_z[0, 0] <= 1 + np.log(2) <= r.log_z[0, 1]
 
@@ -122,6 +134,7 @@ def test_check_rejects_a_freed_slot_that_looks_live():
 
 # ------------------------------------------------------------------ defect 2: trailing empty rows
 
+
 def test_search_with_trailing_empty_exclusion_rows():
     x, q, _ = data()
     idx = TreeIndex.build(x, seed=0)
@@ -131,11 +144,13 @@ def test_search_with_trailing_empty_exclusion_rows():
         assert_search_exact(idx.search, x, ids, q[: len(rows)], 3, rows)
     di = DynamicIndex.build(x, n_landmarks=20, seed=0)
     wq = di.drift.transform_queries(q[:2])
-    assert_search_exact(lambda _q, k, exclude: di.search(q[:2], k, exclude=exclude),
-                        di.tree.vectors(ids), ids, wq, 3, [[5], []])
+    assert_search_exact(
+        lambda _q, k, exclude: di.search(q[:2], k, exclude=exclude), di.tree.vectors(ids), ids, wq, 3, [[5], []]
+    )
 
 
 # ------------------------------------------------------------------ defect 3: tv_bound
+
 
 def test_tv_bound_is_zero_on_rows_answered_densely():
     x, q, _ = data(n=3000)
@@ -146,6 +161,7 @@ def test_tv_bound_is_zero_on_rows_answered_densely():
 
 
 # ------------------------------------------------------------------ defect 4: approx, few allowed
+
 
 @pytest.mark.parametrize("mode", ["approx", "exact"])
 def test_few_allowed_ids_sample_and_none_allowed_is_a_value_error(mode):
@@ -169,8 +185,7 @@ def test_approx_mode_log_q_stays_the_proposal_with_heavy_exclusions():
     x, q, _ = data(n=800, d=6)
     idx = TreeIndex.build(x, seed=0, leaf_size=8)
     ex = np.arange(0, 800, 2)[:390]
-    r = SoftmaxSampler(idx, temperature=0.3, mode="approx", budget=30).sample(q[:2], 50_000,
-                                                                            exclude=[ex, ex], seed=2)
+    r = SoftmaxSampler(idx, temperature=0.3, mode="approx", budget=30).sample(q[:2], 50_000, exclude=[ex, ex], seed=2)
     for b in range(2):
         assert not np.isin(r.ids[b], ex).any()
         qprob = np.zeros(800)
@@ -180,6 +195,7 @@ def test_approx_mode_log_q_stays_the_proposal_with_heavy_exclusions():
 
 # ------------------------------------------------------------------ defect 5: writes during prefetch
 
+
 @pytest.mark.parametrize("write", ["remove", "insert", "update", "rebuild", "compact"])
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_writing_while_a_prefetch_is_pending_raises(write, prefetch):
@@ -188,11 +204,13 @@ def test_writing_while_a_prefetch_is_pending_raises(write, prefetch):
     s = TreeNegativeSampler(idx, k=8, temperature=0.1, prefetch=prefetch)
     qt = torch.from_numpy(q)
     s.submit(qt)
-    {"remove": lambda: idx.remove(np.arange(100)),
-     "insert": lambda: idx.insert(x[:3], [10**9, 10**9 + 1, -5]),
-     "update": lambda: idx.update(x[3:5], [1, 2]),
-     "rebuild": lambda: idx.rebuild(),
-     "compact": lambda: idx.compact()}[write]()
+    {
+        "remove": lambda: idx.remove(np.arange(100)),
+        "insert": lambda: idx.insert(x[:3], [10**9, 10**9 + 1, -5]),
+        "update": lambda: idx.update(x[3:5], [1, 2]),
+        "rebuild": lambda: idx.rebuild(),
+        "compact": lambda: idx.compact(),
+    }[write]()
     with pytest.raises(RuntimeError, match="index was modified"):
         s.result()
     assert not s.pending
@@ -231,6 +249,7 @@ def test_version_counts_writes_only():
 
 
 # ------------------------------------------------------------------ defect 6: failed writes
+
 
 class _FailingGrowth:
     """Replaces tree._grown (the helper that grows each array): the first `ok` calls
@@ -278,6 +297,7 @@ def test_allocation_failure_while_growing_changes_nothing(monkeypatch, op):
         before = probe.calls
         real_reserve(self, **kw)
         per_reserve.append(probe.calls - before)
+
     monkeypatch.setattr(TreeIndex, "_reserve", counting_reserve)
     write(_copy(base))
     monkeypatch.setattr(TreeIndex, "_reserve", real_reserve)
@@ -299,9 +319,16 @@ def test_allocation_failure_while_growing_changes_nothing(monkeypatch, op):
 
 
 def _copy(index: TreeIndex) -> TreeIndex:
-    out = TreeIndex(_arrays=type(index._A)(*(a.copy() for a in index._A)), _keys=index._keys.copy(),
-                    _key_slot=index._key_slot.copy(), _n_slots=index._n_slots, _n_nodes=index._n_nodes,
-                    _dead_slots=index._dead_slots, _shape=index._shape, _seed=index._seed)
+    out = TreeIndex(
+        _arrays=type(index._A)(*(a.copy() for a in index._A)),
+        _keys=index._keys.copy(),
+        _key_slot=index._key_slot.copy(),
+        _n_slots=index._n_slots,
+        _n_nodes=index._n_nodes,
+        _dead_slots=index._dead_slots,
+        _shape=index._shape,
+        _seed=index._seed,
+    )
     return out
 
 
@@ -314,6 +341,7 @@ def test_failed_compaction_leaves_a_finished_write_in_place(monkeypatch):
 
 
 # ------------------------------------------------------------------ defects 7, 8: files
+
 
 @pytest.mark.parametrize("n", [10, 3000])  # 3000: removal compacts the arrays to length 0
 def test_an_emptied_index_saves_and_loads(tmp_path, n):
@@ -345,6 +373,7 @@ def test_saved_files_respect_the_umask(tmp_path, umask):
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
 def test_an_interrupted_save_leaves_no_temporary_file(tmp_path, monkeypatch, error):
     import treeidx.io as tio
+
     x, _, _ = data(n=50, d=4)
     idx = TreeIndex.build(x)
     real = tio._bytes_of
@@ -355,6 +384,7 @@ def test_an_interrupted_save_leaves_no_temporary_file(tmp_path, monkeypatch, err
         if len(calls) > 5:
             raise error
         return real(a)
+
     monkeypatch.setattr(tio, "_bytes_of", failing)
     with pytest.raises(type(error)):
         idx.save(tmp_path / "a.tidx")
@@ -363,24 +393,33 @@ def test_an_interrupted_save_leaves_no_temporary_file(tmp_path, monkeypatch, err
 
 # ------------------------------------------------------------------ defect 9: ids outside int64
 
-@pytest.mark.parametrize("bad, match", [
-    (np.array([2**64 - 1, 5], np.uint64), "does not fit in int64"),
-    ([2**64 - 1, 5], "beyond 2\\*\\*53"),      # a Python list of it becomes float64
-    (np.array([1e20, 5.0]), "beyond 2\\*\\*53"),
-    (np.array([1.5, 5.0]), "non-integral"),
-    (np.array([np.nan, 5.0]), "non-integral"),
-    ([2**70, 5], "does not fit in int64"),
-    (np.array([True, False]), "dtype bool"),
-])
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.array([2**64 - 1, 5], np.uint64), "does not fit in int64"),
+        ([2**64 - 1, 5], "beyond 2\\*\\*53"),  # a Python list of it becomes float64
+        (np.array([1e20, 5.0]), "beyond 2\\*\\*53"),
+        (np.array([1.5, 5.0]), "non-integral"),
+        (np.array([np.nan, 5.0]), "non-integral"),
+        ([2**70, 5], "does not fit in int64"),
+        (np.array([True, False]), "dtype bool"),
+    ],
+)
 def test_ids_that_would_change_value_are_refused(bad, match):
     x, q, _ = data(n=300)
     with pytest.raises(ValueError, match=match):
         TreeIndex.build(x[:2], ids=bad)
     idx = TreeIndex.build(x, seed=0)
     before = snapshot(idx)
-    for call in (lambda: idx.insert(x[:2], bad), lambda: idx.remove(bad), lambda: idx.update(x[:2], bad),
-                 lambda: idx.vectors(bad), lambda: idx.search(q[:1], 3, exclude=[bad]),
-                 lambda: SoftmaxSampler(idx, temperature=1).sample(q[:1], 3, exclude=[bad])):
+    for call in (
+        lambda: idx.insert(x[:2], bad),
+        lambda: idx.remove(bad),
+        lambda: idx.update(x[:2], bad),
+        lambda: idx.vectors(bad),
+        lambda: idx.search(q[:1], 3, exclude=[bad]),
+        lambda: SoftmaxSampler(idx, temperature=1).sample(q[:1], 3, exclude=[bad]),
+    ):
         with pytest.raises(ValueError, match=match):
             call()
     for a, b in zip(before, snapshot(idx)):
@@ -396,6 +435,7 @@ def test_integral_float_ids_within_2_53_are_still_accepted():
 
 # ------------------------------------------------------------------ defect 10: huge values
 
+
 def test_huge_queries_and_vectors_give_a_clear_value_error():
     x, q, _ = data(n=300)
     idx = TreeIndex.build(x, seed=0)
@@ -409,20 +449,31 @@ def test_huge_queries_and_vectors_give_a_clear_value_error():
         idx.search(np.full((1, 8), 1e38, np.float32), 3)
     with pytest.raises(ValueError, match="temperature"):  # the same query at a huge 1/temperature
         SoftmaxSampler(idx, temperature=1e-30).sample(q[:1], 4, seed=0)
-    for call in (lambda: idx.insert(np.full((1, 8), 1e38, np.float32), [10**6]),
-                 lambda: idx.update(np.full((1, 8), 1e38, np.float32), [0]),
-                 lambda: TreeIndex.build(np.full((2, 8), 1e38, np.float32))):
+    for call in (
+        lambda: idx.insert(np.full((1, 8), 1e38, np.float32), [10**6]),
+        lambda: idx.update(np.full((1, 8), 1e38, np.float32), [0]),
+        lambda: TreeIndex.build(np.full((2, 8), 1e38, np.float32)),
+    ):
         with pytest.raises(ValueError, match="norm .* <= " + re.escape(f"{STORE_LIMIT:.3g}")):
             call()
     for a, b in zip(before, snapshot(idx)):
         np.testing.assert_array_equal(a, b)
     # large but representable scales still work, exactly
     big = (q[:2] * 1e4).astype(np.float32)
-    assert_sampling_exact(SoftmaxSampler(idx, temperature=1e3, dense_fallback=None).sample,
-                          x, np.arange(300), big, 1e-3, [[], [1, 2]], 0, dense=False)
+    assert_sampling_exact(
+        SoftmaxSampler(idx, temperature=1e3, dense_fallback=None).sample,
+        x,
+        np.arange(300),
+        big,
+        1e-3,
+        [[], [1, 2]],
+        0,
+        dense=False,
+    )
 
 
 # ------------------------------------------------------------------ defect 11: arguments
+
 
 def test_bf16_tensors_are_widened():
     x, q, _ = data(n=300)
@@ -440,32 +491,47 @@ def test_bf16_tensors_are_widened():
     idx.check()
 
 
-@pytest.mark.parametrize("call, exc, match", [
-    (lambda ix, q: SoftmaxSampler(ix, temperature=1).sample(q, 2, seed=-1), ValueError, "seed: .*\\[0, 2\\*\\*63\\)"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature=1).sample(q, 2, seed=2**63), ValueError, "seed"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature=1).sample(q, 2, seed=2**64), ValueError, "seed"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature=1).sample(q, 2, seed=1.9), TypeError, "seed: expected an integer"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature=1).sample(q, 2, seed=True), TypeError, "seed"),
-    (lambda ix, q: TreeIndex.build(q, seed=-1), ValueError, "seed"),
-    (lambda ix, q: TreeIndex.build(q, seed=0.5), TypeError, "seed"),
-    (lambda ix, q: ix.search(q[:2], 2, exclude=np.zeros((2, 2, 2), int)), ValueError, "exclude: expected a 2-d"),
-    (lambda ix, q: ix.search(q[:2], 2, exclude=[np.zeros((2, 2), int), []]), ValueError, "exclude\\[0\\]: expected a 1-d"),
-    (lambda ix, q: ix.search(q[:1], 2, exclude=5), TypeError, "exclude: expected None"),
-    (lambda ix, q: ix.search(q[:1], 2, exclude=np.int64(5)), TypeError, "exclude"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature=1).sample(q[:1], 2, exclude=5), TypeError, "exclude"),
-    (lambda ix, q: ix.search(q[:1], 2, exclude=[[1.5]]), ValueError, "exclude\\[0\\]: .*non-integral"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature=1, tolerance="a"), ValueError, "tolerance: expected a finite"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature=1, tolerance=-1), ValueError, "tolerance"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature=1, budget=True), ValueError, "budget"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature=1, budget=2.0), ValueError, "budget"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature=1, draw_cost="x"), ValueError, "draw_cost"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature=1, dense_fallback="x"), ValueError, "dense_fallback"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature=True), ValueError, "temperature"),
-    (lambda ix, q: SoftmaxSampler(ix, temperature="1"), ValueError, "temperature"),
-    (lambda ix, q: ix.rebuild(1.7), TypeError, "node: expected an integer"),
-    (lambda ix, q: ix.rebuild(True), TypeError, "node"),
-    (lambda ix, q: ix.rebuild(-3), ValueError, "not a live node"),
-])
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (
+            lambda ix, q: SoftmaxSampler(ix, temperature=1).sample(q, 2, seed=-1),
+            ValueError,
+            "seed: .*\\[0, 2\\*\\*63\\)",
+        ),
+        (lambda ix, q: SoftmaxSampler(ix, temperature=1).sample(q, 2, seed=2**63), ValueError, "seed"),
+        (lambda ix, q: SoftmaxSampler(ix, temperature=1).sample(q, 2, seed=2**64), ValueError, "seed"),
+        (
+            lambda ix, q: SoftmaxSampler(ix, temperature=1).sample(q, 2, seed=1.9),
+            TypeError,
+            "seed: expected an integer",
+        ),
+        (lambda ix, q: SoftmaxSampler(ix, temperature=1).sample(q, 2, seed=True), TypeError, "seed"),
+        (lambda ix, q: TreeIndex.build(q, seed=-1), ValueError, "seed"),
+        (lambda ix, q: TreeIndex.build(q, seed=0.5), TypeError, "seed"),
+        (lambda ix, q: ix.search(q[:2], 2, exclude=np.zeros((2, 2, 2), int)), ValueError, "exclude: expected a 2-d"),
+        (
+            lambda ix, q: ix.search(q[:2], 2, exclude=[np.zeros((2, 2), int), []]),
+            ValueError,
+            "exclude\\[0\\]: expected a 1-d",
+        ),
+        (lambda ix, q: ix.search(q[:1], 2, exclude=5), TypeError, "exclude: expected None"),
+        (lambda ix, q: ix.search(q[:1], 2, exclude=np.int64(5)), TypeError, "exclude"),
+        (lambda ix, q: SoftmaxSampler(ix, temperature=1).sample(q[:1], 2, exclude=5), TypeError, "exclude"),
+        (lambda ix, q: ix.search(q[:1], 2, exclude=[[1.5]]), ValueError, "exclude\\[0\\]: .*non-integral"),
+        (lambda ix, q: SoftmaxSampler(ix, temperature=1, tolerance="a"), ValueError, "tolerance: expected a finite"),
+        (lambda ix, q: SoftmaxSampler(ix, temperature=1, tolerance=-1), ValueError, "tolerance"),
+        (lambda ix, q: SoftmaxSampler(ix, temperature=1, budget=True), ValueError, "budget"),
+        (lambda ix, q: SoftmaxSampler(ix, temperature=1, budget=2.0), ValueError, "budget"),
+        (lambda ix, q: SoftmaxSampler(ix, temperature=1, draw_cost="x"), ValueError, "draw_cost"),
+        (lambda ix, q: SoftmaxSampler(ix, temperature=1, dense_fallback="x"), ValueError, "dense_fallback"),
+        (lambda ix, q: SoftmaxSampler(ix, temperature=True), ValueError, "temperature"),
+        (lambda ix, q: SoftmaxSampler(ix, temperature="1"), ValueError, "temperature"),
+        (lambda ix, q: ix.rebuild(1.7), TypeError, "node: expected an integer"),
+        (lambda ix, q: ix.rebuild(True), TypeError, "node"),
+        (lambda ix, q: ix.rebuild(-3), ValueError, "not a live node"),
+    ],
+)
 def test_bad_arguments_are_refused_and_change_nothing(call, exc, match):
     x, q, _ = data(n=500)
     idx = TreeIndex.build(x, seed=1)
@@ -487,11 +553,18 @@ def test_exclusion_forms_that_remain_accepted():
     ids = np.arange(500)
     want = [[3], [4], [5]]
     assert_search_exact(idx.search, x, ids, q[:3], 4, want)
-    for ex in (np.array([3, 4, 5]), torch.tensor([3, 4, 5]), [{3}, {4}, {5}], [3, 4, 5],
-               [torch.tensor([3]), np.array([4]), (5,)], np.array([[3], [4], [5]])):
+    for ex in (
+        np.array([3, 4, 5]),
+        torch.tensor([3, 4, 5]),
+        [{3}, {4}, {5}],
+        [3, 4, 5],
+        [torch.tensor([3]), np.array([4]), (5,)],
+        np.array([[3], [4], [5]]),
+    ):
         np.testing.assert_array_equal(idx.search(q[:3], 4, exclude=ex)[1], idx.search(q[:3], 4, exclude=want)[1])
-    np.testing.assert_array_equal(idx.search(q[:2], 4, exclude=[None, [1]])[1],
-                                  idx.search(q[:2], 4, exclude=[[], [1]])[1])
+    np.testing.assert_array_equal(
+        idx.search(q[:2], 4, exclude=[None, [1]])[1], idx.search(q[:2], 4, exclude=[[], [1]])[1]
+    )
 
 
 def test_load_refuses_nothing_it_wrote_after_subtree_rebuilds_and_compaction(tmp_path):

@@ -2,6 +2,7 @@
 
 Small on purpose: a 160-text corpus, 32 word pieces, at most 4 trainer steps per run.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,18 @@ from treeidx.sentence_transformers import (  # noqa: E402
 from treeidx.torch import sampled_softmax_loss  # noqa: E402
 
 VERBS = ["parse", "load", "merge", "sort", "split", "scale", "encode", "render"]
-NOUNS = ["config file", "token stream", "sparse matrix", "image tile", "audio frame", "graph edge",
-         "queue item", "table row", "path list", "json blob"]
+NOUNS = [
+    "config file",
+    "token stream",
+    "sparse matrix",
+    "image tile",
+    "audio frame",
+    "graph edge",
+    "queue item",
+    "table row",
+    "path list",
+    "json blob",
+]
 PLACES = ["from disk", "in memory", "over the network", "on the gpu"]
 
 
@@ -75,8 +86,10 @@ def feats(model, texts):
 
 
 def test_import_treeidx_loads_none_of_the_st_stack():
-    code = ("import sys, treeidx\n"
-            "print(any(m in sys.modules for m in ('sentence_transformers', 'transformers', 'torch', 'datasets')))")
+    code = (
+        "import sys, treeidx\n"
+        "print(any(m in sys.modules for m in ('sentence_transformers', 'transformers', 'torch', 'datasets')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -120,9 +133,18 @@ def test_sampled_part_is_sampled_softmax_loss_with_log_k_q(model, corpus):
         q = model(f[0])["sentence_embedding"]
         p = model(f[1])["sentence_embedding"]
         n = model(feats(model, [docs[i] for i in neg_ids.ravel()]))["sentence_embedding"].view(len(rows), 6, -1)
-        want = float(sampled_softmax_loss(q, p, n, log_q=torch.as_tensor(log_q), temperature=0.05,
-                                          in_batch_negatives=True, pos_ids=torch.tensor(rows),
-                                          neg_ids=torch.as_tensor(neg_ids)))
+        want = float(
+            sampled_softmax_loss(
+                q,
+                p,
+                n,
+                log_q=torch.as_tensor(log_q),
+                temperature=0.05,
+                in_batch_negatives=True,
+                pos_ids=torch.tensor(rows),
+                neg_ids=torch.as_tensor(neg_ids),
+            )
+        )
     assert math.isfinite(got) and abs(got - want) <= 1e-5 * max(1.0, abs(want))
     assert (log_q <= 0).all() and neg_ids.shape == (len(rows), 6)
 
@@ -205,8 +227,17 @@ def test_write_back_is_exact_and_skips_dropout_encodes_and_drift_triggers_a_full
 
 def _args(out, **kw):
     return SentenceTransformerTrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=8, learning_rate=2e-5, report_to=[], use_cpu=True,
-        disable_tqdm=True, logging_steps=1, seed=0, save_strategy="steps", **kw)
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        learning_rate=2e-5,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=0,
+        save_strategy="steps",
+        **kw,
+    )
 
 
 def test_trainer_runs_and_a_resumed_checkpoint_restores_the_index(model, corpus, tmp_path):
@@ -215,8 +246,9 @@ def test_trainer_runs_and_a_resumed_checkpoint_restores_the_index(model, corpus,
     loss = TreeNegativesLoss(model, docs, k=4, temperature=0.05, seed=0)
     before = loss.index.tree.vectors(loss.index.ids).copy()
     cb = TreeIndexRefreshCallback(loss, landmark_every=2, write_back=True)
-    trainer = SentenceTransformerTrainer(model=model, args=_args(tmp_path, max_steps=4, save_steps=4),
-                                         train_dataset=train, loss=loss, callbacks=[cb])
+    trainer = SentenceTransformerTrainer(
+        model=model, args=_args(tmp_path, max_steps=4, save_steps=4), train_dataset=train, loss=loss, callbacks=[cb]
+    )
     out = trainer.train()
     assert math.isfinite(out.training_loss)
     assert [h["event"] for h in cb.history].count("refresh_landmarks") == 2 and loss.calls == 4
@@ -234,12 +266,22 @@ def test_trainer_runs_and_a_resumed_checkpoint_restores_the_index(model, corpus,
 
     class Snapshot(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            seen.update(ids=loss2.index.ids.copy(), vectors=loss2.index.tree.vectors(ids), W=loss2.index.drift.W,
-                        calls=loss2.calls, epoch=loss2.index.epoch)
+            seen.update(
+                ids=loss2.index.ids.copy(),
+                vectors=loss2.index.tree.vectors(ids),
+                W=loss2.index.drift.W,
+                calls=loss2.calls,
+                epoch=loss2.index.epoch,
+            )
 
     cb2 = TreeIndexRefreshCallback(loss2, landmark_every=2)
-    trainer2 = SentenceTransformerTrainer(model=model, args=_args(tmp_path, max_steps=4, save_steps=4),
-                                          train_dataset=train, loss=loss2, callbacks=[cb2, Snapshot()])
+    trainer2 = SentenceTransformerTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=4, save_steps=4),
+        train_dataset=train,
+        loss=loss2,
+        callbacks=[cb2, Snapshot()],
+    )
     trainer2.train(resume_from_checkpoint=str(ckpt))
     assert np.array_equal(np.sort(seen["ids"]), np.sort(ids))
     assert np.array_equal(seen["vectors"], final)
@@ -251,8 +293,9 @@ def test_miner_filters_exactly_and_its_output_trains(model, corpus, tmp_path):
     docs, queries = corpus
     model.eval()
     pairs = Dataset.from_dict({"anchor": queries[:40], "positive": docs[:40]})
-    mined = mine_softmax_negatives(pairs, model, corpus=docs, num_negatives=3, temperature=0.05,
-                                   relative_margin=0.05, seed=0, verbose=False)
+    mined = mine_softmax_negatives(
+        pairs, model, corpus=docs, num_negatives=3, temperature=0.05, relative_margin=0.05, seed=0, verbose=False
+    )
     assert mined.column_names == ["anchor", "positive", "negative_1", "negative_2", "negative_3", "log_q"]
     emb = {t: e for t, e in zip(docs, model.encode(docs, normalize_embeddings=True, convert_to_numpy=True))}
     qe = model.encode(list(mined["anchor"]), normalize_embeddings=True, convert_to_numpy=True)
@@ -269,8 +312,16 @@ def test_miner_filters_exactly_and_its_output_trains(model, corpus, tmp_path):
             assert abs(row["log_q"][j] - log_p[neg]) <= 0.06
 
     # a rank window is enumerated and sampled exactly
-    win = mine_softmax_negatives(pairs.select(range(8)), model, corpus=docs, num_negatives=2, range_max=5,
-                                 output_format="triplet", seed=0, verbose=False)
+    win = mine_softmax_negatives(
+        pairs.select(range(8)),
+        model,
+        corpus=docs,
+        num_negatives=2,
+        range_max=5,
+        output_format="triplet",
+        seed=0,
+        verbose=False,
+    )
     assert win.column_names == ["anchor", "positive", "negative", "log_q"] and len(win) == 16
     wq = model.encode(list(win["anchor"]), normalize_embeddings=True, convert_to_numpy=True)
     for r, row in enumerate(win):
@@ -283,7 +334,11 @@ def test_miner_filters_exactly_and_its_output_trains(model, corpus, tmp_path):
 
     # the mined dataset trains: log q reaches the loss through the collator's label column
     loss = TreeNegativesLoss(model, docs, k=0, temperature=0.05, log_q_from_labels=True)
-    trainer = SentenceTransformerTrainer(model=model, args=_args(tmp_path, max_steps=2, save_steps=100),
-                                         train_dataset=mined, loss=loss,
-                                         data_collator=log_q_data_collator(model))
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=2, save_steps=100),
+        train_dataset=mined,
+        loss=loss,
+        data_collator=log_q_data_collator(model),
+    )
     assert math.isfinite(trainer.train().training_loss)

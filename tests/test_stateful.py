@@ -20,6 +20,7 @@ Bonferroni correction: a correct sampler fails one check with probability at mos
 1e-9. The default run makes ~10^4 such checks and the slow run ~5 * 10^5, so a false
 alarm anywhere stays below 0.1%.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -40,12 +41,13 @@ from treeidx.tree import GROUP_MIN_QUERIES
 
 from ._oracles import assert_sampling_exact, assert_search_exact, excluded_mask
 
-TINY_FALLBACK = 1e-12   # every query's tree work reaches it at once: the dense pass answers
+TINY_FALLBACK = 1e-12  # every query's tree work reaches it at once: the dense pass answers
 SHAPE = dict(leaf_size=3, fanout=3)  # tiny leaves: edits grow, split and empty them often
 INT64 = np.iinfo(np.int64)
 
 
 # ---------------------------------------------------------------------------- ids
+
 
 def fresh_ids(rng: np.random.Generator, n: int, live: set, dead: list) -> np.ndarray:
     """n distinct ids not in `live`, in random order: small (often negative, -1 among
@@ -72,8 +74,7 @@ def fresh_ids(rng: np.random.Generator, n: int, live: set, dead: list) -> np.nda
     return np.array(out, np.int64)
 
 
-def exclusion_rows(rng: np.random.Generator, live: np.ndarray, dead: list, nq: int,
-                   keep_one: bool) -> list:
+def exclusion_rows(rng: np.random.Generator, live: np.ndarray, dead: list, nq: int, keep_one: bool) -> list:
     """Per query: none, or a random share of the live ids (in random order) plus dead and
     unknown ids. The last rows are often empty: trailing empty rows are the edge case of
     the per-query exclusion lists (CSR). keep_one: leave at least one live id allowed."""
@@ -101,6 +102,7 @@ def allowed_k(live: np.ndarray, rows: list) -> int:
 
 # ---------------------------------------------------------------------------- TreeIndex
 
+
 class _Machine(RuleBasedStateMachine):
     """Common set-up: a scratch folder, and one numba thread (results do not depend on
     the thread count; on tiny inputs, waking a pool costs more than the work)."""
@@ -124,9 +126,14 @@ class TreeIndexMachine(_Machine):
         super().__init__()
         self.model: dict[int, np.ndarray] = {}
 
-    @initialize(n=st.integers(1, 120), dim=st.integers(1, 8), seed=st.integers(0, 2**32),
-                clustered=st.booleans(), temperature=st.sampled_from([0.3, 1.0, 3.0]),
-                build_seed=st.one_of(st.integers(0, 1000), st.just(2**63 - 1)))
+    @initialize(
+        n=st.integers(1, 120),
+        dim=st.integers(1, 8),
+        seed=st.integers(0, 2**32),
+        clustered=st.booleans(),
+        temperature=st.sampled_from([0.3, 1.0, 3.0]),
+        build_seed=st.one_of(st.integers(0, 1000), st.just(2**63 - 1)),
+    )
     def build(self, n, dim, seed, clustered, temperature, build_seed):
         self.rng = np.random.default_rng(seed)
         self.dim, self.clustered, self.beta = dim, clustered, 1.0 / temperature
@@ -227,17 +234,20 @@ class TreeIndexMachine(_Machine):
         rows = exclusion_rows(self.rng, live, self.dead, 2, keep_one=True)
         seed = int(self.rng.integers(0, 2**63))
         for dense in (False, True):
-            sampler = SoftmaxSampler(index, temperature=1.0 / self.beta,
-                                     dense_fallback=TINY_FALLBACK if dense else None)
+            sampler = SoftmaxSampler(
+                index, temperature=1.0 / self.beta, dense_fallback=TINY_FALLBACK if dense else None
+            )
             assert_sampling_exact(sampler.sample, x, live, q, self.beta, rows, seed, dense)
 
 
 TestTreeIndexMachine = TreeIndexMachine.TestCase
-TestTreeIndexMachine.settings = settings(max_examples=200, stateful_step_count=6, deadline=None,
-                                         suppress_health_check=list(HealthCheck))
+TestTreeIndexMachine.settings = settings(
+    max_examples=200, stateful_step_count=6, deadline=None, suppress_health_check=list(HealthCheck)
+)
 
 
 # ---------------------------------------------------------------------------- DynamicIndex
+
 
 class Encoder:
     """A drifting synthetic encoder: step t maps a base point x to M_t x + c_t tanh(B x)."""
@@ -261,9 +271,14 @@ class DynamicIndexMachine(_Machine):
     """Random add / reencode / remove / refresh / rebuild / save+load on a DynamicIndex.
     The policy rebuilds the grown top-level subtrees (partial rebuilds) after few moves."""
 
-    @initialize(n=st.integers(20, 120), dim=st.integers(2, 6), seed=st.integers(0, 2**32),
-                kernel=st.sampled_from(["linear", "rbf"]), temperature=st.sampled_from([0.5, 2.0]),
-                moved=st.sampled_from([0.05, 0.2]))
+    @initialize(
+        n=st.integers(20, 120),
+        dim=st.integers(2, 6),
+        seed=st.integers(0, 2**32),
+        kernel=st.sampled_from(["linear", "rbf"]),
+        temperature=st.sampled_from([0.5, 2.0]),
+        moved=st.sampled_from([0.05, 0.2]),
+    )
     def build(self, n, dim, seed, kernel, temperature, moved):
         self.rng = np.random.default_rng(seed)
         self.dim, self.beta = dim, 1.0 / temperature
@@ -271,9 +286,16 @@ class DynamicIndexMachine(_Machine):
         ids = fresh_ids(self.rng, n, set(), [])
         self.base = dict(zip(ids.tolist(), self.points(n)))  # removed landmarks keep theirs
         policy = RefreshPolicy(max_moved_fraction=moved, rebuild="partial", radius_growth=1.0)
-        self.di = DynamicIndex.build(self.enc(np.stack(list(self.base.values()))), ids,
-                                     n_landmarks=min(12, n), kernel=kernel, temperature=temperature,
-                                     policy=policy, seed=seed % 1000, **SHAPE)
+        self.di = DynamicIndex.build(
+            self.enc(np.stack(list(self.base.values()))),
+            ids,
+            n_landmarks=min(12, n),
+            kernel=kernel,
+            temperature=temperature,
+            policy=policy,
+            seed=seed % 1000,
+            **SHAPE,
+        )
         self.live_ids = set(ids.tolist())
 
     def points(self, n: int) -> np.ndarray:
@@ -358,8 +380,16 @@ class DynamicIndexMachine(_Machine):
         wq = di.drift.transform_queries(q)
         for dense in (False, True):
             di.sampler.dense_fallback = TINY_FALLBACK if dense else None
-            assert_sampling_exact(lambda _q, k, exclude, seed: di.sample(q, k, exclude=exclude, seed=seed),
-                                  phi, live, wq, self.beta, rows, seed, dense)
+            assert_sampling_exact(
+                lambda _q, k, exclude, seed: di.sample(q, k, exclude=exclude, seed=seed),
+                phi,
+                live,
+                wq,
+                self.beta,
+                rows,
+                seed,
+                dense,
+            )
 
 
 def _assert_dynamic_search(di, phi, live, q, k, rows):
@@ -369,17 +399,23 @@ def _assert_dynamic_search(di, phi, live, q, k, rows):
 
 
 TestDynamicIndexMachine = DynamicIndexMachine.TestCase
-TestDynamicIndexMachine.settings = settings(max_examples=200, stateful_step_count=6, deadline=None,
-                                            suppress_health_check=list(HealthCheck))
+TestDynamicIndexMachine.settings = settings(
+    max_examples=200, stateful_step_count=6, deadline=None, suppress_health_check=list(HealthCheck)
+)
 
 
 # ---------------------------------------------------------------------------- slow: 10k sequences
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("machine", [TreeIndexMachine, DynamicIndexMachine], ids=["tree", "dynamic"])
 def test_many_edit_sequences(machine):
     """The same machines for 5,000 op sequences each (10,000 in all; opt-in: pytest -m slow)."""
     from hypothesis.stateful import run_state_machine_as_test
-    run_state_machine_as_test(machine, settings=settings(
-        max_examples=5000, stateful_step_count=10, deadline=None,
-        suppress_health_check=list(HealthCheck)))
+
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=5000, stateful_step_count=10, deadline=None, suppress_health_check=list(HealthCheck)
+        ),
+    )

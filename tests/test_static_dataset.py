@@ -1,6 +1,7 @@
 """The `static` benchmark dataset (bench.static_text units, bench.datasets.static) and
 bench.sample's reduced-precision brute-force columns. The real model2vec distillation
 is not run here (minutes); a hash-seeded fake encoder stands in for it."""
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,9 @@ class FakeModel:
             raise KeyboardInterrupt("stopped")
         self.calls += 1
         self.encoded += len(texts)
-        out = np.stack([np.random.default_rng(zlib.crc32(t.encode())).standard_normal(datasets.STATIC_DIM)
-                        for t in texts])
+        out = np.stack(
+            [np.random.default_rng(zlib.crc32(t.encode())).standard_normal(datasets.STATIC_DIM) for t in texts]
+        )
         out[[("ZEROVEC" in t) for t in texts]] = 0
         return out
 
@@ -81,8 +83,10 @@ class FakeModel:
 def _corpus(root):
     root.mkdir()
     lines = [f"# comment number {i} about the widget and its gadget" for i in range(1500)]
-    lines += [f"value_{i} = compute_something({i}, 'ZEROVEC')" if i == 7 else
-              f"value_{i} = compute_something({i})" for i in range(300)]
+    lines += [
+        f"value_{i} = compute_something({i}, 'ZEROVEC')" if i == 7 else f"value_{i} = compute_something({i})"
+        for i in range(300)
+    ]
     (root / "big.py").write_text("\n".join(lines) + "\n")
     (root / "m.py").write_text(SRC)
     return dict(roots=[str(root)], max_files=None)
@@ -115,8 +119,7 @@ def test_static_build_cache_holdout_and_resume(tmp_path, monkeypatch):
 
     # cached: neither mined nor encoded again
     monkeypatch.setattr("bench.static_text.mine_units", lambda *a, **k: pytest.fail("re-mined"))
-    x2, q2 = datasets.static(n_queries=5, seed=1, cache_dir=str(tmp_path / "ref"),
-                             model=FakeModel(fail_after=0), **kw)
+    x2, q2 = datasets.static(n_queries=5, seed=1, cache_dir=str(tmp_path / "ref"), model=FakeModel(fail_after=0), **kw)
     assert np.array_equal(x, x2) and np.array_equal(q, q2)
 
     # an interrupted build resumes from its saved shards and gives the same bytes
@@ -150,11 +153,33 @@ def test_sample_bench_reduced_precision_columns(monkeypatch, capsys):
     def unit(a):
         return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
 
-    monkeypatch.setattr(datasets, "static", lambda **kw: (unit(rng.standard_normal((2000, 256))),
-                                                          unit(rng.standard_normal((kw["n_queries"], 256)))))
-    res = main(["--dataset", "static", "--n", "0", "--queries", "8", "--tv-queries", "1",
-                "--tv-draws", "1000", "--perplexities", "100", "--budgets", "0.1",
-                "--no-kmeans-peer", "--lowp-tv-queries", "3", "--json"])
+    monkeypatch.setattr(
+        datasets,
+        "static",
+        lambda **kw: (unit(rng.standard_normal((2000, 256))), unit(rng.standard_normal((kw["n_queries"], 256)))),
+    )
+    res = main(
+        [
+            "--dataset",
+            "static",
+            "--n",
+            "0",
+            "--queries",
+            "8",
+            "--tv-queries",
+            "1",
+            "--tv-draws",
+            "1000",
+            "--perplexities",
+            "100",
+            "--budgets",
+            "0.1",
+            "--no-kmeans-peer",
+            "--lowp-tv-queries",
+            "3",
+            "--json",
+        ]
+    )
     capsys.readouterr()
     assert res["dim"] == 256 and res["n"] == 2000
     run = res["runs"][0]

@@ -1,6 +1,7 @@
 """Proposal options of the torch samplers (issue 14): a proposal temperature different
 from the index's, and the exact false-negative filter. Each checks the property the
 loss relies on: log_q is the log-probability of the distribution actually drawn from."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -123,8 +124,9 @@ def test_brute_force_false_negative_filter_and_proposal_temperature():
     q = torch.from_numpy(2.0 * x[[10, 20]] + 0.1 * unit(2, 6, 5))
     pos = torch.tensor([ids[10], ids[20]])
     margin, T_prop = 0.3, 0.25
-    s = BruteForceSampler(torch.from_numpy(x), ids, k=20000, temperature=T_prop, chunk_size=64, seed=2,
-                          false_negative_margin=margin)
+    s = BruteForceSampler(
+        torch.from_numpy(x), ids, k=20000, temperature=T_prop, chunk_size=64, seed=2, false_negative_margin=margin
+    )
     negs = s.sample(q, pos)
     sc = q.double().numpy() @ x.T.astype(np.float64)
     masked = [np.flatnonzero(sc[b] >= sc[b, (10, 20)[b]] - margin) for b in range(2)]
@@ -156,8 +158,9 @@ def test_option_errors(setup):
 
 def test_state_dict_keeps_proposal_options(setup):
     _, _, index, q, pos = setup
-    a = TreeNegativeSampler(index, k=4, temperature=0.1, proposal_temperature=0.2, false_negative_margin=0.1,
-                            prefetch=False, seed=9)
+    a = TreeNegativeSampler(
+        index, k=4, temperature=0.1, proposal_temperature=0.2, false_negative_margin=0.1, prefetch=False, seed=9
+    )
     a.sample(q, pos)
     b = TreeNegativeSampler(index, k=4, temperature=0.1, prefetch=False)
     b.load_state_dict(a.state_dict())

@@ -1,4 +1,5 @@
 """Tests for treeidx.codesearch.training: exact evaluation, determinism, every strategy, the loop's bookkeeping."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,17 @@ from treeidx.codesearch.training import STRATEGIES, TrainConfig, evaluate, parse
 
 from ._codesearch_corpus import write_corpus
 
-FAST = dict(batch_size=16, k=4, dim=16, eval_every=0, eval_queries=20, n_landmarks=20, cache_size=64,
-            stale_refresh_every=2, max_drift_error=None)
+FAST = dict(
+    batch_size=16,
+    k=4,
+    dim=16,
+    eval_every=0,
+    eval_queries=20,
+    n_landmarks=20,
+    cache_size=64,
+    stale_refresh_every=2,
+    max_drift_error=None,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +43,11 @@ def _reference(model: DualEncoder, data: CodeSearchData, rows: np.ndarray) -> di
         s = (t @ q[i]).astype(np.float32)  # the same float32 scores, computed apart
         ranks.append(1 + int((s > s[data.query_target[r]]).sum()))
     ranks = np.array(ranks)
-    return {"recall@1": float(np.mean(ranks <= 1)), "recall@10": float(np.mean(ranks <= 10)),
-            "mrr": float(np.mean(1.0 / ranks))}
+    return {
+        "recall@1": float(np.mean(ranks <= 1)),
+        "recall@10": float(np.mean(ranks <= 10)),
+        "mrr": float(np.mean(1.0 / ranks)),
+    }
 
 
 def test_evaluate_matches_brute_force(data):
@@ -74,8 +87,12 @@ def test_same_seed_same_start_and_batches_across_strategies(data):
     starts, firsts = {}, {}
     for s in ("inbatch", "uniform"):
         seen = []
-        r = train(data, s, TrainConfig(steps=2, seed=3, **FAST),
-                  callback=lambda step, m: seen.append((step, {k: v.clone() for k, v in m.state_dict().items()})))
+        r = train(
+            data,
+            s,
+            TrainConfig(steps=2, seed=3, **FAST),
+            callback=lambda step, m: seen.append((step, {k: v.clone() for k, v in m.state_dict().items()})),
+        )
         assert [st for st, _ in seen] == [0, 1, 2] and r.steps == 2
         starts[s] = seen[0][1]
         firsts[s] = r
@@ -93,13 +110,20 @@ def test_every_strategy_runs(data, strategy):
     assert split["sampling_s"] + split["reencode_s"] + split["rest_s"] == pytest.approx(r.train_s)
     n, n_train = data.n_targets, data.train.size
     n_pos = np.unique(data.query_target[data.train]).size
-    expected = {"inbatch": 0, "uniform": 0, "stale-topk": 2 * n,  # refreshed at steps 0 and 2
-                "cache": 64, "treeidx": n + 2 * 20,  # initial encode + landmarks at steps 1, 2
-                "treeidx-fresh": steps * n, "oracle": steps * n,
-                "gcbs": n_train,  # every pair's positive (and query) once: 3 steps < 1 epoch
-                "tree-batches": n_pos,  # its index of the distinct positives
-                "gcbs+treeidx": n + 2 * 20 + n_train,
-                "tree-batches+treeidx": n + 2 * 20, "full": 0}[strategy]  # batches from treeidx's own index
+    expected = {
+        "inbatch": 0,
+        "uniform": 0,
+        "stale-topk": 2 * n,  # refreshed at steps 0 and 2
+        "cache": 64,
+        "treeidx": n + 2 * 20,  # initial encode + landmarks at steps 1, 2
+        "treeidx-fresh": steps * n,
+        "oracle": steps * n,
+        "gcbs": n_train,  # every pair's positive (and query) once: 3 steps < 1 epoch
+        "tree-batches": n_pos,  # its index of the distinct positives
+        "gcbs+treeidx": n + 2 * 20 + n_train,
+        "tree-batches+treeidx": n + 2 * 20,
+        "full": 0,
+    }[strategy]  # batches from treeidx's own index
     assert r.targets_encoded_per_step == pytest.approx(expected / steps)
     assert (r.sampler_mib > 0) == (strategy not in ("inbatch", "full"))
     assert r.to_dict()["strategy"] == strategy
@@ -160,8 +184,11 @@ def test_treeidx_refresh_options(data):
     r = train(data, "treeidx", TrainConfig(steps=4, **{**FAST, "max_drift_error": 1e9}))
     assert r.sampler_stats["full_refreshes"] == 0
     r = train(data, "treeidx", TrainConfig(steps=3, write_back=False, **FAST))
-    assert {k: r.sampler_stats[k] for k in ("full_refreshes", "drift_error_median", "drift_error_max")} == \
-        {"full_refreshes": 0, "drift_error_median": None, "drift_error_max": None}
+    assert {k: r.sampler_stats[k] for k in ("full_refreshes", "drift_error_median", "drift_error_max")} == {
+        "full_refreshes": 0,
+        "drift_error_median": None,
+        "drift_error_max": None,
+    }
 
 
 def test_eval_every_seconds(data):
@@ -182,8 +209,16 @@ def test_time_limit_and_bad_arguments(data):
         train(data, "inbatch", TrainConfig(in_batch_negatives=False, **FAST))
     with pytest.raises(ValueError, match="k="):
         train(data, "uniform", TrainConfig(**{**FAST, "k": data.n_targets}))
-    for bad in (dict(k=0), dict(batch_size=0), dict(temperature=0.0), dict(sampler_mode="fast"), dict(lr=-1.0),
-                dict(seed=-1), dict(time_limit_s=0.0), dict(n_landmarks=0)):
+    for bad in (
+        dict(k=0),
+        dict(batch_size=0),
+        dict(temperature=0.0),
+        dict(sampler_mode="fast"),
+        dict(lr=-1.0),
+        dict(seed=-1),
+        dict(time_limit_s=0.0),
+        dict(n_landmarks=0),
+    ):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
     with pytest.raises(ValueError, match="split"):
@@ -200,8 +235,19 @@ def test_demo_takes_hard_batch_strategies(data, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(demo, "demo_config", lambda: TrainConfig(warmup_steps=2, **FAST))
     p = argparse.ArgumentParser()
     demo.add_arguments(p)
-    args = p.parse_args(["--strategies", "gcbs,tree-batches+treeidx", "--steps", "4", "--batch-mix", "0.25",
-                         "--out", str(tmp_path), "--no-progress"])
+    args = p.parse_args(
+        [
+            "--strategies",
+            "gcbs,tree-batches+treeidx",
+            "--steps",
+            "4",
+            "--batch-mix",
+            "0.25",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert demo.run(args) == 0
     out = json.loads((tmp_path / "results.json").read_text())
     assert set(out) == {"gcbs", "tree-batches+treeidx"}

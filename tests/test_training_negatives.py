@@ -1,6 +1,7 @@
 """The issue-14 options of treeidx.codesearch.training: the loss's correction, the
 full-softmax reference, the proposal temperature, the false-negative filter and its
 statistics, and the time-based progress bar."""
+
 from __future__ import annotations
 
 import types
@@ -17,8 +18,17 @@ from treeidx.codesearch.training import TrainConfig, _batches, duplicate_groups,
 
 from ._codesearch_corpus import write_corpus
 
-FAST = dict(batch_size=16, k=4, dim=16, eval_every=0, eval_queries=20, n_landmarks=20, cache_size=64,
-            stale_refresh_every=2, max_drift_error=None)
+FAST = dict(
+    batch_size=16,
+    k=4,
+    dim=16,
+    eval_every=0,
+    eval_queries=20,
+    n_landmarks=20,
+    cache_size=64,
+    stale_refresh_every=2,
+    max_drift_error=None,
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +95,12 @@ def test_false_negative_filter_and_statistics(data):
     assert all(np.isfinite(t.losses))
     with pytest.raises(ValueError, match="false_negative_margin"):
         train(data, "cache", TrainConfig(**{**cfg.__dict__, "false_negative_margin": 0.1}))
-    for bad in (dict(false_negative_margin=-0.1), dict(correction="logQ"), dict(proposal_temperature=0.0),
-                dict(near_duplicate_cosine=1.5)):
+    for bad in (
+        dict(false_negative_margin=-0.1),
+        dict(correction="logQ"),
+        dict(proposal_temperature=0.0),
+        dict(near_duplicate_cosine=1.5),
+    ):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 
@@ -128,10 +142,14 @@ def test_progress_counts_seconds_when_time_limited(data, monkeypatch):
 def test_demo_plot_has_time_and_step_axes(tmp_path):
     pytest.importorskip("matplotlib")
     from treeidx.codesearch.demo import plot_histories
-    runs = {"a": types.SimpleNamespace(history=[(10, 1.0, 0.1), (20, 2.5, 0.2)]),
-            "b": types.SimpleNamespace(history=[(5, 2.0, 0.15)])}
+
+    runs = {
+        "a": types.SimpleNamespace(history=[(10, 1.0, 0.1), (20, 2.5, 0.2)]),
+        "b": types.SimpleNamespace(history=[(5, 2.0, 0.15)]),
+    }
     seen = {}
     import matplotlib.figure
+
     real = matplotlib.figure.Figure.savefig
 
     def spy(fig, *a, **kw):
@@ -139,6 +157,7 @@ def test_demo_plot_has_time_and_step_axes(tmp_path):
         return real(fig, *a, **kw)
 
     import unittest.mock
+
     with unittest.mock.patch.object(matplotlib.figure.Figure, "savefig", spy):
         assert plot_histories(runs, str(tmp_path / "p.png"), title="t")
     (time_label, time_x), (step_label, step_x) = seen["axes"]

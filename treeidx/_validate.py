@@ -1,15 +1,15 @@
 """Input checks shared by the public API: clear messages, nothing mutated on failure."""
+
 from __future__ import annotations
 
 import math
 import numbers
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ._kernels.bounds import dot_error
-
 
 INT64_MIN, INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 FLOAT_EXACT_INT = 2**53  # floats above this in magnitude are not all integers: not taken as ids
@@ -43,8 +43,7 @@ def as_vectors(x, dim: int | None, what: str = "vectors", allow_empty: bool = Fa
         arr = np.asarray(x)
     except Exception as e:  # ragged lists and the like
         raise ValueError(f"{what}: cannot convert to a float32 array ({e})") from None
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating)
-                                   or np.issubdtype(arr.dtype, np.integer)):
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"{what}: expected a real-valued numeric array, got dtype {arr.dtype}")
     if arr.ndim == 1 and dim is not None and arr.shape[0] == dim:
         arr = arr[None, :]
@@ -60,8 +59,10 @@ def as_vectors(x, dim: int | None, what: str = "vectors", allow_empty: bool = Fa
         arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
-        raise ValueError(f"{what}: {bad.size} row(s) contain NaN or inf (first at row {bad[0]}); "
-                         "all entries must be finite (also after conversion to float32)")
+        raise ValueError(
+            f"{what}: {bad.size} row(s) contain NaN or inf (first at row {bad[0]}); "
+            "all entries must be finite (also after conversion to float32)"
+        )
     return arr
 
 
@@ -73,8 +74,9 @@ def to_int64(arr: np.ndarray, what: str) -> np.ndarray:
         return np.empty(arr.shape, np.int64)
     if arr.dtype == object:  # e.g. Python ints beyond 64 bits
         vals = arr.ravel().tolist()
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in vals):
-            raise ValueError(f"{what}: expected integer ids, got {type(next(v for v in vals if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)))).__name__}")
+        odd = [v for v in vals if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_))]
+        if odd:
+            raise ValueError(f"{what}: expected integer ids, got {type(odd[0]).__name__}")
         bad = [v for v in vals if not INT64_MIN <= int(v) <= INT64_MAX]
         if bad:
             raise ValueError(f"{what}: id {bad[0]} does not fit in int64 (ids must lie in [-2**63, 2**63))")
@@ -82,8 +84,7 @@ def to_int64(arr: np.ndarray, what: str) -> np.ndarray:
     kind = arr.dtype.kind
     if kind == "u":
         if int(arr.max()) > INT64_MAX:
-            raise ValueError(f"{what}: id {int(arr.max())} does not fit in int64 "
-                             "(ids must lie in [-2**63, 2**63))")
+            raise ValueError(f"{what}: id {int(arr.max())} does not fit in int64 (ids must lie in [-2**63, 2**63))")
         return arr.astype(np.int64)
     if kind == "i":
         return arr.astype(np.int64, copy=False)
@@ -93,8 +94,10 @@ def to_int64(arr: np.ndarray, what: str) -> np.ndarray:
             raise ValueError(f"{what}: expected integer ids, got the non-integral value {arr[bad].ravel()[0]!r}")
         big = np.abs(arr) > FLOAT_EXACT_INT
         if big.any():
-            raise ValueError(f"{what}: float id {arr[big].ravel()[0]!r} is beyond 2**53, where floats "
-                             "are not exact integers (pass ids as an integer array)")
+            raise ValueError(
+                f"{what}: float id {arr[big].ravel()[0]!r} is beyond 2**53, where floats "
+                "are not exact integers (pass ids as an integer array)"
+            )
         return arr.astype(np.int64)
     raise ValueError(f"{what}: expected integer ids, got dtype {arr.dtype}")
 
@@ -121,8 +124,10 @@ def as_ids(ids, n: int | None, what: str = "ids", unique: bool = True) -> np.nda
     return np.ascontiguousarray(arr)
 
 
-_EXCLUDE_FORMS = ("None, one id set per query (a sequence of iterables of ids, or a 2-d array), "
-                  "or a 1-d integer array holding one id per query")
+_EXCLUDE_FORMS = (
+    "None, one id set per query (a sequence of iterables of ids, or a 2-d array), "
+    "or a 1-d integer array holding one id per query"
+)
 
 
 def _looks_like_ids(x) -> bool:
@@ -140,8 +145,11 @@ def vectors_then_ids(first, second, where: str) -> tuple:
     ids first, floating vectors second), still served, and warned about.
     """
     if _looks_like_ids(first) and not _looks_like_ids(second):
-        warnings.warn(f"{where}(ids, vectors) is deprecated: pass (vectors, ids), the order of "
-                      "build and insert", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{where}(ids, vectors) is deprecated: pass (vectors, ids), the order of build and insert",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         return second, first
     return first, second
 
@@ -163,8 +171,7 @@ def as_exclude(exclude, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
         if exclude.ndim == 0:
             raise TypeError(f"exclude: expected {_EXCLUDE_FORMS}; got a 0-d array")
         if exclude.ndim > 2:
-            raise ValueError(f"exclude: expected a 2-d array (one row of ids per query), "
-                             f"got shape {exclude.shape}")
+            raise ValueError(f"exclude: expected a 2-d array (one row of ids per query), got shape {exclude.shape}")
         if exclude.ndim == 1 and exclude.shape[0] == n_queries and exclude.dtype != object:
             rows: Sequence = [r for r in to_int64(exclude, "exclude")[:, None]]  # one id per query
         else:
@@ -270,12 +277,13 @@ def check_storable(x: np.ndarray, what: str = "vectors") -> None:
     n = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     b = int(np.argmax(n))
     if n[b] > STORE_LIMIT:
-        raise ValueError(f"{what}: row {b} has norm {n[b]:.3g}; stored vectors need norm <= "
-                         f"{STORE_LIMIT:.3g} (their bounds are kept in float32)")
+        raise ValueError(
+            f"{what}: row {b} has norm {n[b]:.3g}; stored vectors need norm <= "
+            f"{STORE_LIMIT:.3g} (their bounds are kept in float32)"
+        )
 
 
-def check_score_range(q: np.ndarray, nu_max: float, what: str = "queries",
-                      beta: float | None = None) -> None:
+def check_score_range(q: np.ndarray, nu_max: float, what: str = "queries", beta: float | None = None) -> None:
     """Refuse queries whose inner products with the stored targets (norms <= nu_max) could
     overflow float32, or, when beta is given, whose float32 rounding error alone could
     move a softmax weight by more than MAX_ROUNDING_NATS."""
@@ -284,14 +292,18 @@ def check_score_range(q: np.ndarray, nu_max: float, what: str = "queries",
     qn = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
     b = int(np.argmax(qn))
     if qn[b] * nu_max > SCORE_LIMIT:
-        raise ValueError(f"{what}: row {b} has norm {qn[b]:.3g}; with stored vectors of norm up to "
-                         f"{nu_max:.3g} its inner products can overflow float32 (||q|| * max ||y|| "
-                         f"must stay below {SCORE_LIMIT:.3g})")
+        raise ValueError(
+            f"{what}: row {b} has norm {qn[b]:.3g}; with stored vectors of norm up to "
+            f"{nu_max:.3g} its inner products can overflow float32 (||q|| * max ||y|| "
+            f"must stay below {SCORE_LIMIT:.3g})"
+        )
     if beta is not None:
         nats = beta * dot_error(q.shape[1], float(qn[b]), float(nu_max))
         if not nats <= MAX_ROUNDING_NATS:
-            raise ValueError(f"{what}: row {b} has norm {qn[b]:.3g}; with stored vectors of norm up to "
-                             f"{nu_max:.3g} and 1/temperature = {beta:.3g}, float32 rounding of a score "
-                             f"can move its log-weight by {nats:.3g} (limit {MAX_ROUNDING_NATS:g}): the "
-                             "float32 scores cannot resolve the softmax; scale the vectors down or "
-                             "raise the temperature")
+            raise ValueError(
+                f"{what}: row {b} has norm {qn[b]:.3g}; with stored vectors of norm up to "
+                f"{nu_max:.3g} and 1/temperature = {beta:.3g}, float32 rounding of a score "
+                f"can move its log-weight by {nats:.3g} (limit {MAX_ROUNDING_NATS:g}): the "
+                "float32 scores cannot resolve the softmax; scale the vectors down or "
+                "raise the temperature"
+            )

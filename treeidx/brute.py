@@ -27,11 +27,12 @@ the same pass, so the returned log-probabilities are exact for Q: a sampled-soft
 corrected with them stays consistent. `tv_to_exact` reports TV(Q, softmax). Both need
 torch (imported on first use).
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numba as nb
 import numpy as np
@@ -52,6 +53,7 @@ _BF16_NEG_INF = 0xFF80  # bit pattern of bfloat16 -inf
 # numba kernels
 # ---------------------------------------------------------------------------------------
 
+
 @intrinsic
 def _i64_as_f64(typingctx, x):
     """Reinterpret int64 bits as float64 (vectorizable; numba has no bitcast)."""
@@ -59,6 +61,7 @@ def _i64_as_f64(typingctx, x):
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.DoubleType())
+
     return sig, codegen
 
 
@@ -70,6 +73,7 @@ def _bf16_as_f32(typingctx, x):
     def codegen(context, builder, signature, args):
         wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
         return builder.bitcast(wide, ir.FloatType())
+
     return sig, codegen
 
 
@@ -159,9 +163,9 @@ def _softmax_rows(buf, nrows: int, beta: float, u, out_idx, out_logp, out_logz) 
     for r in nb.prange(nrows):
         s = buf[r]
         w = np.empty(_CHUNK, np.float64)
-        cmax = np.empty(nchunk, np.float64)   # chunk max score
-        clog = np.empty(nchunk, np.float64)   # log of chunk mass in absolute units
-        csum = np.empty(nchunk, np.float64)   # chunk mass relative to its max
+        cmax = np.empty(nchunk, np.float64)  # chunk max score
+        clog = np.empty(nchunk, np.float64)  # log of chunk mass in absolute units
+        csum = np.empty(nchunk, np.float64)  # chunk mass relative to its max
         big = -np.inf
         ok = True
         # pass 1: one read of the row from memory; exp+sum on the L1-resident chunk
@@ -311,11 +315,11 @@ def quantize_int8(x: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.nda
     codes = np.empty(x.shape, np.int8)
     scale = np.empty(x.shape[0], np.float32)
     for lo in range(0, x.shape[0], block):
-        xb = x[lo:lo + block]
+        xb = x[lo : lo + block]
         a = np.abs(xb).max(axis=1) if xb.shape[1] else np.zeros(xb.shape[0], np.float32)
         sc = np.where(a > 0, a / np.float32(127), np.float32(1)).astype(np.float32)
-        codes[lo:lo + block] = np.clip(np.rint(xb / sc[:, None]), -127, 127)
-        scale[lo:lo + block] = sc
+        codes[lo : lo + block] = np.clip(np.rint(xb / sc[:, None]), -127, 127)
+        scale[lo : lo + block] = sc
     return codes, scale
 
 
@@ -336,27 +340,43 @@ def _torch_for(precision: str):
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"precision={precision!r} needs torch (its bfloat16 / int8 matrix "
-                          "products): pip install 'treeidx[torch]'") from e
+        raise ImportError(
+            f"precision={precision!r} needs torch (its bfloat16 / int8 matrix products): pip install 'treeidx[torch]'"
+        ) from e
     return torch
 
 
-def score_block(q: np.ndarray, vectors: np.ndarray, lo: int, hi: int, ptr: np.ndarray,
-                rows: np.ndarray, buf: np.ndarray, dead: np.ndarray | None = None) -> np.ndarray:
+def score_block(
+    q: np.ndarray,
+    vectors: np.ndarray,
+    lo: int,
+    hi: int,
+    ptr: np.ndarray,
+    rows: np.ndarray,
+    buf: np.ndarray,
+    dead: np.ndarray | None = None,
+) -> np.ndarray:
     """Scores <q_b, x> of queries lo..hi into buf, excluded and dead rows at -inf."""
-    b = buf[:hi - lo]
+    b = buf[: hi - lo]
     # numpy's BLAS sgemm rather than torch.matmul: the faster here (bench/brute_yardstick.py)
     np.matmul(q[lo:hi], vectors.T, out=b)
     if dead is not None and dead.size:
         b[:, dead] = -np.inf
     if ptr[hi] > ptr[lo]:
-        run_parallel(_mask_rows, b, hi - lo, ptr[lo:hi + 1] - ptr[lo], rows[ptr[lo]:ptr[hi]])
+        run_parallel(_mask_rows, b, hi - lo, ptr[lo : hi + 1] - ptr[lo], rows[ptr[lo] : ptr[hi]])
     return b
 
 
-def dense_softmax(q: np.ndarray, vectors: np.ndarray, beta: float, u: np.ndarray, ptr: np.ndarray,
-                  rows: np.ndarray, buf: np.ndarray, dead: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def dense_softmax(
+    q: np.ndarray,
+    vectors: np.ndarray,
+    beta: float,
+    u: np.ndarray,
+    ptr: np.ndarray,
+    rows: np.ndarray,
+    buf: np.ndarray,
+    dead: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Exact softmax draws over every row of `vectors`, len(buf) queries at a time.
 
     u: (B, k) uniforms; (ptr, rows): per-query CSR of excluded rows; dead: rows that
@@ -380,6 +400,7 @@ def dense_softmax(q: np.ndarray, vectors: np.ndarray, beta: float, u: np.ndarray
 # ---------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------
+
 
 def _topk_rows(buf: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k largest entries, descending, with their column indices.
@@ -412,8 +433,11 @@ def _beta_of(beta, temperature, where: str) -> float:
         return 1.0 / check_positive(temperature, "temperature")
     if beta is None:
         raise TypeError(f"{where}: missing temperature= (P(y|q) ∝ exp(<q, y> / temperature))")
-    warnings.warn(f"BruteForce.{where}(..., beta) is deprecated: pass temperature=1/beta like every "
-                  "other sampler", DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"BruteForce.{where}(..., beta) is deprecated: pass temperature=1/beta like every other sampler",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     return _check_beta(beta)
 
 
@@ -442,13 +466,13 @@ class BruteForce:
     by the float32 scores. The reduced-precision paths need torch.
     """
 
-    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None, *,
-                 batch_size: int = 256, precision: str = "fp32") -> None:
+    def __init__(
+        self, vectors: np.ndarray, ids: np.ndarray | None = None, *, batch_size: int = 256, precision: str = "fp32"
+    ) -> None:
         self.precision = check_precision(precision)
-        self.vectors = np.array(as_vectors(vectors, None, "vectors"), dtype=np.float32, order="C",
-                                copy=True)
+        self.vectors = np.array(as_vectors(vectors, None, "vectors"), dtype=np.float32, order="C", copy=True)
         n, self.dim = self.vectors.shape
-        self.ids = (np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, n).copy())
+        self.ids = np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, n).copy()
         self.batch_size = check_positive_int(batch_size, "batch_size")
         order = np.argsort(self.ids, kind="stable")
         self._sorted_ids = self.ids[order]
@@ -488,14 +512,15 @@ class BruteForce:
             self._fbuf = np.empty((self.batch_size, len(self)), np.float32)
         return self._fbuf[:rows]
 
-    def _proposal_block(self, q: np.ndarray, lo: int, hi: int, ptr: np.ndarray, rows: np.ndarray,
-                        buf: np.ndarray) -> np.ndarray:
+    def _proposal_block(
+        self, q: np.ndarray, lo: int, hi: int, ptr: np.ndarray, rows: np.ndarray, buf: np.ndarray
+    ) -> np.ndarray:
         """Scores of queries lo..hi at this object's precision into buf (float32, or
         bfloat16 bits for bf16; see `_buffer`), excluded rows at -inf."""
         if self.precision == "fp32":
             return score_block(q, self.vectors, lo, hi, ptr, rows, buf)
         torch = _torch_for(self.precision)
-        b = buf[:hi - lo]
+        b = buf[: hi - lo]
         if self.precision == "bf16":
             out = torch.from_numpy(b.view(np.int16)).view(torch.bfloat16)
             torch.matmul(torch.from_numpy(q[lo:hi]).to(torch.bfloat16), self._lowp.T, out=out)
@@ -506,7 +531,7 @@ class BruteForce:
             run_parallel(_dequantize_rows, b, hi - lo, qscale, self._xscale)
             mask = _mask_rows
         if ptr[hi] > ptr[lo]:
-            run_parallel(mask, b, hi - lo, ptr[lo:hi + 1] - ptr[lo], rows[ptr[lo]:ptr[hi]])
+            run_parallel(mask, b, hi - lo, ptr[lo : hi + 1] - ptr[lo], rows[ptr[lo] : ptr[hi]])
         return b
 
     def _excluded_rows(self, exclude, nq: int) -> tuple[np.ndarray, np.ndarray]:
@@ -525,8 +550,9 @@ class BruteForce:
 
     # -- search -------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int,
-               exclude: Sequence[Iterable[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k by inner product: (scores (B, k) float32 descending, ids (B, k) int64)."""
         q = as_vectors(queries, self.dim, "queries")
         k = check_k(k)
@@ -560,19 +586,25 @@ class BruteForce:
         # all uniforms drawn up front: output depends on the seed, not on batch_size
         u = np.random.default_rng(seed).random((nq, k))
         if self.precision == "fp32":
-            idx, logp, logz, bad = dense_softmax(q, self.vectors, beta, u, ptr, rows,
-                                                 self._buffer(min(nq, self.batch_size)))
+            idx, logp, logz, bad = dense_softmax(
+                q, self.vectors, beta, u, ptr, rows, self._buffer(min(nq, self.batch_size))
+            )
         else:
             idx, logp, logz, bad = self._proposal_softmax(q, beta, u, ptr, rows)
         if bad >= 0:
-            raise ValueError(f"query {bad}: scores are not finite "
-                             "(vector/query norms too large for float32)")
+            raise ValueError(f"query {bad}: scores are not finite (vector/query norms too large for float32)")
         return idx, logp, logz
 
-    def sample(self, queries: np.ndarray, k: int, beta: float | None = None,
-               exclude: Sequence[Iterable[int]] | None = None,
-               seed: int | np.random.SeedSequence | None = None, *, temperature: float | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sample(
+        self,
+        queries: np.ndarray,
+        k: int,
+        beta: float | None = None,
+        exclude: Sequence[Iterable[int]] | None = None,
+        seed: int | np.random.SeedSequence | None = None,
+        *,
+        temperature: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """k exact draws with replacement from P(y|q) ∝ exp(beta <q, y>) over allowed rows,
         beta = 1 / temperature (`beta` itself is deprecated).
 
@@ -590,16 +622,26 @@ class BruteForce:
         idx, logp, logz = self._softmax(queries, k, beta, exclude, seed)
         return self.ids[idx], logp, logz
 
-    def log_partition(self, queries: np.ndarray, beta: float | None = None,
-                      exclude: Sequence[Iterable[int]] | None = None, *,
-                      temperature: float | None = None) -> np.ndarray:
+    def log_partition(
+        self,
+        queries: np.ndarray,
+        beta: float | None = None,
+        exclude: Sequence[Iterable[int]] | None = None,
+        *,
+        temperature: float | None = None,
+    ) -> np.ndarray:
         """Exact float64 log Z = logsumexp(<q, y> / temperature) over allowed rows, per query
         (with precision bf16 / int8: Q's normaliser, from the reduced-precision scores)."""
         return self._softmax(queries, 0, _beta_of(beta, temperature, "log_partition"), exclude, 0)[2]
 
-    def probabilities(self, query: np.ndarray, beta: float | None = None,
-                      exclude: Iterable[int] | None = None, *,
-                      temperature: float | None = None) -> np.ndarray:
+    def probabilities(
+        self,
+        query: np.ndarray,
+        beta: float | None = None,
+        exclude: Iterable[int] | None = None,
+        *,
+        temperature: float | None = None,
+    ) -> np.ndarray:
         """Float64 softmax over all N rows (row order) for one query; excluded rows get 0.
 
         The distribution `sample` draws from: the exact softmax of the float32 scores, or
@@ -615,8 +657,9 @@ class BruteForce:
         if self.precision == "fp32":
             s = (q @ self.vectors.T)[0].astype(np.float64)  # same float32 scores as the sampler
         else:
-            buf = self._proposal_block(q, 0, 1, np.zeros(2, np.int64), rows[:0],
-                                       np.empty((1, len(self)), self._score_dtype))
+            buf = self._proposal_block(
+                q, 0, 1, np.zeros(2, np.int64), rows[:0], np.empty((1, len(self)), self._score_dtype)
+            )
             s = (bf16_to_f32(buf[0]) if buf.dtype == np.uint16 else buf[0]).astype(np.float64)
         if not np.isfinite(s).all():
             raise ValueError("scores overflow float32 (vector/query norms too large)")
@@ -626,9 +669,15 @@ class BruteForce:
         p = np.exp(x - m)
         return p / p.sum()
 
-    def tv_to_exact(self, queries: np.ndarray, beta: float | None = None,
-                    exclude: Sequence[Iterable[int]] | None = None, *, block: int = 16,
-                    temperature: float | None = None) -> np.ndarray:
+    def tv_to_exact(
+        self,
+        queries: np.ndarray,
+        beta: float | None = None,
+        exclude: Sequence[Iterable[int]] | None = None,
+        *,
+        block: int = 16,
+        temperature: float | None = None,
+    ) -> np.ndarray:
         """Per query, the total variation between the distribution `sample` draws from
         and the exact softmax of the float32 scores: (B,) float64, 0 for precision fp32.
 
@@ -654,12 +703,15 @@ class BruteForce:
             b = self._proposal_block(q, lo, hi, ptr, rows, prop)
             run_parallel(_tv_rows, a, b, hi - lo, beta, out[lo:hi])
         if not np.isfinite(out).all():
-            raise ValueError(f"query {int(np.flatnonzero(~np.isfinite(out))[0])}: scores are not "
-                             "finite (vector/query norms too large for float32)")
+            raise ValueError(
+                f"query {int(np.flatnonzero(~np.isfinite(out))[0])}: scores are not "
+                "finite (vector/query norms too large for float32)"
+            )
         return out
 
-    def _proposal_softmax(self, q: np.ndarray, beta: float, u: np.ndarray, ptr: np.ndarray,
-                          rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def _proposal_softmax(
+        self, q: np.ndarray, beta: float, u: np.ndarray, ptr: np.ndarray, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """dense_softmax over the reduced-precision scores (same float64 pass)."""
         nq, k = u.shape
         idx = np.zeros((nq, k), np.int64)
@@ -670,8 +722,7 @@ class BruteForce:
         for lo in range(0, nq, step):
             hi = min(lo + step, nq)
             b = self._proposal_block(q, lo, hi, ptr, rows, buf)
-            bad = run_parallel(_softmax_rows, b, hi - lo, beta, u[lo:hi], idx[lo:hi], logp[lo:hi],
-                               logz[lo:hi])
+            bad = run_parallel(_softmax_rows, b, hi - lo, beta, u[lo:hi], idx[lo:hi], logp[lo:hi], logz[lo:hi])
             if bad >= 0:
                 return idx, logp, logz, lo + bad
         return idx, logp, logz, -1

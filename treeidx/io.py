@@ -15,6 +15,7 @@ Reading checks the magic, the version, every length against the file size and
 every checksum before returning anything (TreeIndex.load then checks the tree's
 invariants); any failure raises `IndexFileError` (a ValueError) naming what was wrong.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,9 @@ import os
 import secrets
 import struct
 import zlib
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -51,7 +52,6 @@ def crc32(data) -> int:
     return zlib.crc32(_bytes_of(data)) & 0xFFFFFFFF
 
 
-
 def write_index_file(path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Write named arrays and JSON-serialisable metadata to `path` via a temporary file
     in the same folder + os.replace."""
@@ -61,8 +61,9 @@ def write_index_file(path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     for name, a in arrays.items():
         a = np.ascontiguousarray(a)
         arrays[name] = a
-        entries.append(dict(name=name, dtype=a.dtype.str, shape=list(a.shape), offset=offset,
-                            nbytes=int(a.nbytes), crc32=crc32(a)))
+        entries.append(
+            dict(name=name, dtype=a.dtype.str, shape=list(a.shape), offset=offset, nbytes=int(a.nbytes), crc32=crc32(a))
+        )
         offset += -(-a.nbytes // _ALIGN) * _ALIGN
     header = json.dumps(dict(**meta, arrays=entries)).encode()
     with atomic_write(path) as f:

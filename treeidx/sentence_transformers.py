@@ -22,6 +22,7 @@ Switching a training script (docs/sentence_transformers.md)::
 Needs the `st` extra (`pip install 'treeidx[st]'`). `import treeidx` never imports this
 module, nor torch, transformers or sentence-transformers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,8 +46,9 @@ try:
     from torch import Tensor, nn
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("treeidx.sentence_transformers needs sentence-transformers, transformers and torch: "
-                      "pip install 'treeidx[st]'") from e
+    raise ImportError(
+        "treeidx.sentence_transformers needs sentence-transformers, transformers and torch: pip install 'treeidx[st]'"
+    ) from e
 
 from .dynamic import DynamicIndex, RefreshPolicy
 from .sampling import SoftmaxSampler
@@ -56,11 +58,12 @@ __all__ = ["TreeNegativesLoss", "TreeIndexRefreshCallback", "mine_softmax_negati
 
 logger = logging.getLogger("treeidx.sentence_transformers")
 
-INDEX_FILE = "treeidx_index.npz"    # written into each trainer checkpoint folder
+INDEX_FILE = "treeidx_index.npz"  # written into each trainer checkpoint folder
 STATE_FILE = "treeidx_state.json"
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -69,8 +72,12 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
 
 
 def _check_positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.floating, np.integer))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
     return float(value)
 
@@ -118,6 +125,7 @@ def _rank() -> int:
 
 
 # ----------------------------------------------------------------------------- the loss
+
 
 class TreeNegativesLoss(nn.Module):
     """In-batch InfoNCE (as MultipleNegativesRankingLoss) plus k softmax negatives per anchor.
@@ -176,17 +184,31 @@ class TreeNegativesLoss(nn.Module):
     encode_batch_size: batch size of the no-grad corpus encodes (build, refreshes).
     """
 
-    def __init__(self, model: SentenceTransformer, corpus: Sequence[str], *, k: int = 8,
-                 temperature: float = 0.05, mode: Literal["exact", "approx"] = "exact",
-                 corpus_ids: Sequence[int] | np.ndarray | None = None, in_batch_negatives: bool = True,
-                 mask_duplicate_positives: bool = True,
-                 positive_ids: Literal["text", "label"] = "text",
-                 unknown_positives: Literal["error", "ignore"] = "error",
-                 corpus_prompt: str | None = None, log_q_from_labels: bool = False,
-                 write_back: bool | Literal["auto"] = "auto",
-                 n_landmarks: int | None = None, kernel: str = "linear", policy: RefreshPolicy | None = None,
-                 budget: int | None = None, tolerance: float = 0.05, seed: int = 0,
-                 encode_batch_size: int = 64, show_progress_bar: bool = False) -> None:
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        corpus: Sequence[str],
+        *,
+        k: int = 8,
+        temperature: float = 0.05,
+        mode: Literal["exact", "approx"] = "exact",
+        corpus_ids: Sequence[int] | np.ndarray | None = None,
+        in_batch_negatives: bool = True,
+        mask_duplicate_positives: bool = True,
+        positive_ids: Literal["text", "label"] = "text",
+        unknown_positives: Literal["error", "ignore"] = "error",
+        corpus_prompt: str | None = None,
+        log_q_from_labels: bool = False,
+        write_back: bool | Literal["auto"] = "auto",
+        n_landmarks: int | None = None,
+        kernel: str = "linear",
+        policy: RefreshPolicy | None = None,
+        budget: int | None = None,
+        tolerance: float = 0.05,
+        seed: int = 0,
+        encode_batch_size: int = 64,
+        show_progress_bar: bool = False,
+    ) -> None:
         super().__init__()
         if not isinstance(model, SentenceTransformer):
             raise TypeError(f"model: expected a SentenceTransformer, got {type(model).__name__}")
@@ -203,8 +225,10 @@ class TreeNegativesLoss(nn.Module):
         else:
             ids = np.asarray(corpus_ids)
             if ids.shape != (len(texts),) or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-                raise ValueError(f"corpus_ids: expected {len(texts)} integer ids (one per text), "
-                                 f"got shape {ids.shape} dtype {ids.dtype}")
+                raise ValueError(
+                    f"corpus_ids: expected {len(texts)} integer ids (one per text), "
+                    f"got shape {ids.shape} dtype {ids.dtype}"
+                )
             ids = ids.astype(np.int64)
             if np.unique(ids).size != ids.size:
                 raise ValueError("corpus_ids: expected distinct ids, got duplicates")
@@ -237,15 +261,24 @@ class TreeNegativesLoss(nn.Module):
         self._by_tokens: dict[bytes, list[int]] = {}
         if self.positive_ids == "text":
             for lo in range(0, len(texts), 1024):
-                feats = self._st.preprocess(texts[lo:lo + 1024], prompt=corpus_prompt)
+                feats = self._st.preprocess(texts[lo : lo + 1024], prompt=corpus_prompt)
                 for r, key in enumerate(_row_keys(feats)):
                     self._by_tokens.setdefault(key, []).append(int(ids[lo + r]))
 
         n = len(texts)
         m = min(n, max(16, n // 100)) if n_landmarks is None else _check_int(n_landmarks, "n_landmarks", 1)
-        self.index = DynamicIndex.build(self.encode_corpus(), ids, n_landmarks=m, kernel=kernel,
-                                        temperature=self.temperature, mode=self.mode, tolerance=tolerance,
-                                        budget=budget, policy=policy, seed=self.seed)
+        self.index = DynamicIndex.build(
+            self.encode_corpus(),
+            ids,
+            n_landmarks=m,
+            kernel=kernel,
+            temperature=self.temperature,
+            mode=self.mode,
+            tolerance=tolerance,
+            budget=budget,
+            policy=policy,
+            seed=self.seed,
+        )
 
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
@@ -255,9 +288,14 @@ class TreeNegativesLoss(nn.Module):
         `SentenceTransformer.encode` leaves the model in eval mode; the trainer puts it
         back in train mode at its next step."""
         texts = self.texts if ids is None else [self.texts[self._row_of[int(i)]] for i in np.asarray(ids).tolist()]
-        e = self._st.encode(texts, batch_size=self.encode_batch_size, prompt=self.corpus_prompt,
-                            convert_to_numpy=True, normalize_embeddings=True,
-                            show_progress_bar=self.show_progress_bar)
+        e = self._st.encode(
+            texts,
+            batch_size=self.encode_batch_size,
+            prompt=self.corpus_prompt,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=self.show_progress_bar,
+        )
         return np.ascontiguousarray(e, dtype=np.float32).reshape(len(texts), -1)
 
     def _encode_with_grad(self, ids: np.ndarray, device: torch.device) -> Tensor:
@@ -269,11 +307,17 @@ class TreeNegativesLoss(nn.Module):
     def _positive_sets(self, features: dict[str, Any], labels: Tensor | None, B: int) -> list[np.ndarray]:
         """The corpus ids of each row's positive (several when truncation makes texts equal)."""
         if self.positive_ids == "label":
-            if labels is None or labels.shape[:1] != (B,) or labels.dim() != 1 \
-                    or labels.is_floating_point() or labels.dtype == torch.bool:
+            if (
+                labels is None
+                or labels.shape[:1] != (B,)
+                or labels.dim() != 1
+                or labels.is_floating_point()
+                or labels.dtype == torch.bool
+            ):
                 got = None if labels is None else f"{tuple(labels.shape)} {labels.dtype}"
-                raise ValueError(f"positive_ids='label': expected an integer label column of corpus ids, "
-                                 f"shape ({B},), got {got}")
+                raise ValueError(
+                    f"positive_ids='label': expected an integer label column of corpus ids, shape ({B},), got {got}"
+                )
             out = []
             for r, i in enumerate(labels.detach().cpu().tolist()):
                 if int(i) not in self._row_of:
@@ -288,7 +332,8 @@ class TreeNegativesLoss(nn.Module):
                     raise ValueError(
                         f"positive of batch row {r} matches no corpus text (compared by tokens). Every positive "
                         "must be in `corpus`, tokenized the same way: check the trainer's prompts / max length "
-                        "against `corpus_prompt` and the model's max_seq_length, or pass unknown_positives='ignore'")
+                        "against `corpus_prompt` and the model's max_seq_length, or pass unknown_positives='ignore'"
+                    )
                 out.append(np.empty(0, np.int64))
             else:
                 out.append(np.array(hit, np.int64))
@@ -302,15 +347,15 @@ class TreeNegativesLoss(nn.Module):
         embeddings = embed_columns(self.model, features)
         return self.compute_loss_from_embeddings(embeddings, labels, features)
 
-    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None,
-                                     features: list[dict[str, Any]]) -> Tensor:
+    def compute_loss_from_embeddings(
+        self, embeddings: list[Tensor], labels: Tensor | None, features: list[dict[str, Any]]
+    ) -> Tensor:
         q, docs = embeddings[0], embeddings[1:]
         B = q.shape[0]
         n_extra = len(docs) - 1
-        pos_sets = self._positive_sets(features[1], labels, B) if (self.k or self.mask_duplicate_positives) \
-            else None
+        pos_sets = self._positive_sets(features[1], labels, B) if (self.k or self.mask_duplicate_positives) else None
         # in-batch part, computed exactly as MultipleNegativesRankingLoss does
-        sim = cos_sim(q, torch.cat(docs, dim=0)) * self.scale           # (B, B·(1 + n_extra))
+        sim = cos_sim(q, torch.cat(docs, dim=0)) * self.scale  # (B, B·(1 + n_extra))
         rows = torch.arange(B, device=sim.device)
         positive = sim[rows, rows]
         drop = torch.zeros_like(sim, dtype=torch.bool)
@@ -355,17 +400,22 @@ class TreeNegativesLoss(nn.Module):
 
     def _dataset_log_q(self, labels: Tensor | None, B: int, n: int) -> Tensor:
         if labels is None or not labels.is_floating_point():
-            raise ValueError("log_q_from_labels=True: expected the label column to hold log q (floats); got "
-                             f"{None if labels is None else labels.dtype}. Build the trainer with "
-                             "data_collator=log_q_data_collator(model)")
+            raise ValueError(
+                "log_q_from_labels=True: expected the label column to hold log q (floats); got "
+                f"{None if labels is None else labels.dtype}. Build the trainer with "
+                "data_collator=log_q_data_collator(model)"
+            )
         lq = labels.reshape(B, -1)
         if lq.shape != (B, n):
-            raise ValueError(f"log_q_from_labels=True: expected labels of shape ({B}, {n}) (one log q per "
-                             f"negative column), got {tuple(labels.shape)}")
+            raise ValueError(
+                f"log_q_from_labels=True: expected labels of shape ({B}, {n}) (one log q per "
+                f"negative column), got {tuple(labels.shape)}"
+            )
         return lq
 
-    def _sample_and_encode(self, q: Tensor, pos_sets: list[np.ndarray]
-                           ) -> tuple[Tensor, np.ndarray, np.ndarray, tuple[np.ndarray, Tensor]]:
+    def _sample_and_encode(
+        self, q: Tensor, pos_sets: list[np.ndarray]
+    ) -> tuple[Tensor, np.ndarray, np.ndarray, tuple[np.ndarray, Tensor]]:
         """k draws per anchor from the index (positives excluded) and their fresh, differentiable embeddings."""
         B = q.shape[0]
         q_host = F.normalize(q.detach(), dim=-1).to(device="cpu", dtype=torch.float32).numpy()
@@ -403,19 +453,28 @@ class TreeNegativesLoss(nn.Module):
     # ------------------------------------------------------------------ sentence-transformers hooks
     def get_config_dict(self) -> dict[str, Any]:
         """What the model card records about this loss."""
-        return {"k": self.k, "temperature": self.temperature, "mode": self.mode, "corpus_size": len(self.texts),
-                "in_batch_negatives": self.in_batch_negatives,
-                "mask_duplicate_positives": self.mask_duplicate_positives, "write_back": self.write_back,
-                "log_q_from_labels": self.log_q_from_labels}
+        return {
+            "k": self.k,
+            "temperature": self.temperature,
+            "mode": self.mode,
+            "corpus_size": len(self.texts),
+            "in_batch_negatives": self.in_batch_negatives,
+            "mask_duplicate_positives": self.mask_duplicate_positives,
+            "write_back": self.write_back,
+            "log_q_from_labels": self.log_q_from_labels,
+        }
 
     @property
     def citation(self) -> str:
-        return ("@article{bengio2008adaptive, title={Adaptive importance sampling to accelerate training of a "
-                "neural probabilistic language model}, author={Bengio, Yoshua and Sen{\\'e}cal, Jean-S{\\'e}bastien}, "
-                "journal={IEEE Transactions on Neural Networks}, year={2008}}")
+        return (
+            "@article{bengio2008adaptive, title={Adaptive importance sampling to accelerate training of a "
+            "neural probabilistic language model}, author={Bengio, Yoshua and Sen{\\'e}cal, Jean-S{\\'e}bastien}, "
+            "journal={IEEE Transactions on Neural Networks}, year={2008}}"
+        )
 
 
 # ----------------------------------------------------------------------------- the callback
+
 
 class TreeIndexRefreshCallback(TrainerCallback):
     """Keeps a TreeNegativesLoss's index current during `SentenceTransformerTrainer.train()`.
@@ -449,10 +508,19 @@ class TreeIndexRefreshCallback(TrainerCallback):
     `history` lists what was done (step, event, seconds, drift diagnostics).
     """
 
-    def __init__(self, loss: TreeNegativesLoss, *, landmark_every: int | None = 50, full_every: int | None = None,
-                 max_drift_error: float | None = 0.5, holdout: int = 32,
-                 write_back: bool | Literal["auto"] | None = None, save_index: bool = True,
-                 resume_dir: str | os.PathLike | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        loss: TreeNegativesLoss,
+        *,
+        landmark_every: int | None = 50,
+        full_every: int | None = None,
+        max_drift_error: float | None = 0.5,
+        holdout: int = 32,
+        write_back: bool | Literal["auto"] | None = None,
+        save_index: bool = True,
+        resume_dir: str | os.PathLike | None = None,
+        seed: int = 0,
+    ) -> None:
         if not isinstance(loss, TreeNegativesLoss):
             raise TypeError(f"loss: expected a TreeNegativesLoss, got {type(loss).__name__}")
         self.loss = loss
@@ -471,8 +539,9 @@ class TreeIndexRefreshCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []
 
     # -- the trainer's events
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if state.global_step == 0 and self.resume_dir is None:
             return
         folder = self.resume_dir or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -480,20 +549,22 @@ class TreeIndexRefreshCallback(TrainerCallback):
             self.load(folder)
             self._note(state.global_step, "restored", folder=folder)
         else:
-            logger.warning("resumed at step %d but %s has no %s: re-encoding the corpus instead",
-                           state.global_step, folder, INDEX_FILE)
+            logger.warning(
+                "resumed at step %d but %s has no %s: re-encoding the corpus instead",
+                state.global_step,
+                folder,
+                INDEX_FILE,
+            )
             self.full_refresh(state.global_step)
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         step = state.global_step
         if self.landmark_every and step % self.landmark_every == 0:
             self.refresh_landmarks(step)
         if (self.full_every and step % self.full_every == 0) or self.loss.index.needs_full_refresh:
             self.full_refresh(step)
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                **kwargs: Any) -> None:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not self.save_index or not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -504,6 +575,7 @@ class TreeIndexRefreshCallback(TrainerCallback):
     def refresh_landmarks(self, step: int = -1) -> None:
         """Re-encode the landmark texts and refit the drift model."""
         import time
+
         t = time.perf_counter()
         index = self.loss.index
         lm = index.landmark_ids
@@ -514,19 +586,26 @@ class TreeIndexRefreshCallback(TrainerCallback):
             # a fresh uniform sample each time (seeded by the step): an unbiased error estimate
             hold = np.random.default_rng([self.seed, max(step, 0)]).choice(others, h, replace=False)
             x = self.loss.encode_corpus(np.concatenate([lm, hold]))
-            fresh, kw = x[: lm.size], dict(holdout_ids=hold, holdout_vectors=x[lm.size:])
+            fresh, kw = x[: lm.size], dict(holdout_ids=hold, holdout_vectors=x[lm.size :])
         else:
             fresh = self.loss.encode_corpus(lm)
         fit = index.refresh_landmarks(fresh, **kw)
-        self._note(step, "refresh_landmarks", seconds=time.perf_counter() - t, n=int(lm.size), holdout=int(h),
-                   landmark_residual=fit.landmark_residual,
-                   holdout_error=None if fit.holdout is None else fit.holdout.predicted,
-                   holdout_stale_error=None if fit.holdout is None else fit.holdout.stale,
-                   drift_estimate=index.drift_estimate)
+        self._note(
+            step,
+            "refresh_landmarks",
+            seconds=time.perf_counter() - t,
+            n=int(lm.size),
+            holdout=int(h),
+            landmark_residual=fit.landmark_residual,
+            holdout_error=None if fit.holdout is None else fit.holdout.predicted,
+            holdout_stale_error=None if fit.holdout is None else fit.holdout.stale,
+            drift_estimate=index.drift_estimate,
+        )
 
     def full_refresh(self, step: int = -1) -> None:
         """Re-encode every corpus text and rebuild the index."""
         import time
+
         t = time.perf_counter()
         index = self.loss.index
         reason = "drift" if index.needs_full_refresh else "schedule"
@@ -561,6 +640,7 @@ class TreeIndexRefreshCallback(TrainerCallback):
 
 # ----------------------------------------------------------------------------- the offline miner
 
+
 def log_q_data_collator(model: SentenceTransformer, column: str = "log_q") -> SentenceTransformerDataCollator:
     """The trainer's default collator, with `column` passed to the loss as its label.
 
@@ -576,18 +656,35 @@ def log_q_data_collator(model: SentenceTransformer, column: str = "log_q") -> Se
     return SentenceTransformerDataCollator(preprocess_fn=model.preprocess, valid_label_columns=[column])
 
 
-def mine_softmax_negatives(dataset: Any, model: SentenceTransformer, corpus: Sequence[str] | None = None, *,
-                           anchor_column_name: str | None = None, positive_column_name: str | None = None,
-                           num_negatives: int = 3, temperature: float = 0.05,
-                           mode: Literal["exact", "approx"] = "exact", range_min: int = 0,
-                           range_max: int | None = None, max_score: float | None = None,
-                           min_score: float | None = None, absolute_margin: float | None = None,
-                           relative_margin: float | None = None,
-                           output_format: Literal["n-tuple", "triplet"] = "n-tuple", output_scores: bool = False,
-                           log_q_column: str = "log_q", query_prompt_name: str | None = None,
-                           query_prompt: str | None = None, corpus_prompt_name: str | None = None,
-                           corpus_prompt: str | None = None, batch_size: int = 32, budget: int | None = None,
-                           tolerance: float = 0.05, seed: int = 0, verbose: bool = True) -> Any:
+def mine_softmax_negatives(
+    dataset: Any,
+    model: SentenceTransformer,
+    corpus: Sequence[str] | None = None,
+    *,
+    anchor_column_name: str | None = None,
+    positive_column_name: str | None = None,
+    num_negatives: int = 3,
+    temperature: float = 0.05,
+    mode: Literal["exact", "approx"] = "exact",
+    range_min: int = 0,
+    range_max: int | None = None,
+    max_score: float | None = None,
+    min_score: float | None = None,
+    absolute_margin: float | None = None,
+    relative_margin: float | None = None,
+    output_format: Literal["n-tuple", "triplet"] = "n-tuple",
+    output_scores: bool = False,
+    log_q_column: str = "log_q",
+    query_prompt_name: str | None = None,
+    query_prompt: str | None = None,
+    corpus_prompt_name: str | None = None,
+    corpus_prompt: str | None = None,
+    batch_size: int = 32,
+    budget: int | None = None,
+    tolerance: float = 0.05,
+    seed: int = 0,
+    verbose: bool = True,
+) -> Any:
     """Negatives drawn from the model's softmax, with the log-probability of each draw.
 
     Like `sentence_transformers.util.mine_hard_negatives` (same argument names, same
@@ -643,8 +740,12 @@ def mine_softmax_negatives(dataset: Any, model: SentenceTransformer, corpus: Seq
         range_max = _check_int(range_max, "range_max", 1)
         if range_max <= range_min:
             raise ValueError(f"range_max: expected > range_min ({range_min}), got {range_max}")
-    for name, v in (("max_score", max_score), ("min_score", min_score), ("absolute_margin", absolute_margin),
-                    ("relative_margin", relative_margin)):
+    for name, v in (
+        ("max_score", max_score),
+        ("min_score", min_score),
+        ("absolute_margin", absolute_margin),
+        ("relative_margin", relative_margin),
+    ):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise ValueError(f"{name}: expected a finite number or None, got {v!r}")
     if not isinstance(log_q_column, str) or not log_q_column or log_q_column in (anchor_col, positive_col):
@@ -662,12 +763,30 @@ def mine_softmax_negatives(dataset: Any, model: SentenceTransformer, corpus: Seq
         if row_of[p] not in lst:
             lst.append(row_of[p])
 
-    corpus_emb = np.ascontiguousarray(model.encode_document(
-        texts, batch_size=batch_size, prompt_name=corpus_prompt_name, prompt=corpus_prompt, convert_to_numpy=True,
-        normalize_embeddings=True, show_progress_bar=verbose), np.float32)
-    query_emb = np.ascontiguousarray(model.encode_query(
-        uq, batch_size=batch_size, prompt_name=query_prompt_name, prompt=query_prompt, convert_to_numpy=True,
-        normalize_embeddings=True, show_progress_bar=verbose), np.float32)
+    corpus_emb = np.ascontiguousarray(
+        model.encode_document(
+            texts,
+            batch_size=batch_size,
+            prompt_name=corpus_prompt_name,
+            prompt=corpus_prompt,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=verbose,
+        ),
+        np.float32,
+    )
+    query_emb = np.ascontiguousarray(
+        model.encode_query(
+            uq,
+            batch_size=batch_size,
+            prompt_name=query_prompt_name,
+            prompt=query_prompt,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=verbose,
+        ),
+        np.float32,
+    )
     n_corpus = len(texts)
     # the anchor's hardest positive sets the margins (as mine_hard_negatives does)
     pos_score = [np.array([float(query_emb[qi] @ corpus_emb[p]) for p in ps]) for qi, ps in enumerate(pos_of_query)]
@@ -697,8 +816,7 @@ def mine_softmax_negatives(dataset: Any, model: SentenceTransformer, corpus: Seq
     sample_q: list[int] = []
     sample_ex: list[np.ndarray] = []
     excl = [np.unique(np.array(p, np.int64)) for p in pos_of_query]
-    plain = not window and range_min == 0 and absolute_margin is None and relative_margin is None \
-        and max_score is None
+    plain = not window and range_min == 0 and absolute_margin is None and relative_margin is None and max_score is None
     first: tuple[np.ndarray, np.ndarray] | None = None
     m0 = 0
     if not plain:
@@ -722,7 +840,7 @@ def mine_softmax_negatives(dataset: Any, model: SentenceTransformer, corpus: Seq
             if first is not None and m == m0:
                 sc, ids = first[0][qi].astype(np.float64), first[1][qi]
             else:
-                sc, ids = tree.search(query_emb[qi:qi + 1], m, exclude=[ex])
+                sc, ids = tree.search(query_emb[qi : qi + 1], m, exclude=[ex])
                 sc, ids = sc[0].astype(np.float64), ids[0]
             rm = removed(qi, sc)
             kept = np.flatnonzero(~rm)
@@ -731,17 +849,18 @@ def mine_softmax_negatives(dataset: Any, model: SentenceTransformer, corpus: Seq
             if window:
                 # the window is complete once it has range_max allowed ranks, or once the
                 # scan went below min_score (nothing further down is allowed)
-                if (range_max is not None and kept.size >= range_max) or \
-                        (min_score is not None and sc.size and sc[-1] < min_score):
+                if (range_max is not None and kept.size >= range_max) or (
+                    min_score is not None and sc.size and sc[-1] < min_score
+                ):
                     break
-            elif kept.size > range_min and not rm[kept[range_min]:].any():
+            elif kept.size > range_min and not rm[kept[range_min] :].any():
                 # the upper filters remove a prefix of the ranking: past the first allowed
                 # candidates kept here, nothing further down is removed
                 break
             m = min(avail, max(2 * m, 64))
         counts["filtered"] += int(rm.sum())
         if window:
-            w = kept[range_min: range_max]
+            w = kept[range_min:range_max]
             if w.size == 0:
                 counts["no_candidates"] += 1
                 continue
@@ -762,8 +881,9 @@ def mine_softmax_negatives(dataset: Any, model: SentenceTransformer, corpus: Seq
         res = sampler.sample(query_emb[sample_q], k, exclude=sample_ex, seed=seed)
         rows = np.array(sample_q)
         neg_ids[rows], neg_lq[rows] = res.ids, res.log_q
-        neg_s[rows] = np.einsum("bd,bkd->bk", query_emb[rows].astype(np.float64),
-                                corpus_emb[res.ids].astype(np.float64))
+        neg_s[rows] = np.einsum(
+            "bd,bkd->bk", query_emb[rows].astype(np.float64), corpus_emb[res.ids].astype(np.float64)
+        )
 
     data: dict[str, list] = {anchor_col: [], positive_col: []}
     negs: list[list[str]] = []
@@ -774,7 +894,7 @@ def mine_softmax_negatives(dataset: Any, model: SentenceTransformer, corpus: Seq
         if neg_ids[qi, 0] < 0:
             continue
         ps = float(pos_score[qi][pos_of_query[qi].index(row_of[p])])
-        for j in (range(k) if output_format == "triplet" else [None]):
+        for j in range(k) if output_format == "triplet" else [None]:
             sel = slice(None) if j is None else slice(j, j + 1)
             data[anchor_col].append(a)
             data[positive_col].append(p)
@@ -791,7 +911,9 @@ def mine_softmax_negatives(dataset: Any, model: SentenceTransformer, corpus: Seq
     if output_scores:
         data["scores"] = scores
     if verbose:
-        print(f"mine_softmax_negatives: {len(uq):,} anchors, corpus {n_corpus:,}, {k} draws each at T={T}; "
-              f"{counts['filtered']:,} candidates removed by filters; {counts['no_candidates']:,} anchors "
-              f"without an allowed candidate (their rows dropped); {len(data[anchor_col]):,} rows")
+        print(
+            f"mine_softmax_negatives: {len(uq):,} anchors, corpus {n_corpus:,}, {k} draws each at T={T}; "
+            f"{counts['filtered']:,} candidates removed by filters; {counts['no_candidates']:,} anchors "
+            f"without an allowed candidate (their rows dropped); {len(data[anchor_col]):,} rows"
+        )
     return Dataset.from_dict(data)

@@ -13,6 +13,7 @@ Concurrency: any number of threads may call the read methods (`search`,
 `vectors`, sampling) at once. Writes (`insert`, `remove`, `update`, `rebuild`)
 are exclusive: do not run them while another thread reads or writes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,12 +27,30 @@ from ._kernels import mutate as _mutate
 from ._kernels.arrays import SLOT_FIELDS, Csr, TreeArrays
 from ._kernels.bounds import top_level_bounds
 from ._kernels.build import pad_up
-from ._kernels.search import (GROUP_CHUNKS, Group, PartialTopK, TopK, merge_topk, search_batch,
-                              search_best_cluster, search_groups)
+from ._kernels.search import (
+    GROUP_CHUNKS,
+    Group,
+    PartialTopK,
+    TopK,
+    merge_topk,
+    search_batch,
+    search_best_cluster,
+    search_groups,
+)
 from ._progress import stage_reporter
 from ._threads import run_parallel
-from ._validate import (as_exclude, as_ids, as_vectors, check_int, check_integer, check_k, check_score_range,
-                        check_seed, check_storable, vectors_then_ids)
+from ._validate import (
+    as_exclude,
+    as_ids,
+    as_vectors,
+    check_int,
+    check_integer,
+    check_k,
+    check_score_range,
+    check_seed,
+    check_storable,
+    vectors_then_ids,
+)
 from ._version import __version__
 from .cluster import assign_nearest, kmeans
 from .io import IndexFileError, read_index_file, write_index_file
@@ -44,6 +63,7 @@ _SEED_MASK = 2**63 - 1  # derived seeds (seed + counter) stay in the kernels' in
 class SearchWork:
     """Per-query work of one `TreeIndex.search` call (B,) each: tree nodes visited and
     target inner products computed (a brute-force search computes N per query)."""
+
     nodes_visited: np.ndarray
     inner_products: np.ndarray
 
@@ -57,8 +77,9 @@ def check_shape_options(opts: dict) -> dict:
     shape = {**_DEFAULT_SHAPE, **opts}
     for name in ("leaf_size", "fanout", "kmeans_iters"):
         check_int(shape[name], name, minimum=2 if name == "fanout" else 1)
-    if shape["top_fanout"] is not None and (not isinstance(shape["top_fanout"], (int, np.integer))
-                                            or shape["top_fanout"] < 1):
+    if shape["top_fanout"] is not None and (
+        not isinstance(shape["top_fanout"], (int, np.integer)) or shape["top_fanout"] < 1
+    ):
         raise ValueError(f"top_fanout: expected a positive integer or None, got {shape['top_fanout']!r}")
     return shape
 
@@ -79,8 +100,18 @@ class TreeIndex:
     """
 
     # ------------------------------------------------------------------ build
-    def __init__(self, *, _arrays: TreeArrays, _keys: np.ndarray, _key_slot: np.ndarray,
-                 _n_slots: int, _n_nodes: int, _dead_slots: int, _shape: dict, _seed: int):
+    def __init__(
+        self,
+        *,
+        _arrays: TreeArrays,
+        _keys: np.ndarray,
+        _key_slot: np.ndarray,
+        _n_slots: int,
+        _n_nodes: int,
+        _dead_slots: int,
+        _shape: dict,
+        _seed: int,
+    ):
         self._A = _arrays
         self._keys = _keys
         self._key_slot = _key_slot
@@ -94,8 +125,7 @@ class TreeIndex:
         self._top: dict | None = None  # see _top_level()
 
     @classmethod
-    def build(cls, vectors, ids=None, *, seed: int = 0, progress: bool = False,
-              **shape_options: Any) -> "TreeIndex":
+    def build(cls, vectors, ids=None, *, seed: int = 0, progress: bool = False, **shape_options: Any) -> TreeIndex:
         """Build an index over `vectors` (N x d, converted to float32).
 
         ids: N unique integers in int64's range (default 0..N-1); integral floats up to
@@ -111,30 +141,55 @@ class TreeIndex:
         return cls._from_data(x, ids_arr, shape, seed, progress)
 
     @classmethod
-    def _from_data(cls, x: np.ndarray, ids: np.ndarray, shape: dict, seed: int,
-                   progress: bool) -> "TreeIndex":
+    def _from_data(cls, x: np.ndarray, ids: np.ndarray, shape: dict, seed: int, progress: bool) -> TreeIndex:
         say = stage_reporter(progress, "build")
-        t = _build.build_arrays(x, leaf_size=shape["leaf_size"], fanout=shape["fanout"],
-                                top_fanout=shape["top_fanout"], kmeans_iters=shape["kmeans_iters"],
-                                seed=seed, progress=say)
+        t = _build.build_arrays(
+            x,
+            leaf_size=shape["leaf_size"],
+            fanout=shape["fanout"],
+            top_fanout=shape["top_fanout"],
+            kmeans_iters=shape["kmeans_iters"],
+            seed=seed,
+            progress=say,
+        )
         say(None)
         n = x.shape[0]
         slot_leaf = np.full(n, -1, np.int32)
         leaves = np.flatnonzero(t["leaf_start"] >= 0)
-        slot_leaf[concat_ranges(t["leaf_start"][leaves], t["leaf_size"][leaves])] = \
-            np.repeat(leaves, t["leaf_size"][leaves]).astype(np.int32)
+        slot_leaf[concat_ranges(t["leaf_start"][leaves], t["leaf_size"][leaves])] = np.repeat(
+            leaves, t["leaf_size"][leaves]
+        ).astype(np.int32)
         slot_id = ids[t["perm"]]
         order = np.argsort(slot_id, kind="stable")
-        A = TreeArrays(vecs=t["vecs"], slot_id=slot_id, slot_leaf=slot_leaf, center=t["center"],
-                   csq=t["csq"], radius=t["radius"], nu_min=t["nu_min"], nu_max=t["nu_max"],
-                   sqsum=t["sqsum"], count=t["count"].astype(np.int64), parent=t["parent"],
-                   first_child=t["first_child"], next_sibling=t["next_sibling"],
-                   leaf_start=t["leaf_start"].astype(np.int64),
-                   leaf_size=t["leaf_size"].astype(np.int64), leaf_cap=t["leaf_cap"].astype(np.int64),
-                   node_lo=t["lo"].astype(np.int64))
-        return cls(_arrays=A, _keys=slot_id[order].copy(), _key_slot=order.astype(np.int64),
-                   _n_slots=n, _n_nodes=t["center"].shape[0], _dead_slots=0, _shape=shape,
-                   _seed=seed)
+        A = TreeArrays(
+            vecs=t["vecs"],
+            slot_id=slot_id,
+            slot_leaf=slot_leaf,
+            center=t["center"],
+            csq=t["csq"],
+            radius=t["radius"],
+            nu_min=t["nu_min"],
+            nu_max=t["nu_max"],
+            sqsum=t["sqsum"],
+            count=t["count"].astype(np.int64),
+            parent=t["parent"],
+            first_child=t["first_child"],
+            next_sibling=t["next_sibling"],
+            leaf_start=t["leaf_start"].astype(np.int64),
+            leaf_size=t["leaf_size"].astype(np.int64),
+            leaf_cap=t["leaf_cap"].astype(np.int64),
+            node_lo=t["lo"].astype(np.int64),
+        )
+        return cls(
+            _arrays=A,
+            _keys=slot_id[order].copy(),
+            _key_slot=order.astype(np.int64),
+            _n_slots=n,
+            _n_nodes=t["center"].shape[0],
+            _dead_slots=0,
+            _shape=shape,
+            _seed=seed,
+        )
 
     # --------------------------------------------------------------- accessors
     def __len__(self) -> int:
@@ -170,17 +225,20 @@ class TreeIndex:
     def _slots_of(self, ids: np.ndarray) -> np.ndarray:
         pos = np.searchsorted(self._keys, ids)
         pos_c = np.minimum(pos, max(self._keys.shape[0] - 1, 0))
-        found = (pos < self._keys.shape[0]) & (self._keys[pos_c] == ids) if self._keys.size else \
-            np.zeros(ids.shape, bool)
+        found = (
+            (pos < self._keys.shape[0]) & (self._keys[pos_c] == ids) if self._keys.size else np.zeros(ids.shape, bool)
+        )
         if not found.all():
             missing = ids[~found]
             raise KeyError(f"{missing.size} unknown id(s), e.g. {missing[:5].tolist()}")
         return self._key_slot[pos_c]
 
     def __repr__(self) -> str:
-        return (f"TreeIndex(n={len(self)}, dim={self.dim}, nodes={self._live_nodes()}, "
-                f"leaf_size={self._shape['leaf_size']}, fanout={self._shape['fanout']}, "
-                f"root_children={self._top_count()})")
+        return (
+            f"TreeIndex(n={len(self)}, dim={self.dim}, nodes={self._live_nodes()}, "
+            f"leaf_size={self._shape['leaf_size']}, fanout={self._shape['fanout']}, "
+            f"root_children={self._top_count()})"
+        )
 
     def _live_nodes(self) -> int:
         return int(np.count_nonzero(self._A.parent[: self._n_nodes] != _mutate.DEAD))
@@ -204,10 +262,12 @@ class TreeIndex:
         for lvl in range(int(depth[live].max()) + 1 if live.size else 0):
             at = live[depth[live] == lvl]
             r = A.radius[at]
-            levels.append(dict(level=lvl, nodes=int(at.size), radius_mean=float(r.mean()),
-                               radius_max=float(r.max())))
+            levels.append(dict(level=lvl, nodes=int(at.size), radius_mean=float(r.mean()), radius_max=float(r.max())))
         return dict(
-            n=len(self), dim=self.dim, nodes=int(live.size), leaves=int(leaves.size),
+            n=len(self),
+            dim=self.dim,
+            nodes=int(live.size),
+            leaves=int(leaves.size),
             depth=int(depth[leaves].max()) if leaves.size else 0,
             mean_leaf_depth=float(depth[leaves].mean()) if leaves.size else 0.0,
             root_children=self._top_count(),
@@ -216,7 +276,9 @@ class TreeIndex:
             fanout_max=int(nchild.max()) if nchild.size else 0,
             leaf_size_mean=float(A.leaf_size[leaves].mean()) if leaves.size else 0.0,
             leaf_size_max=int(A.leaf_size[leaves].max()) if leaves.size else 0,
-            dead_slots=int(self._dead_slots), radii_by_level=levels, bytes=self.nbytes,
+            dead_slots=int(self._dead_slots),
+            radii_by_level=levels,
+            bytes=self.nbytes,
             bytes_per_target=self.nbytes / max(len(self), 1),
         )
 
@@ -260,11 +322,19 @@ class TreeIndex:
         if q.shape[0] >= GROUP_MIN_QUERIES and k <= GROUP_MAX_K and top_nodes.shape[0] > 1:
             for lo in range(0, q.shape[0], GROUP_BLOCK):
                 hi = min(lo + GROUP_BLOCK, q.shape[0])
-                self._search_grouped(q[lo:hi], k, top_nodes, top_dots[lo:hi], *slice_rows(ptr, ex, lo, hi),
-                                     scores[lo:hi], out_ids[lo:hi], visited[lo:hi], dots[lo:hi])
+                self._search_grouped(
+                    q[lo:hi],
+                    k,
+                    top_nodes,
+                    top_dots[lo:hi],
+                    *slice_rows(ptr, ex, lo, hi),
+                    scores[lo:hi],
+                    out_ids[lo:hi],
+                    visited[lo:hi],
+                    dots[lo:hi],
+                )
         else:
-            run_parallel(search_batch, A, q, k, top_nodes, top_dots, Csr(ptr, ex),
-                         TopK(scores, out_ids, visited, dots))
+            run_parallel(search_batch, A, q, k, top_nodes, top_dots, Csr(ptr, ex), TopK(scores, out_ids, visited, dots))
         inv = np.empty_like(order)
         inv[order] = np.arange(order.shape[0])
         if return_work:
@@ -279,14 +349,18 @@ class TreeIndex:
         run_parallel(top_level_bounds, A, q, top_dots, top_nodes, lo_b, up_b)
         # the nearest centers: most likely to hold the top-k
         m = min(GROUP_FIRST_CLUSTERS, top_nodes.shape[0])
-        best = np.argpartition(-top_dots, m - 1, axis=1)[:, :m] if m < top_nodes.shape[0] else \
-            np.broadcast_to(np.arange(m), (B, m))
+        best = (
+            np.argpartition(-top_dots, m - 1, axis=1)[:, :m]
+            if m < top_nodes.shape[0]
+            else np.broadcast_to(np.arange(m), (B, m))
+        )
         best = np.ascontiguousarray(best, dtype=np.int64)
         a_scores = np.empty((B, k), np.float32)
         a_ids = np.empty((B, k), np.int64)
         excl = Csr(ptr, ex)
-        run_parallel(search_best_cluster, A, q, k, best, top_nodes, top_dots, excl,
-                     TopK(a_scores, a_ids, visited, dots))
+        run_parallel(
+            search_best_cluster, A, q, k, best, top_nodes, top_dots, excl, TopK(a_scores, a_ids, visited, dots)
+        )
         # every other cluster, for the queries whose bound there beats their k-th score so far
         kth = np.ascontiguousarray(a_scores[:, k - 1])
         need = up_b > kth[:, None]
@@ -295,13 +369,16 @@ class TreeIndex:
         cand_ptr = np.zeros(top_nodes.shape[0] + 1, np.int64)
         np.cumsum(np.bincount(cl, minlength=top_nodes.shape[0]), out=cand_ptr[1:])
         qnorm = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
-        parts = PartialTopK(scores=np.full((GROUP_CHUNKS, B, k), -np.inf, np.float32),
-                            ids=np.full((GROUP_CHUNKS, B, k), -1, np.int64),
-                            fill=np.zeros((GROUP_CHUNKS, B), np.int64),
-                            visited=np.zeros((GROUP_CHUNKS, B), np.int64),
-                            dots=np.zeros((GROUP_CHUNKS, B), np.int64))
-        run_parallel(search_groups, A, Group(q, qnorm, kth), k, top_nodes,
-                     Csr(cand_ptr, qs.astype(np.int64)), excl, parts)
+        parts = PartialTopK(
+            scores=np.full((GROUP_CHUNKS, B, k), -np.inf, np.float32),
+            ids=np.full((GROUP_CHUNKS, B, k), -1, np.int64),
+            fill=np.zeros((GROUP_CHUNKS, B), np.int64),
+            visited=np.zeros((GROUP_CHUNKS, B), np.int64),
+            dots=np.zeros((GROUP_CHUNKS, B), np.int64),
+        )
+        run_parallel(
+            search_groups, A, Group(q, qnorm, kth), k, top_nodes, Csr(cand_ptr, qs.astype(np.int64)), excl, parts
+        )
         run_parallel(merge_topk, TopK(a_scores, a_ids, visited, dots), parts, scores, out_ids)
         visited += parts.visited.sum(axis=0)
         dots += parts.dots.sum(axis=0)
@@ -338,8 +415,10 @@ class TreeIndex:
         allowed = n - per_query
         if (k > allowed).any():
             b = int(np.argmax(k > allowed))
-            raise ValueError(f"k={k} is larger than the {int(allowed[b])} targets available to "
-                             f"query {b} (index size {n}, {int(per_query[b])} excluded)")
+            raise ValueError(
+                f"k={k} is larger than the {int(allowed[b])} targets available to "
+                f"query {b} (index size {n}, {int(per_query[b])} excluded)"
+            )
 
     # ------------------------------------------------------------------ writes
     # Every write either completes or leaves the index as it was (same ids, vectors and
@@ -366,8 +445,10 @@ class TreeIndex:
         ids_arr = as_ids(ids, x.shape[0])
         present = np.isin(ids_arr, self._keys)
         if present.any():
-            raise ValueError(f"{int(present.sum())} id(s) already in the index, e.g. "
-                             f"{ids_arr[present][:5].tolist()}; use update() to move them")
+            raise ValueError(
+                f"{int(present.sum())} id(s) already in the index, e.g. "
+                f"{ids_arr[present][:5].tolist()}; use update() to move them"
+            )
         self._reserve_rows(x.shape[0])
         # the id map stays sorted only if the new ids go in ascending order: ids that
         # share an insertion position keep the order they are given in
@@ -400,8 +481,10 @@ class TreeIndex:
 
     def _reserve_rows(self, rows: int) -> None:
         """Capacity for the next insert_batch call over `rows` remaining rows."""
-        self._reserve(slots=self._n_slots + 2 * self.max_leaf + 2 + rows,
-                      nodes=self._n_nodes + self._shape["fanout"] + 2 + rows // 8)
+        self._reserve(
+            slots=self._n_slots + 2 * self.max_leaf + 2 + rows,
+            nodes=self._n_nodes + self._shape["fanout"] + 2 + rows // 8,
+        )
 
     def _place_rows(self, x: np.ndarray, ids: np.ndarray, old: np.ndarray | None) -> None:
         """Place rows whose ids are keys already: new targets (old None), or moved ones
@@ -413,18 +496,25 @@ class TreeIndex:
         top_nodes, top_centers, _ = self._top_level()
         # the nearest top-level cluster of every row in one BLAS pass (the kernel would
         # otherwise compare each row with all ~2 sqrt N top-level centers one by one)
-        top_choice = top_nodes[assign_nearest(x, top_centers)] if top_nodes.size else \
-            np.full(x.shape[0], -1, np.int64)
+        top_choice = top_nodes[assign_nearest(x, top_centers)] if top_nodes.size else np.full(x.shape[0], -1, np.int64)
         self._top = None
         done = 0
         try:
             while done < x.shape[0]:
                 self._reserve_rows(x.shape[0] - done)
                 done, self._n_slots, self._n_nodes, self._dead_slots = _mutate.insert_batch(
-                    self._A, self._keys, self._key_slot, _mutate.NewRows(x, ids, top_choice), done, 0,
-                    self._n_slots, self._n_nodes, self._dead_slots,
+                    self._A,
+                    self._keys,
+                    self._key_slot,
+                    _mutate.NewRows(x, ids, top_choice),
+                    done,
+                    0,
+                    self._n_slots,
+                    self._n_nodes,
+                    self._dead_slots,
                     _mutate.LeafShape(shp["fanout"], self.max_leaf, (self._seed + self._mutations) & _SEED_MASK),
-                    old is not None)
+                    old is not None,
+                )
         except BaseException:
             self._undo_rows(ids, old, done)
             raise
@@ -434,8 +524,7 @@ class TreeIndex:
         """Undo the first `done` rows of an interrupted _place_rows (allocation-free kernels)."""
         A = self._A
         if old is None:  # new ids: remove those placed, drop every new key
-            self._dead_slots = _mutate.remove_batch(A, self._keys, self._key_slot, ids[:done], 0,
-                                                    self._dead_slots)
+            self._dead_slots = _mutate.remove_batch(A, self._keys, self._key_slot, ids[:done], 0, self._dead_slots)
             keep = self._key_slot >= 0
             self._keys, self._key_slot = self._keys[keep], self._key_slot[keep]
         else:  # moved ids: rows not reached still hold their old vectors
@@ -454,8 +543,7 @@ class TreeIndex:
         keys = self._keys[keep]
         key_slot = np.empty(keys.shape[0], np.int64)  # allocated before anything changes
         self._begin_write()
-        self._dead_slots = _mutate.remove_batch(self._A, self._keys, self._key_slot, ids_arr, 0,
-                                                self._dead_slots)
+        self._dead_slots = _mutate.remove_batch(self._A, self._keys, self._key_slot, ids_arr, 0, self._dead_slots)
         np.compress(keep, self._key_slot, out=key_slot)
         self._keys, self._key_slot = keys, key_slot
         self._maybe_compact()
@@ -473,8 +561,7 @@ class TreeIndex:
             if len(self) == 0:
                 raise ValueError("cannot rebuild an empty index")
             slots = self._key_slot
-            fresh = TreeIndex._from_data(self._A.vecs[slots], self._keys.copy(), self._shape,
-                                         self._seed, progress)
+            fresh = TreeIndex._from_data(self._A.vecs[slots], self._keys.copy(), self._shape, self._seed, progress)
             version, mutations = self._version, self._mutations
             self.__dict__.update(fresh.__dict__)
             self._version, self._mutations = version + 1, mutations
@@ -489,9 +576,14 @@ class TreeIndex:
         n = _mutate.subtree_slots(A, v, out)
         slots = out[:n]
         x, ids = A.vecs[slots].copy(), A.slot_id[slots].copy()
-        sub = _build.build_arrays(x, leaf_size=self._shape["leaf_size"], fanout=self._shape["fanout"],
-                                  top_fanout=self._shape["fanout"], kmeans_iters=self._shape["kmeans_iters"],
-                                  seed=(self._seed + v) & _SEED_MASK)
+        sub = _build.build_arrays(
+            x,
+            leaf_size=self._shape["leaf_size"],
+            fanout=self._shape["fanout"],
+            top_fanout=self._shape["fanout"],
+            kmeans_iters=self._shape["kmeans_iters"],
+            seed=(self._seed + v) & _SEED_MASK,
+        )
         m = sub["center"].shape[0]
         self._reserve(slots=self._n_slots + n, nodes=self._n_nodes + m)
         A = self._A
@@ -519,12 +611,12 @@ class TreeIndex:
         # retire the old nodes below v and their slots
         for u in old:
             if A.leaf_start[u] >= 0:
-                A.slot_leaf[A.leaf_start[u]: A.leaf_start[u] + A.leaf_cap[u]] = -1
+                A.slot_leaf[A.leaf_start[u] : A.leaf_start[u] + A.leaf_cap[u]] = -1
                 self._dead_slots += int(A.leaf_cap[u])
             # a dead node owns no slots (compaction would leave its range dangling)
             A.parent[u], A.leaf_start[u], A.leaf_size[u], A.leaf_cap[u] = _mutate.DEAD, -1, 0, 0
         if A.leaf_start[v] >= 0:
-            A.slot_leaf[A.leaf_start[v]: A.leaf_start[v] + A.leaf_cap[v]] = -1
+            A.slot_leaf[A.leaf_start[v] : A.leaf_start[v] + A.leaf_cap[v]] = -1
             self._dead_slots += int(A.leaf_cap[v])
         # graft: sub-root (index 0) is v itself; its descendants get fresh indices
         for name in ("center", "csq", "radius", "nu_min", "nu_max", "sqsum", "count"):
@@ -553,12 +645,27 @@ class TreeIndex:
         grow = {}
         if slots > A.vecs.shape[0]:
             cap = max(slots, int(A.vecs.shape[0] * 1.125) + 1024)  # gentle: vectors dominate memory
-            grow.update(vecs=_grown(A.vecs, cap), slot_id=_grown(A.slot_id, cap),
-                        slot_leaf=_grown(A.slot_leaf, cap, fill=-1))
+            grow.update(
+                vecs=_grown(A.vecs, cap), slot_id=_grown(A.slot_id, cap), slot_leaf=_grown(A.slot_leaf, cap, fill=-1)
+            )
         if nodes > A.center.shape[0]:
             cap = max(nodes, int(A.center.shape[0] * 1.5) + 16)
-            for name in ("center", "csq", "radius", "nu_min", "nu_max", "sqsum", "count", "parent",
-                         "first_child", "next_sibling", "leaf_start", "leaf_size", "leaf_cap", "node_lo"):
+            for name in (
+                "center",
+                "csq",
+                "radius",
+                "nu_min",
+                "nu_max",
+                "sqsum",
+                "count",
+                "parent",
+                "first_child",
+                "next_sibling",
+                "leaf_start",
+                "leaf_size",
+                "leaf_cap",
+                "node_lo",
+            ):
                 grow[name] = _grown(getattr(A, name), cap)
         if grow:  # all arrays grown, or (on an error above) none
             self._A = A._replace(**grow)
@@ -617,8 +724,9 @@ class TreeIndex:
         """
         if (self._keys[1:] <= self._keys[:-1]).any():  # not np.diff: it overflows on extreme ids
             raise InvariantError("id keys are not strictly increasing (an id is stored twice)")
-        code, v, s, got, bound = _mutate.check_kernel(self._A, self._keys, self._key_slot, 0,
-                                                      self._n_nodes, self._n_slots, self.max_leaf)
+        code, v, s, got, bound = _mutate.check_kernel(
+            self._A, self._keys, self._key_slot, 0, self._n_nodes, self._n_slots, self.max_leaf
+        )
         if code != _mutate.OK:
             raise InvariantError(_CHECK_MESSAGES[code].format(v=v, s=s, got=got, bound=bound))
 
@@ -626,25 +734,36 @@ class TreeIndex:
     def save(self, path) -> None:
         """Write the index to `path` atomically (see treeidx.io for the format)."""
         A = self._A
-        arrays = {name: a[: self._n_slots if name in SLOT_FIELDS else self._n_nodes]
-                  for name, a in zip(A._fields, A)}
+        arrays = {name: a[: self._n_slots if name in SLOT_FIELDS else self._n_nodes] for name, a in zip(A._fields, A)}
         arrays["keys"] = self._keys
         arrays["key_slot"] = self._key_slot
-        meta = dict(treeidx_version=__version__, shape=self._shape, seed=self._seed,
-                    n_slots=self._n_slots, n_nodes=self._n_nodes, dead_slots=self._dead_slots)
+        meta = dict(
+            treeidx_version=__version__,
+            shape=self._shape,
+            seed=self._seed,
+            n_slots=self._n_slots,
+            n_nodes=self._n_nodes,
+            dead_slots=self._dead_slots,
+        )
         write_index_file(path, arrays, meta)
 
     @classmethod
-    def load(cls, path) -> "TreeIndex":
+    def load(cls, path) -> TreeIndex:
         """Read an index written by `save`; verifies checksums and invariants
         (IndexFileError, naming what is wrong, if anything is)."""
         arrays, meta = read_index_file(path, TreeArrays._fields + ("keys", "key_slot"))
         keys, key_slot = arrays.pop("keys"), arrays.pop("key_slot")
         try:
-            index = cls(_arrays=TreeArrays(**arrays), _keys=keys, _key_slot=key_slot,
-                        _n_slots=int(meta["n_slots"]), _n_nodes=int(meta["n_nodes"]),
-                        _dead_slots=int(meta["dead_slots"]),
-                        _shape=check_shape_options(meta["shape"]), _seed=int(meta["seed"]))
+            index = cls(
+                _arrays=TreeArrays(**arrays),
+                _keys=keys,
+                _key_slot=key_slot,
+                _n_slots=int(meta["n_slots"]),
+                _n_nodes=int(meta["n_nodes"]),
+                _dead_slots=int(meta["dead_slots"]),
+                _shape=check_shape_options(meta["shape"]),
+                _seed=int(meta["seed"]),
+            )
             if arrays["vecs"].shape[0] != index._n_slots or arrays["center"].shape[0] != index._n_nodes:
                 raise IndexFileError(f"{path}: array lengths disagree with the header counters")
             _check_pointer_ranges(index)  # the kernels below trust these: never index out of bounds
@@ -654,7 +773,7 @@ class TreeIndex:
         return index
 
     # ------------------------------------------------------------------ view
-    def view(self) -> "TreeView":
+    def view(self) -> TreeView:
         """A read-only view of the tree (arrays, top level, id map), for code built on
         the index's structure such as the sampler. See TreeView."""
         A, n, m = self._A, self._n_slots, self._n_nodes
@@ -677,6 +796,7 @@ class TreeView:
     keys:        the stored ids, sorted ascending
     key_slot:    key_slot[i] is the slot holding keys[i]
     """
+
     arrays: TreeArrays
     top_nodes: np.ndarray
     top_centers: np.ndarray
@@ -712,8 +832,10 @@ _CHECK_MESSAGES = {
     _mutate.E_SLOT_SHARED: "leaf {v}: slot {s} is out of range or owned by two leaves",
     _mutate.E_INTERNAL_NO_CHILD: "internal node {v} has no children and is not a leaf",
     _mutate.E_STRAY: "slot {s} lies in no leaf's range but is marked as owned by node {got:.0f} "
-                     "(a freed slot that still looks live)",
-    _mutate.E_RANGE: "node {v}: marked contiguous from slot {got:.0f} ({bound:.0f} targets) but slot {s} below it lies outside",
+    "(a freed slot that still looks live)",
+    _mutate.E_RANGE: (
+        "node {v}: marked contiguous from slot {got:.0f} ({bound:.0f} targets) but slot {s} below it lies outside"
+    ),
 }
 
 

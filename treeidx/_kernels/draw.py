@@ -6,6 +6,7 @@ e^(beta <q, y>) / e^(up) per target; accepted targets follow the softmax exactly
 whatever the cut. Approx mode draws from the proposal weights without rejection and
 reports the proposal's own log-probability. docs/sampling.md has the derivations.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,21 +16,36 @@ import numba as nb
 import numpy as np
 
 from .bounds import dot32
-from .frontier import (ALL_EXCLUDED, COLLAPSED, ENTRIES, GAVE_UP, NEG_INF, OK, ST_ACCEPTED,
-                       ST_DOTS, ST_FRONTIER, ST_PROPOSALS, frontier_max, hidden_excluded_mass,
-                       is_excluded_slot, lse_shifted, reshift)
+from .frontier import (
+    ALL_EXCLUDED,
+    COLLAPSED,
+    ENTRIES,
+    GAVE_UP,
+    NEG_INF,
+    OK,
+    ST_ACCEPTED,
+    ST_DOTS,
+    ST_FRONTIER,
+    ST_PROPOSALS,
+    frontier_max,
+    hidden_excluded_mass,
+    is_excluded_slot,
+    lse_shifted,
+    reshift,
+)
 from .rng import U64, uniform01
 
 
 class Proposal(NamedTuple):
     """What draws are made from: an alias table over the alive entries of the cut."""
-    entry: np.ndarray   # int64 cut entry of each alias slot
+
+    entry: np.ndarray  # int64 cut entry of each alias slot
     weight: np.ndarray  # float64 its weight, relative to the shift
-    prob: np.ndarray    # float64 Walker alias table
-    alias: np.ndarray   # int64
-    total: float        # sum of weight
-    excluded: float     # approx mode: weight on excluded targets inside unopened nodes
-    shift: float        # Mw: the shift of approx mode's proposal weights
+    prob: np.ndarray  # float64 Walker alias table
+    alias: np.ndarray  # int64
+    total: float  # sum of weight
+    excluded: float  # approx mode: weight on excluded targets inside unopened nodes
+    shift: float  # Mw: the shift of approx mode's proposal weights
 
 
 @nb.njit(cache=True)

@@ -10,6 +10,7 @@ more by k-means. Empty nodes are unlinked.
 The id -> slot map is a sorted key array with a parallel slot array; keys are
 added/removed by the caller, the kernels keep the slots current.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,7 @@ def key_index(keys, idv):
 @nb.njit(cache=True)
 def exact_node_stats(A, v, slots):
     """Set node v's center/radius/norms/count from the given target slots exactly."""
-    A.csq[v], A.radius[v], A.nu_min[v], A.nu_max[v], A.sqsum[v] = subset_statistics(
-        A.vecs, slots, A.center[v])
+    A.csq[v], A.radius[v], A.nu_min[v], A.nu_max[v], A.sqsum[v] = subset_statistics(A.vecs, slots, A.center[v])
     A.count[v] = slots.shape[0]
 
 
@@ -164,6 +164,7 @@ def grow_leaf(A, keys, key_slot, v, n_slots, max_leaf):
 class NewRows(NamedTuple):
     """Rows to insert: vectors, ids, and each row's nearest child of the root (chosen
     by the caller with one BLAS product for the whole batch), or -1 to choose here."""
+
     vecs: np.ndarray
     ids: np.ndarray
     nearest_top: np.ndarray
@@ -172,6 +173,7 @@ class NewRows(NamedTuple):
 class LeafShape(NamedTuple):
     """How a full leaf splits: k-means into `fanout` children of at most `max_leaf`
     targets, seeded by `seed`."""
+
     fanout: int
     max_leaf: int
     seed: int
@@ -233,8 +235,7 @@ def insert_batch(A, keys, key_slot, rows, start, root, n_slots, n_nodes, dead_sl
             place_slot(A, keys, key_slot, A.leaf_start[v] + A.leaf_size[v], y, idv, v)
             A.leaf_size[v] += 1
         else:
-            n_slots, n_nodes, freed = split_leaf(A, keys, key_slot, v, y, idv, n_slots, n_nodes,
-                                                 fanout, max_leaf, seed)
+            n_slots, n_nodes, freed = split_leaf(A, keys, key_slot, v, y, idv, n_slots, n_nodes, fanout, max_leaf, seed)
             dead_slots += freed
         i += 1
     return i, n_slots, n_nodes, dead_slots
@@ -403,9 +404,25 @@ def contiguous_ranges(A, root, n_nodes):
 
 
 # error codes of check_kernel, formatted by tree.TreeIndex.check
-OK, E_CYCLE, E_PARENT, E_COUNT, E_LEAF_CHILDREN, E_LEAF_SIZE, E_SLOT_OWNER, E_UNUSED, \
-    E_KEY, E_RADIUS, E_NORM, E_CSQ, E_EMPTY, E_SLOT_SHARED, E_INTERNAL_NO_CHILD, E_RANGE, \
-    E_STRAY = range(17)
+(
+    OK,
+    E_CYCLE,
+    E_PARENT,
+    E_COUNT,
+    E_LEAF_CHILDREN,
+    E_LEAF_SIZE,
+    E_SLOT_OWNER,
+    E_UNUSED,
+    E_KEY,
+    E_RADIUS,
+    E_NORM,
+    E_CSQ,
+    E_EMPTY,
+    E_SLOT_SHARED,
+    E_INTERNAL_NO_CHILD,
+    E_RANGE,
+    E_STRAY,
+) = range(17)
 
 
 @nb.njit(cache=True)
@@ -467,8 +484,7 @@ def check_kernel(A, keys, key_slot, root, n_nodes, n_slots, max_leaf):
         return E_KEY, root, -1, float(keys.shape[0]), float(A.count[root])
     for i in range(keys.shape[0]):
         s = key_slot[i]
-        if s < 0 or s >= n_slots or A.slot_id[s] != keys[i] or A.slot_leaf[s] < 0 \
-                or not seen[A.slot_leaf[s]]:
+        if s < 0 or s >= n_slots or A.slot_id[s] != keys[i] or A.slot_leaf[s] < 0 or not seen[A.slot_leaf[s]]:
             return E_KEY, -1, s, float(keys[i]), float(i)
     # radii and norm ranges bound every target of every ancestor (exact, float64)
     for v in range(n_nodes):

@@ -7,6 +7,7 @@
   gap e^up - e^lo first; approx mode: the largest estimated mass first);
 * draw (draw.py): a certified log Z interval from the cut, then the draws.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,34 +18,59 @@ import numpy as np
 
 from .bounds import dot32, dot_error, node_bounds_of, squared_norm
 from .draw import draw_stage, find_entry, hidden_excluded_share
-from .frontier import (ENTRIES, GAVE_UP, NEG_INF, OK, QUEUED, SCORES, ST_DOTS, ST_OPENED, Cut,
-                       Entries, Excluded, Heap, Query, Scores, Sums, hidden_excluded_mass, log_gap,
-                       lse_shifted, proposal_log_weight, push, reserve, reshift, seg_build, seg_set)
+from .frontier import (
+    ENTRIES,
+    GAVE_UP,
+    NEG_INF,
+    OK,
+    QUEUED,
+    SCORES,
+    ST_DOTS,
+    ST_OPENED,
+    Cut,
+    Entries,
+    Excluded,
+    Heap,
+    Query,
+    Scores,
+    Sums,
+    hidden_excluded_mass,
+    log_gap,
+    lse_shifted,
+    proposal_log_weight,
+    push,
+    reserve,
+    reshift,
+    seg_build,
+    seg_set,
+)
 from .heaps import heap_pop, heapify
 from .rng import U64, splitmix64
 
 
 class TopLevel(NamedTuple):
     """The initial cut of every query of a batch, (B, K) over the root's K children."""
-    blo: np.ndarray     # bounds of <q, y> below the node
+
+    blo: np.ndarray  # bounds of <q, y> below the node
     bup: np.ndarray
-    flo: np.ndarray     # bounds of the log-mass: log n + beta * (blo, bup)
+    flo: np.ndarray  # bounds of the log-mass: log n + beta * (blo, bup)
     fup: np.ndarray
-    w: np.ndarray       # log-proposal weight (proposal_log_weight)
-    prio: np.ndarray    # refinement priority
-    eu: np.ndarray      # e^(fup - shift), e^(flo - shift), e^(w - shift)
+    w: np.ndarray  # log-proposal weight (proposal_log_weight)
+    prio: np.ndarray  # refinement priority
+    eu: np.ndarray  # e^(fup - shift), e^(flo - shift), e^(w - shift)
     el: np.ndarray
     ew: np.ndarray
-    shift: np.ndarray   # (B,) the largest fup of each row
+    shift: np.ndarray  # (B,) the largest fup of each row
 
 
 class SampleOut(NamedTuple):
     """Per-query outputs (rows of the batch)."""
-    ids: np.ndarray     # (B, k) int64
-    log_q: np.ndarray   # (B, k) float64
-    log_z: np.ndarray   # (B, 2) float64
-    tv: np.ndarray      # (B,) float64
-    stats: np.ndarray   # (B, 5) int64, columns ST_*
+
+    ids: np.ndarray  # (B, k) int64
+    log_q: np.ndarray  # (B, k) float64
+    log_z: np.ndarray  # (B, 2) float64
+    tv: np.ndarray  # (B,) float64
+    stats: np.ndarray  # (B, 5) int64, columns ST_*
     status: np.ndarray  # (B,) int64: OK, ALL_EXCLUDED, COLLAPSED or GAVE_UP
 
 
@@ -55,7 +81,7 @@ def sample_batch(T, queries, qidx, top_nodes, top, P, seed, excl, out):
     status = out.status  # bound outside the loop: numba drops prange writes through a record
     for b in nb.prange(queries.shape[0]):
         key = splitmix64(splitmix64(U64(seed)) ^ U64(qidx[b]))
-        ex_slots = excl.values[excl.ptr[b]: excl.ptr[b + 1]]
+        ex_slots = excl.values[excl.ptr[b] : excl.ptr[b + 1]]
         status[b] = sample_one(T, queries[b], b, top_nodes, top, P, key, ex_slots, out)
 
 
@@ -88,14 +114,23 @@ def excluded_weights(T, q, beta, ex_slots):
 
 # ------------------------------------------------------------------------- plan
 
+
 @nb.njit(cache=True)
 def plan(top_nodes, top, b):
     """The initial cut of query b: the top level, queued by priority."""
     ntop = top_nodes.shape[0]
     cap = max(256, ntop + 1)
-    E = Entries(np.empty(cap, np.int64), np.empty(cap, np.float64), np.empty(cap, np.float64),
-                np.empty(cap, np.float64), np.empty(cap, np.int64), np.empty(cap, np.bool_),
-                np.empty(cap, np.float64), np.empty(cap, np.float64), np.empty(cap, np.float64))
+    E = Entries(
+        np.empty(cap, np.int64),
+        np.empty(cap, np.float64),
+        np.empty(cap, np.float64),
+        np.empty(cap, np.float64),
+        np.empty(cap, np.int64),
+        np.empty(cap, np.bool_),
+        np.empty(cap, np.float64),
+        np.empty(cap, np.float64),
+        np.empty(cap, np.float64),
+    )
     H = Heap(np.empty(cap, np.float64), np.empty(cap, np.int64))
     for j in range(ntop):
         E.node[j], E.off[j], E.alive[j] = top_nodes[j], -1, True
@@ -120,6 +155,7 @@ def plan(top_nodes, top, b):
 
 
 # ----------------------------------------------------------------------- refine
+
 
 @nb.njit(cache=True)
 def refine(T, Q, P, X, cut, stats):

@@ -26,22 +26,24 @@ damaged file is rebuilt. Defaults (2^18 buckets, 2,000 code characters) keep a f
 target re-encode by the `treeidx.codesearch.encoder` towers well under a second on 2 CPU cores
 (docs/training.md).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from .._progress import progress_bar
 from .._validate import check_nonnegative_int, check_positive_int
-from .corpus import CodeItem, corpus_cache_key, default_cache_dir, hash_features, mine_code_corpus
 from ..io import atomic_write
+from .corpus import CodeItem, corpus_cache_key, default_cache_dir, hash_features, mine_code_corpus
 
 __all__ = ["CodeSearchData", "SPLITS", "module_split"]
 
@@ -68,21 +70,38 @@ class _Settings:
     seed: int
 
     @classmethod
-    def checked(cls, n_buckets: Any, max_target_chars: Any, max_query_chars: Any, min_query_words: Any,
-                seed: Any) -> "_Settings":
-        return cls(check_positive_int(n_buckets, "n_buckets"),
-                   check_positive_int(max_target_chars, "max_target_chars"),
-                   check_positive_int(max_query_chars, "max_query_chars"),
-                   check_positive_int(min_query_words, "min_query_words"),
-                   check_nonnegative_int(seed))
+    def checked(
+        cls, n_buckets: Any, max_target_chars: Any, max_query_chars: Any, min_query_words: Any, seed: Any
+    ) -> _Settings:
+        return cls(
+            check_positive_int(n_buckets, "n_buckets"),
+            check_positive_int(max_target_chars, "max_target_chars"),
+            check_positive_int(max_query_chars, "max_query_chars"),
+            check_positive_int(min_query_words, "min_query_words"),
+            check_nonnegative_int(seed),
+        )
 
     def as_dict(self) -> dict[str, int]:
-        return dict(n_buckets=self.n_buckets, max_target_chars=self.max_target_chars,
-                    max_query_chars=self.max_query_chars, min_query_words=self.min_query_words, seed=self.seed)
+        return dict(
+            n_buckets=self.n_buckets,
+            max_target_chars=self.max_target_chars,
+            max_query_chars=self.max_query_chars,
+            min_query_words=self.min_query_words,
+            seed=self.seed,
+        )
 
     def key(self, corpus_key: str) -> str:
-        blob = json.dumps([_FORMAT, corpus_key, self.n_buckets, self.max_target_chars,
-                           self.max_query_chars, self.min_query_words, self.seed])
+        blob = json.dumps(
+            [
+                _FORMAT,
+                corpus_key,
+                self.n_buckets,
+                self.max_target_chars,
+                self.max_query_chars,
+                self.min_query_words,
+                self.seed,
+            ]
+        )
         return hashlib.blake2b(blob.encode(), digest_size=10).hexdigest()
 
 
@@ -152,22 +171,28 @@ class CodeSearchData:
 
     def describe(self) -> dict[str, Any]:
         """Sizes and settings, JSON-serialisable."""
-        return dict(n_targets=self.n_targets, n_queries=self.n_queries,
-                    **{f"n_{s}": int((self.query_split == i).sum()) for i, s in enumerate(SPLITS)},
-                    n_modules=len(self.modules), n_buckets=self.n_buckets,
-                    target_nnz_per_row=round(self.target_features.nnz / max(self.n_targets, 1), 1),
-                    query_nnz_per_row=round(self.query_features.nnz / max(self.n_queries, 1), 1),
-                    **{k: v for k, v in self.settings.items() if k != "n_buckets"},
-                    **({"corpus": self.corpus["corpus"]} if self.corpus else {}),
-                    **({"pinned_coverage": self.corpus["coverage"]} if "coverage" in self.corpus else {}))
+        return dict(
+            n_targets=self.n_targets,
+            n_queries=self.n_queries,
+            **{f"n_{s}": int((self.query_split == i).sum()) for i, s in enumerate(SPLITS)},
+            n_modules=len(self.modules),
+            n_buckets=self.n_buckets,
+            target_nnz_per_row=round(self.target_features.nnz / max(self.n_targets, 1), 1),
+            query_nnz_per_row=round(self.query_features.nnz / max(self.n_queries, 1), 1),
+            **{k: v for k, v in self.settings.items() if k != "n_buckets"},
+            **({"corpus": self.corpus["corpus"]} if self.corpus else {}),
+            **({"pinned_coverage": self.corpus["coverage"]} if "coverage" in self.corpus else {}),
+        )
 
     def __repr__(self) -> str:
         d = self.describe()
-        return (f"CodeSearchData(n_targets={d['n_targets']}, train={d['n_train']}, val={d['n_val']}, "
-                f"test={d['n_test']}, n_buckets={d['n_buckets']})")
+        return (
+            f"CodeSearchData(n_targets={d['n_targets']}, train={d['n_train']}, val={d['n_val']}, "
+            f"test={d['n_test']}, n_buckets={d['n_buckets']})"
+        )
 
     # ------------------------------------------------------------------ subsets
-    def subset(self, max_targets: int) -> "CodeSearchData":
+    def subset(self, max_targets: int) -> CodeSearchData:
         """At most `max_targets` targets, every remaining query keeping its positive.
 
         If the queries' positives fit, all of them are kept plus the first other
@@ -187,19 +212,34 @@ class CodeSearchData:
         new_id = np.full(self.n_targets, -1, np.int64)
         new_id[keep] = np.arange(keep.size)
         rows = np.flatnonzero(new_id[self.query_target] >= 0)
-        return replace(self, target_features=self.target_features[keep],
-                       query_features=self.query_features[rows],
-                       query_target=new_id[self.query_target[rows]], query_split=self.query_split[rows],
-                       target_module=self.target_module[keep],
-                       target_names=[self.target_names[i] for i in keep],
-                       query_summaries=[self.query_summaries[i] for i in rows])
+        return replace(
+            self,
+            target_features=self.target_features[keep],
+            query_features=self.query_features[rows],
+            query_target=new_id[self.query_target[rows]],
+            query_split=self.query_split[rows],
+            target_module=self.target_module[keep],
+            target_names=[self.target_names[i] for i in keep],
+            query_summaries=[self.query_summaries[i] for i in rows],
+        )
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def load(cls, *, roots: Sequence[str] | None = None, max_files: int | None = None,
-             cache_dir: str | None = None, progress: bool = False, max_targets: int | None = None,
-             n_buckets: int = 2**18, max_target_chars: int = 2000, max_query_chars: int = 1000,
-             min_query_words: int = 3, seed: int = 0, corpus: str = "installed") -> "CodeSearchData":
+    def load(
+        cls,
+        *,
+        roots: Sequence[str] | None = None,
+        max_files: int | None = None,
+        cache_dir: str | None = None,
+        progress: bool = False,
+        max_targets: int | None = None,
+        n_buckets: int = 2**18,
+        max_target_chars: int = 2000,
+        max_query_chars: int = 1000,
+        min_query_words: int = 3,
+        seed: int = 0,
+        corpus: str = "installed",
+    ) -> CodeSearchData:
         """The dataset of the corpus under `roots` (default: stdlib + site-packages).
 
         corpus: "installed" (every module mined; depends on what is installed) or
@@ -221,6 +261,7 @@ class CodeSearchData:
         corpus_key = corpus_cache_key(roots, max_files)
         if corpus == "pinned":
             from .pinned import load_manifest, manifest_digest, pin
+
             manifest = load_manifest()
             corpus_key += "-pinned-" + manifest_digest(manifest)
         path = os.path.join(cache_dir, f"codesearch-{s.key(corpus_key)}.npz")
@@ -244,13 +285,22 @@ class CodeSearchData:
         """One line on which corpus this is (the pinned corpus's coverage here)."""
         if self.corpus.get("corpus") == "pinned":
             from .pinned import PinReport
+
             return PinReport(**{k: v for k, v in self.corpus.items() if k not in ("corpus", "coverage")}).describe()
         return "installed corpus: every function and class of this interpreter's stdlib and site-packages"
 
     @classmethod
-    def from_items(cls, items: Sequence[CodeItem], *, progress: bool = False, n_buckets: int = 2**18,
-                   max_target_chars: int = 2000, max_query_chars: int = 1000, min_query_words: int = 3,
-                   seed: int = 0) -> "CodeSearchData":
+    def from_items(
+        cls,
+        items: Sequence[CodeItem],
+        *,
+        progress: bool = False,
+        n_buckets: int = 2**18,
+        max_target_chars: int = 2000,
+        max_query_chars: int = 1000,
+        min_query_words: int = 3,
+        seed: int = 0,
+    ) -> CodeSearchData:
         """Build from corpus items (ids must be 0..n-1 in order); no cache involved."""
         if [it.id for it in items] != list(range(len(items))):
             raise ValueError("items: expected ids 0..n-1 in order (as mine_code_corpus returns them)")
@@ -262,17 +312,23 @@ class CodeSearchData:
         mod_index = {m: i for i, m in enumerate(modules)}
         target_module = np.array([mod_index[it.module] for it in items], np.int32)
         split_of_module = np.array([module_split(m) for m in modules], np.int8)
-        return cls(target_features=_featurise([it.code[: s.max_target_chars] for it in items], s, progress,
-                                              "featurise targets"),
-                   query_features=_featurise(qtexts, s, progress, "featurise queries"),
-                   query_target=qids, query_split=split_of_module[target_module[qids]],
-                   target_module=target_module, modules=modules,
-                   target_names=[it.qualname for it in items],
-                   query_summaries=[_summary(items[i].docstring) for i in qids],
-                   settings=s.as_dict())
+        return cls(
+            target_features=_featurise(
+                [it.code[: s.max_target_chars] for it in items], s, progress, "featurise targets"
+            ),
+            query_features=_featurise(qtexts, s, progress, "featurise queries"),
+            query_target=qids,
+            query_split=split_of_module[target_module[qids]],
+            target_module=target_module,
+            modules=modules,
+            target_names=[it.qualname for it in items],
+            query_summaries=[_summary(items[i].docstring) for i in qids],
+            settings=s.as_dict(),
+        )
 
 
 # ---------------------------------------------------------------------------- rules
+
 
 def _select_queries(items: Sequence[CodeItem], max_chars: int, min_words: int) -> tuple[np.ndarray, list[str]]:
     """Ids and texts of the items whose docstring makes a usable, unambiguous query."""
@@ -297,7 +353,7 @@ def _featurise(texts: list[str], s: _Settings, progress: bool, desc: str) -> sp.
     bar = progress_bar(progress, total=len(texts), desc=desc, unit="text")
     parts = []
     for lo in range(0, len(texts), _FEATURE_CHUNK):
-        chunk = texts[lo:lo + _FEATURE_CHUNK]
+        chunk = texts[lo : lo + _FEATURE_CHUNK]
         parts.append(hash_features(chunk, seed=s.seed, n_buckets=s.n_buckets))
         bar.update(len(chunk))
     bar.close()
@@ -307,6 +363,7 @@ def _featurise(texts: list[str], s: _Settings, progress: bool, desc: str) -> sp.
 
 
 # ---------------------------------------------------------------------------- cache
+
 
 def _pack(strings: list[str]) -> np.ndarray:
     """Newline-joined UTF-8 bytes (none of the stored strings contains a newline)."""
@@ -321,12 +378,24 @@ def _unpack(a: np.ndarray, n: int) -> list[str]:
 
 
 def _write(path: str, d: CodeSearchData) -> None:
-    meta = dict(format=_FORMAT, corpus_key=d.corpus_key, settings=d.settings, n_targets=d.n_targets,
-                n_queries=d.n_queries, n_modules=len(d.modules), corpus=d.corpus)
-    arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
-              "query_target": d.query_target, "query_split": d.query_split, "target_module": d.target_module,
-              "modules": _pack(d.modules), "target_names": _pack(d.target_names),
-              "query_summaries": _pack(d.query_summaries)}
+    meta = dict(
+        format=_FORMAT,
+        corpus_key=d.corpus_key,
+        settings=d.settings,
+        n_targets=d.n_targets,
+        n_queries=d.n_queries,
+        n_modules=len(d.modules),
+        corpus=d.corpus,
+    )
+    arrays = {
+        "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
+        "query_target": d.query_target,
+        "query_split": d.query_split,
+        "target_module": d.target_module,
+        "modules": _pack(d.modules),
+        "target_names": _pack(d.target_names),
+        "query_summaries": _pack(d.query_summaries),
+    }
     for side, m in (("t", d.target_features), ("q", d.query_features)):
         arrays.update({f"{side}_indptr": m.indptr, f"{side}_indices": m.indices, f"{side}_data": m.data})
     with atomic_write(path) as f:
@@ -347,15 +416,27 @@ def _read(path: str, corpus_key: str, s: _Settings) -> CodeSearchData | None:
         q = _csr(a, "q", nq, s.n_buckets)
         modules = _unpack(a["modules"], int(meta["n_modules"]))
         qt, qs, tm = a["query_target"], a["query_split"], a["target_module"]
-        if (qt.shape != (nq,) or qs.shape != (nq,) or tm.shape != (nt,)
-                or (nq and (qt.min() < 0 or qt.max() >= nt or qs.min() < 0 or qs.max() > 2))
-                or (nt and (tm.min() < 0 or tm.max() >= len(modules)))):
+        if (
+            qt.shape != (nq,)
+            or qs.shape != (nq,)
+            or tm.shape != (nt,)
+            or (nq and (qt.min() < 0 or qt.max() >= nt or qs.min() < 0 or qs.max() > 2))
+            or (nt and (tm.min() < 0 or tm.max() >= len(modules)))
+        ):
             return None
-        return CodeSearchData(target_features=t, query_features=q, query_target=qt.astype(np.int64),
-                              query_split=qs.astype(np.int8), target_module=tm.astype(np.int32),
-                              modules=modules, target_names=_unpack(a["target_names"], nt),
-                              query_summaries=_unpack(a["query_summaries"], nq),
-                              settings=settings, corpus_key=corpus_key, corpus=meta.get("corpus", {}))
+        return CodeSearchData(
+            target_features=t,
+            query_features=q,
+            query_target=qt.astype(np.int64),
+            query_split=qs.astype(np.int8),
+            target_module=tm.astype(np.int32),
+            modules=modules,
+            target_names=_unpack(a["target_names"], nt),
+            query_summaries=_unpack(a["query_summaries"], nq),
+            settings=settings,
+            corpus_key=corpus_key,
+            corpus=meta.get("corpus", {}),
+        )
     except Exception:  # missing, truncated zip, bad CRC, bad JSON, wrong shapes: rebuild
         return None
 

@@ -8,6 +8,7 @@ library and treeidx's dependencies at the versions of a shipped manifest,
 a plot of validation recall@10 against training time and against steps into the
 output folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,33 +27,53 @@ def demo_config():
     (from-scratch vectors drift too fast for any index), and a full re-encode whenever
     the index's drift estimate passes 0.5 (docs/training.md: the runs that chose them)."""
     from .training import TrainConfig
-    return TrainConfig(shared=True, lr=3e-3, warmup_steps=500, max_drift_error=0.5, eval_every=0,
-                       eval_every_s=15.0)
+
+    return TrainConfig(shared=True, lr=3e-3, warmup_steps=500, max_drift_error=0.5, eval_every=0, eval_every_s=15.0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .training import STRATEGIES
+
     d = demo_config()
-    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
-                   help=f"comma-separated, from {', '.join(STRATEGIES)}, or '<batches>+<negatives>' with "
-                        "batches gcbs or tree-batches (default: %(default)s)")
-    p.add_argument("--minutes", type=float, default=3.0,
-                   help="training time per strategy, evaluation excluded (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="train exactly this many steps instead of --minutes")
+    p.add_argument(
+        "--strategies",
+        default=",".join(DEFAULT_STRATEGIES),
+        help=f"comma-separated, from {', '.join(STRATEGIES)}, or '<batches>+<negatives>' with "
+        "batches gcbs or tree-batches (default: %(default)s)",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=3.0,
+        help="training time per strategy, evaluation excluded (default: %(default)s)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="train exactly this many steps instead of --minutes")
     p.add_argument("--k", type=int, default=d.k, help="negatives per query (default: %(default)s)")
     p.add_argument("--batch", type=int, default=d.batch_size, help="queries per step (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=d.temperature, help="(default: %(default)s)")
-    p.add_argument("--mode", choices=("exact", "approx"), default=d.sampler_mode,
-                   help="treeidx sampler mode (default: %(default)s)")
-    p.add_argument("--batch-mix", type=float, default=d.batch_mix,
-                   help="gcbs / tree-batches: share of each batch drawn at random (default: %(default)s)")
+    p.add_argument(
+        "--mode",
+        choices=("exact", "approx"),
+        default=d.sampler_mode,
+        help="treeidx sampler mode (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-mix",
+        type=float,
+        default=d.batch_mix,
+        help="gcbs / tree-batches: share of each batch drawn at random (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-targets", type=int, default=None,
-                   help="use a subset of the targets (every query's positive kept)")
-    p.add_argument("--corpus", choices=("pinned", "installed"), default="pinned",
-                   help="pinned: the shipped manifest's modules, the same targets on every machine "
-                        "(treeidx.codesearch.pinned); installed: everything installed (default: %(default)s)")
+    p.add_argument(
+        "--max-targets", type=int, default=None, help="use a subset of the targets (every query's positive kept)"
+    )
+    p.add_argument(
+        "--corpus",
+        choices=("pinned", "installed"),
+        default="pinned",
+        help="pinned: the shipped manifest's modules, the same targets on every machine "
+        "(treeidx.codesearch.pinned); installed: everything installed (default: %(default)s)",
+    )
     p.add_argument("--out", default="treeidx-demo", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -71,8 +92,15 @@ def run(args: argparse.Namespace) -> int:
         data = data.subset(args.max_targets)
     print("     " + data.corpus_report(), flush=True)
     print("     " + _describe(data.describe()), flush=True)
-    base = replace(demo_config(), k=args.k, batch_size=args.batch, temperature=args.temperature,
-                   sampler_mode=args.mode, seed=args.seed, batch_mix=args.batch_mix)
+    base = replace(
+        demo_config(),
+        k=args.k,
+        batch_size=args.batch,
+        temperature=args.temperature,
+        sampler_mode=args.mode,
+        seed=args.seed,
+        batch_mix=args.batch_mix,
+    )
     if args.steps is not None:
         base = replace(base, steps=args.steps, time_limit_s=None)
     else:
@@ -102,12 +130,23 @@ def format_table(results: dict) -> str:
     rows = [("strategy", "recall@1", "recall@10", "MRR", "steps", "train s", "s/step", "sampling s")]
     for name, r in results.items():
         m = r.test
-        rows.append((name, f"{m['recall@1']:.3f}", f"{m['recall@10']:.3f}", f"{m['mrr']:.3f}",
-                     f"{r.steps}", f"{r.train_s:.0f}", f"{r.train_s / max(r.steps, 1):.3f}",
-                     f"{r.time_split['sampling_s']:.0f}"))
+        rows.append(
+            (
+                name,
+                f"{m['recall@1']:.3f}",
+                f"{m['recall@10']:.3f}",
+                f"{m['mrr']:.3f}",
+                f"{r.steps}",
+                f"{r.train_s:.0f}",
+                f"{r.train_s / max(r.steps, 1):.3f}",
+                f"{r.time_split['sampling_s']:.0f}",
+            )
+        )
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
-                               for c, (cell, w) in enumerate(zip(row, widths))) for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    )
 
 
 def plot_histories(results: dict, path: str, *, title: str = "") -> bool:
@@ -117,6 +156,7 @@ def plot_histories(results: dict, path: str, *, title: str = "") -> bool:
     missing."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -15,6 +15,7 @@ so a machine either trains on the manifest's targets or says by how much it does
 Regenerate (after changing PINNED_PACKAGES, or to move to new versions, which changes
 every figure measured on the corpus): `python -m treeidx.codesearch.pinned --write`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,7 @@ from typing import Any
 
 from .corpus import CodeItem
 
-__all__ = ["PINNED_PACKAGES", "MANIFEST_PATH", "PinReport", "load_manifest", "make_manifest", "pin",
-           "manifest_digest"]
+__all__ = ["PINNED_PACKAGES", "MANIFEST_PATH", "PinReport", "load_manifest", "make_manifest", "pin", "manifest_digest"]
 
 # treeidx's own dependencies (numpy, numba, llvmlite) and extras (scipy, torch): a
 # machine that runs the code-search training has them, unlike whatever else a venv holds
@@ -77,9 +77,13 @@ def make_manifest(items: Sequence[CodeItem], packages: Sequence[str] = PINNED_PA
         except importlib.metadata.PackageNotFoundError:
             versions[p] = None
     mods = _by_module([it for it in items if in_scope(it.module, packages)])
-    return dict(format=_FORMAT, python=platform.python_version(), packages=versions,
-                n_items=sum(len(v) for v in mods.values()),
-                modules=[[m, len(v), _module_hash(v)] for m, v in sorted(mods.items())])
+    return dict(
+        format=_FORMAT,
+        python=platform.python_version(),
+        packages=versions,
+        n_items=sum(len(v) for v in mods.values()),
+        modules=[[m, len(v), _module_hash(v)] for m, v in sorted(mods.items())],
+    )
 
 
 def load_manifest(path: str = MANIFEST_PATH) -> dict[str, Any]:
@@ -119,19 +123,30 @@ class PinReport:
         return self.items / max(self.manifest_items, 1)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(items=self.items, modules=self.modules, manifest_items=self.manifest_items,
-                    manifest_modules=self.manifest_modules, missing_modules=self.missing_modules,
-                    changed_modules=self.changed_modules, coverage=round(self.coverage, 6),
-                    python=self.python, packages=self.packages)
+        return dict(
+            items=self.items,
+            modules=self.modules,
+            manifest_items=self.manifest_items,
+            manifest_modules=self.manifest_modules,
+            missing_modules=self.missing_modules,
+            changed_modules=self.changed_modules,
+            coverage=round(self.coverage, 6),
+            python=self.python,
+            packages=self.packages,
+        )
 
     def describe(self) -> str:
-        base = (f"pinned corpus: {self.items:,} of the manifest's {self.manifest_items:,} items "
-                f"({100 * self.coverage:.1f}%)")
+        base = (
+            f"pinned corpus: {self.items:,} of the manifest's {self.manifest_items:,} items "
+            f"({100 * self.coverage:.1f}%)"
+        )
         if self.items == self.manifest_items:
             return base + " - the same targets as every machine with the manifest's versions"
-        return (base + f"; {self.missing_modules} module(s) missing, {self.changed_modules} changed - install "
-                f"Python {self.python} and {', '.join(f'{p}=={v}' for p, v in self.packages.items() if v)} "
-                "for the manifest's exact targets")
+        return (
+            base + f"; {self.missing_modules} module(s) missing, {self.changed_modules} changed - install "
+            f"Python {self.python} and {', '.join(f'{p}=={v}' for p, v in self.packages.items() if v)} "
+            "for the manifest's exact targets"
+        )
 
 
 def pin(items: Sequence[CodeItem], manifest: dict[str, Any] | None = None) -> tuple[list[CodeItem], PinReport]:
@@ -152,9 +167,16 @@ def pin(items: Sequence[CodeItem], manifest: dict[str, Any] | None = None) -> tu
         n_mod += 1
         base = len(out)
         out.extend([replace(it, id=base + j) for j, it in enumerate(got)])
-    rep = PinReport(items=len(out), modules=n_mod, manifest_items=int(man["n_items"]),
-                    manifest_modules=len(man["modules"]), missing_modules=missing, changed_modules=changed,
-                    python=man["python"], packages=dict(man["packages"]))
+    rep = PinReport(
+        items=len(out),
+        modules=n_mod,
+        manifest_items=int(man["n_items"]),
+        manifest_modules=len(man["modules"]),
+        missing_modules=missing,
+        changed_modules=changed,
+        python=man["python"],
+        packages=dict(man["packages"]),
+    )
     return out, rep
 
 
@@ -163,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--write", action="store_true", help=f"(re)write {MANIFEST_PATH} from this machine")
     a = p.parse_args(argv)
     from .corpus import mine_code_corpus
+
     items = mine_code_corpus(progress=True)
     if a.write:
         man = make_manifest(items)

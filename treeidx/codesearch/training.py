@@ -44,6 +44,7 @@ of `rest_s`, like the forward/backward pass and the optimiser step. For the hard
 sources: encoding the pairs for GCBS is `reencode_s`, its graph and reordering (and the
 tree batches' index upkeep and grouping) `sampling_s`.
 """
+
 from __future__ import annotations
 
 import resource
@@ -75,11 +76,32 @@ from ..tree import TreeIndex
 from .data import CodeSearchData
 from .encoder import DualEncoder, make_optimizer
 
-__all__ = ["BATCH_SOURCES", "STRATEGIES", "TrainConfig", "TrainResult", "eval_rows", "evaluate", "parse_strategy",
-           "query_ranks", "train"]
+__all__ = [
+    "BATCH_SOURCES",
+    "STRATEGIES",
+    "TrainConfig",
+    "TrainResult",
+    "eval_rows",
+    "evaluate",
+    "parse_strategy",
+    "query_ranks",
+    "train",
+]
 
-STRATEGIES = ("inbatch", "uniform", "stale-topk", "cache", "treeidx", "treeidx-fresh", "oracle",
-              "gcbs", "tree-batches", "gcbs+treeidx", "tree-batches+treeidx", "full")
+STRATEGIES = (
+    "inbatch",
+    "uniform",
+    "stale-topk",
+    "cache",
+    "treeidx",
+    "treeidx-fresh",
+    "oracle",
+    "gcbs",
+    "tree-batches",
+    "gcbs+treeidx",
+    "tree-batches+treeidx",
+    "full",
+)
 BATCH_SOURCES = ("gcbs", "tree-batches")
 CORRECTIONS = ("logq", "none", "fresh")
 
@@ -166,8 +188,17 @@ class TrainConfig:
     treeidx_proposal_temperature: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "k", "eval_queries", "dim", "stale_refresh_every", "cache_size",
-                     "landmark_refresh_every", "gcbs_neighbors"):
+        for name in (
+            "steps",
+            "batch_size",
+            "k",
+            "eval_queries",
+            "dim",
+            "stale_refresh_every",
+            "cache_size",
+            "landmark_refresh_every",
+            "gcbs_neighbors",
+        ):
             check_positive_int(getattr(self, name), name)
         for name in ("bag_dim", "n_landmarks", "test_queries", "full_refresh_every", "batch_refresh_every"):
             if getattr(self, name) is not None:
@@ -185,16 +216,20 @@ class TrainConfig:
             raise ValueError(f"sampler_mode: expected 'exact' or 'approx', got {self.sampler_mode!r}")
         if self.gcbs_similarity not in ("concat", "cross"):
             raise ValueError(f"gcbs_similarity: expected 'concat' or 'cross', got {self.gcbs_similarity!r}")
-        if isinstance(self.batch_mix, bool) or not isinstance(self.batch_mix, (int, float)) \
-                or not 0.0 <= self.batch_mix <= 1.0:
+        if (
+            isinstance(self.batch_mix, bool)
+            or not isinstance(self.batch_mix, (int, float))
+            or not 0.0 <= self.batch_mix <= 1.0
+        ):
             raise ValueError(f"batch_mix: expected a number in [0, 1], got {self.batch_mix!r}")
         if self.correction not in CORRECTIONS:
             raise ValueError(f"correction: expected one of {CORRECTIONS}, got {self.correction!r}")
         if self.proposal_temperature is not None:
             check_positive(self.proposal_temperature, "proposal_temperature")
         if self.false_negative_margin is not None and not (0.0 <= self.false_negative_margin <= 2.0):
-            raise ValueError(f"false_negative_margin: expected a cosine margin in [0, 2], "
-                             f"got {self.false_negative_margin!r}")
+            raise ValueError(
+                f"false_negative_margin: expected a cosine margin in [0, 2], got {self.false_negative_margin!r}"
+            )
         if self.treeidx_proposal_temperature is not None:
             check_positive(self.treeidx_proposal_temperature, "treeidx_proposal_temperature")
         if not -1.0 <= self.near_duplicate_cosine <= 1.0:
@@ -214,8 +249,7 @@ class TrainConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         """The DualEncoder arguments this config trains."""
-        return dict(dim=self.dim, bag_dim=self.bag_dim, shared=self.shared, init_std=self.init_std,
-                    seed=self.seed)
+        return dict(dim=self.dim, bag_dim=self.bag_dim, shared=self.shared, init_std=self.init_std, seed=self.seed)
 
 
 @dataclass
@@ -256,20 +290,37 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (no model, no per-step losses)."""
-        return dict(strategy=self.strategy, config=asdict(self.config), test=self.test,
-                    history=[[st, round(t, 3), r] for st, t, r in self.history], steps=self.steps, train_s=round(self.train_s, 3),
-                    wall_s=round(self.wall_s, 3), steps_per_s=round(self.steps / max(self.train_s, 1e-9), 3),
-                    time_split={k: round(v, 3) for k, v in self.time_split.items()},
-                    targets_encoded_per_step=round(self.targets_encoded_per_step, 1),
-                    sampler_mib=round(self.sampler_mib, 1), peak_rss_mib=round(self.peak_rss_mib, 1),
-                    sampler_stats=self.sampler_stats, inbatch_negative_cos=self.inbatch_negative_cos,
-                    final_loss=self.losses[-1] if self.losses else None)
+        return dict(
+            strategy=self.strategy,
+            config=asdict(self.config),
+            test=self.test,
+            history=[[st, round(t, 3), r] for st, t, r in self.history],
+            steps=self.steps,
+            train_s=round(self.train_s, 3),
+            wall_s=round(self.wall_s, 3),
+            steps_per_s=round(self.steps / max(self.train_s, 1e-9), 3),
+            time_split={k: round(v, 3) for k, v in self.time_split.items()},
+            targets_encoded_per_step=round(self.targets_encoded_per_step, 1),
+            sampler_mib=round(self.sampler_mib, 1),
+            peak_rss_mib=round(self.peak_rss_mib, 1),
+            sampler_stats=self.sampler_stats,
+            inbatch_negative_cos=self.inbatch_negative_cos,
+            final_loss=self.losses[-1] if self.losses else None,
+        )
 
 
 # ---------------------------------------------------------------------------- evaluation
 
-def evaluate(model: DualEncoder, data: CodeSearchData, split: str = "test", max_queries: int | None = None,
-             *, seed: int = 0, chunk: int = 256) -> dict[str, float]:
+
+def evaluate(
+    model: DualEncoder,
+    data: CodeSearchData,
+    split: str = "test",
+    max_queries: int | None = None,
+    *,
+    seed: int = 0,
+    chunk: int = 256,
+) -> dict[str, float]:
     """recall@1, recall@10 and MRR of `split`'s queries against ALL targets, exactly.
 
     Every target is encoded; the rank of a query's positive is 1 + the number of
@@ -281,15 +332,21 @@ def evaluate(model: DualEncoder, data: CodeSearchData, split: str = "test", max_
         raise ValueError(f"model encodes {model.n_targets} targets, data has {data.n_targets}")
     ranks = query_ranks(model, rows, data.query_target[rows], chunk=chunk)
     n = max(rows.size, 1)
-    return {"recall@1": float((ranks <= 1).sum() / n), "recall@10": float((ranks <= 10).sum() / n),
-            "mrr": float((1.0 / ranks).sum() / n), "n_queries": int(rows.size)}
+    return {
+        "recall@1": float((ranks <= 1).sum() / n),
+        "recall@10": float((ranks <= 10).sum() / n),
+        "mrr": float((1.0 / ranks).sum() / n),
+        "n_queries": int(rows.size),
+    }
 
 
 def eval_rows(data: CodeSearchData, split: str, max_queries: int | None, seed: int = 0) -> np.ndarray:
     """The query rows `evaluate` scores: all of the split, or a seeded subset."""
     rows = data.split(split)
     if max_queries is not None and check_positive_int(max_queries, "max_queries") < rows.size:
-        rows = np.sort(np.random.default_rng([check_nonnegative_int(seed), 0xE7A1]).choice(rows, max_queries, replace=False))
+        rows = np.sort(
+            np.random.default_rng([check_nonnegative_int(seed), 0xE7A1]).choice(rows, max_queries, replace=False)
+        )
     return rows
 
 
@@ -301,13 +358,14 @@ def query_ranks(model: DualEncoder, rows: np.ndarray, positives: np.ndarray, *, 
     pos = torch.from_numpy(np.asarray(positives, np.int64))
     out = torch.empty(len(rows), dtype=torch.int64)
     for lo in range(0, len(rows), check_positive_int(chunk, "chunk")):
-        s = queries[lo:lo + chunk] @ targets.T
-        p = s.gather(1, pos[lo:lo + chunk, None])
-        out[lo:lo + chunk] = 1 + (s > p).sum(1)
+        s = queries[lo : lo + chunk] @ targets.T
+        p = s.gather(1, pos[lo : lo + chunk, None])
+        out[lo : lo + chunk] = 1 + (s > p).sum(1)
     return out.numpy()
 
 
 # ---------------------------------------------------------------------------- strategies
+
 
 class _Clock:
     """Accumulates seconds per category."""
@@ -363,8 +421,9 @@ class _Strategy:
     dup_group: np.ndarray | None = None  # target id -> exact-duplicate group (set by train)
     _fn: dict[str, float] | None = None
 
-    def track(self, pos: torch.Tensor, neg_ids: torch.Tensor, pos_vecs: torch.Tensor, neg_vecs: torch.Tensor,
-              q: torch.Tensor) -> None:
+    def track(
+        self, pos: torch.Tensor, neg_ids: torch.Tensor, pos_vecs: torch.Tensor, neg_vecs: torch.Tensor, q: torch.Tensor
+    ) -> None:
         """Count the step's sampled negatives that are exact duplicates of the row's
         positive (same feature row, another id), near-duplicates (cosine with the
         positive's vector above cfg.near_duplicate_cosine; the vectors are unit-norm), or
@@ -390,8 +449,12 @@ class _Strategy:
         if not fn or not fn["draws"]:
             return {}
         n = fn["draws"]
-        return dict(neg_exact_dup_rate=fn["exact_dup"] / n, neg_near_dup_rate=fn["near_dup"] / n,
-                    neg_above_pos_rate=fn["above_pos"] / n, neg_mean_cos_to_pos=fn["cos_sum"] / n)
+        return dict(
+            neg_exact_dup_rate=fn["exact_dup"] / n,
+            neg_near_dup_rate=fn["near_dup"] / n,
+            neg_above_pos_rate=fn["above_pos"] / n,
+            neg_mean_cos_to_pos=fn["cos_sum"] / n,
+        )
 
     def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
         # samplers that re-encode inside sample() (stale-topk, oracle) go through
@@ -436,8 +499,9 @@ class _Uniform(_Strategy):
 
 class _StaleTopK(_Strategy):
     def setup(self) -> None:
-        self.sampler = StaleTopK(self.encode_all, np.arange(self.n), k=self.k,
-                                 refresh_every=self.cfg.stale_refresh_every, backend="brute")
+        self.sampler = StaleTopK(
+            self.encode_all, np.arange(self.n), k=self.k, refresh_every=self.cfg.stale_refresh_every, backend="brute"
+        )
 
     def host_bytes(self) -> int:
         return self.n * self.model.dim * 4  # the stale vectors (brute-force backend)
@@ -448,8 +512,14 @@ class _Cache(_Strategy):
         size = min(self.cfg.cache_size, self.n)
         # a seeded random initial fill: ids are grouped by module, a prefix would not be
         ids = np.sort(np.random.default_rng([self.cfg.seed, 0xCAC4E]).choice(self.n, size, replace=False))
-        self.sampler = NegativeCache(ids, self.encode(ids), k=self.k, temperature=self.cfg.sampler_temperature,
-                                     cache_size=size, seed=self.cfg.seed)
+        self.sampler = NegativeCache(
+            ids,
+            self.encode(ids),
+            k=self.k,
+            temperature=self.cfg.sampler_temperature,
+            cache_size=size,
+            seed=self.cfg.seed,
+        )
 
     def observe(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
         self.clock.timed("sampling_s", self.sampler.update, ids, vectors)
@@ -460,9 +530,14 @@ class _Cache(_Strategy):
 
 class _Oracle(_Strategy):
     def setup(self) -> None:
-        self.sampler = BruteForceSampler(self.encode_all, np.arange(self.n), k=self.k,
-                                         temperature=self.cfg.sampler_temperature, seed=self.cfg.seed,
-                                         false_negative_margin=self.cfg.false_negative_margin)
+        self.sampler = BruteForceSampler(
+            self.encode_all,
+            np.arange(self.n),
+            k=self.k,
+            temperature=self.cfg.sampler_temperature,
+            seed=self.cfg.seed,
+            false_negative_margin=self.cfg.false_negative_margin,
+        )
 
     def host_bytes(self) -> int:
         return self.n * self.model.dim * 4
@@ -483,19 +558,35 @@ class _TreeIdx(_Strategy):
         # uniform landmarks: the linear drift model is a regression of fresh on stale
         # vectors, for which a random sample is representative; k-center would cost
         # O(N·m·d) (~20 s here) for no gain in that fit
-        self.index = self.clock.timed("sampling_s", DynamicIndex.build, vectors, n_landmarks=min(m, self.n),
-                                      landmarks="uniform", temperature=cfg.temperature, mode=cfg.sampler_mode,
-                                      policy=RefreshPolicy(max_drift_error=cfg.max_drift_error), seed=cfg.seed)
+        self.index = self.clock.timed(
+            "sampling_s",
+            DynamicIndex.build,
+            vectors,
+            n_landmarks=min(m, self.n),
+            landmarks="uniform",
+            temperature=cfg.temperature,
+            mode=cfg.sampler_mode,
+            policy=RefreshPolicy(max_drift_error=cfg.max_drift_error),
+            seed=cfg.seed,
+        )
         # the index samples at the loss's T; the sampler scales the queries to draw at T'
-        self.sampler = TreeNegativeSampler(self.index, k=self.k, temperature=cfg.temperature,
-                                           proposal_temperature=cfg.treeidx_temperature,
-                                           mode=cfg.sampler_mode, prefetch=False, seed=cfg.seed, rank=0,
-                                           false_negative_margin=cfg.false_negative_margin)
+        self.sampler = TreeNegativeSampler(
+            self.index,
+            k=self.k,
+            temperature=cfg.temperature,
+            proposal_temperature=cfg.treeidx_temperature,
+            mode=cfg.sampler_mode,
+            prefetch=False,
+            seed=cfg.seed,
+            rank=0,
+            false_negative_margin=cfg.false_negative_margin,
+        )
 
     def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
         cfg = self.cfg
-        if step > 0 and (self.index.needs_full_refresh
-                         or (cfg.full_refresh_every and step % cfg.full_refresh_every == 0)):
+        if step > 0 and (
+            self.index.needs_full_refresh or (cfg.full_refresh_every and step % cfg.full_refresh_every == 0)
+        ):
             vectors = self.encode_all().numpy()
             self.clock.timed("sampling_s", self.index.full_refresh, vectors)
             self.full_refreshes += 1
@@ -511,9 +602,12 @@ class _TreeIdx(_Strategy):
 
     def stats(self) -> dict[str, Any]:
         d = np.asarray(self.drift)
-        return dict(**super().stats(), full_refreshes=self.full_refreshes,
-                    drift_error_median=float(np.median(d)) if d.size else None,
-                    drift_error_max=float(d.max()) if d.size else None)
+        return dict(
+            **super().stats(),
+            full_refreshes=self.full_refreshes,
+            drift_error_median=float(np.median(d)) if d.size else None,
+            drift_error_max=float(d.max()) if d.size else None,
+        )
 
     def host_bytes(self) -> int:  # tree + the drift model's stale vectors and landmarks
         d = self.model.dim
@@ -541,10 +635,17 @@ class _TreeIdxFresh(_Strategy):
 
     def setup(self) -> None:
         self.host = _Swappable()
-        self.sampler = TreeNegativeSampler(self.host, k=self.k, temperature=self.cfg.temperature,
-                                           proposal_temperature=self.cfg.treeidx_temperature,
-                                           mode=self.cfg.sampler_mode, prefetch=False, seed=self.cfg.seed, rank=0,
-                                           false_negative_margin=self.cfg.false_negative_margin)
+        self.sampler = TreeNegativeSampler(
+            self.host,
+            k=self.k,
+            temperature=self.cfg.temperature,
+            proposal_temperature=self.cfg.treeidx_temperature,
+            mode=self.cfg.sampler_mode,
+            prefetch=False,
+            seed=self.cfg.seed,
+            rank=0,
+            false_negative_margin=self.cfg.false_negative_margin,
+        )
 
     def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
         vectors = self.encode_all().numpy()
@@ -564,8 +665,15 @@ class _Full(_InBatch):
 
 
 _ADAPTERS: dict[str, type[_Strategy]] = {
-    "inbatch": _InBatch, "uniform": _Uniform, "stale-topk": _StaleTopK, "cache": _Cache,
-    "treeidx": _TreeIdx, "treeidx-fresh": _TreeIdxFresh, "oracle": _Oracle, "full": _Full}
+    "inbatch": _InBatch,
+    "uniform": _Uniform,
+    "stale-topk": _StaleTopK,
+    "cache": _Cache,
+    "treeidx": _TreeIdx,
+    "treeidx-fresh": _TreeIdxFresh,
+    "oracle": _Oracle,
+    "full": _Full,
+}
 
 
 _FILTERED = ("treeidx", "treeidx-fresh", "oracle")  # strategies with the false-negative filter
@@ -575,14 +683,14 @@ def duplicate_groups(data: CodeSearchData) -> np.ndarray:
     """(n_targets,) int64: targets with identical feature rows (duplicate code text, up
     to the feature hashing) share a group id, the smallest of their ids."""
     tf = data.target_features
-    keys = [hash((tf.indices[a:b].tobytes(), tf.data[a:b].tobytes()))
-            for a, b in zip(tf.indptr[:-1], tf.indptr[1:])]
+    keys = [hash((tf.indices[a:b].tobytes(), tf.data[a:b].tobytes())) for a, b in zip(tf.indptr[:-1], tf.indptr[1:])]
     first: dict[int, int] = {}
     return np.fromiter((first.setdefault(h, i) for i, h in enumerate(keys)), np.int64, len(keys))
 
 
-def _full_step(model: DualEncoder, opt: Any, data: CodeSearchData, rows: np.ndarray,
-               cfg: TrainConfig) -> tuple[float, float]:
+def _full_step(
+    model: DualEncoder, opt: Any, data: CodeSearchData, rows: np.ndarray, cfg: TrainConfig
+) -> tuple[float, float]:
     """One step of the full-softmax loss over every target (strategy "full"); returns
     the loss and the in-batch negatives' mean cosine, as `_step` does."""
     pos = torch.from_numpy(data.query_target[rows])
@@ -601,6 +709,7 @@ def _full_step(model: DualEncoder, opt: Any, data: CodeSearchData, rows: np.ndar
 
 # ---------------------------------------------------------------------------- batch sources
 
+
 def parse_strategy(strategy: str) -> tuple[str | None, str]:
     """(batch source or None for random batches, negatives strategy) of a strategy name:
     "gcbs" -> ("gcbs", "inbatch"), "tree-batches+treeidx" -> ("tree-batches", "treeidx")."""
@@ -609,8 +718,10 @@ def parse_strategy(strategy: str) -> tuple[str | None, str]:
     head, plus, tail = strategy.partition("+")
     source, negatives = (head, tail) if plus else ((head, "inbatch") if head in BATCH_SOURCES else (None, head))
     if (source is not None and source not in BATCH_SOURCES) or negatives not in _ADAPTERS:
-        raise ValueError(f"strategy: expected one of {STRATEGIES}, or '<batches>+<negatives>' with batches in "
-                         f"{BATCH_SOURCES} and negatives in {tuple(_ADAPTERS)}; got {strategy!r}")
+        raise ValueError(
+            f"strategy: expected one of {STRATEGIES}, or '<batches>+<negatives>' with batches in "
+            f"{BATCH_SOURCES} and negatives in {tuple(_ADAPTERS)}; got {strategy!r}"
+        )
     return source, negatives
 
 
@@ -618,8 +729,9 @@ class _HardBatches:
     """Batches of train query rows from a GCBS or tree batch sampler, epoch after epoch,
     set up (like the negatives' sampler) when the warm-up ends."""
 
-    def __init__(self, kind: str, model: DualEncoder, cfg: TrainConfig, clock: _Clock, rows: np.ndarray,
-                 positives: np.ndarray) -> None:
+    def __init__(
+        self, kind: str, model: DualEncoder, cfg: TrainConfig, clock: _Clock, rows: np.ndarray, positives: np.ndarray
+    ) -> None:
         self.kind, self.model, self.cfg, self.clock = kind, model, cfg, clock
         self.rows, self.positives = rows, positives
         self.sampler: GlobalContrastiveBatchSampler | TreeBatchSampler | None = None
@@ -632,9 +744,13 @@ class _HardBatches:
         cfg = self.cfg
         common = dict(refresh_every=cfg.batch_refresh_every, mix=cfg.batch_mix, seed=cfg.seed)
         if self.kind == "gcbs":
-            self.sampler = GlobalContrastiveBatchSampler(self.encode_pairs, cfg.batch_size,
-                                                         n_neighbors=cfg.gcbs_neighbors,
-                                                         similarity=cfg.gcbs_similarity, **common)
+            self.sampler = GlobalContrastiveBatchSampler(
+                self.encode_pairs,
+                cfg.batch_size,
+                n_neighbors=cfg.gcbs_neighbors,
+                similarity=cfg.gcbs_similarity,
+                **common,
+            )
         else:
             # combined with treeidx, the negatives' DynamicIndex (kept current by its
             # write-back) groups the batches too; otherwise an index of the positives
@@ -662,8 +778,12 @@ class _HardBatches:
     def encode_targets(self, ids: np.ndarray, chunk: int = 32768) -> np.ndarray:
         self.targets_encoded += len(ids)
         with torch.no_grad():
-            return self.clock.timed("reencode_s", lambda: torch.cat(
-                [self.model.encode_targets(ids[lo:lo + chunk]) for lo in range(0, len(ids), chunk)]).numpy())
+            return self.clock.timed(
+                "reencode_s",
+                lambda: torch.cat(
+                    [self.model.encode_targets(ids[lo : lo + chunk]) for lo in range(0, len(ids), chunk)]
+                ).numpy(),
+            )
 
     def encode_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """GCBS's embeddings: every train pair's query and positive under the current encoder."""
@@ -681,8 +801,11 @@ class _HardBatches:
             self.clock.timed("sampling_s", self.sampler.index.update, vectors.numpy()[keep], ids_np[keep])
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(batch_source=self.kind, batch_epochs=self.epochs,
-                                   batch_regroups=self.sampler.regroups if self.sampler else 0)
+        out: dict[str, Any] = dict(
+            batch_source=self.kind,
+            batch_epochs=self.epochs,
+            batch_regroups=self.sampler.regroups if self.sampler else 0,
+        )
         if self.kind == "gcbs" and self.sampler is not None:
             out.update(queries_encoded_for_batches=self.queries_encoded, gcbs_last_graph=self.sampler.last_graph)
         return out
@@ -697,6 +820,7 @@ class _HardBatches:
 
 # ---------------------------------------------------------------------------- training
 
+
 def _batches(rows: np.ndarray, batch_size: int, seed: int):
     """Endless batches of query rows: seeded shuffled epochs, concatenated."""
     rng = np.random.default_rng([seed, 0xBA7C4])
@@ -708,8 +832,16 @@ def _batches(rows: np.ndarray, batch_size: int, seed: int):
         buf = buf[batch_size:]
 
 
-def _step(model: DualEncoder, opt: Any, strategy: _Strategy, data: CodeSearchData, rows: np.ndarray,
-          step: int, cfg: TrainConfig, batches: _HardBatches | None = None) -> tuple[float, float]:
+def _step(
+    model: DualEncoder,
+    opt: Any,
+    strategy: _Strategy,
+    data: CodeSearchData,
+    rows: np.ndarray,
+    step: int,
+    cfg: TrainConfig,
+    batches: _HardBatches | None = None,
+) -> tuple[float, float]:
     """One optimisation step; returns the loss and the mean cosine of the in-batch
     negatives (query i against positive j != i: how hard the batch is)."""
     pos = torch.from_numpy(data.query_target[rows])
@@ -722,11 +854,16 @@ def _step(model: DualEncoder, opt: Any, strategy: _Strategy, data: CodeSearchDat
     ids, inverse = torch.unique(torch.cat([pos, neg.ids.reshape(-1)]), return_inverse=True)
     vecs = model.encode_targets(ids)
     t = vecs[inverse]
-    loss = sampled_softmax_loss(q, t[:B], t[B:].view(B, strategy.k, t.shape[1]),
-                                log_q=None if cfg.correction == "none" else neg.log_q,
-                                temperature=cfg.temperature,
-                                in_batch_negatives=cfg.in_batch_negatives or strategy.k == 0,
-                                pos_ids=pos, neg_ids=neg.ids)
+    loss = sampled_softmax_loss(
+        q,
+        t[:B],
+        t[B:].view(B, strategy.k, t.shape[1]),
+        log_q=None if cfg.correction == "none" else neg.log_q,
+        temperature=cfg.temperature,
+        in_batch_negatives=cfg.in_batch_negatives or strategy.k == 0,
+        pos_ids=pos,
+        neg_ids=neg.ids,
+    )
     with torch.no_grad():
         cos = q @ t[:B].T
         inbatch_cos = float((cos.sum() - cos.diagonal().sum()) / max(B * (B - 1), 1))
@@ -740,8 +877,14 @@ def _step(model: DualEncoder, opt: Any, strategy: _Strategy, data: CodeSearchDat
     return float(loss.detach()), inbatch_cos
 
 
-def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None, *, progress: bool = False,
-          callback: Callable[[int, DualEncoder], None] | None = None) -> TrainResult:
+def train(
+    data: CodeSearchData,
+    strategy: str,
+    config: TrainConfig | None = None,
+    *,
+    progress: bool = False,
+    callback: Callable[[int, DualEncoder], None] | None = None,
+) -> TrainResult:
     """Train a DualEncoder on `data`'s train split with negatives from `strategy`.
 
     Deterministic under config.seed: the same seed gives the same initial model and the
@@ -770,8 +913,9 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
     opt = make_optimizer(model, cfg.lr)
     clock = _Clock()
     adapter = _ADAPTERS[negatives](model, cfg, clock)
-    hard = None if source is None else _HardBatches(source, model, cfg, clock, train_rows,
-                                                      data.query_target[train_rows])
+    hard = (
+        None if source is None else _HardBatches(source, model, cfg, clock, train_rows, data.query_target[train_rows])
+    )
     adapter.dup_group = duplicate_groups(data)
     val_rows = eval_rows(data, "val", cfg.eval_queries, cfg.seed) if data.split("val").size else None
     history: list[tuple[int, float, float]] = []
@@ -792,8 +936,12 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
     # a time-limited run shows training seconds against its limit (a step total of 10^9
     # would show an ETA of years); a step-limited one shows steps
     by_time = cfg.time_limit_s is not None
-    bar = progress_bar(progress, total=round(cfg.time_limit_s) if by_time else cfg.steps,
-                       desc=f"train {strategy}", unit="s" if by_time else "step")
+    bar = progress_bar(
+        progress,
+        total=round(cfg.time_limit_s) if by_time else cfg.steps,
+        desc=f"train {strategy}",
+        unit="s" if by_time else "step",
+    )
     shown = 0
     step = 0
     while step < cfg.steps and (cfg.time_limit_s is None or train_s < cfg.time_limit_s):
@@ -805,8 +953,7 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
                 hard.setup(adapter)
         active = adapter if adapter.ready else warm
         rows = hard.next() if hard is not None and adapter.ready else next(batches)
-        loss, cos = _step(model, opt, active, data, rows, step - cfg.warmup_steps, cfg,
-                          hard if adapter.ready else None)
+        loss, cos = _step(model, opt, active, data, rows, step - cfg.warmup_steps, cfg, hard if adapter.ready else None)
         losses.append(loss)
         if adapter.ready:
             inbatch_cos.append(cos)
@@ -821,8 +968,10 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
         due_s = cfg.eval_every_s is not None and train_s >= (len(history) + 1) * cfg.eval_every_s
         if (cfg.eval_every and step % cfg.eval_every == 0) or due_s:
             validate(step)
-            bar.set_postfix_str((f"step {step} " if by_time else "")
-                                + (f"loss {losses[-1]:.3f} val r@10 {history[-1][2]:.3f}" if history else ""))
+            bar.set_postfix_str(
+                (f"step {step} " if by_time else "")
+                + (f"loss {losses[-1]:.3f} val r@10 {history[-1][2]:.3f}" if history else "")
+            )
         if callback is not None:
             callback(step, model)
     bar.close()
@@ -830,13 +979,21 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
         validate(step)
     test = evaluate(model, data, "test", cfg.test_queries, seed=cfg.seed) if data.split("test").size else {}
     rest = train_s - clock.s["sampling_s"] - clock.s["reencode_s"]
-    return TrainResult(strategy=strategy, config=cfg, model=model, test=test, history=history, losses=losses,
-                       steps=step, train_s=train_s, wall_s=time.perf_counter() - wall0,
-                       time_split={**clock.s, "rest_s": rest},
-                       targets_encoded_per_step=(adapter.targets_encoded + (hard.targets_encoded if hard else 0))
-                       / max(step - cfg.warmup_steps, 1),
-                       sampler_mib=(adapter.host_bytes() + (hard.host_bytes() if hard else 0)) / 2**20
-                       if adapter.ready else 0.0,
-                       peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                       sampler_stats={**adapter.stats(), **(hard.stats() if hard else {})} if adapter.ready else {},
-                       inbatch_negative_cos=float(np.mean(inbatch_cos)) if inbatch_cos else None)
+    return TrainResult(
+        strategy=strategy,
+        config=cfg,
+        model=model,
+        test=test,
+        history=history,
+        losses=losses,
+        steps=step,
+        train_s=train_s,
+        wall_s=time.perf_counter() - wall0,
+        time_split={**clock.s, "rest_s": rest},
+        targets_encoded_per_step=(adapter.targets_encoded + (hard.targets_encoded if hard else 0))
+        / max(step - cfg.warmup_steps, 1),
+        sampler_mib=(adapter.host_bytes() + (hard.host_bytes() if hard else 0)) / 2**20 if adapter.ready else 0.0,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        sampler_stats={**adapter.stats(), **(hard.stats() if hard else {})} if adapter.ready else {},
+        inbatch_negative_cos=float(np.mean(inbatch_cos)) if inbatch_cos else None,
+    )

@@ -14,6 +14,7 @@
 Import it as a module of its own (`import treeidx.torch as tt`): `import treeidx`
 alone never loads torch.
 """
+
 from __future__ import annotations
 
 from ._common import Negatives
@@ -22,6 +23,16 @@ from .batching import GlobalContrastiveBatchSampler, TreeBatchSampler
 from .loss import sampled_softmax_loss
 from .sampler import HostSampler, TreeNegativeSampler
 
-__all__ = ["Negatives", "TreeNegativeSampler", "HostSampler", "sampled_softmax_loss",
-           "UniformSampler", "InBatch", "StaleTopK", "NegativeCache", "BruteForceSampler",
-           "GlobalContrastiveBatchSampler", "TreeBatchSampler"]
+__all__ = [
+    "Negatives",
+    "TreeNegativeSampler",
+    "HostSampler",
+    "sampled_softmax_loss",
+    "UniformSampler",
+    "InBatch",
+    "StaleTopK",
+    "NegativeCache",
+    "BruteForceSampler",
+    "GlobalContrastiveBatchSampler",
+    "TreeBatchSampler",
+]

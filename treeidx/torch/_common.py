@@ -1,5 +1,6 @@
 """What every negative sampler of the torch layer shares: the `Negatives` record and
 the checks that turn a training loop's tensors into host arrays."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class Negatives:
     excluded: (B,) int64 number of targets a false-negative filter excluded per row
             beside the positive (None without a filter).
     """
+
     ids: torch.Tensor
     log_q: torch.Tensor
     result: SampleResult | None = field(default=None, repr=False, compare=False)
@@ -52,8 +54,7 @@ def check_positives(positive_ids: Any, batch: int) -> torch.Tensor | None:
     if not isinstance(positive_ids, torch.Tensor):
         positive_ids = torch.as_tensor(np.asarray(positive_ids))
     if positive_ids.dim() != 1 or positive_ids.shape[0] != batch:
-        raise ValueError(f"positive_ids: expected shape ({batch},) (one per query), "
-                         f"got {tuple(positive_ids.shape)}")
+        raise ValueError(f"positive_ids: expected shape ({batch},) (one per query), got {tuple(positive_ids.shape)}")
     if positive_ids.is_floating_point() or positive_ids.is_complex() or positive_ids.dtype == torch.bool:
         raise ValueError(f"positive_ids: expected an integer tensor, got {positive_ids.dtype}")
     return positive_ids.detach().to(torch.int64)
@@ -71,8 +72,10 @@ def host_queries(query_emb: torch.Tensor) -> np.ndarray:
 
 def empty_negatives(query_emb: torch.Tensor, k: int) -> Negatives:
     B = query_emb.shape[0]
-    return Negatives(ids=torch.empty((B, k), dtype=torch.int64, device=query_emb.device),
-                     log_q=torch.empty((B, k), dtype=log_q_dtype(query_emb), device=query_emb.device))
+    return Negatives(
+        ids=torch.empty((B, k), dtype=torch.int64, device=query_emb.device),
+        log_q=torch.empty((B, k), dtype=log_q_dtype(query_emb), device=query_emb.device),
+    )
 
 
 def check_temperature(t: Any) -> float:

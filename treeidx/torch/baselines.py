@@ -13,10 +13,12 @@ with ids and log_q on the queries' device, so a training loop can swap them for
                        (precision="bf16" / "int8": the reduced-precision peer, a full-scan
                        proposal with its exact log q)
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
 import numpy as np
 import torch
@@ -24,8 +26,16 @@ import torch
 from .._validate import as_ids, check_nonnegative_int, check_positive_int
 from ..brute import BruteForce, check_precision
 from ..tree import TreeIndex
-from ._common import (Negatives, check_k, check_positives, check_queries, check_temperature,
-                      empty_negatives, host_queries, log_q_dtype)
+from ._common import (
+    Negatives,
+    check_k,
+    check_positives,
+    check_queries,
+    check_temperature,
+    empty_negatives,
+    host_queries,
+    log_q_dtype,
+)
 
 __all__ = ["UniformSampler", "InBatch", "StaleTopK", "NegativeCache", "BruteForceSampler"]
 
@@ -36,8 +46,7 @@ def _as_tensor(x: Vectors, what: str) -> torch.Tensor:
     """A detached 2-d floating tensor (numpy arrays are wrapped, not copied)."""
     t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     if t.dim() != 2 or t.shape[0] == 0 or not t.is_floating_point():
-        raise ValueError(f"{what}: expected a non-empty floating (N, d) array, got "
-                         f"{tuple(t.shape)} {t.dtype}")
+        raise ValueError(f"{what}: expected a non-empty floating (N, d) array, got {tuple(t.shape)} {t.dtype}")
     return t
 
 
@@ -66,8 +75,10 @@ class UniformSampler:
         check_positives(positive_ids, q.shape[0])
         n = self.ids.shape[0]
         ids = self.ids[self._rng.integers(0, n, (q.shape[0], self.k))]
-        return Negatives(ids=torch.from_numpy(ids).to(q.device),
-                         log_q=torch.full(ids.shape, -math.log(n), dtype=log_q_dtype(q), device=q.device))
+        return Negatives(
+            ids=torch.from_numpy(ids).to(q.device),
+            log_q=torch.full(ids.shape, -math.log(n), dtype=log_q_dtype(q), device=q.device),
+        )
 
 
 class InBatch:
@@ -103,8 +114,16 @@ class StaleTopK:
     cross-entropy, which is what ANCE trains with (passing log_q=None is the same).
     """
 
-    def __init__(self, encode_targets: Callable[[], Vectors], ids: Vectors, *, k: int,
-                 refresh_every: int, skip: int = 0, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        encode_targets: Callable[[], Vectors],
+        ids: Vectors,
+        *,
+        k: int,
+        refresh_every: int,
+        skip: int = 0,
+        backend: str = "auto",
+    ) -> None:
         if not callable(encode_targets):
             raise TypeError("encode_targets: expected a callable returning (N, d) vectors")
         self.encode_targets = encode_targets
@@ -113,8 +132,9 @@ class StaleTopK:
         if isinstance(skip, bool) or not isinstance(skip, (int, np.integer)) or skip < 0:
             raise ValueError(f"skip: expected an integer >= 0, got {skip!r}")
         if skip + self.k > self.ids.shape[0] - 1:
-            raise ValueError(f"skip + k = {skip + self.k} exceeds the {self.ids.shape[0] - 1} "
-                             "targets other than a positive")
+            raise ValueError(
+                f"skip + k = {skip + self.k} exceeds the {self.ids.shape[0] - 1} targets other than a positive"
+            )
         if backend not in ("auto", "brute", "tree"):
             raise ValueError(f"backend: expected 'auto', 'brute' or 'tree', got {backend!r}")
         self.refresh_every = check_positive_int(refresh_every, "refresh_every")
@@ -135,11 +155,9 @@ class StaleTopK:
         self._choose_backend(1)
         v = _as_tensor(self.encode_targets(), "encode_targets()")
         if v.shape[0] != self.ids.shape[0]:
-            raise ValueError(f"encode_targets(): expected {self.ids.shape[0]} rows (one per id), "
-                             f"got {v.shape[0]}")
+            raise ValueError(f"encode_targets(): expected {self.ids.shape[0]} rows (one per id), got {v.shape[0]}")
         x = host_queries(v)
-        self._index = (BruteForce(x, self.ids) if self.backend == "brute"
-                       else TreeIndex.build(x, self.ids))
+        self._index = BruteForce(x, self.ids) if self.backend == "brute" else TreeIndex.build(x, self.ids)
         self.refreshes += 1
 
     def sample(self, query_emb: torch.Tensor, positive_ids: torch.Tensor | None = None) -> Negatives:
@@ -154,10 +172,11 @@ class StaleTopK:
         assert self._index is not None
         ex = None if pos is None else pos.cpu().numpy()
         _, found = self._index.search(host_queries(q), self.skip + self.k, exclude=ex)
-        ids = np.ascontiguousarray(found[:, self.skip:])
-        return Negatives(ids=torch.from_numpy(ids).to(q.device),
-                         log_q=torch.full(ids.shape, -math.log(self.k), dtype=log_q_dtype(q),
-                                          device=q.device))
+        ids = np.ascontiguousarray(found[:, self.skip :])
+        return Negatives(
+            ids=torch.from_numpy(ids).to(q.device),
+            log_q=torch.full(ids.shape, -math.log(self.k), dtype=log_q_dtype(q), device=q.device),
+        )
 
 
 class NegativeCache:
@@ -179,8 +198,17 @@ class NegativeCache:
     log_q is the log-softmax over the cache.
     """
 
-    def __init__(self, ids: Vectors, vectors: Vectors, *, k: int, temperature: float,
-                 cache_size: int, seed: int = 0, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        ids: Vectors,
+        vectors: Vectors,
+        *,
+        k: int,
+        temperature: float,
+        cache_size: int,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.k = check_k(k)
         self.temperature = check_temperature(temperature)
         self.cache_size = check_positive_int(cache_size, "cache_size")
@@ -220,7 +248,7 @@ class NegativeCache:
             raise ValueError(f"vectors: expected dimension {self.dim}, got {v.shape[1]}")
         # a repeated id keeps its last vector; only the newest cache_size survive anyway
         _, last = np.unique(idn[::-1], return_index=True)
-        keep = np.sort(idn.shape[0] - 1 - last)[-self.cache_size:]
+        keep = np.sort(idn.shape[0] - 1 - last)[-self.cache_size :]
         idn = idn[keep]
         t_ids = torch.from_numpy(idn).to(self.device)
         self._live &= ~torch.isin(self._ids, t_ids)  # the stale copy of a re-encoded id goes
@@ -246,8 +274,7 @@ class NegativeCache:
         logp = torch.log_softmax(s, dim=1)
         u = torch.rand((B, self.k), generator=self._gen, dtype=torch.float64, device=self.device)
         slot = _inverse_cdf(torch.exp(logp.double()), u) if B else u.long()
-        return Negatives(ids=self._ids[slot].to(q.device),
-                         log_q=logp.gather(1, slot).to(q.device, log_q_dtype(q)))
+        return Negatives(ids=self._ids[slot].to(q.device), log_q=logp.gather(1, slot).to(q.device, log_q_dtype(q)))
 
 
 class BruteForceSampler:
@@ -279,17 +306,31 @@ class BruteForceSampler:
     (the same filter as TreeNegativeSampler's).
     """
 
-    def __init__(self, targets: Vectors | Callable[[], Vectors], ids: Vectors | None = None, *,
-                 k: int, temperature: float, chunk_size: int = 16384,
-                 device: torch.device | str | None = None, seed: int = 0,
-                 exclude_positives: bool = True, precision: str = "fp32",
-                 false_negative_margin: float | None = None) -> None:
+    def __init__(
+        self,
+        targets: Vectors | Callable[[], Vectors],
+        ids: Vectors | None = None,
+        *,
+        k: int,
+        temperature: float,
+        chunk_size: int = 16384,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+        exclude_positives: bool = True,
+        precision: str = "fp32",
+        false_negative_margin: float | None = None,
+    ) -> None:
         self.k = check_k(k)
         if false_negative_margin is not None:
-            if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin, (int, float)) \
-                    or not math.isfinite(false_negative_margin) or false_negative_margin < 0:
-                raise ValueError(f"false_negative_margin: expected None or a finite number >= 0, "
-                                 f"got {false_negative_margin!r}")
+            if (
+                isinstance(false_negative_margin, bool)
+                or not isinstance(false_negative_margin, (int, float))
+                or not math.isfinite(false_negative_margin)
+                or false_negative_margin < 0
+            ):
+                raise ValueError(
+                    f"false_negative_margin: expected None or a finite number >= 0, got {false_negative_margin!r}"
+                )
             if not exclude_positives:
                 raise ValueError("false_negative_margin needs exclude_positives=True")
             false_negative_margin = float(false_negative_margin)
@@ -335,8 +376,16 @@ class BruteForceSampler:
             self._coded = (key, out)
         return out
 
-    def _scorer(self, q: torch.Tensor, v: torch.Tensor, dev: torch.device, dt: torch.dtype,
-                pos: torch.Tensor | None, precision: str, thr: torch.Tensor | None = None) -> Callable:
+    def _scorer(
+        self,
+        q: torch.Tensor,
+        v: torch.Tensor,
+        dev: torch.device,
+        dt: torch.dtype,
+        pos: torch.Tensor | None,
+        precision: str,
+        thr: torch.Tensor | None = None,
+    ) -> Callable:
         """scores(rows, lo, hi): (len(rows), hi − lo) logits s / temperature at `precision`,
         positives (if excluded) at −inf, and so is every target whose raw score reaches its
         row's threshold `thr` (the false-negative filter)."""
@@ -368,6 +417,7 @@ class BruteForceSampler:
             if thr is not None:
                 s = s.masked_fill(r >= thr[rows][:, None], -math.inf)
             return s
+
         return scores
 
     def sample(self, query_emb: torch.Tensor, positive_ids: torch.Tensor | None = None) -> Negatives:
@@ -389,8 +439,7 @@ class BruteForceSampler:
             row = order[at]
             if not bool((ids[row] == pc).all()):
                 raise ValueError("false_negative_margin: a positive id is not among the sampler's ids")
-            thr = (qc * v[row.to(v.device)].to(dev, dt)).sum(1) \
-                - self.false_negative_margin  # (B,) raw-score threshold
+            thr = (qc * v[row.to(v.device)].to(dev, dt)).sum(1) - self.false_negative_margin  # (B,) raw-score threshold
         scores = self._scorer(q, v, dev, dt, pos, self.precision, thr)
 
         gen = self._generator(dev)
@@ -408,7 +457,7 @@ class BruteForceSampler:
             if rows.numel() == 0:
                 continue
             s = scores(rows, lo, hi)  # second pass, only rows with a draw here
-            j = _inverse_cdf(torch.exp(s.double() - lse[rows, c:c + 1].double()), u[1, rows])
+            j = _inverse_cdf(torch.exp(s.double() - lse[rows, c : c + 1].double()), u[1, rows])
             h = hit[rows]
             r, col = rows[h.nonzero()[:, 0]], h.nonzero()[:, 1]
             idx[r, col] = lo + j[h]
@@ -432,8 +481,10 @@ class BruteForceSampler:
         prop = self._scorer(q, v, dev, dt, pos, self.precision)
         chunks = [(lo, min(lo + self.chunk_size, N)) for lo in range(0, N, self.chunk_size)]
         every = slice(None)
-        lz = [torch.logsumexp(torch.stack([torch.logsumexp(f(every, lo, hi).double(), 1) for lo, hi in chunks], 1), 1)
-              for f in (exact, prop)]
+        lz = [
+            torch.logsumexp(torch.stack([torch.logsumexp(f(every, lo, hi).double(), 1) for lo, hi in chunks], 1), 1)
+            for f in (exact, prop)
+        ]
         tv = torch.zeros(q.shape[0], dtype=torch.float64, device=dev)
         for lo, hi in chunks:
             p = torch.exp(exact(every, lo, hi).double() - lz[0][:, None])

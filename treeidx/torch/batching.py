@@ -24,6 +24,7 @@ pairs in one batch); mix=1 is random batching, mix=0 the pure ordering.
 
 scipy (GCBS only) is imported when a GCBS order is first computed, not at import.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -50,8 +51,11 @@ def _rng(seed: int, *tags: int) -> np.random.Generator:
 
 
 def _check_mix(mix: Any) -> float:
-    if isinstance(mix, bool) or not isinstance(mix, (int, float, np.floating, np.integer)) \
-            or not 0.0 <= float(mix) <= 1.0:
+    if (
+        isinstance(mix, bool)
+        or not isinstance(mix, (int, float, np.floating, np.integer))
+        or not 0.0 <= float(mix) <= 1.0
+    ):
         raise ValueError(f"mix: expected a number in [0, 1], got {mix!r}")
     return float(mix)
 
@@ -64,8 +68,9 @@ class _OrderedBatchSampler(Sampler[list[int]]):
     before each (re)grouping to pick up the current embeddings or tree.
     """
 
-    def __init__(self, n: int, batch_size: int, *, mix: float, refresh_every: int | None, drop_last: bool,
-                 seed: int) -> None:
+    def __init__(
+        self, n: int, batch_size: int, *, mix: float, refresh_every: int | None, drop_last: bool, seed: int
+    ) -> None:
         super().__init__()
         self.n = int(n)
         self.batch_size = check_k(batch_size, "batch_size")
@@ -99,7 +104,7 @@ class _OrderedBatchSampler(Sampler[list[int]]):
             order = self._order(remaining, rng) if remaining.size > 1 else remaining
             n_full = order.size // B
             full = order[: n_full * B].reshape(n_full, B)
-            short = order[n_full * B:]
+            short = order[n_full * B :]
             full = self._mixed(full, rng)[rng.permutation(n_full)]  # GCBS: shuffle the batch order
             take = n_full if self.refresh_every is None else min(self.refresh_every, n_full)
             for b in full[:take]:
@@ -177,9 +182,20 @@ class GlobalContrastiveBatchSampler(_OrderedBatchSampler):
     encoding every pair once: the paper's Õ(N^2) per epoch.
     """
 
-    def __init__(self, embeddings: EmbeddingSource, batch_size: int, *, n_neighbors: int = 10,
-                 similarity: str = "concat", quantile: float | None = None, refresh_every: int | None = None,
-                 drop_last: bool = False, mix: float = 0.0, backend: str = "brute", seed: int = 0) -> None:
+    def __init__(
+        self,
+        embeddings: EmbeddingSource,
+        batch_size: int,
+        *,
+        n_neighbors: int = 10,
+        similarity: str = "concat",
+        quantile: float | None = None,
+        refresh_every: int | None = None,
+        drop_last: bool = False,
+        mix: float = 0.0,
+        backend: str = "brute",
+        seed: int = 0,
+    ) -> None:
         self.n_neighbors = check_k(n_neighbors, "n_neighbors")
         if backend not in ("brute", "tree"):
             raise ValueError(f"backend: expected 'brute' or 'tree', got {backend!r}")
@@ -187,8 +203,9 @@ class GlobalContrastiveBatchSampler(_OrderedBatchSampler):
         if similarity not in _SIMILARITIES:
             raise ValueError(f"similarity: expected one of {_SIMILARITIES}, got {similarity!r}")
         self.similarity = similarity
-        if quantile is not None and (isinstance(quantile, bool) or not isinstance(quantile, (int, float))
-                                     or not 0.0 < float(quantile) < 1.0):
+        if quantile is not None and (
+            isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 < float(quantile) < 1.0
+        ):
             raise ValueError(f"quantile: expected None or a number in (0, 1), got {quantile!r}")
         self.quantile = None if quantile is None else float(quantile)
         if callable(embeddings):
@@ -199,20 +216,21 @@ class GlobalContrastiveBatchSampler(_OrderedBatchSampler):
             q, p = self._check_pair(embeddings, None)
         self._q, self._p = q, p
         self._called_source = self._source is not None  # the first epoch uses the embeddings just read
-        super().__init__(q.shape[0], batch_size, mix=mix, refresh_every=refresh_every, drop_last=drop_last,
-                         seed=seed)
+        super().__init__(q.shape[0], batch_size, mix=mix, refresh_every=refresh_every, drop_last=drop_last, seed=seed)
         self.last_graph: dict[str, float] = {}  # edges, components, seconds of the latest grouping
 
     @staticmethod
     def _check_pair(pair: Any, n: int | None) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise ValueError("embeddings: expected (query_emb, positive_emb), two (N, d) arrays, "
-                             f"got {type(pair).__name__}")
+            raise ValueError(
+                f"embeddings: expected (query_emb, positive_emb), two (N, d) arrays, got {type(pair).__name__}"
+            )
         q = as_vectors(pair[0], None, "query_emb")
         p = as_vectors(pair[1], None, "positive_emb")
         if q.shape[0] != p.shape[0]:
-            raise ValueError(f"embeddings: query_emb has {q.shape[0]} rows but positive_emb {p.shape[0]} "
-                             "(one row per pair in both)")
+            raise ValueError(
+                f"embeddings: query_emb has {q.shape[0]} rows but positive_emb {p.shape[0]} (one row per pair in both)"
+            )
         if n is not None and q.shape[0] != n:
             raise ValueError(f"embeddings: expected {n} pairs (the sampler's size), got {q.shape[0]}")
         return q, p
@@ -279,9 +297,12 @@ class GlobalContrastiveBatchSampler(_OrderedBatchSampler):
         t = time.perf_counter()
         g = self.graph(remaining)
         perm = reverse_cuthill_mckee(g, symmetric_mode=True)
-        self.last_graph = dict(pairs=int(remaining.size), edges=int(g.nnz // 2),
-                               components=int(connected_components(g, directed=False)[0]),
-                               seconds=time.perf_counter() - t)
+        self.last_graph = dict(
+            pairs=int(remaining.size),
+            edges=int(g.nnz // 2),
+            components=int(connected_components(g, directed=False)[0]),
+            seconds=time.perf_counter() - t,
+        )
         return remaining[perm]
 
 
@@ -331,9 +352,17 @@ class TreeBatchSampler(_OrderedBatchSampler):
     refresh_every, drop_last, seed: see the module docstring.
     """
 
-    def __init__(self, index: TreeIndex | DynamicIndex, batch_size: int, *, keys: Sequence[int] | None = None,
-                 mix: float = 0.0, refresh_every: int | None = None, drop_last: bool = False,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        index: TreeIndex | DynamicIndex,
+        batch_size: int,
+        *,
+        keys: Sequence[int] | None = None,
+        mix: float = 0.0,
+        refresh_every: int | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
         if not isinstance(index, (TreeIndex, DynamicIndex)):
             raise TypeError(f"index: expected a TreeIndex or DynamicIndex, got {type(index).__name__}")
         self.index = index
@@ -349,13 +378,22 @@ class TreeBatchSampler(_OrderedBatchSampler):
             raise ValueError("keys: no pairs (empty)")
         self.keys = k.astype(np.int64)
         self._tree()._slots_of(np.unique(self.keys))  # KeyError now rather than mid-epoch
-        super().__init__(self.keys.size, batch_size, mix=mix, refresh_every=refresh_every, drop_last=drop_last,
-                         seed=seed)
+        super().__init__(
+            self.keys.size, batch_size, mix=mix, refresh_every=refresh_every, drop_last=drop_last, seed=seed
+        )
 
     @classmethod
-    def from_embeddings(cls, pair_embeddings: Any, batch_size: int, *, leaf_size: int = 32, mix: float = 0.0,
-                        refresh_every: int | None = None, drop_last: bool = False,
-                        seed: int = 0) -> TreeBatchSampler:
+    def from_embeddings(
+        cls,
+        pair_embeddings: Any,
+        batch_size: int,
+        *,
+        leaf_size: int = 32,
+        mix: float = 0.0,
+        refresh_every: int | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> TreeBatchSampler:
         """A sampler over a new TreeIndex of (N, d) pair embeddings (ids 0..N-1, pair i =
         id i): e.g. query ⊕ positive. Update it with `sampler.index.update(vectors, ids)`."""
         z = as_vectors(pair_embeddings, None, "pair_embeddings")
@@ -376,8 +414,10 @@ class TreeBatchSampler(_OrderedBatchSampler):
         pos_c = np.minimum(pos, sorted_ids.size - 1)
         missing = sorted_ids[pos_c] != keys
         if missing.any():
-            raise ValueError(f"keys: {int(missing.sum())} key(s) are no longer in the index, "
-                             f"e.g. {np.unique(keys[missing])[:5].tolist()}")
+            raise ValueError(
+                f"keys: {int(missing.sum())} key(s) are no longer in the index, "
+                f"e.g. {np.unique(keys[missing])[:5].tolist()}"
+            )
         return remaining[np.lexsort((rng.random(remaining.size), rank[pos_c]))]
 
 
@@ -397,7 +437,7 @@ def leaf_order(tree: TreeIndex, rng: np.random.Generator | None = None) -> np.nd
     def visit(v: int) -> None:
         if A.leaf_start[v] >= 0:
             s = int(A.leaf_start[v])
-            out.append(A.slot_id[s:s + int(A.leaf_size[v])])
+            out.append(A.slot_id[s : s + int(A.leaf_size[v])])
             last[:] = [A.center[v]]
             return
         children = []

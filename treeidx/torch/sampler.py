@@ -5,6 +5,7 @@ and the log-probability of each under the proposal) by sampling a tree index on 
 host CPU, optionally for the next batch on a background thread while the accelerator
 works on the current one.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -18,8 +19,16 @@ import torch
 from .._threads import numba_threads
 from ..sampling import SampleResult, SoftmaxSampler
 from ..tree import TreeIndex
-from ._common import (Negatives, check_k, check_positives, check_queries, check_temperature,
-                      default_rank, empty_negatives, host_queries, log_q_dtype)
+from ._common import (
+    Negatives,
+    check_k,
+    check_positives,
+    check_queries,
+    check_temperature,
+    default_rank,
+    host_queries,
+    log_q_dtype,
+)
 
 __all__ = ["TreeNegativeSampler", "HostSampler", "within_margin"]
 
@@ -27,8 +36,7 @@ __all__ = ["TreeNegativeSampler", "HostSampler", "within_margin"]
 class HostSampler(Protocol):
     """What TreeNegativeSampler needs from an index other than a TreeIndex."""
 
-    def sample(self, queries: np.ndarray, k: int, *, exclude: Any = None,
-               seed: int | None = None) -> SampleResult: ...
+    def sample(self, queries: np.ndarray, k: int, *, exclude: Any = None, seed: int | None = None) -> SampleResult: ...
 
 
 def index_version(sampler: Any) -> Any:
@@ -43,11 +51,12 @@ def index_version(sampler: Any) -> Any:
 
 def _check_version(sampler: Any, version: Any) -> None:
     if version is not None and index_version(sampler) != version:
-        raise RuntimeError("the index was modified (insert/remove/update/rebuild/compact or a "
-                           "DynamicIndex write) while a submitted batch was pending; its negatives "
-                           "could hold removed or stale ids and were discarded. Collect result() "
-                           "before writing to the index.")
-
+        raise RuntimeError(
+            "the index was modified (insert/remove/update/rebuild/compact or a "
+            "DynamicIndex write) while a submitted batch was pending; its negatives "
+            "could hold removed or stale ids and were discarded. Collect result() "
+            "before writing to the index."
+        )
 
 
 class TreeNegativeSampler:
@@ -100,25 +109,44 @@ class TreeNegativeSampler:
         The calling thread's own numba setting is restored after a synchronous call.
     """
 
-    def __init__(self, index: TreeIndex | HostSampler, *, k: int, temperature: float,
-                 mode: str = "exact", exclude_positives: bool = True, prefetch: bool = True,
-                 seed: int = 0, rank: int | None = None, tolerance: float = 0.05,
-                 budget: int | None = None, threads: int | None = None,
-                 proposal_temperature: float | None = None,
-                 false_negative_margin: float | None = None) -> None:
+    def __init__(
+        self,
+        index: TreeIndex | HostSampler,
+        *,
+        k: int,
+        temperature: float,
+        mode: str = "exact",
+        exclude_positives: bool = True,
+        prefetch: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        tolerance: float = 0.05,
+        budget: int | None = None,
+        threads: int | None = None,
+        proposal_temperature: float | None = None,
+        false_negative_margin: float | None = None,
+    ) -> None:
         self.k = check_k(k)
         self.temperature = check_temperature(temperature)
-        self.proposal_temperature = (self.temperature if proposal_temperature is None
-                                     else check_temperature(proposal_temperature))
+        self.proposal_temperature = (
+            self.temperature if proposal_temperature is None else check_temperature(proposal_temperature)
+        )
         if false_negative_margin is not None:
-            if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin, (int, float)) \
-                    or not math.isfinite(false_negative_margin) or false_negative_margin < 0:
-                raise ValueError(f"false_negative_margin: expected None or a finite number >= 0, "
-                                 f"got {false_negative_margin!r}")
+            if (
+                isinstance(false_negative_margin, bool)
+                or not isinstance(false_negative_margin, (int, float))
+                or not math.isfinite(false_negative_margin)
+                or false_negative_margin < 0
+            ):
+                raise ValueError(
+                    f"false_negative_margin: expected None or a finite number >= 0, got {false_negative_margin!r}"
+                )
             false_negative_margin = float(false_negative_margin)
             if not exclude_positives:
-                raise ValueError("false_negative_margin needs exclude_positives=True (the margin is "
-                                 "measured from the positive, which is excluded first)")
+                raise ValueError(
+                    "false_negative_margin needs exclude_positives=True (the margin is "
+                    "measured from the positive, which is excluded first)"
+                )
         self.false_negative_margin = false_negative_margin
         if mode not in ("exact", "approx"):
             raise ValueError(f"mode: expected 'exact' or 'approx', got {mode!r}")
@@ -127,15 +155,18 @@ class TreeNegativeSampler:
         self.budget = budget
         if isinstance(index, TreeIndex):
             self._owns_sampler = True
-            self.sampler: HostSampler = SoftmaxSampler(index, temperature=self.temperature, mode=mode,
-                                                       tolerance=tolerance, budget=budget)
+            self.sampler: HostSampler = SoftmaxSampler(
+                index, temperature=self.temperature, mode=mode, tolerance=tolerance, budget=budget
+            )
         elif callable(getattr(index, "sample", None)):
             self._owns_sampler = False
             self.sampler = index
             self._check_foreign(self.temperature, mode)
         else:
-            raise TypeError("index: expected a TreeIndex or an object with "
-                            f"sample(queries, k, *, exclude, seed), got {type(index).__name__}")
+            raise TypeError(
+                "index: expected a TreeIndex or an object with "
+                f"sample(queries, k, *, exclude, seed), got {type(index).__name__}"
+            )
         self.exclude_positives = bool(exclude_positives)
         self.prefetch = bool(prefetch)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -144,10 +175,14 @@ class TreeNegativeSampler:
         self.rank = default_rank() if rank is None else int(rank)
         if self.rank < 0:
             raise ValueError(f"rank: expected an integer >= 0, got {rank!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
-                                    or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS):
-            raise ValueError(f"threads: expected None or an integer in [1, "
-                             f"{numba.config.NUMBA_NUM_THREADS}], got {threads!r}")
+        if threads is not None and (
+            isinstance(threads, bool)
+            or not isinstance(threads, (int, np.integer))
+            or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS
+        ):
+            raise ValueError(
+                f"threads: expected None or an integer in [1, {numba.config.NUMBA_NUM_THREADS}], got {threads!r}"
+            )
         self.threads = None if threads is None else int(threads)
         self.calls = 0
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -164,10 +199,12 @@ class TreeNegativeSampler:
             raise ValueError(f"mode={mode!r} but the given sampler uses {m!r}")
 
     def __repr__(self) -> str:
-        return (f"TreeNegativeSampler(k={self.k}, temperature={self.temperature}, "
-                f"proposal_temperature={self.proposal_temperature}, "
-                f"false_negative_margin={self.false_negative_margin}, mode={self.mode!r}, "
-                f"seed={self.seed}, rank={self.rank}, calls={self.calls}, sampler={self.sampler!r})")
+        return (
+            f"TreeNegativeSampler(k={self.k}, temperature={self.temperature}, "
+            f"proposal_temperature={self.proposal_temperature}, "
+            f"false_negative_margin={self.false_negative_margin}, mode={self.mode!r}, "
+            f"seed={self.seed}, rank={self.rank}, calls={self.calls}, sampler={self.sampler!r})"
+        )
 
     # -- seeds --------------------------------------------------------------------------
 
@@ -194,26 +231,55 @@ class TreeNegativeSampler:
         q, q_host, ex = self._prepare(query_emb, positive_ids)
         seed = self.call_seed(self.calls)
         self.calls += 1
-        return (self.sampler, q_host, self.k, ex, seed, q.device, log_q_dtype(q), self.threads,
-                self.temperature / self.proposal_temperature, self.false_negative_margin,
-                index_version(self.sampler))
+        return (
+            self.sampler,
+            q_host,
+            self.k,
+            ex,
+            seed,
+            q.device,
+            log_q_dtype(q),
+            self.threads,
+            self.temperature / self.proposal_temperature,
+            self.false_negative_margin,
+            index_version(self.sampler),
+        )
 
     @staticmethod
-    def _run(sampler: HostSampler, q_host: np.ndarray, k: int, ex: np.ndarray | None, seed: int,
-             device: torch.device, dtype: torch.dtype, threads: int | None, scale: float = 1.0,
-             margin: float | None = None, version: Any = None) -> Negatives:
+    def _run(
+        sampler: HostSampler,
+        q_host: np.ndarray,
+        k: int,
+        ex: np.ndarray | None,
+        seed: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        threads: int | None,
+        scale: float = 1.0,
+        margin: float | None = None,
+        version: Any = None,
+    ) -> Negatives:
         _check_version(sampler, version)
         with numba_threads(threads):
             return TreeNegativeSampler._draw(sampler, q_host, k, ex, seed, device, dtype, scale, margin)
 
     @staticmethod
-    def _draw(sampler: HostSampler, q_host: np.ndarray, k: int, ex: np.ndarray | None, seed: int,
-              device: torch.device, dtype: torch.dtype, scale: float = 1.0,
-              margin: float | None = None) -> Negatives:
+    def _draw(
+        sampler: HostSampler,
+        q_host: np.ndarray,
+        k: int,
+        ex: np.ndarray | None,
+        seed: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        scale: float = 1.0,
+        margin: float | None = None,
+    ) -> Negatives:
         if q_host.shape[0] == 0:
             z = np.empty((0, k))
-            return Negatives(torch.from_numpy(z.astype(np.int64)).to(device),
-                             torch.from_numpy(z).to(device=device, dtype=dtype))
+            return Negatives(
+                torch.from_numpy(z.astype(np.int64)).to(device), torch.from_numpy(z).to(device=device, dtype=dtype)
+            )
         excluded = None
         exclude: Any = ex
         if margin is not None and ex is not None:
@@ -223,9 +289,12 @@ class TreeNegativeSampler:
         # sampling at temperature T' from an index at T = sampling at T with queries q·T/T'
         qs = q_host if scale == 1.0 else (q_host * np.float32(scale))
         res = sampler.sample(qs, k, exclude=exclude, seed=seed)
-        return Negatives(ids=torch.from_numpy(np.ascontiguousarray(res.ids, np.int64)).to(device),
-                         log_q=torch.from_numpy(np.ascontiguousarray(res.log_q)).to(device=device, dtype=dtype),
-                         result=res, excluded=excluded)
+        return Negatives(
+            ids=torch.from_numpy(np.ascontiguousarray(res.ids, np.int64)).to(device),
+            log_q=torch.from_numpy(np.ascontiguousarray(res.log_q)).to(device=device, dtype=dtype),
+            result=res,
+            excluded=excluded,
+        )
 
     def sample(self, query_emb: torch.Tensor, positive_ids: torch.Tensor | None = None) -> Negatives:
         """k negatives per query (with replacement), on the queries' device.
@@ -237,8 +306,10 @@ class TreeNegativeSampler:
             pq, pp = self._pending[:2]
             if query_emb is pq and positive_ids is pp:
                 return self.result()
-            raise RuntimeError("a submitted batch is pending for other tensors: call result() "
-                               "first (or pass the submitted tensors to sample())")
+            raise RuntimeError(
+                "a submitted batch is pending for other tensors: call result() "
+                "first (or pass the submitted tensors to sample())"
+            )
         return self._run(*self._job(query_emb, positive_ids))
 
     def submit(self, query_emb: torch.Tensor, positive_ids: torch.Tensor | None = None) -> None:
@@ -288,7 +359,7 @@ class TreeNegativeSampler:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def __enter__(self) -> "TreeNegativeSampler":
+    def __enter__(self) -> TreeNegativeSampler:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -299,10 +370,16 @@ class TreeNegativeSampler:
     def state_dict(self) -> dict[str, Any]:
         """seed, rank, call counter, k, temperature, mode, proposal_temperature,
         false_negative_margin (not the index)."""
-        return {"seed": self.seed, "rank": self.rank, "calls": self.calls, "k": self.k,
-                "temperature": self.temperature, "mode": self.mode,
-                "proposal_temperature": self.proposal_temperature,
-                "false_negative_margin": self.false_negative_margin}
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "calls": self.calls,
+            "k": self.k,
+            "temperature": self.temperature,
+            "mode": self.mode,
+            "proposal_temperature": self.proposal_temperature,
+            "false_negative_margin": self.false_negative_margin,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore seed, call counter, k, temperature, mode and the proposal options.
@@ -325,8 +402,9 @@ class TreeNegativeSampler:
             raise ValueError(f"calls: expected an integer >= 0, got {calls}")
         if self._owns_sampler:
             if (t, mode) != (self.temperature, self.mode):
-                self.sampler = SoftmaxSampler(self.sampler.index, temperature=t, mode=mode,
-                                              tolerance=self.tolerance, budget=self.budget)
+                self.sampler = SoftmaxSampler(
+                    self.sampler.index, temperature=t, mode=mode, tolerance=self.tolerance, budget=self.budget
+                )
         else:
             self._check_foreign(t, mode)
         self.k, self.temperature, self.mode = k, t, mode
@@ -346,8 +424,10 @@ def _host_index_vectors(sampler: Any, ids: np.ndarray) -> np.ndarray:
     index = sampler if isinstance(sampler, TreeIndex) else getattr(sampler, "index", None)
     if isinstance(index, TreeIndex):
         return index.vectors(ids)
-    raise TypeError("false_negative_margin needs a TreeIndex, SoftmaxSampler or DynamicIndex (or an object "
-                    f"with predict(ids) and search(queries, k, exclude=)), got {type(sampler).__name__}")
+    raise TypeError(
+        "false_negative_margin needs a TreeIndex, SoftmaxSampler or DynamicIndex (or an object "
+        f"with predict(ids) and search(queries, k, exclude=)), got {type(sampler).__name__}"
+    )
 
 
 def _host_search(sampler: Any, q: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -359,8 +439,9 @@ def _host_search(sampler: Any, q: np.ndarray, k: int, exclude: np.ndarray) -> tu
     raise TypeError(f"false_negative_margin needs an index with search(), got {type(sampler).__name__}")
 
 
-def within_margin(sampler: Any, queries: np.ndarray, positives: np.ndarray, margin: float,
-                  *, first_k: int = 16) -> list[np.ndarray]:
+def within_margin(
+    sampler: Any, queries: np.ndarray, positives: np.ndarray, margin: float, *, first_k: int = 16
+) -> list[np.ndarray]:
     """Per query, the ids (other than its positive) whose score under `sampler`'s index
     is >= the positive's score - margin, found exactly by top-k search with k doubled
     for the queries whose k-th score still reaches the threshold."""
