@@ -3,6 +3,7 @@ the checks that turn a training loop's tensors into host arrays."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,3 +87,17 @@ def default_rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return int(torch.distributed.get_rank())
     return 0
+
+
+def check_margin(margin: Any) -> float | None:
+    """A false-negative margin: None, or a finite number >= 0 (raw inner-product units)."""
+    if margin is None:
+        return None
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, (int, float, np.floating, np.integer))
+        or not math.isfinite(margin)
+        or margin < 0
+    ):
+        raise ValueError(f"false_negative_margin: expected None or a finite number >= 0, got {margin!r}")
+    return float(margin)

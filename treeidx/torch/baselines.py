@@ -29,6 +29,7 @@ from ..tree import TreeIndex
 from ._common import (
     Negatives,
     check_k,
+    check_margin,
     check_positives,
     check_queries,
     check_temperature,
@@ -321,19 +322,10 @@ class BruteForceSampler:
         false_negative_margin: float | None = None,
     ) -> None:
         self.k = check_k(k)
+        false_negative_margin = check_margin(false_negative_margin)
         if false_negative_margin is not None:
-            if (
-                isinstance(false_negative_margin, bool)
-                or not isinstance(false_negative_margin, (int, float))
-                or not math.isfinite(false_negative_margin)
-                or false_negative_margin < 0
-            ):
-                raise ValueError(
-                    f"false_negative_margin: expected None or a finite number >= 0, got {false_negative_margin!r}"
-                )
             if not exclude_positives:
                 raise ValueError("false_negative_margin needs exclude_positives=True")
-            false_negative_margin = float(false_negative_margin)
         self.false_negative_margin = false_negative_margin
         self.temperature = check_temperature(temperature)
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")

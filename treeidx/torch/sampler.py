@@ -22,6 +22,7 @@ from ..tree import TreeIndex
 from ._common import (
     Negatives,
     check_k,
+    check_margin,
     check_positives,
     check_queries,
     check_temperature,
@@ -131,17 +132,8 @@ class TreeNegativeSampler:
         self.proposal_temperature = (
             self.temperature if proposal_temperature is None else check_temperature(proposal_temperature)
         )
+        false_negative_margin = check_margin(false_negative_margin)
         if false_negative_margin is not None:
-            if (
-                isinstance(false_negative_margin, bool)
-                or not isinstance(false_negative_margin, (int, float))
-                or not math.isfinite(false_negative_margin)
-                or false_negative_margin < 0
-            ):
-                raise ValueError(
-                    f"false_negative_margin: expected None or a finite number >= 0, got {false_negative_margin!r}"
-                )
-            false_negative_margin = float(false_negative_margin)
             if not exclude_positives:
                 raise ValueError(
                     "false_negative_margin needs exclude_positives=True (the margin is "
