@@ -1,4 +1,5 @@
 """Shared benchmark plumbing: arguments, timing, machine facts and the JSON line."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,15 +8,15 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 
 def base_parser(description: str, datasets=("clustered", "code")) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--n", type=int, default=100_000,
-                   help="number of targets (code/minilm: 0 = all items)")
+    p.add_argument("--n", type=int, default=100_000, help="number of targets (code/minilm: 0 = all items)")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--dataset", choices=list(datasets), default="clustered")
     p.add_argument("--queries", type=int, default=1000)
@@ -40,8 +41,9 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.sum(hits) / truth.size)
 
 
-def recall_ties_aside(x: np.ndarray, queries: np.ndarray, found: np.ndarray,
-                      truth_scores: np.ndarray, tol: float = 1e-5) -> float:
+def recall_ties_aside(
+    x: np.ndarray, queries: np.ndarray, found: np.ndarray, truth_scores: np.ndarray, tol: float = 1e-5
+) -> float:
     """Fraction of returned ids whose exact (float64) score reaches the true k-th score.
 
     Duplicate targets (common in real corpora) tie: either id is a correct answer, so
@@ -56,9 +58,18 @@ def recall_ties_aside(x: np.ndarray, queries: np.ndarray, found: np.ndarray,
 def machine() -> dict:
     import numba
     import torch
-    return dict(cpus=os.cpu_count(), numba_threads=numba.get_num_threads(),
-                torch_threads=torch.get_num_threads(), python=platform.python_version(),
-                numpy=np.__version__, numba=numba.__version__, torch=torch.__version__)
+
+    # the load average says how shared the machine was (2 cores, several users here)
+    return dict(
+        cpus=os.cpu_count(),
+        loadavg=[round(v, 2) for v in os.getloadavg()],
+        numba_threads=numba.get_num_threads(),
+        torch_threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        numpy=np.__version__,
+        numba=numba.__version__,
+        torch=torch.__version__,
+    )
 
 
 def emit(result: dict, quiet: bool) -> None:

@@ -4,6 +4,7 @@
 
 The last line printed is one JSON object with ms/query per variant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,8 @@ def clustered_unit(n: int, dim: int, n_clusters: int, rng: np.random.Generator) 
     for lo in range(0, n, step):
         hi = min(lo + step, n)
         x[lo:hi] = c[rng.integers(0, n_clusters, hi - lo)] + 0.35 * rng.standard_normal(
-            (hi - lo, dim), dtype=np.float32) / np.sqrt(dim)
+            (hi - lo, dim), dtype=np.float32
+        ) / np.sqrt(dim)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 

@@ -22,6 +22,7 @@ checkpoints, it reports:
 and the seconds of one landmark refresh (encode m targets + fit) against a full
 re-encode (encode all N targets + rebuild the tree over them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,15 +35,16 @@ import torch
 from bench._common import emit, log, machine
 from treeidx import NystromDrift, TreeIndex
 from treeidx.codesearch import CodeSearchData
-from treeidx.nystrom import kcenter
 from treeidx.codesearch.training import TrainConfig, eval_rows, train
+from treeidx.nystrom import kcenter
 
 DEFAULT_LANDMARKS = "64,256,1024,4096"
 HOLDOUT = 512
 
 
-def softmax_gap(queries: np.ndarray, approx: np.ndarray, fresh: np.ndarray, beta: float,
-                chunk: int = 32) -> dict[str, float]:
+def softmax_gap(
+    queries: np.ndarray, approx: np.ndarray, fresh: np.ndarray, beta: float, chunk: int = 32
+) -> dict[str, float]:
     """rel_score_error, tv_mean, tv_median of `approx` vs `fresh` target vectors (see
     the module docstring), over all targets, a chunk of queries at a time in float64."""
     q = np.asarray(queries, np.float32)
@@ -51,8 +53,8 @@ def softmax_gap(queries: np.ndarray, approx: np.ndarray, fresh: np.ndarray, beta
     tvs = []
     for lo in range(0, q.shape[0], chunk):
         # float32 products (error ~1e-7 on unit vectors, far below any drift), summed in float64
-        sf = (q[lo:lo + chunk] @ fresh.T).astype(np.float64)
-        sa = (q[lo:lo + chunk] @ approx.T).astype(np.float64)
+        sf = (q[lo : lo + chunk] @ fresh.T).astype(np.float64)
+        sa = (q[lo : lo + chunk] @ approx.T).astype(np.float64)
         e = sa - sf
         e -= e.mean(1, keepdims=True)
         c = sf - sf.mean(1, keepdims=True)
@@ -60,8 +62,7 @@ def softmax_gap(queries: np.ndarray, approx: np.ndarray, fresh: np.ndarray, beta
         den += float(np.sum(c * c))
         tvs.append(0.5 * np.abs(_softmax(beta * sa) - _softmax(beta * sf)).sum(1))
     tv = np.concatenate(tvs)
-    return dict(rel_score_error=float(np.sqrt(num / den)), tv_mean=float(tv.mean()),
-                tv_median=float(np.median(tv)))
+    return dict(rel_score_error=float(np.sqrt(num / den)), tv_mean=float(tv.mean()), tv_median=float(np.median(tv)))
 
 
 def _softmax(s: np.ndarray) -> np.ndarray:
@@ -71,8 +72,15 @@ def _softmax(s: np.ndarray) -> np.ndarray:
     return s
 
 
-def record_checkpoints(data: CodeSearchData, cfg: TrainConfig, strategy: str, steps: list[int],
-                       query_rows: np.ndarray, landmark_sizes: list[int], quiet: bool):
+def record_checkpoints(
+    data: CodeSearchData,
+    cfg: TrainConfig,
+    strategy: str,
+    steps: list[int],
+    query_rows: np.ndarray,
+    landmark_sizes: list[int],
+    quiet: bool,
+):
     """Train once; at each checkpoint keep every target's and the held-out queries'
     vectors. At the last one, time a landmark re-encode (each m) and a full re-encode."""
     snaps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -106,13 +114,15 @@ def record_checkpoints(data: CodeSearchData, cfg: TrainConfig, strategy: str, st
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--strategy", default="treeidx", help="negatives the encoder is trained with")
-    p.add_argument("--checkpoints", default="200,500,1000,1500,2000",
-                   help="steps; the first is where the index (stale vectors) is built")
+    p.add_argument(
+        "--checkpoints",
+        default="200,500,1000,1500,2000",
+        help="steps; the first is where the index (stale vectors) is built",
+    )
     p.add_argument("--landmarks", default=DEFAULT_LANDMARKS, help="m values (plus 1%% of the targets)")
     p.add_argument("--kernels", default="linear,rbf,cosine")
     p.add_argument("--choices", default="kcenter,uniform")
-    p.add_argument("--max-rank", type=int, default=256,
-                   help="rbf/cosine feature cap (the tree's extra dimensions)")
+    p.add_argument("--max-rank", type=int, default=256, help="rbf/cosine feature cap (the tree's extra dimensions)")
     p.add_argument("--queries", type=int, default=500, help="held-out (validation) queries")
     p.add_argument("--max-targets", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -138,15 +148,20 @@ def main(argv=None) -> dict:
     for m in sizes:
         for choice in a.choices.split(","):
             t = time.perf_counter()
-            lm = kcenter(stale, m, a.seed) if choice == "kcenter" else \
-                np.sort(rng.choice(n, m, replace=False))
+            lm = kcenter(stale, m, a.seed) if choice == "kcenter" else np.sort(rng.choice(n, m, replace=False))
             choose_s = time.perf_counter() - t
             others = np.setdiff1d(np.arange(n), lm)
             holdout = np.sort(rng.choice(others, HOLDOUT, replace=False))
             for kernel in a.kernels.split(","):
                 t = time.perf_counter()
-                model = NystromDrift(stale, n_landmarks=m, kernel=kernel, landmarks=lm,
-                                     max_rank=None if kernel == "linear" else a.max_rank, seed=a.seed)
+                model = NystromDrift(
+                    stale,
+                    n_landmarks=m,
+                    kernel=kernel,
+                    landmarks=lm,
+                    max_rank=None if kernel == "linear" else a.max_rank,
+                    seed=a.seed,
+                )
                 phi = model.features()
                 setup_s = time.perf_counter() - t
                 per_step = []
@@ -156,33 +171,70 @@ def main(argv=None) -> dict:
                     fit = model.fit(fresh[lm], holdout_ids=holdout, holdout_vectors=fresh[holdout])
                     fit_s = time.perf_counter() - t
                     gap = softmax_gap(queries, model.predict_from_features(phi), fresh, beta)
-                    per_step.append(dict(step=s, fit_s=fit_s, holdout_predicted=fit.holdout.predicted,
-                                         holdout_stale=fit.holdout.stale, **gap))
-                configs.append(dict(m=m, landmarks=choice, kernel=kernel, feature_dim=model.dim,
-                                    choose_s=choose_s, setup_s=setup_s, checkpoints=per_step))
-                log(f"m={m} {choice} {kernel}: " + ", ".join(
-                    f"{r['step']}: err {r['rel_score_error']:.3f} tv {r['tv_mean']:.3f}" for r in per_step)
-                    + "  | stale: " + ", ".join(f"err {r['rel_score_error']:.3f} tv {r['tv_mean']:.3f}"
-                                                for r in stale_rows), quiet)
+                    per_step.append(
+                        dict(
+                            step=s,
+                            fit_s=fit_s,
+                            holdout_predicted=fit.holdout.predicted,
+                            holdout_stale=fit.holdout.stale,
+                            **gap,
+                        )
+                    )
+                configs.append(
+                    dict(
+                        m=m,
+                        landmarks=choice,
+                        kernel=kernel,
+                        feature_dim=model.dim,
+                        choose_s=choose_s,
+                        setup_s=setup_s,
+                        checkpoints=per_step,
+                    )
+                )
+                log(
+                    f"m={m} {choice} {kernel}: "
+                    + ", ".join(f"{r['step']}: err {r['rel_score_error']:.3f} tv {r['tv_mean']:.3f}" for r in per_step)
+                    + "  | stale: "
+                    + ", ".join(f"err {r['rel_score_error']:.3f} tv {r['tv_mean']:.3f}" for r in stale_rows),
+                    quiet,
+                )
     full_s = timing["encode_all_s"] + timing["tree_build_s"]
     for c in configs:
         fit_s = float(np.mean([r["fit_s"] for r in c["checkpoints"]]))
         c["refresh_s"] = timing[f"encode_landmarks_s@{c['m']}"] + fit_s
         c["refresh_cost_vs_full"] = c["refresh_s"] / full_s
-        c["ratios_vs_stale"] = [dict(step=r["step"], score_error=r["rel_score_error"] / st["rel_score_error"],
-                                     tv=r["tv_mean"] / st["tv_mean"])
-                                for r, st in zip(c["checkpoints"], stale_rows)]
+        c["ratios_vs_stale"] = [
+            dict(
+                step=r["step"],
+                score_error=r["rel_score_error"] / st["rel_score_error"],
+                tv=r["tv_mean"] / st["tv_mean"],
+            )
+            for r, st in zip(c["checkpoints"], stale_rows)
+        ]
         c["worst_ratio"] = max(max(x["score_error"], x["tv"]) for x in c["ratios_vs_stale"])
     best = min(configs, key=lambda c: (c["worst_ratio"], c["refresh_s"]))
-    res = dict(benchmark="drift", data=data.describe(), strategy=a.strategy, config=asdict(cfg),
-               checkpoints=steps, index_built_at=steps[0], temperature=cfg.temperature,
-               held_out_queries=int(rows.size), train_test=trained.test, stale=stale_rows,
-               full_reencode_s=dict(encode_all_s=timing["encode_all_s"], tree_build_s=timing["tree_build_s"],
-                                    total_s=full_s),
-               best=dict(m=best["m"], landmarks=best["landmarks"], kernel=best["kernel"],
-                         worst_ratio_vs_stale=best["worst_ratio"],
-                         refresh_cost_vs_full=best["refresh_cost_vs_full"]),
-               configs=configs, machine=machine())
+    res = dict(
+        benchmark="drift",
+        data=data.describe(),
+        strategy=a.strategy,
+        config=asdict(cfg),
+        checkpoints=steps,
+        index_built_at=steps[0],
+        temperature=cfg.temperature,
+        held_out_queries=int(rows.size),
+        train_test=trained.test,
+        stale=stale_rows,
+        full_reencode_s=dict(encode_all_s=timing["encode_all_s"], tree_build_s=timing["tree_build_s"], total_s=full_s),
+        best=dict(
+            m=best["m"],
+            landmarks=best["landmarks"],
+            kernel=best["kernel"],
+            worst_ratio_vs_stale=best["worst_ratio"],
+            refresh_cost_vs_full=best["refresh_cost_vs_full"],
+        ),
+        configs=configs,
+        machine=machine(),
+    )
     emit(res, quiet)
     return res
 

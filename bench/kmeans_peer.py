@@ -15,6 +15,7 @@ The proposal for one query q at inverse temperature beta:
 Q is returned exactly (normalised in log space, float64), so its TV to the exact
 softmax is computed exactly instead of estimated from draws.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,7 +56,7 @@ class KMeansListProposal:
         work = self.n_lists + np.cumsum(self.counts[rank])
         m = max(1, int(np.searchsorted(work, budget, side="right")))
         evaluated = rank[:m]
-        idx = np.concatenate([self.order[self.offsets[l]:self.offsets[l + 1]] for l in evaluated])
+        idx = np.concatenate([self.order[self.offsets[l] : self.offsets[l + 1]] for l in evaluated])
         # Unevaluated targets inherit their centroid's score; evaluated ones get the exact score.
         log_w = c_score[self.labels]
         log_w[idx] = beta * (self.x[idx].astype(np.float64) @ q64)
@@ -67,8 +68,9 @@ def exact_tv(log_p: np.ndarray, log_q: np.ndarray) -> float:
     return float(0.5 * np.abs(np.exp(log_p) - np.exp(log_q)).sum())
 
 
-def peer_tv(peer: KMeansListProposal, queries: np.ndarray, log_ps: list[np.ndarray],
-            beta: float, budget: float) -> dict:
+def peer_tv(
+    peer: KMeansListProposal, queries: np.ndarray, log_ps: list[np.ndarray], beta: float, budget: float
+) -> dict:
     """Mean inner-product share and mean exact TV of the peer over `queries`, whose
     exact softmax log-probabilities are `log_ps` (one (N,) row per query).
     `within_budget` is False when the minimum work (centroids + one list) exceeded
@@ -79,5 +81,8 @@ def peer_tv(peer: KMeansListProposal, queries: np.ndarray, log_ps: list[np.ndarr
         log_q, w = peer.proposal(q, beta, budget)
         works.append(w)
         tvs.append(exact_tv(lp, log_q))
-    return dict(inner_product_share=float(np.mean(works) / n), tv_exact=float(np.mean(tvs)),
-                within_budget=bool(max(works) <= budget))
+    return dict(
+        inner_product_share=float(np.mean(works) / n),
+        tv_exact=float(np.mean(tvs)),
+        within_budget=bool(max(works) <= budget),
+    )

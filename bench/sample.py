@@ -1,6 +1,7 @@
 """Softmax sampling: treeidx exact and approx vs the fastest exact brute-force sampler.
 
     python -m bench.sample --n 4000000 --dim 64 --dataset clustered --k 64 --json
+    python -m bench.sample --dataset static --n 1000000 --perplexities 1000 --no-kmeans-peer --json
 
 For each target perplexity (default 10, 100, 1000) the temperature is found by
 bisection on the exact softmax of a few queries. Then, in the same process on the
@@ -13,6 +14,13 @@ empirical TV at the same number of draws); for approx mode the mean of P/Q over
 its own samples (1 for a correct log q), `tv_is` (an unbiased, noise-floor-free TV
 estimate from its own draws, see `tv_importance`) and a TV-versus-budget curve.
 
+Beside the exact fp32 brute force, every run also times the reduced-precision brute-force
+samplers a user would try first (`BruteForce(precision="bf16" | "int8")`: a full scan
+whose softmax over bf16 / int8 scores is a proposal with exact log q, not the exact
+softmax) and reports their exact TV to the softmax (`tv_to_exact`, mean over the
+`--tv-queries` queries); treeidx's speed-ups are given against each
+(`speedup_vs_brute` is against fp32, `speedup_vs_bf16` / `speedup_vs_int8` against those).
+
 Beside each curve point, the simple k-means list proposal of the issue
 (bench.kmeans_peer) at the same mean inner products per query, with its exact TV;
 and that peer at the issue's reference work levels N/26, N/8, N/4
@@ -20,6 +28,7 @@ and that peer at the issue's reference work levels N/26, N/8, N/4
 uses the first M corpus items only (a cached prefix; the whole corpus takes hours
 to encode).
 """
+
 from __future__ import annotations
 
 import time
@@ -28,7 +37,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from bench._common import base_parser, emit, log, machine, timed
-from bench.datasets import load
+from bench.datasets import STATIC_DIM, load, static_meta
 from bench.kmeans_peer import KMeansListProposal, peer_tv
 from treeidx import SoftmaxSampler, TreeIndex
 from treeidx.brute import BruteForce
@@ -60,16 +69,21 @@ def empirical_tv(ids: np.ndarray, p: np.ndarray) -> float:
     return float(0.5 * (np.abs(emp - p[u]).sum() + (p.sum() - p[u].sum())))
 
 
-def exact_log_softmax(queries: np.ndarray, x: np.ndarray, beta: float,
-                      chunk: int = 65536) -> list[np.ndarray]:
-    """Exact float64 log-softmax of beta <q, x> over all targets, one (N,) row per query.
+def exact_scores(queries: np.ndarray, x: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """float64 <q, x> for every query and target, (B, N).
 
-    Targets are cast to float64 a chunk at a time: one float64 copy of x (344 MB at
-    112k x 384) is avoided, and the casts are shared by all queries."""
+    Targets are cast to float64 a chunk at a time: one float64 copy of x (2 GB at
+    1M x 256) is avoided, and the casts are shared by all queries."""
     q64 = queries.astype(np.float64)
     z = np.empty((q64.shape[0], x.shape[0]), np.float64)
     for lo in range(0, x.shape[0], chunk):
-        z[:, lo:lo + chunk] = q64 @ x[lo:lo + chunk].astype(np.float64).T
+        z[:, lo : lo + chunk] = q64 @ x[lo : lo + chunk].astype(np.float64).T
+    return z
+
+
+def exact_log_softmax(queries: np.ndarray, x: np.ndarray, beta: float, chunk: int = 65536) -> list[np.ndarray]:
+    """Exact float64 log-softmax of beta <q, x> over all targets, one (N,) row per query."""
+    z = exact_scores(queries, x, chunk)
     z *= beta
     z -= logsumexp(z, axis=1, keepdims=True)
     return list(z)
@@ -86,37 +100,67 @@ def tv_importance(log_p: np.ndarray, log_q: np.ndarray) -> tuple[float, float]:
         t = np.maximum(0.0, 1.0 - np.exp(log_p - log_q))
     est = t.mean(axis=1)
     se = t.std(axis=1, ddof=1) / np.sqrt(t.shape[1]) if t.shape[1] > 1 else np.full(len(est), 0.5)
-    return float(est.mean()), float(np.sqrt((se ** 2).sum()) / len(est))
+    return float(est.mean()), float(np.sqrt((se**2).sum()) / len(est))
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__.splitlines()[0], datasets=("clustered", "code", "minilm"))
+    p = base_parser(__doc__.splitlines()[0], datasets=("clustered", "code", "minilm", "static"))
     p.set_defaults(queries=256)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--perplexities", default="10,100,1000")
-    p.add_argument("--temperature", type=float, action="append",
-                   help="also run at this temperature (e.g. 0.05 on minilm); repeatable")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        action="append",
+        help="also run at this temperature (e.g. 0.05 on minilm); repeatable",
+    )
     p.add_argument("--tv-queries", type=int, default=4)
-    p.add_argument("--tv-draws", type=int, default=200_000,
-                   help="draws per TV query for the measured TVs (tv_measured, tv_is)")
-    p.add_argument("--budgets", default="0.001,0.003,0.01,0.03",
-                   help="approx-mode budgets as fractions of N for the TV-vs-speed curve")
-    p.add_argument("--no-kmeans-peer", action="store_true",
-                   help="skip the k-means list proposal (bench.kmeans_peer) at equal work")
-    p.add_argument("--max-items", type=int, default=None,
-                   help="minilm only: use the first M corpus items (its own cache)")
+    p.add_argument(
+        "--tv-draws", type=int, default=200_000, help="draws per TV query for the measured TVs (tv_measured, tv_is)"
+    )
+    p.add_argument(
+        "--budgets",
+        default="0.001,0.003,0.01,0.03",
+        help="approx-mode budgets as fractions of N for the TV-vs-speed curve",
+    )
+    p.add_argument(
+        "--no-kmeans-peer", action="store_true", help="skip the k-means list proposal (bench.kmeans_peer) at equal work"
+    )
+    p.add_argument(
+        "--max-items", type=int, default=None, help="minilm only: use the first M corpus items (its own cache)"
+    )
+    p.add_argument(
+        "--precisions",
+        default="bf16,int8",
+        help="reduced-precision brute-force samplers timed beside fp32 ('' for none)",
+    )
+    p.add_argument(
+        "--lowp-tv-queries",
+        type=int,
+        default=32,
+        help="queries over which the reduced-precision samplers' exact TV is averaged",
+    )
     a = p.parse_args(argv)
     quiet = a.json
-    dim = 384 if a.dataset == "minilm" else a.dim
+    dim = {"minilm": 384, "static": STATIC_DIM}.get(a.dataset, a.dim)
     n_arg = None if (a.dataset != "clustered" and a.n <= 0) else a.n
-    x, queries = load(a.dataset, n_arg, dim, n_queries=a.queries, seed=a.seed,
-                      max_items=a.max_items)
+    x, queries = load(a.dataset, n_arg, dim, n_queries=a.queries, seed=a.seed, max_items=a.max_items)
     n = x.shape[0]
     log(f"data: {a.dataset} {x.shape}, {queries.shape[0]} queries", quiet)
-    res: dict = dict(benchmark="sample", dataset=a.dataset, n=n, dim=dim, k=a.k,
-                     queries=int(queries.shape[0]), max_items=a.max_items,
-                     tv_queries=int(min(a.tv_queries, queries.shape[0])), tv_draws=a.tv_draws,
-                     machine=machine())
+    meta = static_meta() if a.dataset == "static" else None
+    res: dict = dict(
+        benchmark="sample",
+        dataset=a.dataset,
+        n=n,
+        dim=dim,
+        k=a.k,
+        queries=int(queries.shape[0]),
+        max_items=a.max_items,
+        tv_queries=int(min(a.tv_queries, queries.shape[0])),
+        tv_draws=a.tv_draws,
+        machine=machine(),
+        **({"dataset_meta": meta} if meta else {}),
+    )
     t = time.perf_counter()
     warm = TreeIndex.build(x[:3000])
     SoftmaxSampler(warm, temperature=0.1).sample(queries[:4], 4, seed=0)
@@ -131,8 +175,7 @@ def main(argv=None) -> dict:
         res["kmeans_peer_lists"] = peer.n_lists
     brute = BruteForce(x)
     probe = queries[: min(16, queries.shape[0])]
-    probe_scores = (probe.astype(np.float64) @ x.T.astype(np.float64)) if n <= 2_000_000 else \
-        (probe @ x.T).astype(np.float64)
+    probe_scores = exact_scores(probe, x) if n <= 2_000_000 else (probe @ x.T).astype(np.float64)
     settings = [("perplexity", float(t_)) for t_ in a.perplexities.split(",") if t_]
     settings += [("temperature", t_) for t_ in (a.temperature or [])]
     res["runs"] = []
@@ -151,9 +194,35 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
     brute.sample(queries[:8], k, beta, seed=0)
     bf_s, _ = timed(lambda: brute.sample(queries, k, beta, seed=1), repeat=2)
     out["brute_force"] = dict(ms_per_query=1e3 * bf_s / nq)
-    samplers = {"exact": SoftmaxSampler(index, temperature=1.0 / beta, mode="exact"),
-                "approx": SoftmaxSampler(index, temperature=1.0 / beta, mode="approx")}
     tvq = queries[: a.tv_queries]
+    lowp_s = {}
+    for prec in [p_ for p_ in a.precisions.split(",") if p_]:
+        # One reduced-precision copy at a time: each holds its own vectors and buffer.
+        lowp = BruteForce(x, precision=prec)
+        lowp.sample(queries[:8], k, beta, seed=0)
+        lowp_s[prec], _ = timed(lambda lp=lowp: lp.sample(queries, k, beta, seed=1), repeat=2)
+        tv = lowp.tv_to_exact(queries[: a.lowp_tv_queries], beta)
+        out[f"brute_force_{prec}"] = dict(
+            ms_per_query=1e3 * lowp_s[prec] / nq,
+            speedup_vs_brute=bf_s / lowp_s[prec],
+            tv_to_exact=float(tv.mean()),
+            tv_to_exact_max=float(tv.max()),
+        )
+        log(
+            f"  brute force {prec}: {1e3 * lowp_s[prec] / nq:.3f} ms/q ({bf_s / lowp_s[prec]:.2f}x fp32), "
+            f"TV to the softmax {tv.mean():.4f} (max {tv.max():.4f})",
+            quiet,
+        )
+        del lowp
+    log(f"  brute force fp32: {1e3 * bf_s / nq:.3f} ms/q", quiet)
+
+    def ratios(s: float) -> dict:
+        return dict(speedup_vs_brute=bf_s / s, **{f"speedup_vs_{p_}": v / s for p_, v in lowp_s.items()})
+
+    samplers = {
+        "exact": SoftmaxSampler(index, temperature=1.0 / beta, mode="exact"),
+        "approx": SoftmaxSampler(index, temperature=1.0 / beta, mode="approx"),
+    }
     exact_lp = exact_log_softmax(tvq, x, beta)
     exact_p = [np.exp(lp) for lp in exact_lp]
     # sampling-noise floor: brute force's own empirical TV at the same number of draws
@@ -162,11 +231,14 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
     for name, sampler in samplers.items():
         sampler.sample(queries[:8], k, seed=0)
         s, r = timed(lambda: sampler.sample(queries, k, seed=1), repeat=2)
-        entry = dict(ms_per_query=1e3 * s / nq, speedup_vs_brute=bf_s / s,
-                     draws_per_sample=float(r.draws_per_sample.mean()),
-                     inner_product_share=float(r.inner_products.mean() / n),
-                     nodes_opened=float(r.nodes_opened.mean()),
-                     tv_bound_median=float(np.median(r.tv_bound)))
+        entry = dict(
+            ms_per_query=1e3 * s / nq,
+            **ratios(s),
+            draws_per_sample=float(r.draws_per_sample.mean()),
+            inner_product_share=float(r.inner_products.mean() / n),
+            nodes_opened=float(r.nodes_opened.mean()),
+            tv_bound_median=float(np.median(r.tv_bound)),
+        )
         big = sampler.sample(tvq, a.tv_draws, seed=3)
         entry["tv_measured"] = float(np.mean([empirical_tv(big.ids[i], exact_p[i]) for i in range(tvq.shape[0])]))
         lp = np.stack([exact_lp[i][big.ids[i]] for i in range(tvq.shape[0])])
@@ -174,10 +246,14 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
         if name == "approx":
             entry["tv_is"], entry["tv_is_se"] = tv_importance(lp, big.log_q)
         out[f"treeidx_{name}"] = entry
-        log(f"  {name}: {entry['ms_per_query']:.3f} ms/q ({entry['speedup_vs_brute']:.1f}x), "
+        log(
+            f"  {name}: {entry['ms_per_query']:.3f} ms/q ({entry['speedup_vs_brute']:.1f}x), "
             f"TV {entry['tv_measured']:.3f} (floor {out['tv_noise_floor']:.3f}"
-            + (f", IS {entry['tv_is']:.3f}" if "tv_is" in entry else "") + "), "
-            f"ip share {entry['inner_product_share']:.4f}", quiet)
+            + (f", IS {entry['tv_is']:.3f}" if "tv_is" in entry else "")
+            + "), "
+            f"ip share {entry['inner_product_share']:.4f}",
+            quiet,
+        )
     curve = []
     for frac in [float(f) for f in a.budgets.split(",") if f]:
         budget = max(64, int(frac * n))
@@ -186,25 +262,36 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
         big = sampler.sample(tvq, a.tv_draws, seed=3)
         lp = np.stack([exact_lp[i][big.ids[i]] for i in range(tvq.shape[0])])
         tv_is, tv_is_se = tv_importance(lp, big.log_q)
-        point = dict(budget=budget, ms_per_query=1e3 * s / nq, speedup_vs_brute=bf_s / s,
-                     inner_product_share=float(r.inner_products.mean() / n),
-                     tv_measured=float(np.mean([empirical_tv(big.ids[i], exact_p[i])
-                                                for i in range(tvq.shape[0])])),
-                     tv_is=tv_is, tv_is_se=tv_is_se,
-                     tv_bound_median=float(np.median(r.tv_bound)))
+        point = dict(
+            budget=budget,
+            ms_per_query=1e3 * s / nq,
+            **ratios(s),
+            inner_product_share=float(r.inner_products.mean() / n),
+            tv_measured=float(np.mean([empirical_tv(big.ids[i], exact_p[i]) for i in range(tvq.shape[0])])),
+            tv_is=tv_is,
+            tv_is_se=tv_is_se,
+            tv_bound_median=float(np.median(r.tv_bound)),
+        )
         if peer is not None:
             # Equal work: the peer may spend what treeidx approx spent per query on average.
             point["kmeans_peer"] = peer_tv(peer, tvq, exact_lp, beta, r.inner_products.mean())
         curve.append(point)
-        log(f"  approx budget {budget}: ip share {point['inner_product_share']:.4f}, "
+        log(
+            f"  approx budget {budget}: ip share {point['inner_product_share']:.4f}, "
             f"TV {point['tv_measured']:.3f} (IS {tv_is:.3f})"
-            + (f", k-means peer TV {point['kmeans_peer']['tv_exact']:.3f} at share "
-               f"{point['kmeans_peer']['inner_product_share']:.4f}" if peer is not None else ""), quiet)
+            + (
+                f", k-means peer TV {point['kmeans_peer']['tv_exact']:.3f} at share "
+                f"{point['kmeans_peer']['inner_product_share']:.4f}"
+                if peer is not None
+                else ""
+            ),
+            quiet,
+        )
     out["approx_curve"] = curve
     if peer is not None:
         out["kmeans_peer_reference"] = [
-            dict(work_ratio=ratio, **peer_tv(peer, tvq, exact_lp, beta, n / ratio))
-            for ratio in PEER_WORK_RATIOS]
+            dict(work_ratio=ratio, **peer_tv(peer, tvq, exact_lp, beta, n / ratio)) for ratio in PEER_WORK_RATIOS
+        ]
     return out
 
 

@@ -8,6 +8,7 @@ milliseconds and recall against brute force for treeidx, brute force (numpy
 sgemm into a reused buffer + torch.topk), faiss IndexFlatIP (exact) and, for
 context, faiss IVF (approximate, nlist = 4 sqrt N, nprobe 8).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,12 +29,14 @@ def main(argv=None) -> dict:
     p.add_argument("--no-faiss", action="store_true")
     a = p.parse_args(argv)
     q_ = a.json
-    x, queries = load(a.dataset, None if (a.dataset == "code" and a.n <= 0) else a.n, a.dim,
-                      n_queries=a.queries, seed=a.seed)
+    x, queries = load(
+        a.dataset, None if (a.dataset == "code" and a.n <= 0) else a.n, a.dim, n_queries=a.queries, seed=a.seed
+    )
     n = x.shape[0]
     log(f"data: {a.dataset} {x.shape}, {queries.shape[0]} queries", q_)
-    res: dict = dict(benchmark="search", dataset=a.dataset, n=n, dim=a.dim, k=a.k,
-                     queries=int(queries.shape[0]), machine=machine())
+    res: dict = dict(
+        benchmark="search", dataset=a.dataset, n=n, dim=a.dim, k=a.k, queries=int(queries.shape[0]), machine=machine()
+    )
 
     # numba compiles on first use (or loads its cache): time that apart
     t = time.perf_counter()
@@ -60,15 +63,24 @@ def main(argv=None) -> dict:
     tx_s, (_, tx_ids) = timed(lambda: index.search(queries, a.k), repeat=2)
     nq = queries.shape[0]
     res["treeidx"] = dict(
-        build_s=build_s, compile_s=compile_s, bytes_per_target=bytes_built,
+        build_s=build_s,
+        compile_s=compile_s,
+        bytes_per_target=bytes_built,
         bytes_ratio_to_float32_vectors=bytes_built / (4 * a.dim),
         bytes_per_target_after_edits=bytes_per_target,
-        remove_per_s=n_edit / remove_s, insert_per_s=n_edit / insert_s, edited=n_edit,
-        search_ms_per_query=1e3 * tx_s / nq, recall=recall(tx_ids, truth),
+        remove_per_s=n_edit / remove_s,
+        insert_per_s=n_edit / insert_s,
+        edited=n_edit,
+        search_ms_per_query=1e3 * tx_s / nq,
+        recall=recall(tx_ids, truth),
         recall_ties_aside=recall_ties_aside(x, queries, tx_ids, truth_s),
-        nodes_visited_median=float(np.median(index.last_search_visited)),
-        nodes=st["nodes"], leaves=st["leaves"], depth=st["depth"],
-        root_children=st["root_children"], clusters=st["clusters"])
+        nodes_visited_median=float(np.median(index.search(queries, a.k, return_work=True)[2].nodes_visited)),
+        nodes=st["nodes"],
+        leaves=st["leaves"],
+        depth=st["depth"],
+        root_children=st["root_children"],
+        clusters=st["clusters"],
+    )
     res["brute_force"] = dict(search_ms_per_query=1e3 * bf_s / nq, recall=1.0)
     if not a.no_faiss:
         res.update(faiss_peers(x, queries, a.k, truth, a.seed, q_))
@@ -102,8 +114,9 @@ def faiss_peers(x, queries, k, truth, seed, quiet) -> dict:
         build = time.perf_counter() - t
         ivf.nprobe = 8
         iv_s, (_, iv_ids) = timed(lambda: ivf.search(queries, k), repeat=2)
-        out["faiss_ivf_approx"] = dict(nlist=nlist, nprobe=8, build_s=build,
-                                       search_ms_per_query=1e3 * iv_s / nq, recall=recall(iv_ids, truth))
+        out["faiss_ivf_approx"] = dict(
+            nlist=nlist, nprobe=8, build_s=build, search_ms_per_query=1e3 * iv_s / nq, recall=recall(iv_ids, truth)
+        )
     return out
 
 

@@ -44,6 +44,7 @@ proposal only; log_q is the exact log-probability under the proposal actually us
 and the loss uses the fresh queries with gradients) and submitted; the sampling runs
 on treeidx's worker thread while this thread does step t's forward/backward.
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,22 +60,38 @@ import torch.nn.functional as F
 from bench._common import base_parser, emit, log, machine
 from bench.sample import exact_log_softmax, tv_importance
 from treeidx import SoftmaxSampler, TreeIndex
-from treeidx.torch import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
-from treeidx.torch import TreeNegativeSampler, sampled_softmax_loss
+from treeidx.torch import (
+    BruteForceSampler,
+    InBatch,
+    NegativeCache,
+    StaleTopK,
+    TreeNegativeSampler,
+    UniformSampler,
+    sampled_softmax_loss,
+)
 
 VOCAB = 1 << 18
 EMB = 128
-TOKENS = 16          # per target
-TOPIC_TOKENS = 8     # of them from the topic vocabulary
+TOKENS = 16  # per target
+TOPIC_TOKENS = 8  # of them from the topic vocabulary
 TOPIC_VOCAB = 64
 Q_KEEP, Q_NOISE = 6, 2
 
-ALL_SAMPLERS = ("inbatch", "uniform", "stale_topk", "negcache", "brute",
-                "tree_approx_prefetch", "tree_approx_noprefetch",
-                "tree_exact_prefetch", "tree_exact_noprefetch")
+ALL_SAMPLERS = (
+    "inbatch",
+    "uniform",
+    "stale_topk",
+    "negcache",
+    "brute",
+    "tree_approx_prefetch",
+    "tree_approx_noprefetch",
+    "tree_exact_prefetch",
+    "tree_exact_noprefetch",
+)
 
 
 # ------------------------------------------------------------------------------- data
+
 
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser, vectorised over uint64."""
@@ -106,12 +123,12 @@ def make_batch(tokens: torch.Tensor, batch: int, seed: int, step: int):
     n = tokens.shape[0]
     pos = rng.integers(0, n, batch)
     keep = np.argsort(rng.random((batch, TOKENS)), axis=1)[:, :Q_KEEP]
-    q = np.concatenate([np.take_along_axis(tokens[pos].numpy(), keep, 1),
-                        rng.integers(0, VOCAB, (batch, Q_NOISE))], 1)
+    q = np.concatenate([np.take_along_axis(tokens[pos].numpy(), keep, 1), rng.integers(0, VOCAB, (batch, Q_NOISE))], 1)
     return torch.from_numpy(q), torch.from_numpy(pos)
 
 
 # ------------------------------------------------------------------------------ model
+
 
 class Tower(nn.Module):
     def __init__(self, dim: int):
@@ -143,7 +160,7 @@ def optimizers(model: TwoTower, lr: float, emb_lr: float = 200.0):
 def encode_all(tower: Tower, tokens: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     out = torch.empty((tokens.shape[0], tower.proj.out_features))
     for lo in range(0, tokens.shape[0], chunk):
-        out[lo:lo + chunk] = tower(tokens[lo:lo + chunk])
+        out[lo : lo + chunk] = tower(tokens[lo : lo + chunk])
     return out
 
 
@@ -159,6 +176,7 @@ def tensor_bytes(*ts) -> int:
 
 # ------------------------------------------------------------------------------ run
 
+
 def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet):
     """Train `warm` + timed steps with one sampler; returns per-step timings and memory."""
     model = copy.deepcopy(model0)
@@ -167,7 +185,7 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
     T = a.temperature
     prefetch = name.endswith("_prefetch")
     info: dict = {}
-    extra_ms = 0.0     # amortised cost not paid inside the timed steps (added to sampling)
+    extra_ms = 0.0  # amortised cost not paid inside the timed steps (added to sampling)
     on_targets = None  # NegativeCache: enqueue the step's encoded targets
     in_batch = name in ("inbatch", "stale_topk")
     if name == "inbatch":
@@ -180,6 +198,7 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
 
         def encode_targets():
             return encode_all(model.target, tokens)
+
         sampler = StaleTopK(encode_targets, np.arange(n), k=a.k, refresh_every=a.refresh)
         orig = sampler.refresh
 
@@ -187,12 +206,12 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
             t = time.perf_counter()
             orig()
             refresh_s.append(time.perf_counter() - t)
+
         sampler.refresh = timed_refresh
         memory = device_mem = None  # after the first refresh
     elif name == "negcache":
         c = min(a.cache, n)
-        sampler = NegativeCache(np.arange(c), vectors[:c], k=a.k, temperature=T,
-                                cache_size=c, seed=a.seed)
+        sampler = NegativeCache(np.arange(c), vectors[:c], k=a.k, temperature=T, cache_size=c, seed=a.seed)
         memory = tensor_bytes(sampler._ids, sampler._vecs, sampler._live)
         device_mem = memory  # it lives wherever the training runs
 
@@ -206,8 +225,9 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
     else:
         mode = name.split("_")[1]
         inner = SoftmaxSampler(index, temperature=T, mode=mode, budget=a.budget)
-        sampler = TreeNegativeSampler(inner, k=a.k, temperature=T, mode=mode, prefetch=True,
-                                      seed=a.seed, threads=a.sampler_threads or None)
+        sampler = TreeNegativeSampler(
+            inner, k=a.k, temperature=T, mode=mode, prefetch=True, seed=a.seed, threads=a.sampler_threads or None
+        )
         memory, device_mem = index.nbytes, 0
         info["budget"] = inner._budget()
         extra_ms = info["refresh_ms_per_step"] = (a.encode_all_s + a.build_s) * 1e3 / a.refresh
@@ -236,12 +256,18 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
             negs = sampler.sample(q.detach(), pos)
             t_samp = time.perf_counter() - t1
         k = negs.ids.shape[1]
-        ids = torch.cat([pos[:, None], negs.ids], 1)              # (B, k + 1)
+        ids = torch.cat([pos[:, None], negs.ids], 1)  # (B, k + 1)
         tv = model.target(tokens[ids.reshape(-1)]).view(ids.shape[0], k + 1, -1)
-        loss = sampled_softmax_loss(q, tv[:, 0], tv[:, 1:] if k else None,
-                                    log_q=negs.log_q if k else None, temperature=T,
-                                    in_batch_negatives=in_batch, pos_ids=pos,
-                                    neg_ids=negs.ids if k else None)
+        loss = sampled_softmax_loss(
+            q,
+            tv[:, 0],
+            tv[:, 1:] if k else None,
+            log_q=negs.log_q if k else None,
+            temperature=T,
+            in_batch_negatives=in_batch,
+            pos_ids=pos,
+            neg_ids=negs.ids if k else None,
+        )
         for o in opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
@@ -267,8 +293,11 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
     if prefetch:
         sampler.close()
     if name == "stale_topk":
-        memory = sampler._index.nbytes if hasattr(sampler._index, "nbytes") else \
-            tensor_bytes(torch.from_numpy(sampler._index.vectors))
+        memory = (
+            sampler._index.nbytes
+            if hasattr(sampler._index, "nbytes")
+            else tensor_bytes(torch.from_numpy(sampler._index.vectors))
+        )
         device_mem = 0
         info["backend"] = sampler.backend
         info["refresh_s"] = refresh_s[0]
@@ -276,18 +305,29 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
     timed = np.array(rows[warm:])
     step_ms = float(np.median(timed[:, 0]) * 1e3) + extra_ms
     samp_ms = float(np.median(timed[:, 1]) * 1e3) + extra_ms
-    out = dict(step_ms=step_ms, sampling_ms=samp_ms, rest_ms=step_ms - samp_ms,
-               step_ms_mean=float(timed[:, 0].mean() * 1e3) + extra_ms,
-               timed_steps=int(timed.shape[0]), warmup_steps=warm,
-               memory_bytes=int(memory), device_bytes_on_accelerator=int(device_mem),
-               final_loss=float(timed[-1, 2]), wall_s=time.perf_counter() - t_run,
-               cores_busy=(_cpu_seconds() - cpu_run) / (time.perf_counter() - t_run),
-               torch_threads=torch.get_num_threads(), **info)
+    out = dict(
+        step_ms=step_ms,
+        sampling_ms=samp_ms,
+        rest_ms=step_ms - samp_ms,
+        step_ms_mean=float(timed[:, 0].mean() * 1e3) + extra_ms,
+        timed_steps=int(timed.shape[0]),
+        warmup_steps=warm,
+        memory_bytes=int(memory),
+        device_bytes_on_accelerator=int(device_mem),
+        final_loss=float(timed[-1, 2]),
+        wall_s=time.perf_counter() - t_run,
+        cores_busy=(_cpu_seconds() - cpu_run) / (time.perf_counter() - t_run),
+        torch_threads=torch.get_num_threads(),
+        **info,
+    )
     if ips:
         out["inner_products_per_query"] = float(np.mean(ips))
         out["tv_bound_mean"] = float(np.mean(tvs))
-    log(f"{name:24s} step {step_ms:8.1f} ms  sampling {samp_ms:8.1f} ms  "
-        f"({out['timed_steps']} timed, {out['wall_s']:.1f} s)", quiet)
+    log(
+        f"{name:24s} step {step_ms:8.1f} ms  sampling {samp_ms:8.1f} ms  "
+        f"({out['timed_steps']} timed, {out['wall_s']:.1f} s)",
+        quiet,
+    )
     return out
 
 
@@ -302,14 +342,18 @@ def approx_quality(model, tokens, vectors, index, a, n_queries: int = 8, draws: 
     with torch.no_grad():
         q = model.query(qtok).numpy()
     log_p = np.stack(exact_log_softmax(q, vectors.numpy(), 1.0 / a.temperature))
-    r = SoftmaxSampler(index, temperature=a.temperature, mode="approx", budget=a.budget).sample(
-        q, draws, seed=a.seed)
+    r = SoftmaxSampler(index, temperature=a.temperature, mode="approx", budget=a.budget).sample(q, draws, seed=a.seed)
     tv_is, tv_is_se = tv_importance(np.take_along_axis(log_p, r.ids, 1), r.log_q)
     perplexity = np.exp(-(np.exp(log_p) * log_p).sum(axis=1))
-    return dict(queries=n_queries, draws=draws, tv_is=tv_is, tv_is_se=tv_is_se,
-                tv_bound_mean=float(r.tv_bound.mean()),
-                median_perplexity=float(np.median(perplexity)),
-                perplexity_share_of_n=float(np.median(perplexity) / vectors.shape[0]))
+    return dict(
+        queries=n_queries,
+        draws=draws,
+        tv_is=tv_is,
+        tv_is_se=tv_is_se,
+        tv_bound_mean=float(r.tv_bound.mean()),
+        median_perplexity=float(np.median(perplexity)),
+        perplexity_share_of_n=float(np.median(perplexity) / vectors.shape[0]),
+    )
 
 
 def main(argv=None) -> dict:
@@ -320,24 +364,40 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=20, help="timed steps per sampler (at most)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--min-steps", type=int, default=2, help="timed steps for the slow samplers")
-    p.add_argument("--sampler-budget-s", type=float, default=25.0,
-                   help="cap on one sampler's timed wall time (slow ones get fewer steps)")
+    p.add_argument(
+        "--sampler-budget-s",
+        type=float,
+        default=25.0,
+        help="cap on one sampler's timed wall time (slow ones get fewer steps)",
+    )
     p.add_argument("--samplers", default=",".join(ALL_SAMPLERS))
     p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--mode", choices=("exact", "approx"), default="approx",
-                   help="the tree mode the 10%% target is checked on (both are reported)")
+    p.add_argument(
+        "--mode",
+        choices=("exact", "approx"),
+        default="approx",
+        help="the tree mode the 10%% target is checked on (both are reported)",
+    )
     p.add_argument("--budget", type=int, default=None, help="tree approx budget (default: treeidx's)")
-    p.add_argument("--refresh", type=int, default=100,
-                   help="StaleTopK refresh period; tree samplers are charged a re-encode + "
-                        "rebuild every this many steps too")
+    p.add_argument(
+        "--refresh",
+        type=int,
+        default=100,
+        help="StaleTopK refresh period; tree samplers are charged a re-encode + rebuild every this many steps too",
+    )
     p.add_argument("--cache", type=int, default=65536, help="NegativeCache size")
     p.add_argument("--pretrain", type=int, default=300, help="in-batch steps before timing")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam, linear layers")
     p.add_argument("--emb-lr", type=float, default=200.0, help="SGD, embedding tables")
-    p.add_argument("--torch-threads", type=int, default=-1,
-                   help="torch threads for the step (-1: all cores but one; 0: torch's default)")
-    p.add_argument("--sampler-threads", type=int, default=1,
-                   help="numba threads of the tree sampler (0: numba's default)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=-1,
+        help="torch threads for the step (-1: all cores but one; 0: torch's default)",
+    )
+    p.add_argument(
+        "--sampler-threads", type=int, default=1, help="numba threads of the tree sampler (0: numba's default)"
+    )
     a = p.parse_args(argv)
     quiet = a.json
     samplers = [s for s in a.samplers.split(",") if s]
@@ -351,13 +411,23 @@ def main(argv=None) -> dict:
         a.torch_threads = max(1, (os.cpu_count() or 2) - 1)
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
-    res: dict = dict(benchmark="step", n=a.n, dim=a.dim, batch=a.batch, k=a.k,
-                     temperature=a.temperature, mode=a.mode, refresh_every=a.refresh,
-                     cache_size=a.cache, pretrain_steps=a.pretrain,
-                     model=f"2 x EmbeddingBag({VOCAB}, {EMB}, mean, sparse) -> Linear({EMB}, {a.dim}) "
-                           "-> L2 norm (no bias); sparse SGD (tables) + Adam (linear)",
-                     torch_threads=torch.get_num_threads(),
-                     sampler_threads=a.sampler_threads or None, machine=host)
+    res: dict = dict(
+        benchmark="step",
+        n=a.n,
+        dim=a.dim,
+        batch=a.batch,
+        k=a.k,
+        temperature=a.temperature,
+        mode=a.mode,
+        refresh_every=a.refresh,
+        cache_size=a.cache,
+        pretrain_steps=a.pretrain,
+        model=f"2 x EmbeddingBag({VOCAB}, {EMB}, mean, sparse) -> Linear({EMB}, {a.dim}) "
+        "-> L2 norm (no bias); sparse SGD (tables) + Adam (linear)",
+        torch_threads=torch.get_num_threads(),
+        sampler_threads=a.sampler_threads or None,
+        machine=host,
+    )
     t = time.perf_counter()
     tokens = target_tokens(a.n, a.seed)
     res["data_s"] = time.perf_counter() - t
@@ -392,8 +462,11 @@ def main(argv=None) -> dict:
         res["index_bytes"] = index.nbytes
         log(f"tree build: {a.build_s:.1f} s, {index.nbytes / 2**20:.0f} MiB", quiet)
         res["approx_quality"] = approx_quality(model, tokens, vectors, index, a)
-        log(f"approx mode: TV to the exact softmax {res['approx_quality']['tv_is']:.3f} "
-            f"(certified bound {res['approx_quality']['tv_bound_mean']:.3f})", quiet)
+        log(
+            f"approx mode: TV to the exact softmax {res['approx_quality']['tv_is']:.3f} "
+            f"(certified bound {res['approx_quality']['tv_bound_mean']:.3f})",
+            quiet,
+        )
     per: dict = {}
     for name in samplers:
         per[name] = run_sampler(name, model, tokens, vectors, index, a, a.warmup, a.steps, quiet)
@@ -406,22 +479,28 @@ def main(argv=None) -> dict:
         base = per[ref]["step_ms"]
         for v in per.values():
             v[f"added_vs_{ref}_pct"] = 100.0 * (v["step_ms"] - base) / base
-            v[f"added_vs_{ref}_excl_refresh_pct"] = 100.0 * (
-                v["step_ms"] - v.get("refresh_ms_per_step", 0.0) - base) / base
+            v[f"added_vs_{ref}_excl_refresh_pct"] = (
+                100.0 * (v["step_ms"] - v.get("refresh_ms_per_step", 0.0) - base) / base
+            )
     pf, npf = per.get(f"tree_{a.mode}_prefetch"), per.get(f"tree_{a.mode}_noprefetch")
     if "uniform" in per and pf is not None:
         res["target"] = dict(
-            sampler=f"tree_{a.mode}_prefetch", reference="uniform (same step, free negatives)",
-            max_added_pct=10.0, added_pct=pf["added_vs_uniform_excl_refresh_pct"],
+            sampler=f"tree_{a.mode}_prefetch",
+            reference="uniform (same step, free negatives)",
+            max_added_pct=10.0,
+            added_pct=pf["added_vs_uniform_excl_refresh_pct"],
             met=bool(pf["added_vs_uniform_excl_refresh_pct"] <= 10.0),
             added_pct_incl_refresh=pf["added_vs_uniform_pct"],
-            added_pct_without_prefetch=None if npf is None else npf["added_vs_uniform_excl_refresh_pct"])
+            added_pct_without_prefetch=None if npf is None else npf["added_vs_uniform_excl_refresh_pct"],
+        )
     res["samplers"] = per
-    res["notes"] = ("medians over timed steps; sampling_ms = blocking time spent for the sampler "
-                    "incl. amortised refresh (stale_topk, tree: re-encode + rebuild every "
-                    "refresh_every steps) or per-step full re-encode (brute, measured once, not "
-                    "run every step); memory_bytes = host bytes the sampler holds; "
-                    "device_bytes_on_accelerator = what it would hold on a GPU (tree: none)")
+    res["notes"] = (
+        "medians over timed steps; sampling_ms = blocking time spent for the sampler "
+        "incl. amortised refresh (stale_topk, tree: re-encode + rebuild every "
+        "refresh_every steps) or per-step full re-encode (brute, measured once, not "
+        "run every step); memory_bytes = host bytes the sampler holds; "
+        "device_bytes_on_accelerator = what it would hold on a GPU (tree: none)"
+    )
     emit(res, quiet)
     return res
 

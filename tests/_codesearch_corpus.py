@@ -1,4 +1,5 @@
 """A tiny, deterministic Python source tree for the code-search tests (no I/O beyond tmp)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,8 +35,11 @@ def write_corpus(root, n_modules: int = 60, per_module: int = 4, seed: int = 0) 
     """pkg/m{i}.py with `per_module` functions each, whose docstrings share words with
     their code (so a model can learn), plus pkg/special.py with the dedup cases."""
     rng = np.random.default_rng(seed)
-    words = [f"{a}{b}" for a in ("get", "set", "load", "parse", "scale", "merge", "split", "sort")
-             for b in ("value", "frame", "token", "matrix", "path", "queue", "graph", "table")]
+    words = [
+        f"{a}{b}"
+        for a in ("get", "set", "load", "parse", "scale", "merge", "split", "sort")
+        for b in ("value", "frame", "token", "matrix", "path", "queue", "graph", "table")
+    ]
     pkg = root / "pkg"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -44,8 +48,10 @@ def write_corpus(root, n_modules: int = 60, per_module: int = 4, seed: int = 0) 
         funcs = []
         for j in range(per_module):
             w = rng.choice(words, 4, replace=False)
-            funcs.append(f'def {w[0]}_{w[1]}_{i}_{j}({w[2]}, {w[3]}):\n'
-                         f'    """Compute the {w[0]} {w[1]} of {w[2]} and {w[3]}."""\n'
-                         f'    out = {w[2]}.{w[0]}({w[3]})\n'
-                         f'    return out + {i * per_module + j}\n')
+            funcs.append(
+                f"def {w[0]}_{w[1]}_{i}_{j}({w[2]}, {w[3]}):\n"
+                f'    """Compute the {w[0]} {w[1]} of {w[2]} and {w[3]}."""\n'
+                f"    out = {w[2]}.{w[0]}({w[3]})\n"
+                f"    return out + {i * per_module + j}\n"
+            )
         (pkg / f"m{i}.py").write_text("\n\n".join(funcs))

@@ -8,6 +8,7 @@
   body writes through a record's field (numba drops those stores);
 * bench/ uses treeidx's public API only.
 """
+
 from __future__ import annotations
 
 import ast
@@ -80,7 +81,7 @@ def test_no_import_cycle():
         stack.append(m)
         for t in graph[m]:
             if state.get(t) == 1:
-                cycle = stack[stack.index(t):] + [t]
+                cycle = stack[stack.index(t) :] + [t]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if t not in state:
                 visit(t)
@@ -108,8 +109,12 @@ KERNELS = {m: p for m, p in MODULES.items() if m.startswith("treeidx._kernels")}
 
 
 def test_kernels_import_nothing_outside_kernels():
-    bad = [f"{KERNELS[m].relative_to(ROOT)}:{line}: {t}"
-           for m in KERNELS for t, line in internal_edges(m) if not t.startswith("treeidx._kernels")]
+    bad = [
+        f"{KERNELS[m].relative_to(ROOT)}:{line}: {t}"
+        for m in KERNELS
+        for t, line in internal_edges(m)
+        if not t.startswith("treeidx._kernels")
+    ]
     assert not bad, "treeidx/_kernels must be self-contained:\n" + "\n".join(bad)
 
 
@@ -120,8 +125,9 @@ def functions(path: Path):
 
 
 def is_numba(fn: ast.FunctionDef) -> bool:
-    return any("nb." in ast.unparse(d) or "numba" in ast.unparse(d) or "njit" in ast.unparse(d)
-               for d in fn.decorator_list)
+    return any(
+        "nb." in ast.unparse(d) or "numba" in ast.unparse(d) or "njit" in ast.unparse(d) for d in fn.decorator_list
+    )
 
 
 def test_kernels_are_small():
@@ -145,10 +151,15 @@ def test_prange_bodies_do_not_write_through_record_fields():
             if not (isinstance(node, ast.For) and "prange" in ast.unparse(node.iter)):
                 continue
             for sub in ast.walk(node):
-                targets = sub.targets if isinstance(sub, ast.Assign) else \
-                    [sub.target] if isinstance(sub, ast.AugAssign) else []
+                targets = (
+                    sub.targets
+                    if isinstance(sub, ast.Assign)
+                    else [sub.target]
+                    if isinstance(sub, ast.AugAssign)
+                    else []
+                )
                 for t in targets:
-                    for el in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                    for el in t.elts if isinstance(t, ast.Tuple) else [t]:
                         if isinstance(el, ast.Subscript) and isinstance(el.value, ast.Attribute):
                             bad.append(f"{p.relative_to(ROOT)}:{el.lineno}: {ast.unparse(el)}")
     assert not bad, "prange body writes through a record field (numba drops it):\n" + "\n".join(bad)

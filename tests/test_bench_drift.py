@@ -24,7 +24,9 @@ def test_softmax_gap_ignores_per_query_shifts_and_measures_real_error():
         g = softmax_gap(q, noisy, fresh, beta=20.0, chunk=7)
         errs.append(g["rel_score_error"])
         sa, sf = 20.0 * (q.astype(np.float64) @ noisy.T), 20.0 * (q.astype(np.float64) @ fresh.T)
-        pa = np.exp(sa - sa.max(1, keepdims=True)); pa /= pa.sum(1, keepdims=True)
-        pf = np.exp(sf - sf.max(1, keepdims=True)); pf /= pf.sum(1, keepdims=True)
+        pa = np.exp(sa - sa.max(1, keepdims=True))
+        pa /= pa.sum(1, keepdims=True)
+        pf = np.exp(sf - sf.max(1, keepdims=True))
+        pf /= pf.sum(1, keepdims=True)
         assert g["tv_mean"] == pytest.approx(0.5 * np.abs(pa - pf).sum(1).mean(), rel=1e-4)
     assert 0 < errs[0] < errs[1]

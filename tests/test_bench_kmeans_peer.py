@@ -1,5 +1,6 @@
 """Tests for bench.kmeans_peer (the issue's k-means list proposal) and the TV fields of
 bench.sample (tv_is, kmeans_peer)."""
+
 import json
 
 import numpy as np
@@ -95,15 +96,35 @@ def test_peer_tv_and_exact_log_softmax(data):
 
 def test_max_items_only_for_minilm():
     from bench.datasets import load
+
     with pytest.raises(ValueError, match="max_items"):
         load("clustered", 100, 8, max_items=50)
 
 
 def test_sample_bench_smoke(capsys):
     from bench.sample import main
-    res = main(["--dataset", "clustered", "--n", "3000", "--dim", "16", "--queries", "16",
-                "--tv-queries", "2", "--tv-draws", "2000", "--perplexities", "10",
-                "--budgets", "0.05", "--json"])
+
+    res = main(
+        [
+            "--dataset",
+            "clustered",
+            "--n",
+            "3000",
+            "--dim",
+            "16",
+            "--queries",
+            "16",
+            "--tv-queries",
+            "2",
+            "--tv-draws",
+            "2000",
+            "--perplexities",
+            "10",
+            "--budgets",
+            "0.05",
+            "--json",
+        ]
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(res))
     assert res["max_items"] is None and res["kmeans_peer_lists"] == round(np.sqrt(3000))
     run = res["runs"][0]
@@ -125,6 +146,7 @@ def test_sample_bench_max_items_reaches_minilm(monkeypatch, capsys):
     """--max-items goes through load() to minilm(max_items=...) (faked: no encoding)."""
     from bench import datasets
     from bench.sample import main
+
     seen = {}
 
     def fake_minilm(*, n_queries, seed, max_items):
@@ -133,9 +155,28 @@ def test_sample_bench_max_items_reaches_minilm(monkeypatch, capsys):
         return _unit(rng.standard_normal((max_items, 384))), _unit(rng.standard_normal((n_queries, 384)))
 
     monkeypatch.setattr(datasets, "minilm", fake_minilm)
-    res = main(["--dataset", "minilm", "--max-items", "800", "--n", "0", "--queries", "8",
-                "--tv-queries", "1", "--tv-draws", "1000", "--perplexities", "10",
-                "--budgets", "0.2", "--no-kmeans-peer", "--json"])
+    res = main(
+        [
+            "--dataset",
+            "minilm",
+            "--max-items",
+            "800",
+            "--n",
+            "0",
+            "--queries",
+            "8",
+            "--tv-queries",
+            "1",
+            "--tv-draws",
+            "1000",
+            "--perplexities",
+            "10",
+            "--budgets",
+            "0.2",
+            "--no-kmeans-peer",
+            "--json",
+        ]
+    )
     assert seen["max_items"] == 800 and res["max_items"] == 800 and res["n"] == 800
     assert "kmeans_peer" not in res["runs"][0]["approx_curve"][0]
     assert "kmeans_peer_reference" not in res["runs"][0]

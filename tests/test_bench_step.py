@@ -1,4 +1,5 @@
 """bench.step at toy size: every sampler runs, and the figures it reports are consistent."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,27 @@ from bench import step
 def test_step_benchmark_runs_every_sampler_at_toy_size():
     threads = torch.get_num_threads()
     try:
-        res = step.main(["--n", "4000", "--batch", "16", "--k", "4", "--steps", "2", "--warmup", "1",
-                         "--pretrain", "3", "--refresh", "10", "--cache", "512", "--json"])
+        res = step.main(
+            [
+                "--n",
+                "4000",
+                "--batch",
+                "16",
+                "--k",
+                "4",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--pretrain",
+                "3",
+                "--refresh",
+                "10",
+                "--cache",
+                "512",
+                "--json",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     per = res["samplers"]

@@ -1,4 +1,5 @@
 """Tests of the exact brute-force oracles (treeidx.brute)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,7 +37,7 @@ def bf() -> BruteForce:
 def test_search_matches_argsort(bf: BruteForce) -> None:
     q = _data(11, seed=1)
     s, i = bf.search(q, 10)
-    ref = (q @ bf.vectors.T)
+    ref = q @ bf.vectors.T
     order = np.argsort(-ref, axis=1, kind="stable")[:, :10]
     np.testing.assert_allclose(s, np.take_along_axis(ref, order, axis=1), rtol=1e-5, atol=1e-6)
     assert (i == bf.ids[order]).mean() > 0.99  # ties aside
@@ -63,8 +64,7 @@ def test_log_partition_exact(bf: BruteForce) -> None:
         np.testing.assert_allclose(bf.log_partition(q, beta), ref, rtol=1e-14, atol=1e-12)
     ex = [bf.ids[:100]] * 7
     s = (q @ bf.vectors.T).astype(np.float64)[:, 100:]
-    np.testing.assert_allclose(bf.log_partition(q, 3.0, exclude=ex), logsumexp(3.0 * s, axis=1),
-                               rtol=1e-14)
+    np.testing.assert_allclose(bf.log_partition(q, 3.0, exclude=ex), logsumexp(3.0 * s, axis=1), rtol=1e-14)
 
 
 def test_sample_distribution_chi2(bf: BruteForce) -> None:

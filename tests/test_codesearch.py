@@ -1,4 +1,5 @@
 """Tests for treeidx.codesearch: query rules, the module split, features, cache, subsets."""
+
 from __future__ import annotations
 
 import os
@@ -30,10 +31,16 @@ def _eq(a, b) -> bool:
 
 
 def _same(a: CodeSearchData, b: CodeSearchData) -> bool:
-    return (_eq(a.target_features, b.target_features) and _eq(a.query_features, b.query_features)
-            and np.array_equal(a.query_target, b.query_target) and np.array_equal(a.query_split, b.query_split)
-            and np.array_equal(a.target_module, b.target_module) and a.modules == b.modules
-            and a.target_names == b.target_names and a.query_summaries == b.query_summaries)
+    return (
+        _eq(a.target_features, b.target_features)
+        and _eq(a.query_features, b.query_features)
+        and np.array_equal(a.query_target, b.query_target)
+        and np.array_equal(a.query_split, b.query_split)
+        and np.array_equal(a.target_module, b.target_module)
+        and a.modules == b.modules
+        and a.target_names == b.target_names
+        and a.query_summaries == b.query_summaries
+    )
 
 
 def test_targets_queries_and_dedup_rules(src):
@@ -50,8 +57,10 @@ def test_targets_queries_and_dedup_rules(src):
     assert data.n_queries == 60 * 4 + 1
     # one query per positive, positives valid, rows sorted by positive
     assert np.all(np.diff(data.query_target) > 0) and data.query_target.max() < data.n_targets
-    assert data.query_summaries[int(np.flatnonzero(data.query_target == by_name["pkg.special.unique_doc"])[0])] \
+    assert (
+        data.query_summaries[int(np.flatnonzero(data.query_target == by_name["pkg.special.unique_doc"])[0])]
         == "Parse the configuration file and return its sections."
+    )
 
 
 def test_features_are_the_hashed_texts(src):
@@ -86,8 +95,9 @@ def test_cache_reused_deterministic_and_damage_rebuilt(src, monkeypatch, tmp_pat
     assert _same(first, fresh)
     calls = []
     real = CodeSearchData.from_items.__func__
-    monkeypatch.setattr(CodeSearchData, "from_items",
-                        classmethod(lambda cls, *a, **k: calls.append(1) or real(cls, *a, **k)))
+    monkeypatch.setattr(
+        CodeSearchData, "from_items", classmethod(lambda cls, *a, **k: calls.append(1) or real(cls, *a, **k))
+    )
     assert _same(_load(src), first) and calls == []
     raw = open(path, "rb").read()
     open(path, "wb").write(raw[: len(raw) // 2])

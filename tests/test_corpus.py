@@ -1,4 +1,5 @@
 """Tests for treeidx.codesearch.corpus: mining rules, the cache, and hash_embed determinism."""
+
 from __future__ import annotations
 
 import gzip
@@ -53,7 +54,9 @@ def tree(tmp_path):
     (root / "pkg" / "__init__.py").write_text(SRC)
     (root / "pkg" / "tests" / "test_x.py").write_text("def test_a():\n    x = 1\n    assert x\n")
     (root / "pkg" / "broken.py").write_text("def f(:\n")
-    (root / "pkg" / "copy.py").write_text("def dup(a, b):\n    return a + b\n\ndef other(c):\n    c += 1\n    return c\n")
+    (root / "pkg" / "copy.py").write_text(
+        "def dup(a, b):\n    return a + b\n\ndef other(c):\n    c += 1\n    return c\n"
+    )
     return str(root), str(tmp_path / "cache")
 
 
@@ -113,8 +116,14 @@ def test_real_stdlib_subset(tmp_path):
     assert len({it.code for it in items}) == len(items)
 
 
-TEXTS = ["def getHTTPServer(port_number):\n    return HTTPServer(port_number)",
-         "Return the server bound to a port.", "", "x", "ünïcode naïve_ident", "a b a b a b"]
+TEXTS = [
+    "def getHTTPServer(port_number):\n    return HTTPServer(port_number)",
+    "Return the server bound to a port.",
+    "",
+    "x",
+    "ünïcode naïve_ident",
+    "a b a b a b",
+]
 
 
 def test_hash_embed_basic_and_deterministic():
@@ -147,10 +156,19 @@ def test_tokenize_reference():
 
 
 def test_hash_embed_stable_across_processes():
-    code = ("import sys; from treeidx.codesearch.corpus import hash_embed; "
-            f"sys.stdout.write(hash_embed({TEXTS!r}, 16, seed=3).tobytes().hex())")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           check=True, env={**os.environ, "PYTHONHASHSEED": s}).stdout
-            for s in ("1", "2")}
+    code = (
+        "import sys; from treeidx.codesearch.corpus import hash_embed; "
+        f"sys.stdout.write(hash_embed({TEXTS!r}, 16, seed=3).tobytes().hex())"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": s},
+        ).stdout
+        for s in ("1", "2")
+    }
     assert len(outs) == 1
     assert bytes.fromhex(outs.pop()) == hash_embed(TEXTS, 16, seed=3).tobytes()

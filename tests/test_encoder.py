@@ -1,4 +1,5 @@
 """Tests for treeidx.codesearch.encoder: CSR -> EmbeddingBag inputs, towers, the dual encoder, the optimizer."""
+
 from __future__ import annotations
 
 import io
@@ -76,8 +77,10 @@ def test_dual_encoder_encodes_and_is_seeded(feats):
     torch.testing.assert_close(enc.query_tower.bag.weight, enc.target_tower.bag.weight)
     other = DualEncoder(q, t, dim=8, seed=3, same_init=False)
     assert not torch.equal(other.query_tower.bag.weight, other.target_tower.bag.weight)
-    assert all(torch.equal(a, b) for a, b in zip(DualEncoder(q, t, dim=8, seed=3).state_dict().values(),
-                                                 enc.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(DualEncoder(q, t, dim=8, seed=3).state_dict().values(), enc.state_dict().values())
+    )
     assert not torch.equal(DualEncoder(q, t, dim=8, seed=4).query_tower.bag.weight, enc.query_tower.bag.weight)
 
 

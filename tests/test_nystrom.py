@@ -1,4 +1,5 @@
 """NystromDrift: exactness on linear drift, gains on nonlinear drift, numerics, errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,15 @@ def test_linear_drift_with_spanning_landmarks_is_exact(residual, landmarks, ridg
     g, rng = data()
     fresh = linear_drift(g, rng)
     lm = rng.choice(g.shape[0], 20, replace=False) if landmarks == "ids" else landmarks
-    model = NystromDrift(g, n_landmarks=None if landmarks == "ids" else 20, landmarks=lm,
-                         kernel="linear", residual=residual, ridge=ridge, seed=3)
+    model = NystromDrift(
+        g,
+        n_landmarks=None if landmarks == "ids" else 20,
+        landmarks=lm,
+        kernel="linear",
+        residual=residual,
+        ridge=ridge,
+        seed=3,
+    )
     assert model.dim == g.shape[1] and model.rank == g.shape[1]
     fit = model.fit(fresh_of(model, fresh), holdout_ids=np.arange(100), holdout_vectors=fresh[:100])
     assert fit.landmark_residual < 1e-6 and fit.holdout.predicted < 1e-6 < fit.holdout.stale
@@ -59,14 +67,19 @@ def test_nonlinear_drift_predictions_beat_stale(kernel):
     assert fit.holdout.predicted < 0.6 * fit.holdout.stale
     if kernel == "rbf":  # the kernel that can follow a nonlinear map beats the linear fit
         lin = NystromDrift(g, n_landmarks=200, kernel="linear", seed=0)
-        assert fit.holdout.predicted < lin.fit(fresh_of(lin, fresh), holdout_ids=np.arange(3000),
-                                               holdout_vectors=fresh).holdout.predicted
+        assert (
+            fit.holdout.predicted
+            < lin.fit(fresh_of(lin, fresh), holdout_ids=np.arange(3000), holdout_vectors=fresh).holdout.predicted
+        )
     # features and W stay consistent: <W q, φ> = <q, Wᵀ φ>
     q = rng.standard_normal((3, g.shape[1])).astype(np.float32)
     phi = model.features(np.arange(50)).astype(np.float64)
-    np.testing.assert_allclose(model.transform_queries(q).astype(np.float64) @ phi.T,
-                               q.astype(np.float64) @ model.predict(np.arange(50)).T.astype(np.float64),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        model.transform_queries(q).astype(np.float64) @ phi.T,
+        q.astype(np.float64) @ model.predict(np.arange(50)).T.astype(np.float64),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_no_drift_predicts_stale():
@@ -96,8 +109,11 @@ def test_scale_invariance():
     errs = []
     for s in (1e-3, 1.0, 1e3):
         model = NystromDrift(g * s, n_landmarks=60, kernel="rbf", seed=2)
-        errs.append(model.fit(fresh_of(model, fresh) * s, holdout_ids=np.arange(600),
-                              holdout_vectors=fresh * s).holdout.predicted)
+        errs.append(
+            model.fit(
+                fresh_of(model, fresh) * s, holdout_ids=np.arange(600), holdout_vectors=fresh * s
+            ).holdout.predicted
+        )
     np.testing.assert_allclose(errs, errs[1], rtol=1e-3)
 
 
@@ -110,6 +126,7 @@ def test_kcenter_distinct_deterministic_and_covering():
     def cover(idx):
         d2 = ((g[:, None, :] - g[idx][None]) ** 2).sum(-1).min(1)
         return float(np.sqrt(d2.max()))
+
     uni = np.random.default_rng(5).choice(2000, 64, replace=False)
     assert cover(a) < cover(uni)
     dup = np.repeat(g[:3], 10, axis=0)

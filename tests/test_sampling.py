@@ -1,4 +1,5 @@
 """SoftmaxSampler against brute force: distributions, certified bounds, log q, determinism."""
+
 from __future__ import annotations
 
 import numba
@@ -37,8 +38,7 @@ def beta_for_perplexity(x, q, target):
     lo, hi = 1e-3, 1e4
     for _ in range(60):
         mid = np.sqrt(lo * hi)
-        ppl = np.median([np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())
-                         for p in (exact_softmax(x, qq, mid) for qq in q)])
+        ppl = np.median([np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()) for p in (exact_softmax(x, qq, mid) for qq in q)])
         lo, hi = (mid, hi) if ppl > target else (lo, mid)
     return float(np.sqrt(lo * hi))
 
@@ -57,8 +57,12 @@ def chi2_pvalue(counts, probs):
 
 
 CASES = [  # (n, dim, unit norm, target perplexity)
-    (2000, 8, True, 2), (2000, 8, True, 10), (3000, 16, True, 100),
-    (3000, 16, True, 1000), (1500, 5, False, 30), (2500, 24, True, 300),
+    (2000, 8, True, 2),
+    (2000, 8, True, 10),
+    (3000, 16, True, 100),
+    (3000, 16, True, 1000),
+    (1500, 5, False, 30),
+    (2500, 24, True, 300),
 ]
 
 
@@ -71,9 +75,8 @@ def test_exact_mode_matches_softmax(n, dim, unit, ppl, path):
     beta = beta_for_perplexity(x, q, ppl)
     index = TreeIndex.build(x, seed=1, leaf_size=16)
     index.remove([n - 1])
-    index.insert(x[n - 1:], [n - 1])  # a free slot in the slot array, which must never be drawn
-    sampler = SoftmaxSampler(index, temperature=1 / beta, mode="exact",
-                             dense_fallback=None if path == "tree" else 1e-9)
+    index.insert(x[n - 1 :], [n - 1])  # a free slot in the slot array, which must never be drawn
+    sampler = SoftmaxSampler(index, temperature=1 / beta, mode="exact", dense_fallback=None if path == "tree" else 1e-9)
     # exclude each query's most likely target and a random one
     top = [int(np.argmax(exact_softmax(x, qq, beta))) for qq in q]
     exclude = [{top[b], (b * 97) % n} for b in range(q.shape[0])]
@@ -130,17 +133,23 @@ def test_approx_mode_log_q_is_the_true_proposal(ppl):
         assert abs(ratio - 1) < 0.05
 
 
-@given(seed=st.integers(0, 10_000), scale=st.sampled_from([0.01, 1.0, 30.0, 1000.0]),
-       beta=st.sampled_from([0.1, 1.0, 10.0, 100.0, 1000.0]), mode=st.sampled_from(["exact", "approx"]),
-       unit=st.booleans(), fallback=st.sampled_from([None, 0.05, 1e-9]))
+@given(
+    seed=st.integers(0, 10_000),
+    scale=st.sampled_from([0.01, 1.0, 30.0, 1000.0]),
+    beta=st.sampled_from([0.1, 1.0, 10.0, 100.0, 1000.0]),
+    mode=st.sampled_from(["exact", "approx"]),
+    unit=st.booleans(),
+    fallback=st.sampled_from([None, 0.05, 1e-9]),
+)
 @settings(max_examples=40, deadline=None)
 def test_log_partition_bounds_contain_log_z(seed, scale, beta, mode, unit, fallback):
     x, q = clustered(600, 7, seed=seed, unit=unit)
     x = (x * scale).astype(np.float32)
     q = (q * (1 + seed % 3)).astype(np.float32)
     index = TreeIndex.build(x, seed=seed, leaf_size=8)
-    sampler = SoftmaxSampler(index, temperature=1 / beta, mode=mode, budget=50 if mode == "approx" else None,
-                             dense_fallback=fallback)
+    sampler = SoftmaxSampler(
+        index, temperature=1 / beta, mode=mode, budget=50 if mode == "approx" else None, dense_fallback=fallback
+    )
     lo, up = sampler.log_partition(q)
     true = logsumexp(beta * (q.astype(np.float64) @ x.T.astype(np.float64)), axis=1)
     assert np.all(lo <= true) and np.all(true <= up), (lo, true, up)
@@ -216,8 +225,9 @@ def test_a_far_outlier_does_not_underflow_the_other_weights(mode):
     x[0] = -80.0 * q[0]  # norm 80, pointing away from query 0: real weight ~ e^-1600
     index = TreeIndex.build(x, seed=0, leaf_size=8)
     beta = 20.0
-    sampler = SoftmaxSampler(index, temperature=1 / beta, mode=mode,
-                             budget=1 if mode == "approx" else None, dense_fallback=None)
+    sampler = SoftmaxSampler(
+        index, temperature=1 / beta, mode=mode, budget=1 if mode == "approx" else None, dense_fallback=None
+    )
     r = sampler.sample(q[:1], 20_000, seed=1)
     p = exact_softmax(x, q[0], beta)
     assert np.isfinite(r.log_q).all() and np.isfinite(r.log_z).all()

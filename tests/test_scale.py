@@ -1,5 +1,6 @@
 """Opt-in (`pytest -m slow`): exactness at realistic sizes, where the grouped search runs
 several query blocks over thousands of clusters and the sampler's bounds are stressed."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,7 +44,7 @@ def test_exact_sampler_matches_softmax_at_scale(clustered, perplexity_beta):
         z = beta * (x.astype(np.float64) @ q[b].astype(np.float64))
         p = np.exp(z - z.max())
         p /= p.sum()
-        draws = sampler.sample(q[b:b + 1], 40_000, seed=100 + b).ids[0]
+        draws = sampler.sample(q[b : b + 1], 40_000, seed=100 + b).ids[0]
         top = np.argsort(-p)[:50]
         counts = np.array([(draws == t).sum() for t in top] + [0])
         counts[-1] = draws.size - counts[:-1].sum()

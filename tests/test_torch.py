@@ -1,4 +1,5 @@
 """treeidx.torch and treeidx.torch: the loss's estimator, samplers, seeds, prefetch."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,16 @@ import torch.nn.functional as F
 from scipy import stats
 
 from treeidx import SoftmaxSampler, TreeIndex
-from treeidx.torch import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
-from treeidx.torch import Negatives, TreeNegativeSampler, sampled_softmax_loss
+from treeidx.torch import (
+    BruteForceSampler,
+    InBatch,
+    NegativeCache,
+    Negatives,
+    StaleTopK,
+    TreeNegativeSampler,
+    UniformSampler,
+    sampled_softmax_loss,
+)
 
 P_MIN = 1e-4  # fixed-seed goodness-of-fit tests fail a correct sampler with probability ~1e-4
 
@@ -29,6 +38,7 @@ def full_ce(q, targets, pos_idx, temperature, reduction="none"):
 
 # ----------------------------------------------------------------------------- the loss
 
+
 def test_loss_equals_full_softmax_when_negatives_are_all_targets():
     # Every target once as a negative with Q = 1/N: log(k·Q) = log(N/N) = 0, so the
     # negatives' logits are the raw scores; the positive's own column is an accidental
@@ -40,22 +50,45 @@ def test_loss_equals_full_softmax_when_negatives_are_all_targets():
     p = torch.randint(0, N, (B,), generator=g)
     want = full_ce(q, Y, p, T)
     neg = Y.expand(B, N, d)
-    got = sampled_softmax_loss(q, Y[p], neg, log_q=torch.full((B, N), -math.log(N), dtype=torch.float64),
-                               temperature=T, in_batch_negatives=False, reduction="none",
-                               pos_ids=p, neg_ids=torch.arange(N).expand(B, N))
+    got = sampled_softmax_loss(
+        q,
+        Y[p],
+        neg,
+        log_q=torch.full((B, N), -math.log(N), dtype=torch.float64),
+        temperature=T,
+        in_batch_negatives=False,
+        reduction="none",
+        pos_ids=p,
+        neg_ids=torch.arange(N).expand(B, N),
+    )
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     # the same with the positive left out of Q's support: k = N-1, Q = 1/(N-1)
     others = torch.stack([torch.cat([torch.arange(int(i)), torch.arange(int(i) + 1, N)]) for i in p])
-    got2 = sampled_softmax_loss(q, Y[p], Y[others], log_q=torch.full((B, N - 1), -math.log(N - 1),
-                                                                      dtype=torch.float64),
-                                temperature=T, in_batch_negatives=False, reduction="none")
+    got2 = sampled_softmax_loss(
+        q,
+        Y[p],
+        Y[others],
+        log_q=torch.full((B, N - 1), -math.log(N - 1), dtype=torch.float64),
+        temperature=T,
+        in_batch_negatives=False,
+        reduction="none",
+    )
     torch.testing.assert_close(got2, want, rtol=1e-12, atol=1e-12)
     for red in ("mean", "sum"):
         torch.testing.assert_close(
-            sampled_softmax_loss(q, Y[p], Y[others], log_q=torch.full((B, N - 1), -math.log(N - 1),
-                                                                      dtype=torch.float64),
-                                 temperature=T, in_batch_negatives=False, reduction=red),
-            full_ce(q, Y, p, T, red), rtol=1e-12, atol=1e-12)
+            sampled_softmax_loss(
+                q,
+                Y[p],
+                Y[others],
+                log_q=torch.full((B, N - 1), -math.log(N - 1), dtype=torch.float64),
+                temperature=T,
+                in_batch_negatives=False,
+                reduction=red,
+            ),
+            full_ce(q, Y, p, T, red),
+            rtol=1e-12,
+            atol=1e-12,
+        )
 
 
 def test_gradient_unbiased_with_exact_softmax_samples():
@@ -81,8 +114,9 @@ def test_gradient_unbiased_with_exact_softmax_samples():
 
     def mean_and_se(log_q):
         qv = qs.clone().requires_grad_()
-        loss = sampled_softmax_loss(qv, Y[p].expand(M, d), Y[negs.ids], log_q=log_q, temperature=T,
-                                    in_batch_negatives=False, reduction="none")
+        loss = sampled_softmax_loss(
+            qv, Y[p].expand(M, d), Y[negs.ids], log_q=log_q, temperature=T, in_batch_negatives=False, reduction="none"
+        )
         loss.sum().backward()
         grads = qv.grad
         return loss.detach(), grads.mean(0), grads.std(0) / math.sqrt(M)
@@ -107,8 +141,9 @@ def test_accidental_hits_and_in_batch_columns():
     pos_ids = torch.tensor([5, 5, 9])  # rows 0 and 1 share a positive
     neg_ids = torch.tensor([[5, 1, 2, 5], [3, 4, 6, 7], [9, 9, 9, 1]])
     q.requires_grad_()
-    got = sampled_softmax_loss(q, pos, neg, log_q=log_q, temperature=T, reduction="none",
-                               pos_ids=pos_ids, neg_ids=neg_ids)
+    got = sampled_softmax_loss(
+        q, pos, neg, log_q=log_q, temperature=T, reduction="none", pos_ids=pos_ids, neg_ids=neg_ids
+    )
     s_pos = (q * pos).sum(1) / T
     s_neg = torch.einsum("bd,bkd->bk", q, neg) / T - log_q - math.log(k)
     s_neg = s_neg.masked_fill(neg_ids == pos_ids[:, None], -math.inf)
@@ -144,6 +179,7 @@ def test_in_batch_only_is_dpr_cross_entropy():
 
 
 # ----------------------------------------------------------------------------- TreeNegativeSampler
+
 
 @pytest.fixture(scope="module")
 def tree():
@@ -191,8 +227,9 @@ def test_device_and_dtype_round_trip(tree, dtype):
     torch.testing.assert_close(got.log_q.float(), ref.log_q)
     # the loss runs in >= float32 and its gradient comes back in the input dtype
     V = torch.from_numpy(x).to(dtype)
-    loss = sampled_softmax_loss(q, V[pos - 100], V[got.ids - 100], log_q=got.log_q, temperature=0.2,
-                                pos_ids=pos, neg_ids=got.ids)
+    loss = sampled_softmax_loss(
+        q, V[pos - 100], V[got.ids - 100], log_q=got.log_q, temperature=0.2, pos_ids=pos, neg_ids=got.ids
+    )
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     loss.backward()
     assert q.grad.dtype == dtype and torch.isfinite(q.grad.float()).all()
@@ -270,8 +307,7 @@ def test_treeidx_leaves_torch_thread_count_alone():
         torch.set_num_threads(1)
         want = TreeNegativeSampler(index, k=4, temperature=0.1, seed=3).sample(*queries(x, seed=2))
         for prefetch in (False, True):
-            with TreeNegativeSampler(index, k=4, temperature=0.1, seed=3, threads=1,
-                                     prefetch=prefetch) as s:
+            with TreeNegativeSampler(index, k=4, temperature=0.1, seed=3, threads=1, prefetch=prefetch) as s:
                 s.submit(*queries(x, seed=2))
                 got = s.result()
             assert torch.equal(got.ids, want.ids) and torch.equal(got.log_q, want.log_q)
@@ -305,7 +341,16 @@ def test_state_dict_round_trip(tree):
     a.sample(q, pos)
     a.sample(q, pos)
     state = a.state_dict()
-    assert state == {"seed": 4, "rank": 2, "calls": 2, "k": 8, "temperature": 0.1, "mode": "exact"}
+    assert state == {
+        "seed": 4,
+        "rank": 2,
+        "calls": 2,
+        "k": 8,
+        "temperature": 0.1,
+        "mode": "exact",
+        "proposal_temperature": 0.1,
+        "false_negative_margin": None,
+    }
     want = a.sample(q, pos)
     b = TreeNegativeSampler(index, k=3, temperature=1.0, mode="approx", seed=0, rank=2)
     b.load_state_dict(state)
@@ -324,8 +369,9 @@ def test_duck_typed_sampler_and_errors(tree):
     q, pos = queries(x)
     inner = SoftmaxSampler(index, temperature=0.1)
     s = TreeNegativeSampler(inner, k=4, temperature=0.1, seed=1)
-    assert torch.equal(s.sample(q, pos).ids, TreeNegativeSampler(index, k=4, temperature=0.1, seed=1)
-                       .sample(q, pos).ids)
+    assert torch.equal(
+        s.sample(q, pos).ids, TreeNegativeSampler(index, k=4, temperature=0.1, seed=1).sample(q, pos).ids
+    )
     with pytest.raises(ValueError, match="temperature"):
         TreeNegativeSampler(inner, k=4, temperature=0.2)
     with pytest.raises(TypeError, match="index"):
@@ -350,6 +396,7 @@ def test_duck_typed_sampler_and_errors(tree):
 
 
 # ----------------------------------------------------------------------------- baselines
+
 
 def test_uniform_sampler():
     ids = np.array([3, 10, 11, 40, 77])
@@ -379,7 +426,7 @@ def test_stale_topk_uses_stale_vectors_until_refresh():
     def top(v, skip, k):
         s = q.double().numpy() @ v.T.astype(np.float64)
         s[np.arange(5), pos.numpy() - 1000] = -np.inf
-        return torch.from_numpy(np.argsort(-s, axis=1)[:, skip:skip + k] + 1000)
+        return torch.from_numpy(np.argsort(-s, axis=1)[:, skip : skip + k] + 1000)
 
     for backend in ("brute", "tree"):
         state.update(v=x, calls=0)
@@ -447,8 +494,12 @@ def test_brute_force_sampler_is_exact(dtype):
     for b in range(2):
         rows = negs.ids[b].numpy() // 3
         assert not (rows == (5, 150)[b]).any()
-        torch.testing.assert_close(negs.log_q[b].double(), torch.from_numpy(logp[b, rows]),
-                                   rtol=0, atol=1e-12 if dtype == torch.float64 else 2e-5)
+        torch.testing.assert_close(
+            negs.log_q[b].double(),
+            torch.from_numpy(logp[b, rows]),
+            rtol=0,
+            atol=1e-12 if dtype == torch.float64 else 2e-5,
+        )
         p = np.exp(logp[b])
         counts = np.bincount(rows, minlength=200)
         big = p * s.k >= 5

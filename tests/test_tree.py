@@ -1,4 +1,5 @@
 """TreeIndex: invariants under random edit sequences, exact search, persistence, bad input."""
+
 from __future__ import annotations
 
 import threading
@@ -24,8 +25,7 @@ def brute_topk(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int, exclude=No
     return np.take_along_axis(s, order, 1), ids[order]
 
 
-def assert_search_exact(index: TreeIndex, x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int,
-                        exclude=None) -> None:
+def assert_search_exact(index: TreeIndex, x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int, exclude=None) -> None:
     """Same top-k as brute force, ties aside: scores agree, ids agree where scores are distinct."""
     got_s, got_i = index.search(q, k, exclude=exclude)
     ref_s, ref_i = brute_topk(x, ids, q, k, exclude)
@@ -35,7 +35,9 @@ def assert_search_exact(index: TreeIndex, x: np.ndarray, ids: np.ndarray, q: np.
         np.testing.assert_allclose([exact[i][b] for i in got_i[b]], got_s[b], rtol=1e-4, atol=1e-4)
         assert len(set(got_i[b].tolist())) == k
         if exclude is not None:
-            assert not set(got_i[b].tolist()) & set(np.atleast_1d(list(exclude[b]) if isinstance(exclude[b], set) else exclude[b]).tolist())
+            assert not set(got_i[b].tolist()) & set(
+                np.atleast_1d(list(exclude[b]) if isinstance(exclude[b], set) else exclude[b]).tolist()
+            )
 
 
 class TreeEdits(RuleBasedStateMachine):
@@ -46,8 +48,7 @@ class TreeEdits(RuleBasedStateMachine):
         self.model: dict[int, np.ndarray] = {}
         self.next_id = 0
 
-    @initialize(n=st.integers(1, 120), dim=st.integers(1, 6), seed=st.integers(0, 2**16),
-                clustered=st.booleans())
+    @initialize(n=st.integers(1, 120), dim=st.integers(1, 6), seed=st.integers(0, 2**16), clustered=st.booleans())
     def build(self, n, dim, seed, clustered):
         self.rng = np.random.default_rng(seed)
         self.dim = dim
@@ -90,7 +91,7 @@ class TreeEdits(RuleBasedStateMachine):
         moved = self.rng.choice(keys, max(1, int(frac * len(keys))), replace=False)
         x = np.stack([self.model[i] for i in moved.tolist()])
         x = (x + scale * self.rng.standard_normal(x.shape)).astype(np.float32)
-        self.index.update(moved, x)
+        self.index.update(x, moved)
         self.model.update(zip(moved.tolist(), x))
 
     @precondition(lambda self: len(self.model) > 0)
@@ -120,8 +121,9 @@ class TreeEdits(RuleBasedStateMachine):
 
 
 TestTreeEdits = TreeEdits.TestCase
-TestTreeEdits.settings = settings(max_examples=40, stateful_step_count=12, deadline=None,
-                                  suppress_health_check=[HealthCheck.too_slow])
+TestTreeEdits.settings = settings(
+    max_examples=40, stateful_step_count=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +149,7 @@ def test_search_exact_with_exclusions(data):
 def test_wide_nodes_search_and_sample_exactly():
     """Regions with more than 64 clusters (work arrays must grow inside the kernels)."""
     from treeidx import SoftmaxSampler
+
     rng = np.random.default_rng(8)
     x = rng.standard_normal((6000, 5)).astype(np.float32)
     q = rng.standard_normal((6, 5)).astype(np.float32)
@@ -177,7 +180,7 @@ def test_grouped_batch_search_equals_query_by_query(data):
     index = TreeIndex.build(x, seed=2)
     q = np.concatenate([q, -q, q[::-1] * 0.5])  # 120 queries
     assert q.shape[0] >= tree_mod.GROUP_MIN_QUERIES
-    one = [index.search(q[b:b + 1], 10) for b in range(q.shape[0])]
+    one = [index.search(q[b : b + 1], 10) for b in range(q.shape[0])]
     for block in (tree_mod.GROUP_BLOCK, 32):  # one block, then several
         old = tree_mod.GROUP_BLOCK
         tree_mod.GROUP_BLOCK = block
@@ -193,8 +196,10 @@ def test_search_prunes_on_clustered_data(data):
     """The bounds must actually prune: far fewer leaves opened than exist."""
     x, q = data
     index = TreeIndex.build(x, seed=0)
-    index.search(q, 10)
-    assert np.median(index.last_search_visited) < 0.5 * index.stats()["nodes"]
+    _, _, work = index.search(q, 10, return_work=True)
+    assert np.median(work.nodes_visited) < 0.5 * index.stats()["nodes"]
+    assert (work.inner_products < len(index)).all() and (work.inner_products >= 10).all()
+    assert not hasattr(index, "last_search_visited")  # reads leave the index untouched
 
 
 def test_build_is_deterministic_under_seed(data):
@@ -216,6 +221,7 @@ def test_queries_from_several_threads(data):
                 results.append(index.search(q, 10)[1])
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
+
     threads = [threading.Thread(target=work) for _ in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
@@ -244,8 +250,9 @@ def test_save_load_round_trip(tmp_path, data):
     assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
 
 
-@pytest.mark.parametrize("damage", ["truncate_header", "truncate_data", "flip_data", "flip_header",
-                                    "bad_magic", "empty"])
+@pytest.mark.parametrize(
+    "damage", ["truncate_header", "truncate_data", "flip_data", "flip_header", "bad_magic", "empty"]
+)
 def test_corrupt_file_raises_clear_error(tmp_path, data, damage):
     x, _ = data
     path = tmp_path / "index.tix"
@@ -274,6 +281,7 @@ def test_failed_save_keeps_previous_file(tmp_path, data, monkeypatch):
     TreeIndex.build(x[:100]).save(path)
     before = path.read_bytes()
     import treeidx.io as tio
+
     monkeypatch.setattr(tio, "crc32", lambda buf: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         TreeIndex.build(x[:200]).save(path)
@@ -305,29 +313,32 @@ def _snapshot(index: TreeIndex):
     return [a.copy() for a in index._A] + [index._keys.copy(), index._key_slot.copy()]
 
 
-@pytest.mark.parametrize("call, exc, match", [
-    (lambda ix, x: ix.insert(x[:2] * np.nan, [900, 901]), ValueError, "NaN"),
-    (lambda ix, x: ix.insert(np.full((2, 12), np.inf), [900, 901]), ValueError, "inf"),
-    (lambda ix, x: ix.insert(x[:2, :5], [900, 901]), ValueError, "dimension 12"),
-    (lambda ix, x: ix.insert(np.array([["a"] * 12] * 2), [900, 901]), ValueError, "dtype"),
-    (lambda ix, x: ix.insert(x[:0], []), ValueError, "empty"),
-    (lambda ix, x: ix.insert(x[:2], [900, 900]), ValueError, "duplicate"),
-    (lambda ix, x: ix.insert(x[:2], [900]), ValueError, "expected 2 ids"),
-    (lambda ix, x: ix.insert(x[:2], [5, 900]), ValueError, "already in the index"),
-    (lambda ix, x: ix.remove([5, 10**9]), KeyError, "unknown"),
-    (lambda ix, x: ix.remove([5, 5]), ValueError, "duplicate"),
-    (lambda ix, x: ix.remove([]), ValueError, "empty"),
-    (lambda ix, x: ix.update([5, 10**9], x[:2]), KeyError, "unknown"),
-    (lambda ix, x: ix.update([5, 6], x[:3]), ValueError, "2 ids but 3"),
-    (lambda ix, x: ix.update([5, 6], x[:2] * np.inf), ValueError, "inf"),
-    (lambda ix, x: ix.search(x[:2], 0), ValueError, "positive"),
-    (lambda ix, x: ix.search(x[:2], 501), ValueError, "larger than"),
-    (lambda ix, x: ix.search(x[:1], 500, exclude=[[1]]), ValueError, "larger than"),
-    (lambda ix, x: ix.search(x[:2, :3], 3), ValueError, "dimension"),
-    (lambda ix, x: ix.search(x[:2], 3, exclude=[[1]]), ValueError, "one id set per query"),
-    (lambda ix, x: ix.vectors([10**9]), KeyError, "unknown"),
-    (lambda ix, x: ix.rebuild(10**6), ValueError, "not a live node"),
-])
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda ix, x: ix.insert(x[:2] * np.nan, [900, 901]), ValueError, "NaN"),
+        (lambda ix, x: ix.insert(np.full((2, 12), np.inf), [900, 901]), ValueError, "inf"),
+        (lambda ix, x: ix.insert(x[:2, :5], [900, 901]), ValueError, "dimension 12"),
+        (lambda ix, x: ix.insert(np.array([["a"] * 12] * 2), [900, 901]), ValueError, "dtype"),
+        (lambda ix, x: ix.insert(x[:0], []), ValueError, "empty"),
+        (lambda ix, x: ix.insert(x[:2], [900, 900]), ValueError, "duplicate"),
+        (lambda ix, x: ix.insert(x[:2], [900]), ValueError, "expected 2 ids"),
+        (lambda ix, x: ix.insert(x[:2], [5, 900]), ValueError, "already in the index"),
+        (lambda ix, x: ix.remove([5, 10**9]), KeyError, "unknown"),
+        (lambda ix, x: ix.remove([5, 5]), ValueError, "duplicate"),
+        (lambda ix, x: ix.remove([]), ValueError, "empty"),
+        (lambda ix, x: ix.update(x[:2], [5, 10**9]), KeyError, "unknown"),
+        (lambda ix, x: ix.update(x[:3], [5, 6]), ValueError, "2 ids but 3"),
+        (lambda ix, x: ix.update(x[:2] * np.inf, [5, 6]), ValueError, "inf"),
+        (lambda ix, x: ix.search(x[:2], 0), ValueError, "positive"),
+        (lambda ix, x: ix.search(x[:2], 501), ValueError, "larger than"),
+        (lambda ix, x: ix.search(x[:1], 500, exclude=[[1]]), ValueError, "larger than"),
+        (lambda ix, x: ix.search(x[:2, :3], 3), ValueError, "dimension"),
+        (lambda ix, x: ix.search(x[:2], 3, exclude=[[1]]), ValueError, "one id set per query"),
+        (lambda ix, x: ix.vectors([10**9]), KeyError, "unknown"),
+        (lambda ix, x: ix.rebuild(10**6), ValueError, "not a live node"),
+    ],
+)
 def test_bad_input_raises_and_changes_nothing(data, call, exc, match):
     x, _ = data
     index = TreeIndex.build(x[:500], seed=1)

@@ -12,14 +12,28 @@ The code-search training job (imported on demand; docs/training.md):
     treeidx.encoder    -- DualEncoder, BagTower, make_optimizer (torch)
     treeidx.training   -- train(data, strategy, TrainConfig) -> TrainResult, evaluate
 """
+
 from __future__ import annotations
 
 from ._version import __version__
 from .dynamic import DynamicIndex, RefreshPolicy
 from .io import IndexFileError
-from .nystrom import DriftError, DriftFit, NystromDrift
+from .nystrom import DriftError, DriftFit, DriftReport, NystromDrift
 from .sampling import SampleResult, SoftmaxSampler
-from .tree import InvariantError, TreeIndex
+from .tree import InvariantError, SearchWork, TreeIndex
 
-__all__ = ["TreeIndex", "SoftmaxSampler", "SampleResult", "NystromDrift", "DriftFit", "DriftError",
-           "DynamicIndex", "RefreshPolicy", "InvariantError", "IndexFileError", "__version__"]
+__all__ = [
+    "TreeIndex",
+    "SearchWork",
+    "SoftmaxSampler",
+    "SampleResult",
+    "NystromDrift",
+    "DriftFit",
+    "DriftReport",
+    "DriftError",
+    "DynamicIndex",
+    "RefreshPolicy",
+    "InvariantError",
+    "IndexFileError",
+    "__version__",
+]

@@ -10,10 +10,11 @@ The numba kernels (k-means splits, node statistics) live in _kernels/build.py;
 this module is the Python driver: BLAS k-means of the top level, the node
 numbering, and the kernel launches.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -27,8 +28,16 @@ def auto_top_fanout(n: int, leaf_size: int) -> int:
     return int(max(1, min(round(2.0 * math.sqrt(n)), n // max(leaf_size, 1))))
 
 
-def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int | None,
-                 kmeans_iters: int, seed: int, progress: Callable[[str], None] | None = None):
+def build_arrays(
+    x: np.ndarray,
+    *,
+    leaf_size: int,
+    fanout: int,
+    top_fanout: int | None,
+    kmeans_iters: int,
+    seed: int,
+    progress: Callable[[str], None] | None = None,
+):
     """Build the tree over x (N x d float32, finite). Returns a dict of flat arrays.
 
     Node 0 is the root. Below it, when there are many top-level clusters, ~sqrt(K)
@@ -60,13 +69,30 @@ def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int 
     node_hi = np.empty(2 * n, np.int64)
     node_par = np.empty(2 * n, np.int64)
     counts = np.zeros(sizes.shape[0], np.int64)
-    run_parallel(partition_clusters, x, perm, cluster_bounds, leaf_size, fanout, kmeans_iters, seed,
-                 node_lo, node_hi, node_par, counts)
+    run_parallel(
+        partition_clusters,
+        x,
+        perm,
+        cluster_bounds,
+        leaf_size,
+        fanout,
+        kmeans_iters,
+        seed,
+        node_lo,
+        node_hi,
+        node_par,
+        counts,
+    )
     # gather each cluster's node block into one global numbering after the root
     offsets = np.zeros(counts.shape[0] + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
-    rows = np.concatenate([np.arange(2 * cluster_bounds[c], 2 * cluster_bounds[c] + counts[c])
-                           for c in range(counts.shape[0])]) if counts.shape[0] else np.empty(0, np.int64)
+    rows = (
+        np.concatenate(
+            [np.arange(2 * cluster_bounds[c], 2 * cluster_bounds[c] + counts[c]) for c in range(counts.shape[0])]
+        )
+        if counts.shape[0]
+        else np.empty(0, np.int64)
+    )
     block_of_row = np.repeat(np.arange(counts.shape[0]), counts)
     n_regions = int(region.max()) + 1 if region.size and region.max() >= 0 else 0
     first = 1 + n_regions  # root, then the regions, then the clusters' blocks
@@ -82,8 +108,7 @@ def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int 
     lo[first:], hi[first:] = node_lo[rows], node_hi[rows]
     local_par = node_par[rows]
     cluster_parent = (1 + region) if n_regions else np.zeros(counts.shape[0], np.int64)
-    parent[first:] = np.where(local_par < 0, cluster_parent[block_of_row],
-                              local_par + offsets[block_of_row] + first)
+    parent[first:] = np.where(local_par < 0, cluster_parent[block_of_row], local_par + offsets[block_of_row] + first)
     del node_lo, node_hi, node_par
     lo, hi, parent = breadth_first(lo, hi, parent)
     vecs = x[perm]
@@ -100,10 +125,24 @@ def build_arrays(x: np.ndarray, *, leaf_size: int, fanout: int, top_fanout: int 
     is_leaf[0] = False
     leaf_start = np.where(is_leaf, lo, -1)
     leaf_size_arr = np.where(is_leaf, hi - lo, 0)
-    return dict(vecs=vecs, perm=perm, lo=lo, center=center, csq=csq, radius=radius, nu_min=nu_min,
-                nu_max=nu_max, sqsum=sqsum, count=(hi - lo), parent=parent,
-                first_child=first_child, next_sibling=next_sibling, leaf_start=leaf_start,
-                leaf_size=leaf_size_arr, leaf_cap=leaf_size_arr.copy())
+    return dict(
+        vecs=vecs,
+        perm=perm,
+        lo=lo,
+        center=center,
+        csq=csq,
+        radius=radius,
+        nu_min=nu_min,
+        nu_max=nu_max,
+        sqsum=sqsum,
+        count=(hi - lo),
+        parent=parent,
+        first_child=first_child,
+        next_sibling=next_sibling,
+        leaf_start=leaf_start,
+        leaf_size=leaf_size_arr,
+        leaf_cap=leaf_size_arr.copy(),
+    )
 
 
 def group_clusters(centers: np.ndarray, seed: int, min_clusters: int = 64) -> np.ndarray:

@@ -3,6 +3,7 @@
 Exclusions travel this way from the public API (`_validate.as_exclude`) to the
 kernels; search and sampler reorder and slice them along with their query batches.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,7 @@ def permute_rows(ptr: np.ndarray, vals: np.ndarray, order: np.ndarray) -> tuple[
 
 def slice_rows(ptr: np.ndarray, vals: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows lo..hi of a CSR, re-based."""
-    return ptr[lo: hi + 1] - ptr[lo], vals[ptr[lo]: ptr[hi]]
+    return ptr[lo : hi + 1] - ptr[lo], vals[ptr[lo] : ptr[hi]]
 
 
 def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

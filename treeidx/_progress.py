@@ -1,8 +1,10 @@
 """Optional progress reporting: a tqdm bar when enabled and tqdm is installed, else a stand-in."""
+
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class _NoBar:
@@ -26,8 +28,7 @@ class _StderrBar(_NoBar):
         print(f"[{self.desc}] {s}", file=sys.stderr, flush=True)
 
 
-def progress_bar(enabled: bool, *, total: int | None, desc: str, unit: str = "it",
-                 echo: bool = False) -> Any:
+def progress_bar(enabled: bool, *, total: int | None, desc: str, unit: str = "it", echo: bool = False) -> Any:
     """A tqdm bar (update / set_postfix_str / close) when enabled and tqdm is installed.
     Otherwise a stand-in that does nothing, or, with echo=True (a few slow stages worth
     reporting anyway), prints each set_postfix_str message to stderr."""
@@ -50,4 +51,5 @@ def stage_reporter(enabled: bool, label: str, stages: int = 3) -> Callable[[str 
         else:
             bar.set_postfix_str(msg)
             bar.update(1)
+
     return say

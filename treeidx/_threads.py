@@ -11,12 +11,14 @@ Two things to get right:
   silently find torch back on every core after the first index build or sample,
   competing with the sampler. We put torch's count back after each launch.
 """
+
 from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numba
 

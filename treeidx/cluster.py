@@ -3,6 +3,7 @@
 `kmeans` clusters a sample and then assigns every row; `assign_nearest` is the
 assignment alone (one matrix product per chunk of rows).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,9 @@ import numpy as np
 __all__ = ["kmeans", "assign_nearest"]
 
 
-def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 8,
-               sample_per_center: int = 40) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(
+    x: np.ndarray, k: int, seed: int, iters: int = 8, sample_per_center: int = 40
+) -> tuple[np.ndarray, np.ndarray]:
     """k centers by k-means on a sample of x (BLAS), then the nearest center of every row.
 
     Returns (centers (k, d) float32, labels (N,) int64). Deterministic given `seed`; a
@@ -49,4 +51,3 @@ def assign_nearest(x: np.ndarray, centers: np.ndarray, chunk: int = 32768) -> np
         b -= half_sq  # argmax <x,c> - |c|^2/2 == argmin |x - c|^2
         out[lo:hi] = b.argmax(axis=1)
     return out
-

@@ -33,6 +33,7 @@ radius grew by `radius_growth`, or all of it); when the running drift error exce
 `full_refresh`). Every decision is appended to `log` and sent to the `treeidx.dynamic`
 logger.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import as_ids, as_vectors
+from ._validate import as_ids, as_vectors, vectors_then_ids
 from .io import IndexFileError, atomic_write, crc32
-from .nystrom import DriftError, DriftFit, NystromDrift, drift_error
+from .nystrom import DriftFit, DriftReport, NystromDrift, drift_error
 from .sampling import SampleResult, SoftmaxSampler
 from .tree import TreeIndex, check_shape_options
 
@@ -68,6 +69,7 @@ class RefreshPolicy:
     max_drift_error: relative RMS prediction error (running mean, weight `drift_ema`)
         above which `needs_full_refresh` is set; None: never.
     """
+
     max_moved_fraction: float = 0.1
     rebuild: str = "partial"
     radius_growth: float = 1.25
@@ -107,22 +109,51 @@ class DynamicIndex:
         self._moved = 0
         self._fresh_epoch: dict[int, int] = {}  # id -> epoch its fresh vector was set at
         self._top_radius: dict[int, float] = {}
+        self._version = 0  # this object's own writes; see `version`
         self._record_top_radii(reset=True)
         self._update_pinv()
 
     @classmethod
-    def build(cls, vectors, ids=None, *, n_landmarks: int | None = None, kernel: str = "linear",
-              landmarks="kcenter", ridge: float = 1e-6, eig_floor: float = 1e-10, residual: bool = True,
-              bandwidth: float | None = None, max_rank: int | None = None, temperature: float = 1.0,
-              mode: str = "exact", tolerance: float = 0.05, budget: int | None = None,
-              policy: RefreshPolicy | None = None, seed: int = 0, progress: bool = False,
-              **tree_shape: Any) -> "DynamicIndex":
+    def build(
+        cls,
+        vectors,
+        ids=None,
+        *,
+        n_landmarks: int | None = None,
+        kernel: str = "linear",
+        landmarks="kcenter",
+        ridge: float = 1e-6,
+        eig_floor: float = 1e-10,
+        residual: bool = True,
+        bandwidth: float | None = None,
+        max_rank: int | None = None,
+        temperature: float = 1.0,
+        mode: str = "exact",
+        tolerance: float = 0.05,
+        budget: int | None = None,
+        policy: RefreshPolicy | None = None,
+        seed: int = 0,
+        progress: bool = False,
+        **tree_shape: Any,
+    ) -> DynamicIndex:
         """Build from the targets' current (to-be-stale) vectors. Model options as in
         NystromDrift; sampler options as in SoftmaxSampler; tree shape as in TreeIndex.build."""
-        config = dict(n_landmarks=n_landmarks, kernel=kernel, landmarks=landmarks, ridge=ridge,
-                      eig_floor=eig_floor, residual=residual, bandwidth=bandwidth, max_rank=max_rank,
-                      temperature=temperature, mode=mode, tolerance=tolerance, budget=budget, seed=seed,
-                      tree_shape=check_shape_options(tree_shape))
+        config = dict(
+            n_landmarks=n_landmarks,
+            kernel=kernel,
+            landmarks=landmarks,
+            ridge=ridge,
+            eig_floor=eig_floor,
+            residual=residual,
+            bandwidth=bandwidth,
+            max_rank=max_rank,
+            temperature=temperature,
+            mode=mode,
+            tolerance=tolerance,
+            budget=budget,
+            seed=seed,
+            tree_shape=check_shape_options(tree_shape),
+        )
         drift, tree = cls._make(vectors, ids, config, seed, progress)
         out = cls(_drift=drift, _tree=tree, _config=config, _policy=policy or RefreshPolicy())
         out._note("build", "built", n=len(tree), feature_dim=drift.dim, rank=drift.rank)
@@ -131,8 +162,14 @@ class DynamicIndex:
     @staticmethod
     def _make(vectors, ids, config: dict, seed: int, progress: bool) -> tuple[NystromDrift, TreeIndex]:
         lm = config["landmarks"]
-        drift = NystromDrift(vectors, ids=ids, n_landmarks=config["n_landmarks"] if isinstance(lm, str) else None,
-                             seed=seed, progress=progress, **{k: config[k] for k in _MODEL_KEYS})
+        drift = NystromDrift(
+            vectors,
+            ids=ids,
+            n_landmarks=config["n_landmarks"] if isinstance(lm, str) else None,
+            seed=seed,
+            progress=progress,
+            **{k: config[k] for k in _MODEL_KEYS},
+        )
         tree = TreeIndex.build(drift.features(), drift.ids, seed=seed, progress=progress, **config["tree_shape"])
         return drift, tree
 
@@ -160,13 +197,22 @@ class DynamicIndex:
         """Ids re-encoded or added since the last full refresh."""
         return np.array(sorted(self._fresh_epoch), np.int64)
 
+    @property
+    def version(self) -> tuple[int, int, int]:
+        """An opaque value (compare with ==) that changes with every write: refresh,
+        reencode, add, remove, rebuild, full refresh, and direct writes to `tree`.
+        `TreeNegativeSampler` uses it to refuse results computed across a write."""
+        return (self._version, id(self.tree), self.tree.version)
+
     def predict(self, ids) -> np.ndarray:
         """The vectors the sampler is exact for: Wᵀ φ(y), (n, d) float32."""
         return self.drift.predict_from_features(self.tree.vectors(ids))
 
     def __repr__(self) -> str:
-        return (f"DynamicIndex(n={len(self)}, dim={self.dim}, epoch={self.epoch}, fresh={len(self._fresh_epoch)}, "
-                f"drift={self.drift!r})")
+        return (
+            f"DynamicIndex(n={len(self)}, dim={self.dim}, epoch={self.epoch}, fresh={len(self._fresh_epoch)}, "
+            f"drift={self.drift!r})"
+        )
 
     # ------------------------------------------------------------- per step
     def refresh_landmarks(self, fresh_landmark_vectors, *, holdout_ids=None, holdout_vectors=None) -> DriftFit:
@@ -177,16 +223,25 @@ class DynamicIndex:
         policy; they are not re-encoded into the index (call `reencode` for that).
         """
         fit = self.drift.fit(fresh_landmark_vectors)
+        self._version += 1
         self.epoch += 1
         self._update_pinv()
         if holdout_ids is not None or holdout_vectors is not None:
             if holdout_ids is None or holdout_vectors is None:
                 raise ValueError("holdout: give both holdout_ids and holdout_vectors")
-            fit = replace(fit, holdout=self._error(as_ids(holdout_ids, None),
-                                                   as_vectors(holdout_vectors, self.dim, "holdout_vectors")))
+            fit = replace(
+                fit,
+                holdout=self._error(
+                    as_ids(holdout_ids, None), as_vectors(holdout_vectors, self.dim, "holdout_vectors")
+                ),
+            )
             self._track(fit.holdout)
-        self._note("refresh_landmarks", "refit W", landmark_residual=fit.landmark_residual,
-                   holdout=None if fit.holdout is None else fit.holdout.predicted)
+        self._note(
+            "refresh_landmarks",
+            "refit W",
+            landmark_residual=fit.landmark_residual,
+            holdout=None if fit.holdout is None else fit.holdout.predicted,
+        )
         self._apply_policy()
         return fit
 
@@ -199,33 +254,41 @@ class DynamicIndex:
         """Exact top-k by inner product with the predicted vectors."""
         return self.tree.search(self.drift.transform_queries(queries), k, exclude=exclude)
 
-    def reencode(self, ids, fresh_vectors) -> DriftError:
+    def reencode(self, fresh_vectors, ids) -> DriftReport:
         """Targets re-encoded anyway: from now on they score with their fresh vectors.
 
         Returns the prediction error of these targets before the update (a free,
         hard-negative-weighted estimate of the drift error; it feeds the policy).
+        Arguments in the order of `build` (the old (ids, vectors) order still works,
+        with a DeprecationWarning).
         """
+        fresh_vectors, ids = vectors_then_ids(fresh_vectors, ids, "reencode")
         ids_arr = as_ids(ids, None)
         fresh = as_vectors(fresh_vectors, self.dim, "fresh_vectors")
         if fresh.shape[0] != ids_arr.shape[0]:
             raise ValueError(f"reencode: {ids_arr.shape[0]} ids but {fresh.shape[0]} vectors")
         phi_old = self.tree.vectors(ids_arr)  # KeyError before anything changes
         err = self._error(ids_arr, fresh, phi_old)
-        self.tree.update(ids_arr, self._backproject(phi_old, fresh, "reencode"))
+        self._version += 1
+        self.tree.update(self._backproject(phi_old, fresh, "reencode"), ids_arr)
         self._mark_fresh(ids_arr)
         self._track(err)
-        self._note("reencode", "updated in place", n=int(ids_arr.size), predicted_error=err.predicted,
-                   stale_error=err.stale)
+        self._note(
+            "reencode", "updated in place", n=int(ids_arr.size), predicted_error=err.predicted, stale_error=err.stale
+        )
         self._apply_policy()
         return err
 
-    def add(self, ids, vectors) -> None:
-        """Add targets with their current vectors (new ids)."""
+    def add(self, vectors, ids) -> None:
+        """Add targets with their current vectors (new ids), in the order of `build`
+        (the old (ids, vectors) order still works, with a DeprecationWarning)."""
+        vectors, ids = vectors_then_ids(vectors, ids, "add")
         ids_arr = as_ids(ids, None)
         x = as_vectors(vectors, self.dim, "vectors")
         if x.shape[0] != ids_arr.shape[0]:
             raise ValueError(f"add: {ids_arr.shape[0]} ids but {x.shape[0]} vectors")
         phi = self._backproject(self.drift.features_of(x), x, "add")
+        self._version += 1
         self.tree.insert(phi, ids_arr)  # raises on present ids before changing anything
         self._mark_fresh(ids_arr)
         self._note("add", "inserted", n=int(ids_arr.size))
@@ -235,6 +298,7 @@ class DynamicIndex:
         """Remove targets (KeyError if any is unknown; nothing changes then)."""
         ids_arr = as_ids(ids, None)
         self.tree.remove(ids_arr)
+        self._version += 1
         for i in ids_arr.tolist():
             self._fresh_epoch.pop(i, None)
         lm = int(np.isin(ids_arr, self.drift.landmark_ids).sum())
@@ -245,6 +309,7 @@ class DynamicIndex:
         landmarks, new features and tree; clears `needs_full_refresh`."""
         cfg = self._config
         self.drift, self.tree = self._make(vectors, ids, cfg, cfg["seed"], progress)
+        self._version += 1
         self.sampler = SoftmaxSampler(self.tree, **{k: cfg[k] for k in _SAMPLER_KEYS})
         self.epoch, self._moved, self.needs_full_refresh, self.drift_estimate = 0, 0, False, None
         self._fresh_epoch.clear()
@@ -254,6 +319,7 @@ class DynamicIndex:
 
     def rebuild(self, partial: bool = False) -> None:
         """Rebuild the tree over the current features (all, or the grown top-level subtrees)."""
+        self._version += 1
         if not partial:
             self.tree.rebuild()
             self._record_top_radii(reset=True)
@@ -262,8 +328,11 @@ class DynamicIndex:
             return
         view = self.tree.view()
         nodes, radius = view.top_nodes, view.arrays.radius
-        grown = [int(v) for v in nodes if int(v) in self._top_radius
-                 and radius[v] > self.policy.radius_growth * self._top_radius[int(v)]]
+        grown = [
+            int(v)
+            for v in nodes
+            if int(v) in self._top_radius and radius[v] > self.policy.radius_growth * self._top_radius[int(v)]
+        ]
         if 2 * len(grown) > len(nodes):
             self._note("rebuild", "partial -> full", grown=len(grown), top=int(len(nodes)))
             return self.rebuild(partial=False)
@@ -295,12 +364,16 @@ class DynamicIndex:
         rel = np.linalg.norm(got - f, axis=1) / np.maximum(np.linalg.norm(f, axis=1), 1e-30)
         worst = float(rel.max()) if rel.size else 0.0
         if worst > 1e-3:
-            self._note(what, "inexact", worst_relative_error=worst,
-                       reason="W is rank-deficient: the fresh vector is only represented in least squares")
+            self._note(
+                what,
+                "inexact",
+                worst_relative_error=worst,
+                reason="W is rank-deficient: the fresh vector is only represented in least squares",
+            )
         self.last_backprojection_error = worst
         return phi
 
-    def _error(self, ids: np.ndarray, fresh: np.ndarray, phi: np.ndarray | None = None) -> DriftError:
+    def _error(self, ids: np.ndarray, fresh: np.ndarray, phi: np.ndarray | None = None) -> DriftReport:
         pred = self.drift.predict_from_features(self.tree.vectors(ids) if phi is None else phi)
         # stale baseline: the stale vector where the model has one, else the prediction
         known = np.isin(ids, self.drift.ids)
@@ -309,7 +382,7 @@ class DynamicIndex:
             stale[known] = self.drift.stale(ids[known])
         return drift_error(pred, stale, fresh)
 
-    def _track(self, err: DriftError) -> None:
+    def _track(self, err: DriftReport) -> None:
         a = self.policy.drift_ema
         e = err.predicted
         self.drift_estimate = e if self.drift_estimate is None else (1 - a) * self.drift_estimate + a * e
@@ -321,11 +394,16 @@ class DynamicIndex:
 
     def _apply_policy(self) -> None:
         p = self.policy
-        if (p.max_drift_error is not None and not self.needs_full_refresh and self.drift_estimate is not None
-                and self.drift_estimate > p.max_drift_error):
+        if (
+            p.max_drift_error is not None
+            and not self.needs_full_refresh
+            and self.drift_estimate is not None
+            and self.drift_estimate > p.max_drift_error
+        ):
             self.needs_full_refresh = True
-            self._note("policy", "full re-encode recommended", drift_estimate=self.drift_estimate,
-                       threshold=p.max_drift_error)
+            self._note(
+                "policy", "full re-encode recommended", drift_estimate=self.drift_estimate, threshold=p.max_drift_error
+            )
         if self._moved > p.max_moved_fraction * max(len(self.tree), 1):
             self._note("policy", f"{p.rebuild} rebuild", moved=self._moved, n=len(self.tree))
             self.rebuild(partial=p.rebuild == "partial")
@@ -334,7 +412,7 @@ class DynamicIndex:
         view = self.tree.view()
         if reset:
             self._top_radius = {}
-        for v in (view.top_nodes.tolist() if len(view) else []):
+        for v in view.top_nodes.tolist() if len(view) else []:
             if reset or v not in self._top_radius or (nodes is not None and v in nodes):
                 self._top_radius[v] = float(view.arrays.radius[v])
 
@@ -353,19 +431,30 @@ class DynamicIndex:
             tree_bytes = np.fromfile(Path(td) / "tree.tidx", dtype=np.uint8)
         fresh = np.array(sorted(self._fresh_epoch.items()), np.int64).reshape(-1, 2)
         top = np.array(sorted(self._top_radius.items()), np.float64).reshape(-1, 2)
-        arrays = {"tree": tree_bytes, "fresh": fresh, "top_radius": top,
-                  **{f"drift_{k}": np.ascontiguousarray(v) for k, v in self.drift.state().items()}}
+        arrays = {
+            "tree": tree_bytes,
+            "fresh": fresh,
+            "top_radius": top,
+            **{f"drift_{k}": np.ascontiguousarray(v) for k, v in self.drift.state().items()},
+        }
         cfg = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self._config.items()}
-        meta = dict(format_version=FORMAT_VERSION, config=cfg, policy=asdict(self.policy), epoch=self.epoch,
-                    moved=self._moved, needs_full_refresh=self.needs_full_refresh,
-                    drift_estimate=self.drift_estimate, log=self.log,
-                    crc32={k: crc32(v) for k, v in arrays.items()})
+        meta = dict(
+            format_version=FORMAT_VERSION,
+            config=cfg,
+            policy=asdict(self.policy),
+            epoch=self.epoch,
+            moved=self._moved,
+            needs_full_refresh=self.needs_full_refresh,
+            drift_estimate=self.drift_estimate,
+            log=self.log,
+            crc32={k: crc32(v) for k, v in arrays.items()},
+        )
         arrays["meta"] = np.frombuffer(json.dumps(meta, default=_json_default).encode(), np.uint8)
         with atomic_write(path) as f:
             np.savez(f, **arrays)
 
     @classmethod
-    def load(cls, path) -> "DynamicIndex":
+    def load(cls, path) -> DynamicIndex:
         """Read a file written by `save`; verifies checksums, the tree's invariants and
         the consistency of model and tree. Raises IndexFileError when anything is off."""
         path = Path(path)

@@ -15,16 +15,17 @@ Reading checks the magic, the version, every length against the file size and
 every checksum before returning anything (TreeIndex.load then checks the tree's
 invariants); any failure raises `IndexFileError` (a ValueError) naming what was wrong.
 """
+
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
-import tempfile
 import zlib
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -38,13 +39,17 @@ class IndexFileError(ValueError):
     """A saved index file is truncated, corrupted, or of an unknown format."""
 
 
-def crc32(data) -> int:
-    """CRC32 of the raw bytes of a bytes-like object or of an array in C order
-    (empty arrays included)."""
-    if isinstance(data, np.ndarray):
-        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    return zlib.crc32(memoryview(data).cast("B")) & 0xFFFFFFFF
+def _bytes_of(a) -> memoryview:
+    """The raw bytes of a bytes-like object or a C-contiguous array (empty ones too:
+    memoryview refuses to cast a view with a zero in its shape)."""
+    if isinstance(a, np.ndarray):
+        return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return memoryview(a).cast("B")
 
+
+def crc32(data) -> int:
+    """CRC32 of the raw bytes of a bytes-like object or of an array in C order."""
+    return zlib.crc32(_bytes_of(data)) & 0xFFFFFFFF
 
 
 def write_index_file(path, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -56,8 +61,9 @@ def write_index_file(path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     for name, a in arrays.items():
         a = np.ascontiguousarray(a)
         arrays[name] = a
-        entries.append(dict(name=name, dtype=a.dtype.str, shape=list(a.shape), offset=offset,
-                            nbytes=int(a.nbytes), crc32=crc32(a)))
+        entries.append(
+            dict(name=name, dtype=a.dtype.str, shape=list(a.shape), offset=offset, nbytes=int(a.nbytes), crc32=crc32(a))
+        )
         offset += -(-a.nbytes // _ALIGN) * _ALIGN
     header = json.dumps(dict(**meta, arrays=entries)).encode()
     with atomic_write(path) as f:
@@ -68,16 +74,32 @@ def write_index_file(path, arrays: dict[str, np.ndarray], meta: dict) -> None:
         for e in entries:
             a = arrays[e["name"]]
             f.seek(base + e["offset"])
-            f.write(memoryview(a).cast("B"))
+            f.write(_bytes_of(a))
         f.truncate(base + offset)
 
 
 @contextmanager
 def atomic_write(path):
     """A binary file object whose content replaces `path` only if the block completes:
-    written to a temporary file in the same folder, fsynced, then renamed over it."""
+    written to a temporary file in the same folder, fsynced, then renamed over it.
+
+    The file gets the permissions any new file of the user gets (0666 minus the umask).
+    On an exception the temporary file is removed; only a process killed outright
+    (SIGKILL, power loss) can leave one behind: `.<name>.<random>.tmp` next to `path`,
+    safe to delete.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    folder = path.parent
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)  # the kernel applies the umask, as for open()
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 48 random bits
+        raise FileExistsError(f"could not create a temporary file next to {path}")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -85,8 +107,10 @@ def atomic_write(path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
 
 

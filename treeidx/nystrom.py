@@ -26,6 +26,7 @@ eigenvalues below `eig_floor` × the largest are dropped (a truncated pseudo-inv
 rank-deficient landmark sets are harmless); the ridge ρ = ridge · trace(K)/m is
 relative, hence scale-free. `fit` costs O(m·p·d): no pass over the targets.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,12 +42,17 @@ _CHUNK_ELEMS = 1 << 22  # rows per chunk so that chunk × m float64 stays ~32 MB
 
 
 @dataclass(frozen=True)
-class DriftError:
+class DriftReport:
     """Prediction error on targets whose fresh vectors are known (relative RMS:
-    sqrt(Σ‖pred − fresh‖² / Σ‖fresh‖²)), against doing nothing (stale vectors)."""
+    sqrt(Σ‖pred − fresh‖² / Σ‖fresh‖²)), against doing nothing (stale vectors).
+    A measurement, not an exception (it was called DriftError, still an alias)."""
+
     predicted: float
     stale: float
     n: int
+
+
+DriftError = DriftReport  # the old name of DriftReport, kept for existing code
 
 
 @dataclass(frozen=True)
@@ -55,12 +61,13 @@ class DriftFit:
 
     landmark_residual: relative RMS error of the prediction on the landmarks themselves
         (0 when the model interpolates them; a poor fit shows here first).
-    holdout: DriftError on extra re-encoded targets, when given (None otherwise):
+    holdout: DriftReport on extra re-encoded targets, when given (None otherwise):
         the estimate of the error on all targets.
     rank: eigenpairs of K kept after clipping.
     """
+
     landmark_residual: float
-    holdout: DriftError | None
+    holdout: DriftReport | None
     rank: int
 
 
@@ -80,10 +87,22 @@ class NystromDrift:
     max_rank: keep at most this many eigenpairs (caps the feature dimension).
     """
 
-    def __init__(self, stale_vectors, *, n_landmarks: int | None = None, kernel: Kernel = "linear",
-                 landmarks="kcenter", ids=None, ridge: float = 1e-6, eig_floor: float = 1e-10,
-                 residual: bool = True, bandwidth: float | None = None, max_rank: int | None = None,
-                 seed: int = 0, progress: bool = False):
+    def __init__(
+        self,
+        stale_vectors,
+        *,
+        n_landmarks: int | None = None,
+        kernel: Kernel = "linear",
+        landmarks="kcenter",
+        ids=None,
+        ridge: float = 1e-6,
+        eig_floor: float = 1e-10,
+        residual: bool = True,
+        bandwidth: float | None = None,
+        max_rank: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ):
         if kernel not in ("linear", "rbf", "cosine"):
             raise ValueError(f"kernel: expected 'linear', 'rbf' or 'cosine', got {kernel!r}")
         if not (np.isfinite(ridge) and ridge >= 0):
@@ -106,9 +125,11 @@ class NystromDrift:
         self._GL = g[rows].astype(np.float64)
         m = rows.shape[0]
         if kernel == "linear" and not residual and m < d:
-            raise ValueError(f"kernel='linear' with residual=False needs n_landmarks >= dim ({d}), got {m}: "
-                             "predictions would lose every component outside the landmarks' span "
-                             "(use residual=True, the default, or more landmarks)")
+            raise ValueError(
+                f"kernel='linear' with residual=False needs n_landmarks >= dim ({d}), got {m}: "
+                "predictions would lose every component outside the landmarks' span "
+                "(use residual=True, the default, or more landmarks)"
+            )
         self._gamma = 0.0
         if kernel == "rbf":
             if bandwidth is None:
@@ -167,7 +188,7 @@ class NystromDrift:
         m = self._GL.shape[0]
         if self.kernel == "linear":
             u, s, vt = np.linalg.svd(self._GL, full_matrices=False)
-            lam = s ** 2  # = K's eigenvalues
+            lam = s**2  # = K's eigenvalues
         else:
             lam, u = np.linalg.eigh(self._kernel_rows(self._GL))
             lam, u = lam[::-1], u[:, ::-1]
@@ -182,7 +203,7 @@ class NystromDrift:
         if self.kernel == "linear":
             s_k = s[keep]
             # W = [I +] V diag(s/(s²+ρ)) Uᵀ (G'_L [− G_L])  ==  [I +] G_Lᵀ (K + ρ)⁺ (...)
-            self._F = (vt[keep].T * (s_k / (s_k ** 2 + rho))) @ u[:, keep].T  # (d, m)
+            self._F = (vt[keep].T * (s_k / (s_k**2 + rho))) @ u[:, keep].T  # (d, m)
             self._P = None
         else:
             scale = 1.0 / np.sqrt(lam[keep] + rho)
@@ -210,8 +231,8 @@ class NystromDrift:
         out = np.empty((y.shape[0], self.dim), np.float32)
         step = max(1, _CHUNK_ELEMS // max(self.n_landmarks, 1))
         for a in range(0, y.shape[0], step):
-            phi_k = self._kernel_rows(y[a:a + step]) @ self._P.T
-            out[a:a + step] = np.hstack([y[a:a + step], phi_k]) if self.residual else phi_k
+            phi_k = self._kernel_rows(y[a : a + step]) @ self._P.T
+            out[a : a + step] = np.hstack([y[a : a + step], phi_k]) if self.residual else phi_k
         return out
 
     def features(self, ids=None) -> np.ndarray:
@@ -234,11 +255,16 @@ class NystromDrift:
         and their fresh vectors) to estimate the prediction error on all targets.
         """
         m, d = self._GL.shape
-        fresh = np.asarray(fresh_landmark_vectors.detach().cpu().numpy() if hasattr(fresh_landmark_vectors, "detach")
-                           else fresh_landmark_vectors)
+        fresh = np.asarray(
+            fresh_landmark_vectors.detach().cpu().numpy()
+            if hasattr(fresh_landmark_vectors, "detach")
+            else fresh_landmark_vectors
+        )
         if fresh.ndim != 2 or fresh.shape[0] != m:
-            raise ValueError(f"fresh_landmark_vectors: expected {m} rows (one per landmark, in landmark_ids "
-                             f"order), got shape {fresh.shape}")
+            raise ValueError(
+                f"fresh_landmark_vectors: expected {m} rows (one per landmark, in landmark_ids "
+                f"order), got shape {fresh.shape}"
+            )
         fresh = as_vectors(fresh, d, "fresh_landmark_vectors").astype(np.float64)
         target = fresh - self._GL if self.residual else fresh
         wk = self._F @ target  # (d or r, d)
@@ -271,7 +297,7 @@ class NystromDrift:
         """Predicted current vectors of stale targets `ids`, (n, d) float32."""
         return self.predict_from_features(self.features(ids))
 
-    def evaluate(self, ids, fresh_vectors) -> DriftError:
+    def evaluate(self, ids, fresh_vectors) -> DriftReport:
         """Prediction error of `ids` against their known fresh vectors (and the stale baseline)."""
         ids_arr = as_ids(ids, None)
         fresh = as_vectors(fresh_vectors, self._G.shape[1], "fresh_vectors").astype(np.float64)
@@ -280,29 +306,57 @@ class NystromDrift:
         return drift_error(self.predict(ids_arr), self.stale(ids_arr), fresh)
 
     def __repr__(self) -> str:
-        return (f"NystromDrift(n={self._G.shape[0]}, dim={self._G.shape[1]}, kernel={self.kernel!r}, "
-                f"n_landmarks={self.n_landmarks}, rank={self.rank}, feature_dim={self.dim}, "
-                f"residual={self.residual})")
+        return (
+            f"NystromDrift(n={self._G.shape[0]}, dim={self._G.shape[1]}, kernel={self.kernel!r}, "
+            f"n_landmarks={self.n_landmarks}, rank={self.rank}, feature_dim={self.dim}, "
+            f"residual={self.residual})"
+        )
 
     # ------------------------------------------------------------- persistence
     def state(self) -> dict[str, np.ndarray]:
         """Arrays that restore this model exactly (see `from_state`)."""
-        cfg = np.array([self.ridge, self.eig_floor, self._gamma, float(self.residual),
-                        -1.0 if self.max_rank is None else float(self.max_rank), float(self.seed)])
-        return dict(stale=self._G, ids=self._ids, landmark_ids=self.landmark_ids, W=self.W, cfg=cfg,
-                    F=self._F, kernel=np.frombuffer(self.kernel.encode(), np.uint8).copy())
+        cfg = np.array(
+            [
+                self.ridge,
+                self.eig_floor,
+                self._gamma,
+                float(self.residual),
+                -1.0 if self.max_rank is None else float(self.max_rank),
+                float(self.seed),
+            ]
+        )
+        return dict(
+            stale=self._G,
+            ids=self._ids,
+            landmark_ids=self.landmark_ids,
+            W=self.W,
+            cfg=cfg,
+            F=self._F,
+            kernel=np.frombuffer(self.kernel.encode(), np.uint8).copy(),
+        )
 
     @classmethod
-    def from_state(cls, st: dict[str, np.ndarray]) -> "NystromDrift":
+    def from_state(cls, st: dict[str, np.ndarray]) -> NystromDrift:
         ridge, eig_floor, gamma, residual, max_rank, seed = (float(v) for v in st["cfg"])
         kernel = bytes(st["kernel"]).decode()
         bw = float(np.sqrt(1.0 / (2.0 * gamma))) if kernel == "rbf" else None
-        self = cls(st["stale"], ids=st["ids"], landmarks=st["landmark_ids"], kernel=kernel, ridge=ridge,
-                   eig_floor=eig_floor, residual=bool(residual), bandwidth=bw,
-                   max_rank=None if max_rank < 0 else int(max_rank), seed=int(seed))
+        self = cls(
+            st["stale"],
+            ids=st["ids"],
+            landmarks=st["landmark_ids"],
+            kernel=kernel,
+            ridge=ridge,
+            eig_floor=eig_floor,
+            residual=bool(residual),
+            bandwidth=bw,
+            max_rank=None if max_rank < 0 else int(max_rank),
+            seed=int(seed),
+        )
         if st["W"].shape != self.W.shape or st["F"].shape != self._F.shape:
-            raise ValueError(f"drift state: W/F have shapes {st['W'].shape}/{st['F'].shape}, the model "
-                             f"needs {self.W.shape}/{self._F.shape}")
+            raise ValueError(
+                f"drift state: W/F have shapes {st['W'].shape}/{st['F'].shape}, the model "
+                f"needs {self.W.shape}/{self._F.shape}"
+            )
         # restore the saved decomposition, not a recomputed one: eigenvector signs may
         # differ across machines, and the tree's features were computed with the saved one
         self._gamma = gamma
@@ -313,12 +367,12 @@ class NystromDrift:
 
 
 # ----------------------------------------------------------------- helpers
-def drift_error(pred: np.ndarray, stale: np.ndarray, fresh: np.ndarray) -> DriftError:
+def drift_error(pred: np.ndarray, stale: np.ndarray, fresh: np.ndarray) -> DriftReport:
     """Relative RMS error of predicted and of stale vectors against fresh ones."""
     fresh = np.asarray(fresh, np.float64)
-    den = max(float((fresh ** 2).sum()), 1e-300)
+    den = max(float((fresh**2).sum()), 1e-300)
     err = lambda a: float(np.sqrt(((np.asarray(a, np.float64) - fresh) ** 2).sum() / den))  # noqa: E731
-    return DriftError(predicted=err(pred), stale=err(stale), n=int(fresh.shape[0]))
+    return DriftReport(predicted=err(pred), stale=err(stale), n=int(fresh.shape[0]))
 
 
 def kcenter(x: np.ndarray, m: int, seed: int = 0, progress: bool = False) -> np.ndarray:
@@ -345,15 +399,15 @@ def kcenter(x: np.ndarray, m: int, seed: int = 0, progress: bool = False) -> np.
             chosen[j] = i
         c = x[chosen[j]]
         for a in range(0, n, step):
-            diff = x[a:a + step] - c
-            np.minimum(d2[a:a + step], np.einsum("ij,ij->i", diff, diff), out=d2[a:a + step])
+            diff = x[a : a + step] - c
+            np.minimum(d2[a : a + step], np.einsum("ij,ij->i", diff, diff), out=d2[a : a + step])
         bar.update(1)
     bar.close()
     return chosen
 
 
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    d2 = (a ** 2).sum(1)[:, None] - 2.0 * a @ b.T + (b ** 2).sum(1)[None, :]
+    d2 = (a**2).sum(1)[:, None] - 2.0 * a @ b.T + (b**2).sum(1)[None, :]
     return np.maximum(d2, 0.0)
 
 

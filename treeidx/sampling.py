@@ -18,6 +18,7 @@ rule fires. Then:
   true log-probability of each id under that proposal, and `tv_bound` a certified
   upper bound on its total-variation distance to the softmax.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,11 +28,31 @@ import numpy as np
 from ._csr import permute_rows, slice_rows
 from ._kernels.arrays import Csr
 from ._kernels.bounds import dot_error, top_level_bounds
-from ._kernels.frontier import (ALL_EXCLUDED, COLLAPSED, GAVE_UP, OK, ST_DOTS, ST_FRONTIER, ST_OPENED,
-                                ST_PROPOSALS, Params, log_gap, proposal_log_weight)
+from ._kernels.frontier import (
+    ALL_EXCLUDED,
+    COLLAPSED,
+    GAVE_UP,
+    OK,
+    ST_DOTS,
+    ST_FRONTIER,
+    ST_OPENED,
+    ST_PROPOSALS,
+    Params,
+    log_gap,
+    proposal_log_weight,
+)
 from ._kernels.sample import SampleOut, TopLevel, sample_batch, score_top_level
 from ._threads import run_parallel
-from ._validate import as_exclude, as_vectors, check_k, check_positive, check_positive_int
+from ._validate import (
+    as_exclude,
+    as_vectors,
+    check_k,
+    check_number,
+    check_positive,
+    check_positive_int,
+    check_score_range,
+    check_seed,
+)
 from .brute import dense_softmax
 from .tree import TreeIndex, locality_order
 
@@ -54,6 +75,7 @@ class SampleResult:
     frontier_size: (B,) entries on the final cut; 0 for a query answered by the
                 exact dense fallback (see SoftmaxSampler's dense_fallback).
     """
+
     ids: np.ndarray
     log_q: np.ndarray
     log_z: np.ndarray
@@ -89,29 +111,36 @@ class SoftmaxSampler:
         rounding bound. None: never fall back.
     """
 
-    def __init__(self, index: TreeIndex, *, temperature: float, mode: str = "exact",
-                 tolerance: float = 0.05, budget: int | None = None, draw_cost: float = 3.0,
-                 chunk_size: int = 1024, dense_fallback: float | None = 0.05):
+    def __init__(
+        self,
+        index: TreeIndex,
+        *,
+        temperature: float,
+        mode: str = "exact",
+        tolerance: float = 0.05,
+        budget: int | None = None,
+        draw_cost: float = 3.0,
+        chunk_size: int = 1024,
+        dense_fallback: float | None = 0.05,
+    ):
         if not isinstance(index, TreeIndex):
             raise TypeError(f"index: expected a TreeIndex, got {type(index).__name__}")
         if mode not in ("exact", "approx"):
             raise ValueError(f"mode: expected 'exact' or 'approx', got {mode!r}")
-        if not (np.isfinite(tolerance) and tolerance >= 0):
-            raise ValueError(f"tolerance: expected a finite number >= 0, got {tolerance!r}")
-        if budget is not None and (not isinstance(budget, (int, np.integer)) or budget < 1):
+        if budget is not None and (
+            isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, np.integer)) or budget < 1
+        ):
             raise ValueError(f"budget: expected a positive integer or None, got {budget!r}")
-        if not (np.isfinite(draw_cost) and draw_cost > 0):
-            raise ValueError(f"draw_cost: expected a finite positive number, got {draw_cost!r}")
         self.index = index
         self.temperature = check_positive(temperature, "temperature")
         self.mode = mode
-        self.tolerance = float(tolerance)
-        self.budget = budget
-        self.draw_cost = float(draw_cost)
+        self.tolerance = check_number(tolerance, "tolerance")
+        self.budget = None if budget is None else int(budget)
+        self.draw_cost = check_number(draw_cost, "draw_cost", strict=True)
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")
-        if dense_fallback is not None and not (np.isfinite(dense_fallback) and dense_fallback > 0):
-            raise ValueError(f"dense_fallback: expected a positive fraction or None, got {dense_fallback!r}")
-        self.dense_fallback = dense_fallback
+        self.dense_fallback = (
+            None if dense_fallback is None else check_number(dense_fallback, "dense_fallback", strict=True)
+        )
 
     @property
     def beta(self) -> float:
@@ -133,24 +162,37 @@ class SoftmaxSampler:
         return max(1, int(self.dense_fallback * len(self.index)))
 
     def __repr__(self) -> str:
-        return (f"SoftmaxSampler(mode={self.mode!r}, temperature={self.temperature}, "
-                f"tolerance={self.tolerance}, budget={self.budget}, index={self.index!r})")
+        return (
+            f"SoftmaxSampler(mode={self.mode!r}, temperature={self.temperature}, "
+            f"tolerance={self.tolerance}, budget={self.budget}, index={self.index!r})"
+        )
 
     def sample(self, queries, k: int, *, exclude=None, seed: int | None = None) -> SampleResult:
         """Draw k ids per query (with replacement). See SampleResult for the fields.
 
-        exclude: None, or per query an id set never to return (e.g. the positive);
-        unknown ids are ignored; a query whose every id is excluded raises ValueError.
-        seed: the same seed gives the same samples whatever the number of threads.
+        queries: (B, d) or (d,), numpy or torch (any float dtype; bf16 is widened).
+        exclude: None, or per query an id set never to return (e.g. the positive): a
+        sequence of B iterables of ids, a (B, m) array, or a (B,) integer array of one id
+        per query; unknown ids are ignored; a scalar raises TypeError; a query whose every
+        id is excluded raises ValueError.
+        seed: an integer in [0, 2**63), or None for a fresh one; the same seed gives the
+        same samples whatever the number of threads.
+        ValueError also when a query's norm times the largest stored norm could overflow
+        float32, or makes float32 rounding alone decide the softmax (see
+        `_validate.check_score_range`).
         """
         index = self.index
         q = as_vectors(queries, index.dim, "queries")
         k = check_k(k)
+        seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else check_seed(seed)
         if len(index) == 0:
             raise ValueError("the index is empty")
         ptr, ex_slots = self._excluded_slots(exclude, q.shape[0])
-        if seed is None:
-            seed = int(np.random.SeedSequence().generate_state(1)[0])
+        allowed = len(index) - np.diff(ptr)  # excluded slots are distinct per query
+        if (allowed < 1).any():
+            b = int(np.flatnonzero(allowed < 1)[0])
+            raise ValueError(f"query {b}: every target in the index is excluded; nothing to sample")
+        check_score_range(q, float(index.view().arrays.nu_max[0]), "queries", beta=self.beta)
         B = q.shape[0]
         ids = np.empty((B, k), np.int64)
         log_q = np.empty((B, k), np.float64)
@@ -162,22 +204,49 @@ class SoftmaxSampler:
         for lo in range(0, B, self.chunk_size):
             hi = min(lo + self.chunk_size, B)
             sub_ptr, sub_ex = slice_rows(ptr, ex_slots, lo, hi)
-            self._sample_chunk(q[lo:hi], np.arange(lo, hi), k, sub_ptr, sub_ex, int(seed) & (2**63 - 1),
-                               ids[lo:hi], log_q[lo:hi], log_z[lo:hi], tv[lo:hi], stats[lo:hi], status[lo:hi])
+            self._sample_chunk(
+                q[lo:hi],
+                np.arange(lo, hi),
+                k,
+                sub_ptr,
+                sub_ex,
+                seed,
+                ids[lo:hi],
+                log_q[lo:hi],
+                log_z[lo:hi],
+                tv[lo:hi],
+                stats[lo:hi],
+                status[lo:hi],
+            )
         dense = np.flatnonzero(status == GAVE_UP)
         if dense.size:
-            self._sample_dense(q, dense, k, ptr, ex_slots, int(seed) & (2**63 - 1),
-                               ids, log_q, log_z, stats, status)
+            self._sample_dense(q, dense, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status)
         if (status == ALL_EXCLUDED).any():
             b = int(np.flatnonzero(status == ALL_EXCLUDED)[0])
             raise ValueError(f"query {b}: every target in the index is excluded; nothing to sample")
         if (status == COLLAPSED).any():
             b = int(np.flatnonzero(status == COLLAPSED)[0])
-            raise RuntimeError(f"query {b}: rejection acceptance collapsed; raise `budget` "
-                               "(exact mode with a small budget leaves bounds too loose)")
-        return SampleResult(ids=ids, log_q=log_q, log_z=log_z, tv_bound=tv,
-                            nodes_opened=stats[:, ST_OPENED], inner_products=stats[:, ST_DOTS],
-                            proposals=stats[:, ST_PROPOSALS], frontier_size=stats[:, ST_FRONTIER])
+            hint = (
+                "raise `budget` or leave it None: a small exact-mode budget leaves the bounds too loose for rejection"
+                if self.mode == "exact" and self.budget is not None
+                else "the bounds are too loose for rejection; keep dense_fallback set"
+                if self.mode == "exact"
+                else "this should not happen in approx mode; please report it"
+            )
+            raise RuntimeError(
+                f"query {b}: sampling stalled ({self.mode} mode): fewer than k={k} of "
+                f"{1000 * k + 100000} proposals were accepted; {hint}"
+            )
+        return SampleResult(
+            ids=ids,
+            log_q=log_q,
+            log_z=log_z,
+            tv_bound=tv,
+            nodes_opened=stats[:, ST_OPENED],
+            inner_products=stats[:, ST_DOTS],
+            proposals=stats[:, ST_PROPOSALS],
+            frontier_size=stats[:, ST_FRONTIER],
+        )
 
     def _sample_chunk(self, q, qidx, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status):
         view = self.index.view()
@@ -190,21 +259,26 @@ class SoftmaxSampler:
         ptr, ex_slots = permute_rows(ptr, ex_slots, order)
         tops = self._top_level_entries(A, q, top_dots, top_nodes)
         out = SampleOut(*(np.empty_like(a) for a in (ids, log_q, log_z, tv, stats, status)))
-        params = Params(beta=self.beta, k=k, exact=self.mode == "exact", tol=self.tolerance,
-                        budget=self._budget(), draw_cost=self.draw_cost, give_up=self._give_up())
-        run_parallel(sample_batch, A, q, qidx[order], top_nodes, tops, params, seed,
-                     Csr(ptr, ex_slots), out)
+        params = Params(
+            beta=self.beta,
+            k=k,
+            exact=self.mode == "exact",
+            tol=self.tolerance,
+            budget=self._budget(),
+            draw_cost=self.draw_cost,
+            give_up=self._give_up(),
+        )
+        run_parallel(sample_batch, A, q, qidx[order], top_nodes, tops, params, seed, Csr(ptr, ex_slots), out)
         for dst, src in zip((ids, log_q, log_z, tv, stats, status), out):
             dst[order] = src
 
-    def _sample_dense(self, q, rows, k, ptr, ex_slots, seed, ids, log_q, log_z, stats, status):
+    def _sample_dense(self, q, rows, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status):
         """Exact samples for queries `rows` by one dense pass over the slot array."""
         index, view = self.index, self.index.view()
         A, n_slots = view.arrays, view.n_slots
         vecs, slot_id = A.vecs, A.slot_id
         sub_ptr, sub_ex = permute_rows(ptr, ex_slots, rows)
-        n_allowed = len(index) - np.array([np.unique(sub_ex[a:b]).size
-                                           for a, b in zip(sub_ptr[:-1], sub_ptr[1:])])
+        n_allowed = len(index) - np.array([np.unique(sub_ex[a:b]).size for a, b in zip(sub_ptr[:-1], sub_ptr[1:])])
         if (n_allowed == 0).any():
             status[rows[n_allowed == 0]] = ALL_EXCLUDED
             return
@@ -213,17 +287,20 @@ class SoftmaxSampler:
         # 64 rows keep BLAS efficient at a quarter of BruteForce's 256-row buffer (256 MB at 1M)
         buf = np.empty((min(rows.size, 64), n_slots), np.float32)
         qr = q[rows]
-        idx, logp, logz, bad = dense_softmax(qr, vecs, self.beta, u, sub_ptr, sub_ex, buf,
-                                             dead=np.flatnonzero(slot_id < 0))
+        idx, logp, logz, bad = dense_softmax(
+            qr, vecs, self.beta, u, sub_ptr, sub_ex, buf, dead=np.flatnonzero(A.slot_leaf < 0)
+        )
         if bad >= 0:
-            raise ValueError(f"query {int(rows[bad])}: scores are not finite "
-                             "(vector/query norms too large for float32)")
+            raise ValueError(
+                f"query {int(rows[bad])}: scores are not finite (vector/query norms too large for float32)"
+            )
         ids[rows] = slot_id[idx]
         log_q[rows] = logp
         # the exact log Z of the float32 scores, padded by their rounding bound
         qn = np.linalg.norm(qr.astype(np.float64), axis=1)
         pad = self.beta * np.array([dot_error(index.dim, float(n), float(A.nu_max[0])) for n in qn])
         log_z[rows] = np.stack([logz - pad, logz + pad], 1)
+        tv[rows] = 0.0  # exact draws
         stats[rows, ST_DOTS] += n_slots
         stats[rows, ST_PROPOSALS] = k
         stats[rows, ST_FRONTIER] = 0

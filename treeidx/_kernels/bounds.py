@@ -7,6 +7,7 @@ spherical-cap bound for unit vectors); docs/sampling.md derives both. The float3
 <q, c> is first widened by a rigorous rounding margin (`dot_error`): a bound must
 never be violated by rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,9 @@ def dot_error(dim: int, qnorm: float, cnorm: float) -> float:
 
 
 @nb.njit(cache=True, inline="always")
-def node_bounds(dot: float, qnorm: float, csq: float, radius: float,
-                nu_min: float, nu_max: float, dim: int) -> tuple[float, float]:
+def node_bounds(
+    dot: float, qnorm: float, csq: float, radius: float, nu_min: float, nu_max: float, dim: int
+) -> tuple[float, float]:
     """Lower and upper bound of <q, y> over every target y below the node.
 
     dot   -- <q, c> as computed in float32

@@ -3,6 +3,7 @@
 Randomness comes from a counter-based hash keyed by (seed, node), so the tree is
 identical whatever the number of threads.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,8 +85,9 @@ def kmeans_split(x, perm, lo, hi, fanout, iters, key, labels, centers):
 
 
 @nb.njit(cache=True, parallel=True)
-def partition_clusters(x, perm, cluster_bounds, leaf_size, fanout, iters, seed,
-                       node_lo, node_hi, node_parent, node_count_out):
+def partition_clusters(
+    x, perm, cluster_bounds, leaf_size, fanout, iters, seed, node_lo, node_hi, node_parent, node_count_out
+):
     """Recursively split each top-level cluster (in parallel); record nodes in preorder.
 
     Cluster c covers perm[cluster_bounds[c]:cluster_bounds[c+1]]; its nodes are
@@ -166,8 +168,7 @@ def subset_statistics(vecs, slots, center_row):
 def node_statistics(vecs, lo, hi, center, csq, radius, nu_min, nu_max, sqsum):
     """subset_statistics of every node's slot range [lo, hi), in parallel."""
     for v in nb.prange(lo.shape[0]):
-        csq[v], radius[v], nu_min[v], nu_max[v], sqsum[v] = subset_statistics(
-            vecs, np.arange(lo[v], hi[v]), center[v])
+        csq[v], radius[v], nu_min[v], nu_max[v], sqsum[v] = subset_statistics(vecs, np.arange(lo[v], hi[v]), center[v])
 
 
 @nb.njit(cache=True, inline="always")

@@ -6,6 +6,7 @@ e^(beta <q, y>) / e^(up) per target; accepted targets follow the softmax exactly
 whatever the cut. Approx mode draws from the proposal weights without rejection and
 reports the proposal's own log-probability. docs/sampling.md has the derivations.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,21 +16,36 @@ import numba as nb
 import numpy as np
 
 from .bounds import dot32
-from .frontier import (ALL_EXCLUDED, COLLAPSED, ENTRIES, GAVE_UP, NEG_INF, OK, ST_ACCEPTED,
-                       ST_DOTS, ST_FRONTIER, ST_PROPOSALS, frontier_max, hidden_excluded_mass,
-                       is_excluded_slot, lse_shifted, reshift)
+from .frontier import (
+    ALL_EXCLUDED,
+    COLLAPSED,
+    ENTRIES,
+    GAVE_UP,
+    NEG_INF,
+    OK,
+    ST_ACCEPTED,
+    ST_DOTS,
+    ST_FRONTIER,
+    ST_PROPOSALS,
+    frontier_max,
+    hidden_excluded_mass,
+    is_excluded_slot,
+    lse_shifted,
+    reshift,
+)
 from .rng import U64, uniform01
 
 
 class Proposal(NamedTuple):
     """What draws are made from: an alias table over the alive entries of the cut."""
-    entry: np.ndarray   # int64 cut entry of each alias slot
+
+    entry: np.ndarray  # int64 cut entry of each alias slot
     weight: np.ndarray  # float64 its weight, relative to the shift
-    prob: np.ndarray    # float64 Walker alias table
-    alias: np.ndarray   # int64
-    total: float        # sum of weight
-    excluded: float     # approx mode: weight on excluded targets inside unopened nodes
-    shift: float        # Mw: the shift of approx mode's proposal weights
+    prob: np.ndarray  # float64 Walker alias table
+    alias: np.ndarray  # int64
+    total: float  # sum of weight
+    excluded: float  # approx mode: weight on excluded targets inside unopened nodes
+    shift: float  # Mw: the shift of approx mode's proposal weights
 
 
 @nb.njit(cache=True, inline="always")
@@ -90,7 +106,8 @@ def build_proposal(cut, exact, excluded, Mw):
         ne += 1
     prob = np.empty(ne, np.float64)
     alias = np.empty(ne, np.int64)
-    build_alias(ew, ne, tot, prob, alias)
+    if tot > 0.0:  # else every weight underflowed: the caller reports COLLAPSED
+        build_alias(ew, ne, tot, prob, alias)
     return Proposal(ent[:ne], ew[:ne], prob, alias, tot, excluded, Mw)
 
 
@@ -137,8 +154,31 @@ def hidden_excluded_proposal(T, cut, X):
     for jx in range(X.slots.shape[0]):
         if X.hidden[jx]:
             e = find_entry(T, cut, X.slots[jx])
-            q_ex += E.ew[e] / T.count[E.node[e]]
+            if e >= 0:
+                q_ex += E.ew[e] / T.count[E.node[e]]
     return q_ex
+
+
+@nb.njit(cache=True)
+def hidden_excluded_share(T, exact, X, cut):
+    """Share of the proposal that falls on excluded targets hidden in unopened nodes
+    (each is proposed like any target of its node: the node's weight / its count)."""
+    E, nf = cut.entries, cut.n[ENTRIES]
+    cap = cut.sums.up.shape[0] >> 1
+    tot = 0.0
+    for j in range(nf):
+        if E.alive[j]:
+            tot += cut.sums.up[cap + j] if (exact and E.off[j] < 0) else E.ew[j]
+    waste = 0.0
+    for jx in range(X.slots.shape[0]):
+        if X.hidden[jx]:
+            e = find_entry(T, cut, X.slots[jx])
+            if e >= 0:
+                w = cut.sums.up[cap + e] if exact else E.ew[e]
+                waste += w / T.count[E.node[e]]
+    if not tot > 0.0:
+        return 1.0  # every weight underflowed under the shift: refining can only help
+    return waste / tot
 
 
 @nb.njit(cache=True)
@@ -151,7 +191,7 @@ def find_entry(T, cut, s):
             if E.alive[j] and E.off[j] < 0 and E.node[j] == u:
                 return j
         u = T.parent[u]
-    return 0
+    return -1
 
 
 @nb.njit(cache=True, inline="always")
@@ -207,8 +247,9 @@ def uniform_descendant(T, v, r):
 @nb.njit(cache=True, inline="always")
 def draw(T, Q, P, X, cut, prop, key, ids, log_q, stats):
     """k draws into ids / log_q (exact mode: beta <q, y>, normalised by the caller)."""
-    node, off, up, w = cut.entries.node, cut.entries.off, cut.entries.up, cut.entries.w  # the loop
-    sw, sslot = cut.scores.w, cut.scores.slot                                           # indexes locals
+    # the loop indexes locals (see search._walk_cluster)
+    node, off, up, w = cut.entries.node, cut.entries.off, cut.entries.up, cut.entries.w
+    sw, sslot = cut.scores.w, cut.scores.slot
     vecs, slot_id, count, leaf_size = T.vecs, T.slot_id, T.count, T.leaf_size
     log_allowed = math.log(prop.total - prop.excluded)
     props, acc = 0, 0
@@ -262,6 +303,8 @@ def draw_stage(T, Q, P, X, cut, key, out, b):
         return ALL_EXCLUDED
     q_ex = 0.0 if P.exact else hidden_excluded_proposal(T, cut, X)
     prop = build_proposal(cut, P.exact, q_ex, Mw)
+    if not prop.total > 0.0:
+        return COLLAPSED  # every proposal weight underflowed (ruled out by the callers' checks)
     out.tv[b] = 0.0 if P.exact else tv_bound(cut, prop, Ua)
     stats = out.stats[b]
     status = draw(T, Q, P, X, cut, prop, key, out.ids[b], out.log_q[b], stats)

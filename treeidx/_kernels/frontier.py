@@ -10,6 +10,7 @@ totals U = sum e^(up - M) and L = sum e^(lo - M) live in two segment trees over 
 entries: an update recomputes parent sums from children, so no subtraction ever
 cancels precision and the totals stay exact to rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,24 +34,26 @@ OK, ALL_EXCLUDED, COLLAPSED, GAVE_UP = 0, -1, -2, -3
 
 class Params(NamedTuple):
     """The sampler's settings (SoftmaxSampler's, in kernel units)."""
-    beta: float        # 1 / temperature
-    k: int             # samples per query
-    exact: bool        # rejection (exact) or proposal (approx) draws
-    tol: float         # stop refining once U <= (1 + tol) L
-    budget: int        # inner products refinement may spend
-    draw_cost: float   # one rejection draw, in inner products (exact mode's stopping rule)
-    give_up: int       # exact-mode work after which the caller redoes the query densely
+
+    beta: float  # 1 / temperature
+    k: int  # samples per query
+    exact: bool  # rejection (exact) or proposal (approx) draws
+    tol: float  # stop refining once U <= (1 + tol) L
+    budget: int  # inner products refinement may spend
+    draw_cost: float  # one rejection draw, in inner products (exact mode's stopping rule)
+    give_up: int  # exact-mode work after which the caller redoes the query densely
 
 
 class Query(NamedTuple):
-    vec: np.ndarray    # (d,) float32
-    norm: float        # ||q||
-    norm2: float       # ||q||^2
+    vec: np.ndarray  # (d,) float32
+    norm: float  # ||q||
+    norm2: float  # ||q||^2
 
 
 class Excluded(NamedTuple):
     """A query's excluded targets: their slots and exact log-weights, and whether each
     still hides inside an unopened node (whose bounds then count its weight)."""
+
     slots: np.ndarray
     w: np.ndarray
     hidden: np.ndarray
@@ -58,33 +61,37 @@ class Excluded(NamedTuple):
 
 class Entries(NamedTuple):
     """The cut's entries (capacity grows; the first cut.n[ENTRIES] are used)."""
-    node: np.ndarray    # int64 tree node
-    lo: np.ndarray      # float64 log-lower bound of the entry's mass
-    up: np.ndarray      # float64 log-upper bound
-    w: np.ndarray       # float64 log-proposal weight (approx mode's draw weight)
-    off: np.ndarray     # int64 >= 0: an evaluated leaf, offset of its scores; -1: a node
-    alive: np.ndarray   # bool: still on the cut (not replaced by its refinement)
-    blo: np.ndarray     # float64 bounds of <q, y> below the node: its children's are
-    bup: np.ndarray     # clipped into them
-    ew: np.ndarray      # float64 e^(w - M): the proposal weight under the shift
+
+    node: np.ndarray  # int64 tree node
+    lo: np.ndarray  # float64 log-lower bound of the entry's mass
+    up: np.ndarray  # float64 log-upper bound
+    w: np.ndarray  # float64 log-proposal weight (approx mode's draw weight)
+    off: np.ndarray  # int64 >= 0: an evaluated leaf, offset of its scores; -1: a node
+    alive: np.ndarray  # bool: still on the cut (not replaced by its refinement)
+    blo: np.ndarray  # float64 bounds of <q, y> below the node: its children's are
+    bup: np.ndarray  # clipped into them
+    ew: np.ndarray  # float64 e^(w - M): the proposal weight under the shift
 
 
 class Scores(NamedTuple):
     """Evaluated leaves' targets, one leaf after another."""
-    w: np.ndarray       # float64 beta <q, y>, -inf for an excluded target
-    slot: np.ndarray    # int64
-    cum: np.ndarray     # float64 running sum of e^(w - leaf max) within each leaf
+
+    w: np.ndarray  # float64 beta <q, y>, -inf for an excluded target
+    slot: np.ndarray  # int64
+    cum: np.ndarray  # float64 running sum of e^(w - leaf max) within each leaf
 
 
 class Heap(NamedTuple):
     """Max-heap of the entries to refine, by priority."""
-    key: np.ndarray     # float64
-    entry: np.ndarray   # int64
+
+    key: np.ndarray  # float64
+    entry: np.ndarray  # int64
 
 
 class Sums(NamedTuple):
     """Segment trees of e^(up - M) and e^(lo - M) over the entries: leaf j at
     [cap + j], cap = len / 2, every internal node the sum of its two children."""
+
     up: np.ndarray
     lo: np.ndarray
 
@@ -94,13 +101,14 @@ class Cut(NamedTuple):
     scores: Scores
     heap: Heap
     sums: Sums
-    n: np.ndarray       # int64 counters: ENTRIES used, SCORES used, QUEUED in the heap
-    shift: np.ndarray   # float64 [M]
+    n: np.ndarray  # int64 counters: ENTRIES used, SCORES used, QUEUED in the heap
+    shift: np.ndarray  # float64 [M]
 
 
 # ---------------------------------------------------------------- formulas
 # Both are written with numpy ufuncs so that one definition serves the kernels
 # (compiled, per entry) and sampling.py's top level (`.py_func` on whole arrays).
+
 
 @nb.njit(cache=True, inline="always")
 def log_gap(lo, up):
@@ -146,6 +154,7 @@ def is_excluded_slot(X, s):
 
 # ---------------------------------------------------------------- segment trees
 
+
 @nb.njit(cache=True, inline="always")
 def seg_set(sums, j, u, l):
     """Set entry j's (upper, lower) weight and recompute its ancestors' sums."""
@@ -174,8 +183,8 @@ def seg_grow(sums):
     """Twice the capacity, keeping every leaf."""
     cap = sums.up.shape[0] >> 1
     grown = Sums(np.zeros(4 * cap, np.float64), np.zeros(4 * cap, np.float64))
-    grown.up[2 * cap: 3 * cap] = sums.up[cap: 2 * cap]
-    grown.lo[2 * cap: 3 * cap] = sums.lo[cap: 2 * cap]
+    grown.up[2 * cap : 3 * cap] = sums.up[cap : 2 * cap]
+    grown.lo[2 * cap : 3 * cap] = sums.lo[cap : 2 * cap]
     seg_build(grown)
     return grown
 
@@ -195,20 +204,33 @@ def seg_fill(sums, E, nf, M):
 
 # ---------------------------------------------------------------- the cut
 
+
 @nb.njit(cache=True)
 def grow_entries(E, n):
     """The entries with room for index n (unchanged when they have it)."""
-    return Entries(grow_f(E.node, n), grow_f(E.lo, n), grow_f(E.up, n), grow_f(E.w, n),
-                   grow_f(E.off, n), grow_f(E.alive, n), grow_f(E.blo, n), grow_f(E.bup, n),
-                   grow_f(E.ew, n))
+    return Entries(
+        grow_f(E.node, n),
+        grow_f(E.lo, n),
+        grow_f(E.up, n),
+        grow_f(E.w, n),
+        grow_f(E.off, n),
+        grow_f(E.alive, n),
+        grow_f(E.blo, n),
+        grow_f(E.bup, n),
+        grow_f(E.ew, n),
+    )
 
 
 @nb.njit(cache=True, inline="always")
 def reserve(cut, entries, scores, queued):
     """The cut with room for entry index `entries`, score index `scores` and heap index
     `queued`: the same cut when it has it (the common case), else a grown copy."""
-    if (entries < cut.entries.node.shape[0] and entries < cut.sums.up.shape[0] >> 1
-            and scores < cut.scores.w.shape[0] and queued < cut.heap.key.shape[0]):
+    if (
+        entries < cut.entries.node.shape[0]
+        and entries < cut.sums.up.shape[0] >> 1
+        and scores < cut.scores.w.shape[0]
+        and queued < cut.heap.key.shape[0]
+    ):
         return cut
     return grown(cut, entries, scores, queued)
 

@@ -3,6 +3,7 @@
 Kernels keep their work arrays small and grow them on demand (doubling), so a
 query that needs a deep frontier pays for it and the others do not.
 """
+
 from __future__ import annotations
 
 import numba as nb
@@ -86,4 +87,3 @@ def topk_replace_min(scores, ids, k, score, idv):
         i = c
     scores[i] = score
     ids[i] = idv
-

@@ -10,6 +10,7 @@ more by k-means. Empty nodes are unlinked.
 The id -> slot map is a sorted key array with a parallel slot array; keys are
 added/removed by the caller, the kernels keep the slots current.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,7 @@ def key_index(keys, idv):
 @nb.njit(cache=True)
 def exact_node_stats(A, v, slots):
     """Set node v's center/radius/norms/count from the given target slots exactly."""
-    A.csq[v], A.radius[v], A.nu_min[v], A.nu_max[v], A.sqsum[v] = subset_statistics(
-        A.vecs, slots, A.center[v])
+    A.csq[v], A.radius[v], A.nu_min[v], A.nu_max[v], A.sqsum[v] = subset_statistics(A.vecs, slots, A.center[v])
     A.count[v] = slots.shape[0]
 
 
@@ -164,6 +164,7 @@ def grow_leaf(A, keys, key_slot, v, n_slots, max_leaf):
 class NewRows(NamedTuple):
     """Rows to insert: vectors, ids, and each row's nearest child of the root (chosen
     by the caller with one BLAS product for the whole batch), or -1 to choose here."""
+
     vecs: np.ndarray
     ids: np.ndarray
     nearest_top: np.ndarray
@@ -172,14 +173,18 @@ class NewRows(NamedTuple):
 class LeafShape(NamedTuple):
     """How a full leaf splits: k-means into `fanout` children of at most `max_leaf`
     targets, seeded by `seed`."""
+
     fanout: int
     max_leaf: int
     seed: int
 
 
 @nb.njit(cache=True, nogil=True)
-def insert_batch(A, keys, key_slot, rows, start, root, n_slots, n_nodes, dead_slots, shape):
+def insert_batch(A, keys, key_slot, rows, start, root, n_slots, n_nodes, dead_slots, shape, replace):
     """Insert rows start.. of `rows` (NewRows) until done or capacity runs short.
+
+    replace: each id is stored already; it is removed just before its row goes in (an
+    update), so rows not reached yet keep their old vectors.
 
     Returns (next row, n_slots, n_nodes, dead_slots). The caller guarantees the
     keys already hold every new id, and grows the arrays when asked to resume.
@@ -188,12 +193,15 @@ def insert_batch(A, keys, key_slot, rows, start, root, n_slots, n_nodes, dead_sl
     fanout, max_leaf, seed = shape.fanout, shape.max_leaf, shape.seed
     slot_room = A.vecs.shape[0]
     node_room = A.center.shape[0]
+    old = np.empty(vecs.shape[1], np.float32)
     i = start
     while i < vecs.shape[0]:
         if n_slots + 2 * max_leaf + 2 > slot_room or n_nodes + fanout + 2 > node_room:
             break
         y = vecs[i]
         idv = ids[i]
+        if replace:
+            dead_slots += remove_one(A, keys, key_slot, idv, root, old)
         yn = 0.0
         for t in range(y.shape[0]):
             yn += float(y[t]) ** 2
@@ -213,7 +221,9 @@ def insert_batch(A, keys, key_slot, rows, start, root, n_slots, n_nodes, dead_sl
             A.csq[c] = yn * yn
         first = True
         while A.leaf_start[v] < 0:
-            v = top_choice[i] if (first and top_choice[i] >= 0) else nearest_child(A, v, y)
+            # the batch's choice, unless a removal in this batch has unlinked that node
+            pick = first and top_choice[i] >= 0 and A.parent[top_choice[i]] == v
+            v = top_choice[i] if pick else nearest_child(A, v, y)
             first = False
             widen(A, v, y, yn)
         if A.leaf_size[v] < A.leaf_cap[v]:
@@ -225,8 +235,7 @@ def insert_batch(A, keys, key_slot, rows, start, root, n_slots, n_nodes, dead_sl
             place_slot(A, keys, key_slot, A.leaf_start[v] + A.leaf_size[v], y, idv, v)
             A.leaf_size[v] += 1
         else:
-            n_slots, n_nodes, freed = split_leaf(A, keys, key_slot, v, y, idv, n_slots, n_nodes,
-                                                 fanout, max_leaf, seed)
+            n_slots, n_nodes, freed = split_leaf(A, keys, key_slot, v, y, idv, n_slots, n_nodes, fanout, max_leaf, seed)
             dead_slots += freed
         i += 1
     return i, n_slots, n_nodes, dead_slots
@@ -246,44 +255,85 @@ def unlink(A, v):
     A.next_sibling[v] = -1
 
 
-@nb.njit(cache=True, nogil=True, fastmath=FAST)
+@nb.njit(cache=True, fastmath=FAST)
+def remove_one(A, keys, key_slot, idv, root, y):
+    """Remove id idv (present); its key_slot entry becomes -1. y: scratch of length d.
+    Returns the slots freed by leaves that emptied."""
+    d = A.vecs.shape[1]
+    freed = 0
+    ki = key_index(keys, idv)
+    s = key_slot[ki]
+    key_slot[ki] = -1
+    v = A.slot_leaf[s]
+    y[:] = A.vecs[s]
+    last = A.leaf_start[v] + A.leaf_size[v] - 1
+    if s != last:  # keep the leaf's used slots contiguous
+        A.vecs[s] = A.vecs[last]
+        A.slot_id[s] = A.slot_id[last]
+        key_slot[key_index(keys, A.slot_id[s])] = s
+    A.slot_id[last] = -1
+    A.slot_leaf[last] = -1
+    A.leaf_size[v] -= 1
+    u = v
+    while u >= 0:
+        d2 = 0.0
+        for t in range(d):
+            diff = float(y[t]) - float(A.center[u, t])
+            d2 += diff * diff
+        A.count[u] -= 1
+        A.sqsum[u] = max(A.sqsum[u] - d2, 0.0)
+        u = A.parent[u]
+    u = v
+    while u != root and A.count[u] == 0:  # drop emptied nodes
+        p = A.parent[u]
+        if A.leaf_start[u] >= 0:
+            freed += A.leaf_cap[u]
+            A.leaf_start[u] = -1
+            A.leaf_cap[u] = 0
+        unlink(A, u)
+        u = p
+    return freed
+
+
+@nb.njit(cache=True, nogil=True)
 def remove_batch(A, keys, key_slot, ids, root, dead_slots):
     """Remove ids (all present, unique). Their key_slot entries become -1."""
-    d = A.vecs.shape[1]
-    y = np.empty(d, np.float32)
+    y = np.empty(A.vecs.shape[1], np.float32)
     for idv in ids:
-        ki = key_index(keys, idv)
-        s = key_slot[ki]
-        key_slot[ki] = -1
-        v = A.slot_leaf[s]
-        y[:] = A.vecs[s]
-        last = A.leaf_start[v] + A.leaf_size[v] - 1
-        if s != last:  # keep the leaf's used slots contiguous
-            A.vecs[s] = A.vecs[last]
-            A.slot_id[s] = A.slot_id[last]
-            key_slot[key_index(keys, A.slot_id[s])] = s
-        A.slot_id[last] = -1
-        A.slot_leaf[last] = -1
-        A.leaf_size[v] -= 1
-        u = v
-        while u >= 0:
-            d2 = 0.0
-            for t in range(d):
-                diff = float(y[t]) - float(A.center[u, t])
-                d2 += diff * diff
-            A.count[u] -= 1
-            A.sqsum[u] = max(A.sqsum[u] - d2, 0.0)
-            u = A.parent[u]
-        u = v
-        while u != root and A.count[u] == 0:  # drop emptied nodes
-            p = A.parent[u]
-            if A.leaf_start[u] >= 0:
-                dead_slots += A.leaf_cap[u]
-                A.leaf_start[u] = -1
-                A.leaf_cap[u] = 0
-            unlink(A, u)
-            u = p
+        dead_slots += remove_one(A, keys, key_slot, idv, root, y)
     return dead_slots
+
+
+@nb.njit(cache=True)
+def restore_vectors(A, keys, key_slot, ids, vecs):
+    """Put vecs[i] back as the vector of ids[i] in whatever slot holds it now, widening
+    the bounds of the slot's ancestors to cover it (undoes an interrupted update without
+    allocating: the tree keeps its shape, every bound stays true)."""
+    d = A.vecs.shape[1]
+    for i in range(ids.shape[0]):
+        s = key_slot[key_index(keys, ids[i])]
+        yn = 0.0
+        for t in range(d):
+            yn += float(vecs[i, t]) ** 2
+        yn = math.sqrt(yn)
+        u = A.slot_leaf[s]
+        while u >= 0:
+            d_new, d_old = 0.0, 0.0
+            for t in range(d):
+                a = float(A.vecs[s, t]) - float(A.center[u, t])
+                b = float(vecs[i, t]) - float(A.center[u, t])
+                d_new += a * a
+                d_old += b * b
+            A.sqsum[u] = max(A.sqsum[u] - d_new, 0.0) + d_old
+            r = pad_up(math.sqrt(d_old))
+            if r > A.radius[u]:
+                A.radius[u] = r
+            if pad_up(yn) > A.nu_max[u]:
+                A.nu_max[u] = pad_up(yn)
+            if pad_down(yn) < A.nu_min[u]:
+                A.nu_min[u] = pad_down(yn)
+            u = A.parent[u]
+        A.vecs[s, :] = vecs[i]
 
 
 @nb.njit(cache=True)
@@ -354,8 +404,25 @@ def contiguous_ranges(A, root, n_nodes):
 
 
 # error codes of check_kernel, formatted by tree.TreeIndex.check
-OK, E_CYCLE, E_PARENT, E_COUNT, E_LEAF_CHILDREN, E_LEAF_SIZE, E_SLOT_OWNER, E_UNUSED, \
-    E_KEY, E_RADIUS, E_NORM, E_CSQ, E_EMPTY, E_SLOT_SHARED, E_INTERNAL_NO_CHILD, E_RANGE = range(16)
+(
+    OK,
+    E_CYCLE,
+    E_PARENT,
+    E_COUNT,
+    E_LEAF_CHILDREN,
+    E_LEAF_SIZE,
+    E_SLOT_OWNER,
+    E_UNUSED,
+    E_KEY,
+    E_RADIUS,
+    E_NORM,
+    E_CSQ,
+    E_EMPTY,
+    E_SLOT_SHARED,
+    E_INTERNAL_NO_CHILD,
+    E_RANGE,
+    E_STRAY,
+) = range(17)
 
 
 @nb.njit(cache=True)
@@ -407,13 +474,17 @@ def check_kernel(A, keys, key_slot, root, n_nodes, n_slots, max_leaf):
             cs += float(A.center[v, t]) ** 2
         if abs(cs - A.csq[v]) > 1e-9 * max(cs, 1e-30) + 1e-300:
             return E_CSQ, v, -1, A.csq[v], cs
+    # a slot no live leaf reserves is free: the dense sampler and search read liveness
+    # from slot_leaf alone
+    for s in range(n_slots):
+        if not slot_seen[s] and A.slot_leaf[s] != -1:
+            return E_STRAY, -1, s, float(A.slot_leaf[s]), -1.0
     # every used slot's id maps back to it; keys count equals the root count
     if keys.shape[0] != A.count[root]:
         return E_KEY, root, -1, float(keys.shape[0]), float(A.count[root])
     for i in range(keys.shape[0]):
         s = key_slot[i]
-        if s < 0 or s >= n_slots or A.slot_id[s] != keys[i] or A.slot_leaf[s] < 0 \
-                or not seen[A.slot_leaf[s]]:
+        if s < 0 or s >= n_slots or A.slot_id[s] != keys[i] or A.slot_leaf[s] < 0 or not seen[A.slot_leaf[s]]:
             return E_KEY, -1, s, float(keys[i]), float(i)
     # radii and norm ranges bound every target of every ancestor (exact, float64)
     for v in range(n_nodes):

@@ -3,6 +3,7 @@
 A draw is a hash of (key, counter) rather than the next state of a generator, so a
 kernel can give every query, node or sample its own stream by its index alone.
 """
+
 from __future__ import annotations
 
 import numba as nb

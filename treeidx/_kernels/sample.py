@@ -7,6 +7,7 @@
   gap e^up - e^lo first; approx mode: the largest estimated mass first);
 * draw (draw.py): a certified log Z interval from the cut, then the draws.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,35 +17,60 @@ import numba as nb
 import numpy as np
 
 from .bounds import dot32, dot_error, node_bounds_of, squared_norm
-from .draw import draw_stage
-from .frontier import (ENTRIES, GAVE_UP, NEG_INF, OK, QUEUED, SCORES, ST_DOTS, ST_OPENED, Cut,
-                       Entries, Excluded, Heap, Query, Scores, Sums, hidden_excluded_mass, log_gap,
-                       lse_shifted, proposal_log_weight, push, reserve, reshift, seg_build, seg_set)
+from .draw import draw_stage, find_entry, hidden_excluded_share
+from .frontier import (
+    ENTRIES,
+    GAVE_UP,
+    NEG_INF,
+    OK,
+    QUEUED,
+    SCORES,
+    ST_DOTS,
+    ST_OPENED,
+    Cut,
+    Entries,
+    Excluded,
+    Heap,
+    Query,
+    Scores,
+    Sums,
+    hidden_excluded_mass,
+    log_gap,
+    lse_shifted,
+    proposal_log_weight,
+    push,
+    reserve,
+    reshift,
+    seg_build,
+    seg_set,
+)
 from .heaps import heap_pop, heapify
 from .rng import U64, splitmix64
 
 
 class TopLevel(NamedTuple):
     """The initial cut of every query of a batch, (B, K) over the root's K children."""
-    blo: np.ndarray     # bounds of <q, y> below the node
+
+    blo: np.ndarray  # bounds of <q, y> below the node
     bup: np.ndarray
-    flo: np.ndarray     # bounds of the log-mass: log n + beta * (blo, bup)
+    flo: np.ndarray  # bounds of the log-mass: log n + beta * (blo, bup)
     fup: np.ndarray
-    w: np.ndarray       # log-proposal weight (proposal_log_weight)
-    prio: np.ndarray    # refinement priority
-    eu: np.ndarray      # e^(fup - shift), e^(flo - shift), e^(w - shift)
+    w: np.ndarray  # log-proposal weight (proposal_log_weight)
+    prio: np.ndarray  # refinement priority
+    eu: np.ndarray  # e^(fup - shift), e^(flo - shift), e^(w - shift)
     el: np.ndarray
     ew: np.ndarray
-    shift: np.ndarray   # (B,) the largest fup of each row
+    shift: np.ndarray  # (B,) the largest fup of each row
 
 
 class SampleOut(NamedTuple):
     """Per-query outputs (rows of the batch)."""
-    ids: np.ndarray     # (B, k) int64
-    log_q: np.ndarray   # (B, k) float64
-    log_z: np.ndarray   # (B, 2) float64
-    tv: np.ndarray      # (B,) float64
-    stats: np.ndarray   # (B, 5) int64, columns ST_*
+
+    ids: np.ndarray  # (B, k) int64
+    log_q: np.ndarray  # (B, k) float64
+    log_z: np.ndarray  # (B, 2) float64
+    tv: np.ndarray  # (B,) float64
+    stats: np.ndarray  # (B, 5) int64, columns ST_*
     status: np.ndarray  # (B,) int64: OK, ALL_EXCLUDED, COLLAPSED or GAVE_UP
 
 
@@ -55,7 +81,7 @@ def sample_batch(T, queries, qidx, top_nodes, top, P, seed, excl, out):
     status = out.status  # bound outside the loop: numba drops prange writes through a record
     for b in nb.prange(queries.shape[0]):
         key = splitmix64(splitmix64(U64(seed)) ^ U64(qidx[b]))
-        ex_slots = excl.values[excl.ptr[b]: excl.ptr[b + 1]]
+        ex_slots = excl.values[excl.ptr[b] : excl.ptr[b + 1]]
         status[b] = sample_one(T, queries[b], b, top_nodes, top, P, key, ex_slots, out)
 
 
@@ -93,14 +119,23 @@ def excluded_weights(T, q, beta, ex_slots):
 
 # ------------------------------------------------------------------------- plan
 
+
 @nb.njit(cache=True, inline="always")
 def plan(top_nodes, top, b):
     """The initial cut of query b: the top level, queued by priority."""
     ntop = top_nodes.shape[0]
     cap = max(256, ntop + 1)
-    E = Entries(np.empty(cap, np.int64), np.empty(cap, np.float64), np.empty(cap, np.float64),
-                np.empty(cap, np.float64), np.empty(cap, np.int64), np.empty(cap, np.bool_),
-                np.empty(cap, np.float64), np.empty(cap, np.float64), np.empty(cap, np.float64))
+    E = Entries(
+        np.empty(cap, np.int64),
+        np.empty(cap, np.float64),
+        np.empty(cap, np.float64),
+        np.empty(cap, np.float64),
+        np.empty(cap, np.int64),
+        np.empty(cap, np.bool_),
+        np.empty(cap, np.float64),
+        np.empty(cap, np.float64),
+        np.empty(cap, np.float64),
+    )
     H = Heap(np.empty(cap, np.float64), np.empty(cap, np.int64))
     for j in range(ntop):
         E.node[j], E.off[j], E.alive[j] = top_nodes[j], -1, True
@@ -125,6 +160,7 @@ def plan(top_nodes, top, b):
 
 
 # ----------------------------------------------------------------------- refine
+
 
 @nb.njit(cache=True, inline="always")
 def refine(T, Q, P, X, cut, stats):
@@ -154,16 +190,43 @@ def refine(T, Q, P, X, cut, stats):
             if saved < cost:
                 push(cut, gk, e)  # keep it queued; its mass is still drawable
                 break
-        cut.entries.alive[e] = False
-        stats[ST_OPENED] += 1
-        seg_set(cut.sums, e, 0.0, 0.0)
-        if T.leaf_start[v] >= 0:
-            cut = open_leaf(T, Q, P, X, cut, v, stats)
-        else:
-            cut = open_children(T, Q, P, cut, e, v, cost, stats)
-        # precision guard: everything shrank far below the shift, re-shift
-        if cut.sums.up[1] < 1e-250:
-            reshift(cut)
+        cut = open_entry(T, Q, P, X, cut, e, cost, stats)
+    return open_hidden_excluded(T, Q, P, X, cut, stats)
+
+
+@nb.njit(cache=True, inline="always")
+def open_entry(T, Q, P, X, cut, e, cost, stats):
+    """Replace entry e by its refinement: a leaf's exact scores, or a node's children."""
+    v = cut.entries.node[e]
+    cut.entries.alive[e] = False
+    stats[ST_OPENED] += 1
+    seg_set(cut.sums, e, 0.0, 0.0)
+    if T.leaf_start[v] >= 0:
+        cut = open_leaf(T, Q, P, X, cut, v, stats)
+    else:
+        cut = open_children(T, Q, P, cut, e, v, cost, stats)
+    # precision guard: everything shrank far below the shift, re-shift
+    if cut.sums.up[1] < 1e-250:
+        reshift(cut)
+    return cut
+
+
+@nb.njit(cache=True)
+def open_hidden_excluded(T, Q, P, X, cut, stats):
+    """Once refinement has stopped: if excluded targets hidden in unopened nodes would
+    take most of the proposals (each one a rejected or discarded draw), open the entries
+    that hold them, whatever the budget, until none is hidden. Returns (cut, status)."""
+    if X.slots.shape[0] == 0 or hidden_excluded_share(T, P.exact, X, cut) <= 0.5:
+        return cut, OK
+    for j in range(X.slots.shape[0]):
+        while X.hidden[j]:
+            if P.exact and stats[ST_DOTS] >= P.give_up:
+                return cut, GAVE_UP
+            e = find_entry(T, cut, X.slots[j])
+            if e < 0:  # not inside an unopened node (cannot happen while hidden)
+                X.hidden[j] = False
+                break
+            cut = open_entry(T, Q, P, X, cut, e, node_cost(T, cut.entries.node[e]), stats)
     return cut, OK
 
 

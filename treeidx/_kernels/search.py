@@ -4,6 +4,7 @@ Nodes are expanded in order of their certified upper bound on <q, y>; the search
 stops when the best remaining bound cannot beat the current k-th score, so the
 result is exact (ties aside).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,10 +20,11 @@ from .heaps import grow_f, topk_push, topk_replace_min
 
 class TopK(NamedTuple):
     """Per-query results: (B, k) scores, descending, and ids (-1 pads); (B,) work counters."""
+
     scores: np.ndarray
     ids: np.ndarray
-    visited: np.ndarray   # nodes visited
-    dots: np.ndarray      # inner products computed
+    visited: np.ndarray  # nodes visited
+    dots: np.ndarray  # inner products computed
 
 
 @nb.njit(cache=True, inline="always")
@@ -156,18 +158,20 @@ GROUP_CHUNKS = 8  # independent partial top-k heaps; fixed, so results never dep
 
 class Group(NamedTuple):
     """The queries of a grouped search: rows, their norms, phase (1)'s k-th scores."""
-    queries: np.ndarray   # (B, d) float32
-    norms: np.ndarray     # (B,) float64
-    floor: np.ndarray     # (B,) float32: a lower bound of each query's final k-th score
+
+    queries: np.ndarray  # (B, d) float32
+    norms: np.ndarray  # (B,) float64
+    floor: np.ndarray  # (B,) float32: a lower bound of each query's final k-th score
 
 
 class PartialTopK(NamedTuple):
     """GROUP_CHUNKS partial top-k min-heaps per query, and their work counters."""
-    scores: np.ndarray    # (chunks, B, k) float32
-    ids: np.ndarray       # (chunks, B, k) int64
-    fill: np.ndarray      # (chunks, B) entries used
-    visited: np.ndarray   # (chunks, B)
-    dots: np.ndarray      # (chunks, B)
+
+    scores: np.ndarray  # (chunks, B, k) float32
+    ids: np.ndarray  # (chunks, B, k) int64
+    fill: np.ndarray  # (chunks, B) entries used
+    visited: np.ndarray  # (chunks, B)
+    dots: np.ndarray  # (chunks, B)
 
 
 @nb.njit(cache=True, inline="always")

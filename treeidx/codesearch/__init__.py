@@ -11,6 +11,7 @@ through its public API; install its extra with `pip install 'treeidx[demo]'`.
     training  train(data, strategy, TrainConfig) -> TrainResult, evaluate
     demo      `treeidx demo`: treeidx negatives against in-batch, table and plot
 """
+
 from __future__ import annotations
 
 from .data import SPLITS, CodeSearchData, module_split

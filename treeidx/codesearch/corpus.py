@@ -5,6 +5,7 @@ Used for realistic embedding vectors in benchmarks and as the demo's training se
 Everything here is deterministic: same installed files -> same items, same ids,
 same embeddings, in any process.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,9 +18,9 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import get_context
-from typing import Iterator, Sequence
 
 import numba
 import numpy as np
@@ -29,15 +30,36 @@ from .._kernels.rng import mix64
 from .._progress import progress_bar
 from .._threads import run_parallel
 
-__all__ = ["CodeItem", "mine_code_corpus", "corpus_cache_key", "default_roots",
-           "default_cache_dir", "hash_features", "hash_embed", "tokenize"]
+__all__ = [
+    "CodeItem",
+    "mine_code_corpus",
+    "corpus_cache_key",
+    "default_roots",
+    "list_source_files",
+    "code_without_docstring",
+    "default_cache_dir",
+    "hash_features",
+    "hash_embed",
+    "tokenize",
+]
 
 # Bump when the mining rules change, so old caches are not reused.
 _FORMAT = 3
 # Directory names never descended into: tests and test data would swamp the corpus
 # with near-duplicates; nested site-packages would mine one package twice.
-_SKIP_DIRS = frozenset({"test", "tests", "__pycache__", "site-packages", "dist-packages",
-                        "idlelib", "lib2to3", "turtledemo", "node_modules"})
+_SKIP_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "__pycache__",
+        "site-packages",
+        "dist-packages",
+        "idlelib",
+        "lib2to3",
+        "turtledemo",
+        "node_modules",
+    }
+)
 # Huge generated files (tables, test matrices) cost most of the parse time and add
 # nothing a code-search model should learn from.
 _MAX_FILE_BYTES = 1_000_000
@@ -57,6 +79,7 @@ class CodeItem:
 
 # ----------------------------------------------------------------------------- files
 
+
 def default_roots() -> list[str]:
     """The standard library and the site-packages directories of this interpreter."""
     paths = sysconfig.get_paths()
@@ -73,15 +96,18 @@ def default_cache_dir() -> str:
     return os.environ.get("TREEIDX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "treeidx")
 
 
-def _list_files(roots: Sequence[str], max_files: int | None) -> list[tuple[str, str, int, int]]:
+def list_source_files(roots: Sequence[str], max_files: int | None) -> list[tuple[str, str, int, int]]:
     """(root, relpath, size, mtime_ns) of every minable .py file, sorted per root."""
     out: list[tuple[str, str, int, int]] = []
     for root in roots:
         found: list[tuple[str, str, int, int]] = []
         for dirpath, dirnames, filenames in os.walk(root):
             # Prune in place; sorting is done on the final relpaths anyway.
-            dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")
-                           and not d.endswith((".dist-info", ".egg-info"))]
+            dirnames[:] = [
+                d
+                for d in dirnames
+                if d not in _SKIP_DIRS and not d.startswith(".") and not d.endswith((".dist-info", ".egg-info"))
+            ]
             for f in filenames:
                 if not f.endswith(".py"):
                     continue
@@ -102,7 +128,7 @@ def corpus_cache_key(roots: Sequence[str] | None = None, max_files: int | None =
     roots = [os.path.realpath(r) for r in (roots if roots is not None else default_roots())]
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([_FORMAT, sys.version, roots, max_files]).encode())
-    for root, rel, size, mtime in _list_files(roots, max_files):
+    for root, rel, size, mtime in list_source_files(roots, max_files):
         h.update(f"{roots.index(root)}\0{rel}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()
 
@@ -115,6 +141,7 @@ def _module_name(rel: str) -> str:
 
 
 # ----------------------------------------------------------------------------- mining
+
 
 def _extract(path_rel: tuple[str, str]) -> list[tuple[str, str, str, str, str]] | None:
     """Items (module, qualname, kind, docstring, code) of one file; None if unreadable."""
@@ -141,7 +168,7 @@ def _extract(path_rel: tuple[str, str]) -> list[tuple[str, str, str, str, str]] 
         for node in body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 qual = prefix + node.name
-                code = _code_without_docstring(src, node, off, starts)
+                code = code_without_docstring(src, node, off, starts)
                 doc = ast.get_docstring(node) or ""
                 kind = "class" if isinstance(node, ast.ClassDef) else "function"
                 items.append((module, qual, kind, doc, code))
@@ -160,18 +187,23 @@ def _extract(path_rel: tuple[str, str]) -> list[tuple[str, str, str, str, str]] 
 def _decode_declared(raw: bytes) -> str:
     import io
     import tokenize
+
     enc, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
     return raw.decode(enc)
 
 
-def _code_without_docstring(src: bytes, node: ast.AST, off, starts: list[int]) -> str:
+def code_without_docstring(src: bytes, node: ast.AST, off, starts: list[int]) -> str:
     """Source of `node` (from its first decorator) with its docstring statement cut out."""
     first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
     lo = starts[first - 1]  # whole first line: only indentation precedes a def, usually
     hi = off(node.end_lineno, node.end_col_offset)
     body = node.body
-    if (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-            and isinstance(body[0].value.value, str)):
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         ds = body[0]
         a, b = off(ds.lineno, ds.col_offset), off(ds.end_lineno, ds.end_col_offset)
         line_lo = starts[ds.lineno - 1]
@@ -189,7 +221,7 @@ def _code_without_docstring(src: bytes, node: ast.AST, off, starts: list[int]) -
         seg = src[lo:hi]
     text = seg.decode("utf-8", "replace")
     if not text[: node.col_offset].isspace() and node.col_offset:
-        text = " " * node.col_offset + text[node.col_offset:]  # `if x: def f()...` on one line
+        text = " " * node.col_offset + text[node.col_offset :]  # `if x: def f()...` on one line
     return textwrap.dedent(text).strip("\n")
 
 
@@ -225,9 +257,14 @@ def _write_cache(path: str, key: str, items: list[CodeItem]) -> None:
         raise
 
 
-def mine_code_corpus(roots: Sequence[str] | None = None, *, cache_dir: str | None = None,
-                     progress: bool = False, max_files: int | None = None,
-                     workers: int | None = None) -> list[CodeItem]:
+def mine_code_corpus(
+    roots: Sequence[str] | None = None,
+    *,
+    cache_dir: str | None = None,
+    progress: bool = False,
+    max_files: int | None = None,
+    workers: int | None = None,
+) -> list[CodeItem]:
     """Every function and class (nested too) in the installed Python sources.
 
     Walks the `.py` files under `roots` (default: the standard library and
@@ -262,7 +299,7 @@ mine_code_corpus.last_skipped = 0  # type: ignore[attr-defined]
 
 
 def _mine(roots: list[str], max_files: int | None, progress: bool, workers: int | None) -> list[CodeItem]:
-    files = [(root, rel) for root, rel, _, _ in _list_files(roots, max_files)]
+    files = [(root, rel) for root, rel, _, _ in list_source_files(roots, max_files)]
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     results: Iterator[list | None]
     pool = None
@@ -328,7 +365,6 @@ def _cls(c):
     return 1
 
 
-
 @numba.njit(cache=True, inline="always")
 def _fnv_lower(buf, lo, hi, salt):
     """FNV-1a hash of buf[lo:hi] with ASCII letters lowercased."""
@@ -339,6 +375,7 @@ def _fnv_lower(buf, lo, hi, salt):
             c += 32
         h = (h ^ _U(c)) * _FNV_PRIME
     return h
+
 
 @numba.njit(cache=True)
 def _doc_features(buf, lo, hi, seed, n_buckets):
@@ -449,6 +486,7 @@ def _encode(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 def tokenize(text: str) -> tuple[list[str], list[str]]:
     """(tokens, sub-tokens) as `hash_embed` sees them; a readable reference, not fast."""
     import re
+
     toks = [t.lower() for t in re.findall(r"[A-Za-z0-9_\x80-\U0010ffff]+", text)]
     subs: list[str] = []
     for t in re.findall(r"[A-Za-z0-9_\x80-\U0010ffff]+", text):
@@ -473,13 +511,19 @@ def hash_features(texts: Sequence[str], *, seed: int = 0, n_buckets: int = 2**20
         ind.append(idx)
         val.append((1.0 + np.log(cnt)).astype(np.float32))
         indptr.append(indptr[-1] + len(idx))
-    return sp.csr_matrix((np.concatenate(val + [np.zeros(0, np.float32)]),
-                          np.concatenate(ind + [np.zeros(0, np.int64)]), np.asarray(indptr)),
-                         shape=(len(texts), n_buckets))
+    return sp.csr_matrix(
+        (
+            np.concatenate(val + [np.zeros(0, np.float32)]),
+            np.concatenate(ind + [np.zeros(0, np.int64)]),
+            np.asarray(indptr),
+        ),
+        shape=(len(texts), n_buckets),
+    )
 
 
-def hash_embed(texts: Sequence[str], dim: int, *, seed: int = 0, n_buckets: int = 2**20,
-               batch: int = 4096) -> np.ndarray:
+def hash_embed(
+    texts: Sequence[str], dim: int, *, seed: int = 0, n_buckets: int = 2**20, batch: int = 4096
+) -> np.ndarray:
     """Deterministic unit-norm float32 embeddings (n, dim) of texts, no model needed.
 
     Equals `normalize(hash_features(texts) @ R)`, where R (n_buckets x dim) is a
@@ -491,15 +535,18 @@ def hash_embed(texts: Sequence[str], dim: int, *, seed: int = 0, n_buckets: int 
     n = len(texts)
     out = np.zeros((n, dim), np.float32)
     for s in range(0, n, batch):
-        chunk = texts[s:s + batch]
+        chunk = texts[s : s + batch]
         buf, offs = _encode(chunk)
         empty = np.zeros(len(chunk), np.bool_)
-        run_parallel(_embed_batch, buf, offs, seed, n_buckets, dim, out[s:s + len(chunk)], empty)
+        run_parallel(_embed_batch, buf, offs, seed, n_buckets, dim, out[s : s + len(chunk)], empty)
         for r in np.flatnonzero(empty):
             # Derive from the text, not the row, so an input's vector never depends on
             # its position or on the batch size.
-            key = hashlib.blake2b(chunk[r].encode("utf-8", "surrogatepass"), digest_size=8,
-                                  key=int(seed).to_bytes(8, "little", signed=True)).digest()
+            key = hashlib.blake2b(
+                chunk[r].encode("utf-8", "surrogatepass"),
+                digest_size=8,
+                key=int(seed).to_bytes(8, "little", signed=True),
+            ).digest()
             out[s + r] = np.random.default_rng(int.from_bytes(key, "little")).standard_normal(dim)
     out /= np.linalg.norm(out, axis=1, keepdims=True)
     return out

@@ -26,22 +26,24 @@ damaged file is rebuilt. Defaults (2^18 buckets, 2,000 code characters) keep a f
 target re-encode by the `treeidx.codesearch.encoder` towers well under a second on 2 CPU cores
 (docs/training.md).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from .._progress import progress_bar
 from .._validate import check_nonnegative_int, check_positive_int
-from .corpus import CodeItem, corpus_cache_key, default_cache_dir, hash_features, mine_code_corpus
 from ..io import atomic_write
+from .corpus import CodeItem, corpus_cache_key, default_cache_dir, hash_features, mine_code_corpus
 
 __all__ = ["CodeSearchData", "SPLITS", "module_split"]
 
@@ -68,21 +70,38 @@ class _Settings:
     seed: int
 
     @classmethod
-    def checked(cls, n_buckets: Any, max_target_chars: Any, max_query_chars: Any, min_query_words: Any,
-                seed: Any) -> "_Settings":
-        return cls(check_positive_int(n_buckets, "n_buckets"),
-                   check_positive_int(max_target_chars, "max_target_chars"),
-                   check_positive_int(max_query_chars, "max_query_chars"),
-                   check_positive_int(min_query_words, "min_query_words"),
-                   check_nonnegative_int(seed))
+    def checked(
+        cls, n_buckets: Any, max_target_chars: Any, max_query_chars: Any, min_query_words: Any, seed: Any
+    ) -> _Settings:
+        return cls(
+            check_positive_int(n_buckets, "n_buckets"),
+            check_positive_int(max_target_chars, "max_target_chars"),
+            check_positive_int(max_query_chars, "max_query_chars"),
+            check_positive_int(min_query_words, "min_query_words"),
+            check_nonnegative_int(seed),
+        )
 
     def as_dict(self) -> dict[str, int]:
-        return dict(n_buckets=self.n_buckets, max_target_chars=self.max_target_chars,
-                    max_query_chars=self.max_query_chars, min_query_words=self.min_query_words, seed=self.seed)
+        return dict(
+            n_buckets=self.n_buckets,
+            max_target_chars=self.max_target_chars,
+            max_query_chars=self.max_query_chars,
+            min_query_words=self.min_query_words,
+            seed=self.seed,
+        )
 
     def key(self, corpus_key: str) -> str:
-        blob = json.dumps([_FORMAT, corpus_key, self.n_buckets, self.max_target_chars,
-                           self.max_query_chars, self.min_query_words, self.seed])
+        blob = json.dumps(
+            [
+                _FORMAT,
+                corpus_key,
+                self.n_buckets,
+                self.max_target_chars,
+                self.max_query_chars,
+                self.min_query_words,
+                self.seed,
+            ]
+        )
         return hashlib.blake2b(blob.encode(), digest_size=10).hexdigest()
 
 
@@ -99,6 +118,8 @@ class CodeSearchData:
     target_names:    qualified name of each target within its module.
     query_summaries: the first line of each query's docstring (for display).
     settings:        the feature settings; corpus_key: the corpus cache key.
+    corpus:          which corpus: {"corpus": "installed"} or {"corpus": "pinned", ...the
+                     `treeidx.codesearch.pinned.PinReport` of this machine}.
     """
 
     target_features: sp.csr_matrix
@@ -111,6 +132,7 @@ class CodeSearchData:
     query_summaries: list[str]
     settings: dict[str, int] = field(default_factory=dict)
     corpus_key: str = ""
+    corpus: dict[str, Any] = field(default_factory=dict)  # "installed", or the pinned corpus's report
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -149,20 +171,28 @@ class CodeSearchData:
 
     def describe(self) -> dict[str, Any]:
         """Sizes and settings, JSON-serialisable."""
-        return dict(n_targets=self.n_targets, n_queries=self.n_queries,
-                    **{f"n_{s}": int((self.query_split == i).sum()) for i, s in enumerate(SPLITS)},
-                    n_modules=len(self.modules), n_buckets=self.n_buckets,
-                    target_nnz_per_row=round(self.target_features.nnz / max(self.n_targets, 1), 1),
-                    query_nnz_per_row=round(self.query_features.nnz / max(self.n_queries, 1), 1),
-                    **{k: v for k, v in self.settings.items() if k != "n_buckets"})
+        return dict(
+            n_targets=self.n_targets,
+            n_queries=self.n_queries,
+            **{f"n_{s}": int((self.query_split == i).sum()) for i, s in enumerate(SPLITS)},
+            n_modules=len(self.modules),
+            n_buckets=self.n_buckets,
+            target_nnz_per_row=round(self.target_features.nnz / max(self.n_targets, 1), 1),
+            query_nnz_per_row=round(self.query_features.nnz / max(self.n_queries, 1), 1),
+            **{k: v for k, v in self.settings.items() if k != "n_buckets"},
+            **({"corpus": self.corpus["corpus"]} if self.corpus else {}),
+            **({"pinned_coverage": self.corpus["coverage"]} if "coverage" in self.corpus else {}),
+        )
 
     def __repr__(self) -> str:
         d = self.describe()
-        return (f"CodeSearchData(n_targets={d['n_targets']}, train={d['n_train']}, val={d['n_val']}, "
-                f"test={d['n_test']}, n_buckets={d['n_buckets']})")
+        return (
+            f"CodeSearchData(n_targets={d['n_targets']}, train={d['n_train']}, val={d['n_val']}, "
+            f"test={d['n_test']}, n_buckets={d['n_buckets']})"
+        )
 
     # ------------------------------------------------------------------ subsets
-    def subset(self, max_targets: int) -> "CodeSearchData":
+    def subset(self, max_targets: int) -> CodeSearchData:
         """At most `max_targets` targets, every remaining query keeping its positive.
 
         If the queries' positives fit, all of them are kept plus the first other
@@ -182,20 +212,40 @@ class CodeSearchData:
         new_id = np.full(self.n_targets, -1, np.int64)
         new_id[keep] = np.arange(keep.size)
         rows = np.flatnonzero(new_id[self.query_target] >= 0)
-        return replace(self, target_features=self.target_features[keep],
-                       query_features=self.query_features[rows],
-                       query_target=new_id[self.query_target[rows]], query_split=self.query_split[rows],
-                       target_module=self.target_module[keep],
-                       target_names=[self.target_names[i] for i in keep],
-                       query_summaries=[self.query_summaries[i] for i in rows])
+        return replace(
+            self,
+            target_features=self.target_features[keep],
+            query_features=self.query_features[rows],
+            query_target=new_id[self.query_target[rows]],
+            query_split=self.query_split[rows],
+            target_module=self.target_module[keep],
+            target_names=[self.target_names[i] for i in keep],
+            query_summaries=[self.query_summaries[i] for i in rows],
+        )
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def load(cls, *, roots: Sequence[str] | None = None, max_files: int | None = None,
-             cache_dir: str | None = None, progress: bool = False, max_targets: int | None = None,
-             n_buckets: int = 2**18, max_target_chars: int = 2000, max_query_chars: int = 1000,
-             min_query_words: int = 3, seed: int = 0) -> "CodeSearchData":
+    def load(
+        cls,
+        *,
+        roots: Sequence[str] | None = None,
+        max_files: int | None = None,
+        cache_dir: str | None = None,
+        progress: bool = False,
+        max_targets: int | None = None,
+        n_buckets: int = 2**18,
+        max_target_chars: int = 2000,
+        max_query_chars: int = 1000,
+        min_query_words: int = 3,
+        seed: int = 0,
+        corpus: str = "installed",
+    ) -> CodeSearchData:
         """The dataset of the corpus under `roots` (default: stdlib + site-packages).
+
+        corpus: "installed" (every module mined; depends on what is installed) or
+        "pinned" (`treeidx.codesearch.pinned`: the shipped manifest's modules only, the
+        same targets on every machine with its versions; this machine's coverage is in
+        `.corpus` and `describe()`).
 
         roots / max_files restrict mining (as in `mine_code_corpus`; tests use a tiny
         tree). The featurised result is cached in `cache_dir` (default: the corpus
@@ -203,22 +253,54 @@ class CodeSearchData:
         max_targets: an optional subset (see `subset`), applied after the cache.
         """
         s = _Settings.checked(n_buckets, max_target_chars, max_query_chars, min_query_words, seed)
+        if corpus not in ("installed", "pinned"):
+            raise ValueError(f"corpus: expected 'installed' or 'pinned', got {corpus!r}")
+        if corpus == "pinned" and (roots is not None or max_files is not None):
+            raise ValueError("corpus='pinned' mines the default roots; roots/max_files need corpus='installed'")
         cache_dir = cache_dir or default_cache_dir()
         corpus_key = corpus_cache_key(roots, max_files)
+        if corpus == "pinned":
+            from .pinned import load_manifest, manifest_digest, pin
+
+            manifest = load_manifest()
+            corpus_key += "-pinned-" + manifest_digest(manifest)
         path = os.path.join(cache_dir, f"codesearch-{s.key(corpus_key)}.npz")
         data = _read(path, corpus_key, s)
         if data is None:
             items = mine_code_corpus(roots, cache_dir=cache_dir, progress=progress, max_files=max_files)
+            info: dict[str, Any] = {"corpus": corpus}
+            if corpus == "pinned":
+                items, report = pin(items, manifest)
+                if not items:
+                    raise ValueError(report.describe())
+                info.update(report.as_dict())
             data = cls.from_items(items, progress=progress, **s.as_dict())
             data.corpus_key = corpus_key
+            data.corpus = info
             os.makedirs(cache_dir, exist_ok=True)
             _write(path, data)
         return data if max_targets is None else data.subset(max_targets)
 
+    def corpus_report(self) -> str:
+        """One line on which corpus this is (the pinned corpus's coverage here)."""
+        if self.corpus.get("corpus") == "pinned":
+            from .pinned import PinReport
+
+            return PinReport(**{k: v for k, v in self.corpus.items() if k not in ("corpus", "coverage")}).describe()
+        return "installed corpus: every function and class of this interpreter's stdlib and site-packages"
+
     @classmethod
-    def from_items(cls, items: Sequence[CodeItem], *, progress: bool = False, n_buckets: int = 2**18,
-                   max_target_chars: int = 2000, max_query_chars: int = 1000, min_query_words: int = 3,
-                   seed: int = 0) -> "CodeSearchData":
+    def from_items(
+        cls,
+        items: Sequence[CodeItem],
+        *,
+        progress: bool = False,
+        n_buckets: int = 2**18,
+        max_target_chars: int = 2000,
+        max_query_chars: int = 1000,
+        min_query_words: int = 3,
+        seed: int = 0,
+    ) -> CodeSearchData:
         """Build from corpus items (ids must be 0..n-1 in order); no cache involved."""
         if [it.id for it in items] != list(range(len(items))):
             raise ValueError("items: expected ids 0..n-1 in order (as mine_code_corpus returns them)")
@@ -230,17 +312,23 @@ class CodeSearchData:
         mod_index = {m: i for i, m in enumerate(modules)}
         target_module = np.array([mod_index[it.module] for it in items], np.int32)
         split_of_module = np.array([module_split(m) for m in modules], np.int8)
-        return cls(target_features=_featurise([it.code[: s.max_target_chars] for it in items], s, progress,
-                                              "featurise targets"),
-                   query_features=_featurise(qtexts, s, progress, "featurise queries"),
-                   query_target=qids, query_split=split_of_module[target_module[qids]],
-                   target_module=target_module, modules=modules,
-                   target_names=[it.qualname for it in items],
-                   query_summaries=[_summary(items[i].docstring) for i in qids],
-                   settings=s.as_dict())
+        return cls(
+            target_features=_featurise(
+                [it.code[: s.max_target_chars] for it in items], s, progress, "featurise targets"
+            ),
+            query_features=_featurise(qtexts, s, progress, "featurise queries"),
+            query_target=qids,
+            query_split=split_of_module[target_module[qids]],
+            target_module=target_module,
+            modules=modules,
+            target_names=[it.qualname for it in items],
+            query_summaries=[_summary(items[i].docstring) for i in qids],
+            settings=s.as_dict(),
+        )
 
 
 # ---------------------------------------------------------------------------- rules
+
 
 def _select_queries(items: Sequence[CodeItem], max_chars: int, min_words: int) -> tuple[np.ndarray, list[str]]:
     """Ids and texts of the items whose docstring makes a usable, unambiguous query."""
@@ -265,7 +353,7 @@ def _featurise(texts: list[str], s: _Settings, progress: bool, desc: str) -> sp.
     bar = progress_bar(progress, total=len(texts), desc=desc, unit="text")
     parts = []
     for lo in range(0, len(texts), _FEATURE_CHUNK):
-        chunk = texts[lo:lo + _FEATURE_CHUNK]
+        chunk = texts[lo : lo + _FEATURE_CHUNK]
         parts.append(hash_features(chunk, seed=s.seed, n_buckets=s.n_buckets))
         bar.update(len(chunk))
     bar.close()
@@ -275,6 +363,7 @@ def _featurise(texts: list[str], s: _Settings, progress: bool, desc: str) -> sp.
 
 
 # ---------------------------------------------------------------------------- cache
+
 
 def _pack(strings: list[str]) -> np.ndarray:
     """Newline-joined UTF-8 bytes (none of the stored strings contains a newline)."""
@@ -289,12 +378,24 @@ def _unpack(a: np.ndarray, n: int) -> list[str]:
 
 
 def _write(path: str, d: CodeSearchData) -> None:
-    meta = dict(format=_FORMAT, corpus_key=d.corpus_key, settings=d.settings, n_targets=d.n_targets,
-                n_queries=d.n_queries, n_modules=len(d.modules))
-    arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
-              "query_target": d.query_target, "query_split": d.query_split, "target_module": d.target_module,
-              "modules": _pack(d.modules), "target_names": _pack(d.target_names),
-              "query_summaries": _pack(d.query_summaries)}
+    meta = dict(
+        format=_FORMAT,
+        corpus_key=d.corpus_key,
+        settings=d.settings,
+        n_targets=d.n_targets,
+        n_queries=d.n_queries,
+        n_modules=len(d.modules),
+        corpus=d.corpus,
+    )
+    arrays = {
+        "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
+        "query_target": d.query_target,
+        "query_split": d.query_split,
+        "target_module": d.target_module,
+        "modules": _pack(d.modules),
+        "target_names": _pack(d.target_names),
+        "query_summaries": _pack(d.query_summaries),
+    }
     for side, m in (("t", d.target_features), ("q", d.query_features)):
         arrays.update({f"{side}_indptr": m.indptr, f"{side}_indices": m.indices, f"{side}_data": m.data})
     with atomic_write(path) as f:
@@ -315,15 +416,27 @@ def _read(path: str, corpus_key: str, s: _Settings) -> CodeSearchData | None:
         q = _csr(a, "q", nq, s.n_buckets)
         modules = _unpack(a["modules"], int(meta["n_modules"]))
         qt, qs, tm = a["query_target"], a["query_split"], a["target_module"]
-        if (qt.shape != (nq,) or qs.shape != (nq,) or tm.shape != (nt,)
-                or (nq and (qt.min() < 0 or qt.max() >= nt or qs.min() < 0 or qs.max() > 2))
-                or (nt and (tm.min() < 0 or tm.max() >= len(modules)))):
+        if (
+            qt.shape != (nq,)
+            or qs.shape != (nq,)
+            or tm.shape != (nt,)
+            or (nq and (qt.min() < 0 or qt.max() >= nt or qs.min() < 0 or qs.max() > 2))
+            or (nt and (tm.min() < 0 or tm.max() >= len(modules)))
+        ):
             return None
-        return CodeSearchData(target_features=t, query_features=q, query_target=qt.astype(np.int64),
-                              query_split=qs.astype(np.int8), target_module=tm.astype(np.int32),
-                              modules=modules, target_names=_unpack(a["target_names"], nt),
-                              query_summaries=_unpack(a["query_summaries"], nq),
-                              settings=settings, corpus_key=corpus_key)
+        return CodeSearchData(
+            target_features=t,
+            query_features=q,
+            query_target=qt.astype(np.int64),
+            query_split=qs.astype(np.int8),
+            target_module=tm.astype(np.int32),
+            modules=modules,
+            target_names=_unpack(a["target_names"], nt),
+            query_summaries=_unpack(a["query_summaries"], nq),
+            settings=settings,
+            corpus_key=corpus_key,
+            corpus=meta.get("corpus", {}),
+        )
     except Exception:  # missing, truncated zip, bad CRC, bad JSON, wrong shapes: rebuild
         return None
 

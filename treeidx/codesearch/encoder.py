@@ -16,9 +16,11 @@ tiny batches over huge tables.
 The encoder keeps references to the dataset's two CSR matrices (never copied, never in
 `state_dict`), so every encode call takes row indices: query rows, target ids.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterator, Union
+from collections.abc import Iterator
+from typing import Any, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -56,8 +58,11 @@ def bag_inputs(features: sp.csr_matrix, rows: Rows) -> tuple[torch.Tensor, torch
     features is an empty bag (a zero vector from a sum bag).
     """
     sub = features[_row_index(rows, features.shape[0])]
-    return (torch.from_numpy(sub.indices.astype(np.int64)), torch.from_numpy(sub.indptr[:-1].astype(np.int64)),
-            torch.from_numpy(np.ascontiguousarray(sub.data, np.float32)))
+    return (
+        torch.from_numpy(sub.indices.astype(np.int64)),
+        torch.from_numpy(sub.indptr[:-1].astype(np.int64)),
+        torch.from_numpy(np.ascontiguousarray(sub.data, np.float32)),
+    )
 
 
 class BagTower(nn.Module):
@@ -71,8 +76,16 @@ class BagTower(nn.Module):
     torch.Generator for the initialisation.
     """
 
-    def __init__(self, n_buckets: int, dim: int = 64, *, bag_dim: int | None = None, init_std: float = 0.01,
-                 sparse: bool = False, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        n_buckets: int,
+        dim: int = 64,
+        *,
+        bag_dim: int | None = None,
+        init_std: float = 0.01,
+        sparse: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         n_buckets, dim = check_positive_int(n_buckets, "n_buckets"), check_positive_int(dim, "dim")
         width = dim if bag_dim is None else check_positive_int(bag_dim, "bag_dim")
@@ -81,7 +94,7 @@ class BagTower(nn.Module):
         with torch.no_grad():
             self.bag.weight.normal_(0.0, check_positive(init_std, "init_std"), generator=generator)
             if self.proj is not None:  # near-orthogonal start: the bag's geometry survives
-                self.proj.weight.normal_(0.0, width ** -0.5, generator=generator)
+                self.proj.weight.normal_(0.0, width**-0.5, generator=generator)
 
     @property
     def dim(self) -> int:
@@ -114,21 +127,39 @@ class DualEncoder(nn.Module):
     then `load_state_dict`.
     """
 
-    def __init__(self, query_features: sp.csr_matrix, target_features: sp.csr_matrix, *, dim: int = 64,
-                 bag_dim: int | None = None, shared: bool = False, same_init: bool = True,
-                 init_std: float = 0.01, sparse: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        query_features: sp.csr_matrix,
+        target_features: sp.csr_matrix,
+        *,
+        dim: int = 64,
+        bag_dim: int | None = None,
+        shared: bool = False,
+        same_init: bool = True,
+        init_std: float = 0.01,
+        sparse: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         for name, m in (("query_features", query_features), ("target_features", target_features)):
             if not sp.issparse(m) or m.format != "csr" or m.ndim != 2:
                 raise TypeError(f"{name}: expected a scipy CSR matrix, got {type(m).__name__}")
         if query_features.shape[1] != target_features.shape[1]:
-            raise ValueError(f"query_features has {query_features.shape[1]} columns, "
-                             f"target_features {target_features.shape[1]}: one hash space expected")
+            raise ValueError(
+                f"query_features has {query_features.shape[1]} columns, "
+                f"target_features {target_features.shape[1]}: one hash space expected"
+            )
         self.query_features = query_features
         self.target_features = target_features
-        self.hparams: dict[str, Any] = dict(dim=dim, bag_dim=bag_dim, shared=bool(shared),
-                                            same_init=bool(same_init), init_std=init_std, sparse=bool(sparse),
-                                            seed=check_nonnegative_int(seed))
+        self.hparams: dict[str, Any] = dict(
+            dim=dim,
+            bag_dim=bag_dim,
+            shared=bool(shared),
+            same_init=bool(same_init),
+            init_std=init_std,
+            sparse=bool(sparse),
+            seed=check_nonnegative_int(seed),
+        )
         n_buckets = int(target_features.shape[1])
         g = torch.Generator().manual_seed(int(seed))
         tower = dict(bag_dim=bag_dim, init_std=init_std, sparse=sparse, generator=g)
@@ -164,7 +195,9 @@ class DualEncoder(nn.Module):
     @torch.no_grad()
     def encode_all_queries(self, rows: Rows | None = None, batch_size: int = 32768) -> torch.Tensor:
         """Query vectors of `rows` (default: all), no grad, chunked."""
-        qf = self.query_features if rows is None else self.query_features[_row_index(rows, self.query_features.shape[0])]
+        qf = (
+            self.query_features if rows is None else self.query_features[_row_index(rows, self.query_features.shape[0])]
+        )
         return self._encode_all(self.query_tower, qf, batch_size)
 
     @staticmethod
@@ -180,6 +213,7 @@ class DualEncoder(nn.Module):
 
 # ---------------------------------------------------------------------------- optimizer
 
+
 class SparseDenseOptimizer:
     """SparseAdam on sparse-gradient embedding tables, Adam on every other parameter.
 
@@ -190,8 +224,9 @@ class SparseDenseOptimizer:
 
     def __init__(self, model: nn.Module, lr: float) -> None:
         lr = check_positive(lr, "lr")
-        sparse_ids = {id(m.weight) for m in model.modules()
-                      if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+        sparse_ids = {
+            id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+        }
         params = list(model.parameters())  # deduplicated: a shared tower counts once
         sparse = [p for p in params if id(p) in sparse_ids]
         dense = [p for p in params if id(p) not in sparse_ids]

@@ -18,6 +18,20 @@ negatives from one of STRATEGIES, each a thin adapter around the library's sampl
                    rebuilt each step): treeidx without the drift model's error
     oracle         exact softmax over all targets re-encoded every step (BruteForceSampler)
 
+and from one of two hard-batch sources, which choose which pairs share a batch (the
+in-batch negatives) instead of random batches:
+
+    gcbs           GlobalContrastiveBatchSampler: the train pairs' (query ⊕ positive)
+                   embeddings re-encoded once per epoch, top-k graph, reverse
+                   Cuthill-McKee, cut into batches
+    tree-batches   TreeBatchSampler over a TreeIndex of the train positives' vectors,
+                   kept current by writing back the positives every step encodes anyway
+
+alone (in-batch negatives only) or combined with a negatives strategy as
+"<batches>+<negatives>", e.g. "gcbs+treeidx" or "tree-batches+treeidx" (whose tree
+batches group the pairs by the leaves of the treeidx DynamicIndex itself: no index of
+its own).
+
 Everything else is identical across strategies for a given seed: the initial model,
 the sequence of training batches, the optimiser, the loss (sampled negatives with the
 log Q correction, plus in-batch negatives unless turned off), and the evaluation.
@@ -26,31 +40,70 @@ Costs are reported apart: `reencode_s` = target-tower forward passes done only f
 sampler (landmarks, full re-encodes, the cache's initial fill); `sampling_s` = the
 sampler itself and its upkeep (drawing, index builds and updates, drift fits, cache
 updates); the B·(k+1) targets every sampled strategy encodes for the loss are part
-of `rest_s`, like the forward/backward pass and the optimiser step.
+of `rest_s`, like the forward/backward pass and the optimiser step. For the hard-batch
+sources: encoding the pairs for GCBS is `reencode_s`, its graph and reordering (and the
+tree batches' index upkeep and grouping) `sampling_s`.
 """
+
 from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from .._progress import progress_bar
 from .._validate import check_nonnegative_int, check_positive, check_positive_int
-from ..torch import BruteForceSampler, InBatch, NegativeCache, StaleTopK, UniformSampler
-from .data import CodeSearchData
 from ..dynamic import DynamicIndex, RefreshPolicy
-from .encoder import DualEncoder, make_optimizer
 from ..sampling import SampleResult, SoftmaxSampler
-from ..torch import Negatives, TreeNegativeSampler, sampled_softmax_loss
+from ..torch import (
+    BruteForceSampler,
+    GlobalContrastiveBatchSampler,
+    InBatch,
+    NegativeCache,
+    Negatives,
+    StaleTopK,
+    TreeBatchSampler,
+    TreeNegativeSampler,
+    UniformSampler,
+    sampled_softmax_loss,
+)
 from ..tree import TreeIndex
+from .data import CodeSearchData
+from .encoder import DualEncoder, make_optimizer
 
-__all__ = ["STRATEGIES", "TrainConfig", "TrainResult", "eval_rows", "evaluate", "query_ranks", "train"]
+__all__ = [
+    "BATCH_SOURCES",
+    "STRATEGIES",
+    "TrainConfig",
+    "TrainResult",
+    "eval_rows",
+    "evaluate",
+    "parse_strategy",
+    "query_ranks",
+    "train",
+]
 
-STRATEGIES = ("inbatch", "uniform", "stale-topk", "cache", "treeidx", "treeidx-fresh", "oracle")
+STRATEGIES = (
+    "inbatch",
+    "uniform",
+    "stale-topk",
+    "cache",
+    "treeidx",
+    "treeidx-fresh",
+    "oracle",
+    "gcbs",
+    "tree-batches",
+    "gcbs+treeidx",
+    "tree-batches+treeidx",
+    "full",
+)
+BATCH_SOURCES = ("gcbs", "tree-batches")
+CORRECTIONS = ("logq", "none", "fresh")
 
 
 @dataclass(frozen=True)
@@ -82,6 +135,21 @@ class TrainConfig:
     vectors' norm in from-scratch training, docs/training.md) and full_refresh_every
     (steps; None: never). treeidx, treeidx-fresh:
     sampler_mode "exact" | "approx".
+    gcbs, tree-batches (`treeidx.torch.batching`): batch_refresh_every (regroup the
+    pairs not yet seen this epoch every this many steps; None: once per epoch, the
+    paper's schedule), batch_mix (share of each batch drawn at random). gcbs:
+    gcbs_neighbors (top-k of the similarity graph), gcbs_similarity ("concat" | "cross").
+    Negatives (issue 14, docs/training.md "Why the cache beat the oracle"):
+    correction: the loss's treatment of the sampled negatives: "logq" (logit − log(k·Q),
+    consistent), "none" (raw logits), "fresh" (an experiment: Q replaced by the model's
+    exact softmax over all targets re-encoded every step, whatever drew the ids).
+    proposal_temperature: every softmax sampler's (cache, oracle, treeidx) temperature
+    (None: `temperature`); treeidx_proposal_temperature overrides it for treeidx and
+    treeidx-fresh only (`TreeNegativeSampler(proposal_temperature=)`).
+    false_negative_margin: treeidx, treeidx-fresh and oracle never draw a target scoring
+    within this cosine of the positive (exact: excluded and renormalised).
+    near_duplicate_cosine: the cosine above which the false-negative statistics count a
+    sampled negative as a near-duplicate of the positive.
     """
 
     steps: int = 1000
@@ -109,12 +177,30 @@ class TrainConfig:
     max_drift_error: float | None = 0.5
     full_refresh_every: int | None = None
     sampler_mode: str = "exact"
+    batch_refresh_every: int | None = None
+    batch_mix: float = 0.0
+    gcbs_neighbors: int = 10
+    gcbs_similarity: str = "concat"
+    correction: str = "logq"
+    proposal_temperature: float | None = None
+    false_negative_margin: float | None = None
+    near_duplicate_cosine: float = 0.95
+    treeidx_proposal_temperature: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "k", "eval_queries", "dim", "stale_refresh_every", "cache_size",
-                     "landmark_refresh_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "k",
+            "eval_queries",
+            "dim",
+            "stale_refresh_every",
+            "cache_size",
+            "landmark_refresh_every",
+            "gcbs_neighbors",
+        ):
             check_positive_int(getattr(self, name), name)
-        for name in ("bag_dim", "n_landmarks", "test_queries", "full_refresh_every"):
+        for name in ("bag_dim", "n_landmarks", "test_queries", "full_refresh_every", "batch_refresh_every"):
             if getattr(self, name) is not None:
                 check_positive_int(getattr(self, name), name)
         check_positive(self.temperature, "temperature")
@@ -128,11 +214,42 @@ class TrainConfig:
                 check_positive(getattr(self, name), name)
         if self.sampler_mode not in ("exact", "approx"):
             raise ValueError(f"sampler_mode: expected 'exact' or 'approx', got {self.sampler_mode!r}")
+        if self.gcbs_similarity not in ("concat", "cross"):
+            raise ValueError(f"gcbs_similarity: expected 'concat' or 'cross', got {self.gcbs_similarity!r}")
+        if (
+            isinstance(self.batch_mix, bool)
+            or not isinstance(self.batch_mix, (int, float))
+            or not 0.0 <= self.batch_mix <= 1.0
+        ):
+            raise ValueError(f"batch_mix: expected a number in [0, 1], got {self.batch_mix!r}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"correction: expected one of {CORRECTIONS}, got {self.correction!r}")
+        if self.proposal_temperature is not None:
+            check_positive(self.proposal_temperature, "proposal_temperature")
+        if self.false_negative_margin is not None and not (0.0 <= self.false_negative_margin <= 2.0):
+            raise ValueError(
+                f"false_negative_margin: expected a cosine margin in [0, 2], got {self.false_negative_margin!r}"
+            )
+        if self.treeidx_proposal_temperature is not None:
+            check_positive(self.treeidx_proposal_temperature, "treeidx_proposal_temperature")
+        if not -1.0 <= self.near_duplicate_cosine <= 1.0:
+            raise ValueError(f"near_duplicate_cosine: expected a cosine in [-1, 1], got {self.near_duplicate_cosine!r}")
+
+    @property
+    def sampler_temperature(self) -> float:
+        """The proposal's temperature: proposal_temperature, else the loss's."""
+        return self.proposal_temperature if self.proposal_temperature is not None else self.temperature
+
+    @property
+    def treeidx_temperature(self) -> float:
+        """The treeidx strategies' proposal temperature: treeidx_proposal_temperature,
+        else sampler_temperature."""
+        t = self.treeidx_proposal_temperature
+        return t if t is not None else self.sampler_temperature
 
     def model_kwargs(self) -> dict[str, Any]:
         """The DualEncoder arguments this config trains."""
-        return dict(dim=self.dim, bag_dim=self.bag_dim, shared=self.shared, init_std=self.init_std,
-                    seed=self.seed)
+        return dict(dim=self.dim, bag_dim=self.bag_dim, shared=self.shared, init_std=self.init_std, seed=self.seed)
 
 
 @dataclass
@@ -148,7 +265,11 @@ class TrainResult:
     sampler_mib: host memory of the sampler's data structures (estimated from their
     arrays); peak_rss_mib: the process's peak resident memory so far.
     sampler_stats: strategy-specific figures (treeidx: full refreshes, the drift
-    model's relative prediction error on the written-back targets).
+    model's relative prediction error on the written-back targets; hard batches: epochs,
+    regroups, GCBS's last graph).
+    inbatch_negative_cos: the mean cosine of query i with positive j != i of its batch
+    over the steps after the warm-up (how hard the in-batch negatives were; None when
+    the warm-up never ended).
     """
 
     strategy: str
@@ -165,22 +286,41 @@ class TrainResult:
     sampler_mib: float
     peak_rss_mib: float
     sampler_stats: dict[str, Any]
+    inbatch_negative_cos: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (no model, no per-step losses)."""
-        return dict(strategy=self.strategy, config=asdict(self.config), test=self.test,
-                    history=[[st, round(t, 3), r] for st, t, r in self.history], steps=self.steps, train_s=round(self.train_s, 3),
-                    wall_s=round(self.wall_s, 3), steps_per_s=round(self.steps / max(self.train_s, 1e-9), 3),
-                    time_split={k: round(v, 3) for k, v in self.time_split.items()},
-                    targets_encoded_per_step=round(self.targets_encoded_per_step, 1),
-                    sampler_mib=round(self.sampler_mib, 1), peak_rss_mib=round(self.peak_rss_mib, 1),
-                    sampler_stats=self.sampler_stats, final_loss=self.losses[-1] if self.losses else None)
+        return dict(
+            strategy=self.strategy,
+            config=asdict(self.config),
+            test=self.test,
+            history=[[st, round(t, 3), r] for st, t, r in self.history],
+            steps=self.steps,
+            train_s=round(self.train_s, 3),
+            wall_s=round(self.wall_s, 3),
+            steps_per_s=round(self.steps / max(self.train_s, 1e-9), 3),
+            time_split={k: round(v, 3) for k, v in self.time_split.items()},
+            targets_encoded_per_step=round(self.targets_encoded_per_step, 1),
+            sampler_mib=round(self.sampler_mib, 1),
+            peak_rss_mib=round(self.peak_rss_mib, 1),
+            sampler_stats=self.sampler_stats,
+            inbatch_negative_cos=self.inbatch_negative_cos,
+            final_loss=self.losses[-1] if self.losses else None,
+        )
 
 
 # ---------------------------------------------------------------------------- evaluation
 
-def evaluate(model: DualEncoder, data: CodeSearchData, split: str = "test", max_queries: int | None = None,
-             *, seed: int = 0, chunk: int = 256) -> dict[str, float]:
+
+def evaluate(
+    model: DualEncoder,
+    data: CodeSearchData,
+    split: str = "test",
+    max_queries: int | None = None,
+    *,
+    seed: int = 0,
+    chunk: int = 256,
+) -> dict[str, float]:
     """recall@1, recall@10 and MRR of `split`'s queries against ALL targets, exactly.
 
     Every target is encoded; the rank of a query's positive is 1 + the number of
@@ -192,15 +332,21 @@ def evaluate(model: DualEncoder, data: CodeSearchData, split: str = "test", max_
         raise ValueError(f"model encodes {model.n_targets} targets, data has {data.n_targets}")
     ranks = query_ranks(model, rows, data.query_target[rows], chunk=chunk)
     n = max(rows.size, 1)
-    return {"recall@1": float((ranks <= 1).sum() / n), "recall@10": float((ranks <= 10).sum() / n),
-            "mrr": float((1.0 / ranks).sum() / n), "n_queries": int(rows.size)}
+    return {
+        "recall@1": float((ranks <= 1).sum() / n),
+        "recall@10": float((ranks <= 10).sum() / n),
+        "mrr": float((1.0 / ranks).sum() / n),
+        "n_queries": int(rows.size),
+    }
 
 
 def eval_rows(data: CodeSearchData, split: str, max_queries: int | None, seed: int = 0) -> np.ndarray:
     """The query rows `evaluate` scores: all of the split, or a seeded subset."""
     rows = data.split(split)
     if max_queries is not None and check_positive_int(max_queries, "max_queries") < rows.size:
-        rows = np.sort(np.random.default_rng([check_nonnegative_int(seed), 0xE7A1]).choice(rows, max_queries, replace=False))
+        rows = np.sort(
+            np.random.default_rng([check_nonnegative_int(seed), 0xE7A1]).choice(rows, max_queries, replace=False)
+        )
     return rows
 
 
@@ -212,13 +358,14 @@ def query_ranks(model: DualEncoder, rows: np.ndarray, positives: np.ndarray, *, 
     pos = torch.from_numpy(np.asarray(positives, np.int64))
     out = torch.empty(len(rows), dtype=torch.int64)
     for lo in range(0, len(rows), check_positive_int(chunk, "chunk")):
-        s = queries[lo:lo + chunk] @ targets.T
-        p = s.gather(1, pos[lo:lo + chunk, None])
-        out[lo:lo + chunk] = 1 + (s > p).sum(1)
+        s = queries[lo : lo + chunk] @ targets.T
+        p = s.gather(1, pos[lo : lo + chunk, None])
+        out[lo : lo + chunk] = 1 + (s > p).sum(1)
     return out.numpy()
 
 
 # ---------------------------------------------------------------------------- strategies
+
 
 class _Clock:
     """Accumulates seconds per category."""
@@ -268,8 +415,46 @@ class _Strategy:
 
     def stats(self) -> dict[str, Any]:
         """Strategy-specific figures for the result (JSON-serialisable)."""
-        return {}
+        return self.false_negative_stats()
 
+    # false negatives: how often a sampled negative is the positive's twin
+    dup_group: np.ndarray | None = None  # target id -> exact-duplicate group (set by train)
+    _fn: dict[str, float] | None = None
+
+    def track(
+        self, pos: torch.Tensor, neg_ids: torch.Tensor, pos_vecs: torch.Tensor, neg_vecs: torch.Tensor, q: torch.Tensor
+    ) -> None:
+        """Count the step's sampled negatives that are exact duplicates of the row's
+        positive (same feature row, another id), near-duplicates (cosine with the
+        positive's vector above cfg.near_duplicate_cosine; the vectors are unit-norm), or
+        score above the positive for the row's query."""
+        if neg_ids.numel() == 0:
+            return
+        with torch.no_grad():
+            other = neg_ids != pos[:, None]
+            cos = torch.einsum("bd,bkd->bk", pos_vecs, neg_vecs)
+            above = torch.einsum("bd,bkd->bk", q, neg_vecs) > (q * pos_vecs).sum(-1, keepdim=True)
+            fn = self._fn or dict(draws=0.0, exact_dup=0.0, near_dup=0.0, above_pos=0.0, cos_sum=0.0)
+            fn["draws"] += float(other.sum())
+            fn["near_dup"] += float((other & (cos > self.cfg.near_duplicate_cosine)).sum())
+            fn["above_pos"] += float((other & above).sum())
+            fn["cos_sum"] += float(cos[other].sum())
+            if self.dup_group is not None:
+                g = torch.from_numpy(self.dup_group)
+                fn["exact_dup"] += float((other & (g[neg_ids] == g[pos][:, None])).sum())
+            self._fn = fn
+
+    def false_negative_stats(self) -> dict[str, Any]:
+        fn = self._fn
+        if not fn or not fn["draws"]:
+            return {}
+        n = fn["draws"]
+        return dict(
+            neg_exact_dup_rate=fn["exact_dup"] / n,
+            neg_near_dup_rate=fn["near_dup"] / n,
+            neg_above_pos_rate=fn["above_pos"] / n,
+            neg_mean_cos_to_pos=fn["cos_sum"] / n,
+        )
 
     def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
         # samplers that re-encode inside sample() (stale-topk, oracle) go through
@@ -278,7 +463,19 @@ class _Strategy:
         t = time.perf_counter()
         neg = self.sampler.sample(q, pos)
         self.clock.s["sampling_s"] += time.perf_counter() - t - (self.clock.s["reencode_s"] - before)
+        if self.cfg.correction == "fresh" and self.k:
+            neg = Negatives(neg.ids, self.fresh_log_q(q, pos, neg.ids), neg.result)
         return neg
+
+    def fresh_log_q(self, q: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """correction="fresh": log P(y | q) of the model's own softmax over every target
+        but the positive, from all targets re-encoded now, whatever drew the ids (an
+        experiment: the proposal's samples, the exact current weights)."""
+        v = self.encode_all()
+        with torch.no_grad():
+            s = (q @ v.T) / self.cfg.temperature
+            s[torch.arange(len(pos)), pos] = -float("inf")
+            return torch.log_softmax(s, 1).gather(1, ids).to(torch.float32)
 
 
 class _InBatch(_Strategy):
@@ -302,8 +499,9 @@ class _Uniform(_Strategy):
 
 class _StaleTopK(_Strategy):
     def setup(self) -> None:
-        self.sampler = StaleTopK(self.encode_all, np.arange(self.n), k=self.k,
-                                 refresh_every=self.cfg.stale_refresh_every, backend="brute")
+        self.sampler = StaleTopK(
+            self.encode_all, np.arange(self.n), k=self.k, refresh_every=self.cfg.stale_refresh_every, backend="brute"
+        )
 
     def host_bytes(self) -> int:
         return self.n * self.model.dim * 4  # the stale vectors (brute-force backend)
@@ -314,8 +512,14 @@ class _Cache(_Strategy):
         size = min(self.cfg.cache_size, self.n)
         # a seeded random initial fill: ids are grouped by module, a prefix would not be
         ids = np.sort(np.random.default_rng([self.cfg.seed, 0xCAC4E]).choice(self.n, size, replace=False))
-        self.sampler = NegativeCache(ids, self.encode(ids), k=self.k, temperature=self.cfg.temperature,
-                                     cache_size=size, seed=self.cfg.seed)
+        self.sampler = NegativeCache(
+            ids,
+            self.encode(ids),
+            k=self.k,
+            temperature=self.cfg.sampler_temperature,
+            cache_size=size,
+            seed=self.cfg.seed,
+        )
 
     def observe(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
         self.clock.timed("sampling_s", self.sampler.update, ids, vectors)
@@ -326,8 +530,14 @@ class _Cache(_Strategy):
 
 class _Oracle(_Strategy):
     def setup(self) -> None:
-        self.sampler = BruteForceSampler(self.encode_all, np.arange(self.n), k=self.k,
-                                         temperature=self.cfg.temperature, seed=self.cfg.seed)
+        self.sampler = BruteForceSampler(
+            self.encode_all,
+            np.arange(self.n),
+            k=self.k,
+            temperature=self.cfg.sampler_temperature,
+            seed=self.cfg.seed,
+            false_negative_margin=self.cfg.false_negative_margin,
+        )
 
     def host_bytes(self) -> int:
         return self.n * self.model.dim * 4
@@ -348,16 +558,35 @@ class _TreeIdx(_Strategy):
         # uniform landmarks: the linear drift model is a regression of fresh on stale
         # vectors, for which a random sample is representative; k-center would cost
         # O(N·m·d) (~20 s here) for no gain in that fit
-        self.index = self.clock.timed("sampling_s", DynamicIndex.build, vectors, n_landmarks=min(m, self.n),
-                                      landmarks="uniform", temperature=cfg.temperature, mode=cfg.sampler_mode,
-                                      policy=RefreshPolicy(max_drift_error=cfg.max_drift_error), seed=cfg.seed)
-        self.sampler = TreeNegativeSampler(self.index, k=self.k, temperature=cfg.temperature,
-                                           mode=cfg.sampler_mode, prefetch=False, seed=cfg.seed, rank=0)
+        self.index = self.clock.timed(
+            "sampling_s",
+            DynamicIndex.build,
+            vectors,
+            n_landmarks=min(m, self.n),
+            landmarks="uniform",
+            temperature=cfg.temperature,
+            mode=cfg.sampler_mode,
+            policy=RefreshPolicy(max_drift_error=cfg.max_drift_error),
+            seed=cfg.seed,
+        )
+        # the index samples at the loss's T; the sampler scales the queries to draw at T'
+        self.sampler = TreeNegativeSampler(
+            self.index,
+            k=self.k,
+            temperature=cfg.temperature,
+            proposal_temperature=cfg.treeidx_temperature,
+            mode=cfg.sampler_mode,
+            prefetch=False,
+            seed=cfg.seed,
+            rank=0,
+            false_negative_margin=cfg.false_negative_margin,
+        )
 
     def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
         cfg = self.cfg
-        if step > 0 and (self.index.needs_full_refresh
-                         or (cfg.full_refresh_every and step % cfg.full_refresh_every == 0)):
+        if step > 0 and (
+            self.index.needs_full_refresh or (cfg.full_refresh_every and step % cfg.full_refresh_every == 0)
+        ):
             vectors = self.encode_all().numpy()
             self.clock.timed("sampling_s", self.index.full_refresh, vectors)
             self.full_refreshes += 1
@@ -368,14 +597,17 @@ class _TreeIdx(_Strategy):
 
     def observe(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
         if self.cfg.write_back:
-            err = self.clock.timed("sampling_s", self.index.reencode, ids.numpy(), vectors.numpy())
+            err = self.clock.timed("sampling_s", self.index.reencode, vectors.numpy(), ids.numpy())
             self.drift.append(err.predicted)
 
     def stats(self) -> dict[str, Any]:
         d = np.asarray(self.drift)
-        return dict(full_refreshes=self.full_refreshes,
-                    drift_error_median=float(np.median(d)) if d.size else None,
-                    drift_error_max=float(d.max()) if d.size else None)
+        return dict(
+            **super().stats(),
+            full_refreshes=self.full_refreshes,
+            drift_error_median=float(np.median(d)) if d.size else None,
+            drift_error_max=float(d.max()) if d.size else None,
+        )
 
     def host_bytes(self) -> int:  # tree + the drift model's stale vectors and landmarks
         d = self.model.dim
@@ -392,14 +624,28 @@ class _Swappable:
         assert self.current is not None
         return self.current.sample(queries, k, exclude=exclude, seed=seed)
 
+    @property
+    def index(self) -> TreeIndex:  # the false-negative filter searches it
+        assert self.current is not None
+        return self.current.index
+
 
 class _TreeIdxFresh(_Strategy):
     """A TreeIndex over all targets re-encoded and rebuilt every step: exact w.r.t. fresh vectors."""
 
     def setup(self) -> None:
         self.host = _Swappable()
-        self.sampler = TreeNegativeSampler(self.host, k=self.k, temperature=self.cfg.temperature,
-                                           mode=self.cfg.sampler_mode, prefetch=False, seed=self.cfg.seed, rank=0)
+        self.sampler = TreeNegativeSampler(
+            self.host,
+            k=self.k,
+            temperature=self.cfg.temperature,
+            proposal_temperature=self.cfg.treeidx_temperature,
+            mode=self.cfg.sampler_mode,
+            prefetch=False,
+            seed=self.cfg.seed,
+            rank=0,
+            false_negative_margin=self.cfg.false_negative_margin,
+        )
 
     def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
         vectors = self.encode_all().numpy()
@@ -411,12 +657,169 @@ class _TreeIdxFresh(_Strategy):
         return int(self.host.current.index.nbytes) if self.host.current is not None else 0
 
 
+class _Full(_InBatch):
+    """The reference objective: cross-entropy over ALL targets, encoded with gradients
+    every step (what the oracle's sampled loss estimates; affordable at ~50k targets)."""
+
+    full = True
+
+
 _ADAPTERS: dict[str, type[_Strategy]] = {
-    "inbatch": _InBatch, "uniform": _Uniform, "stale-topk": _StaleTopK, "cache": _Cache,
-    "treeidx": _TreeIdx, "treeidx-fresh": _TreeIdxFresh, "oracle": _Oracle}
+    "inbatch": _InBatch,
+    "uniform": _Uniform,
+    "stale-topk": _StaleTopK,
+    "cache": _Cache,
+    "treeidx": _TreeIdx,
+    "treeidx-fresh": _TreeIdxFresh,
+    "oracle": _Oracle,
+    "full": _Full,
+}
+
+
+_FILTERED = ("treeidx", "treeidx-fresh", "oracle")  # strategies with the false-negative filter
+
+
+def duplicate_groups(data: CodeSearchData) -> np.ndarray:
+    """(n_targets,) int64: targets with identical feature rows (duplicate code text, up
+    to the feature hashing) share a group id, the smallest of their ids."""
+    tf = data.target_features
+    keys = [hash((tf.indices[a:b].tobytes(), tf.data[a:b].tobytes())) for a, b in zip(tf.indptr[:-1], tf.indptr[1:])]
+    first: dict[int, int] = {}
+    return np.fromiter((first.setdefault(h, i) for i, h in enumerate(keys)), np.int64, len(keys))
+
+
+def _full_step(
+    model: DualEncoder, opt: Any, data: CodeSearchData, rows: np.ndarray, cfg: TrainConfig
+) -> tuple[float, float]:
+    """One step of the full-softmax loss over every target (strategy "full"); returns
+    the loss and the in-batch negatives' mean cosine, as `_step` does."""
+    pos = torch.from_numpy(data.query_target[rows])
+    q = model.encode_queries(rows)
+    t = model.encode_targets(np.arange(model.n_targets))
+    loss = torch.nn.functional.cross_entropy(q @ t.T / cfg.temperature, pos)
+    with torch.no_grad():
+        B = len(rows)
+        cos = q @ t[pos].T
+        inbatch_cos = float((cos.sum() - cos.diagonal().sum()) / max(B * (B - 1), 1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), inbatch_cos
+
+
+# ---------------------------------------------------------------------------- batch sources
+
+
+def parse_strategy(strategy: str) -> tuple[str | None, str]:
+    """(batch source or None for random batches, negatives strategy) of a strategy name:
+    "gcbs" -> ("gcbs", "inbatch"), "tree-batches+treeidx" -> ("tree-batches", "treeidx")."""
+    if not isinstance(strategy, str):
+        raise ValueError(f"strategy: expected a string, got {strategy!r}")
+    head, plus, tail = strategy.partition("+")
+    source, negatives = (head, tail) if plus else ((head, "inbatch") if head in BATCH_SOURCES else (None, head))
+    if (source is not None and source not in BATCH_SOURCES) or negatives not in _ADAPTERS:
+        raise ValueError(
+            f"strategy: expected one of {STRATEGIES}, or '<batches>+<negatives>' with batches in "
+            f"{BATCH_SOURCES} and negatives in {tuple(_ADAPTERS)}; got {strategy!r}"
+        )
+    return source, negatives
+
+
+class _HardBatches:
+    """Batches of train query rows from a GCBS or tree batch sampler, epoch after epoch,
+    set up (like the negatives' sampler) when the warm-up ends."""
+
+    def __init__(
+        self, kind: str, model: DualEncoder, cfg: TrainConfig, clock: _Clock, rows: np.ndarray, positives: np.ndarray
+    ) -> None:
+        self.kind, self.model, self.cfg, self.clock = kind, model, cfg, clock
+        self.rows, self.positives = rows, positives
+        self.sampler: GlobalContrastiveBatchSampler | TreeBatchSampler | None = None
+        self.own_ids: np.ndarray | None = None  # ids of the tree batches' own index (sorted)
+        self.targets_encoded = 0
+        self.queries_encoded = 0
+        self.epochs = 0
+
+    def setup(self, negatives: _Strategy) -> None:
+        cfg = self.cfg
+        common = dict(refresh_every=cfg.batch_refresh_every, mix=cfg.batch_mix, seed=cfg.seed)
+        if self.kind == "gcbs":
+            self.sampler = GlobalContrastiveBatchSampler(
+                self.encode_pairs,
+                cfg.batch_size,
+                n_neighbors=cfg.gcbs_neighbors,
+                similarity=cfg.gcbs_similarity,
+                **common,
+            )
+        else:
+            # combined with treeidx, the negatives' DynamicIndex (kept current by its
+            # write-back) groups the batches too; otherwise an index of the positives
+            index = getattr(negatives, "index", None)
+            if index is None:
+                self.own_ids = np.unique(self.positives)
+                vectors = self.encode_targets(self.own_ids)
+                index = self.clock.timed("sampling_s", TreeIndex.build, vectors, self.own_ids, seed=cfg.seed)
+            self.sampler = TreeBatchSampler(index, cfg.batch_size, keys=self.positives, **common)
+        self._it = self._endless()
+
+    def _endless(self):
+        while True:
+            self.epochs += 1
+            for b in self.sampler:
+                yield self.rows[np.asarray(b, np.int64)]
+
+    def next(self) -> np.ndarray:
+        before = self.clock.s["reencode_s"]  # GCBS re-encodes inside: booked as re-encoding
+        t = time.perf_counter()
+        rows = next(self._it)
+        self.clock.s["sampling_s"] += time.perf_counter() - t - (self.clock.s["reencode_s"] - before)
+        return rows
+
+    def encode_targets(self, ids: np.ndarray, chunk: int = 32768) -> np.ndarray:
+        self.targets_encoded += len(ids)
+        with torch.no_grad():
+            return self.clock.timed(
+                "reencode_s",
+                lambda: torch.cat(
+                    [self.model.encode_targets(ids[lo : lo + chunk]) for lo in range(0, len(ids), chunk)]
+                ).numpy(),
+            )
+
+    def encode_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """GCBS's embeddings: every train pair's query and positive under the current encoder."""
+        self.queries_encoded += len(self.rows)
+        q = self.clock.timed("reencode_s", self.model.encode_all_queries, self.rows).numpy()
+        return q, self.encode_targets(self.positives)
+
+    def observe(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Write the step's freshly encoded positives back into the tree batches' own index."""
+        if self.own_ids is None:
+            return
+        ids_np = ids.numpy()
+        keep = np.isin(ids_np, self.own_ids)
+        if keep.any():
+            self.clock.timed("sampling_s", self.sampler.index.update, vectors.numpy()[keep], ids_np[keep])
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(
+            batch_source=self.kind,
+            batch_epochs=self.epochs,
+            batch_regroups=self.sampler.regroups if self.sampler else 0,
+        )
+        if self.kind == "gcbs" and self.sampler is not None:
+            out.update(queries_encoded_for_batches=self.queries_encoded, gcbs_last_graph=self.sampler.last_graph)
+        return out
+
+    def host_bytes(self) -> int:
+        if self.sampler is None:
+            return 0
+        if self.kind == "gcbs":  # the pair embeddings it holds
+            return 2 * len(self.rows) * self.model.dim * 4
+        return int(self.sampler.index.nbytes) if self.own_ids is not None else 0
 
 
 # ---------------------------------------------------------------------------- training
+
 
 def _batches(rows: np.ndarray, batch_size: int, seed: int):
     """Endless batches of query rows: seeded shuffled epochs, concatenated."""
@@ -429,30 +832,59 @@ def _batches(rows: np.ndarray, batch_size: int, seed: int):
         buf = buf[batch_size:]
 
 
-def _step(model: DualEncoder, opt: Any, strategy: _Strategy, data: CodeSearchData, rows: np.ndarray,
-          step: int, cfg: TrainConfig) -> float:
-    """One optimisation step; returns the loss."""
+def _step(
+    model: DualEncoder,
+    opt: Any,
+    strategy: _Strategy,
+    data: CodeSearchData,
+    rows: np.ndarray,
+    step: int,
+    cfg: TrainConfig,
+    batches: _HardBatches | None = None,
+) -> tuple[float, float]:
+    """One optimisation step; returns the loss and the mean cosine of the in-batch
+    negatives (query i against positive j != i: how hard the batch is)."""
     pos = torch.from_numpy(data.query_target[rows])
     q = model.encode_queries(rows)
     neg = strategy.negatives(step, q.detach(), pos)
+    if getattr(strategy, "full", False):
+        return _full_step(model, opt, data, rows, cfg)
     B = len(rows)
     # encode each distinct target once: softmax negatives repeat within and across rows
     ids, inverse = torch.unique(torch.cat([pos, neg.ids.reshape(-1)]), return_inverse=True)
     vecs = model.encode_targets(ids)
     t = vecs[inverse]
-    loss = sampled_softmax_loss(q, t[:B], t[B:].view(B, strategy.k, t.shape[1]), log_q=neg.log_q,
-                                temperature=cfg.temperature,
-                                in_batch_negatives=cfg.in_batch_negatives or strategy.k == 0,
-                                pos_ids=pos, neg_ids=neg.ids)
+    loss = sampled_softmax_loss(
+        q,
+        t[:B],
+        t[B:].view(B, strategy.k, t.shape[1]),
+        log_q=None if cfg.correction == "none" else neg.log_q,
+        temperature=cfg.temperature,
+        in_batch_negatives=cfg.in_batch_negatives or strategy.k == 0,
+        pos_ids=pos,
+        neg_ids=neg.ids,
+    )
+    with torch.no_grad():
+        cos = q @ t[:B].T
+        inbatch_cos = float((cos.sum() - cos.diagonal().sum()) / max(B * (B - 1), 1))
     opt.zero_grad()
     loss.backward()
     opt.step()
     strategy.observe(ids, vecs.detach())
-    return float(loss.detach())
+    strategy.track(pos, neg.ids, t[:B].detach(), t[B:].detach().view(B, strategy.k, t.shape[1]), q.detach())
+    if batches is not None:
+        batches.observe(ids, vecs.detach())
+    return float(loss.detach()), inbatch_cos
 
 
-def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None, *, progress: bool = False,
-          callback: Callable[[int, DualEncoder], None] | None = None) -> TrainResult:
+def train(
+    data: CodeSearchData,
+    strategy: str,
+    config: TrainConfig | None = None,
+    *,
+    progress: bool = False,
+    callback: Callable[[int, DualEncoder], None] | None = None,
+) -> TrainResult:
     """Train a DualEncoder on `data`'s train split with negatives from `strategy`.
 
     Deterministic under config.seed: the same seed gives the same initial model and the
@@ -460,26 +892,35 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
     machine and thread count). callback(step, model) is called with step = 0 before
     training and after every optimiser step (e.g. to save checkpoints every n steps);
     its time, like evaluation's, is excluded from the training time. progress: a tqdm
-    bar with the latest loss and validation recall@10.
+    bar with the latest loss and validation recall@10, counting training seconds
+    against config.time_limit_s when that is set, else steps against config.steps.
     """
     cfg = config or TrainConfig()
-    if strategy not in _ADAPTERS:
-        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    source, negatives = parse_strategy(strategy)
     train_rows = data.train
     if train_rows.size == 0:
         raise ValueError("data has no training queries")
-    if strategy == "inbatch" and not cfg.in_batch_negatives:
-        raise ValueError("strategy 'inbatch' needs in_batch_negatives=True (it has no other negatives)")
-    if strategy != "inbatch" and cfg.k >= data.n_targets:
+    if negatives == "inbatch" and not cfg.in_batch_negatives:
+        raise ValueError(f"strategy {strategy!r} needs in_batch_negatives=True (it has no other negatives)")
+    if negatives == "full" and source is not None:
+        raise ValueError("strategy 'full' trains on random batches only")
+    if cfg.false_negative_margin is not None and negatives not in _FILTERED:
+        raise ValueError(f"false_negative_margin: supported by {_FILTERED}, not {strategy!r}")
+    if negatives != "inbatch" and cfg.k >= data.n_targets:
         raise ValueError(f"k={cfg.k} needs more than k targets, data has {data.n_targets}")
     wall0 = time.perf_counter()
     model = DualEncoder(data.query_features, data.target_features, **cfg.model_kwargs())
     opt = make_optimizer(model, cfg.lr)
     clock = _Clock()
-    adapter = _ADAPTERS[strategy](model, cfg, clock)
+    adapter = _ADAPTERS[negatives](model, cfg, clock)
+    hard = (
+        None if source is None else _HardBatches(source, model, cfg, clock, train_rows, data.query_target[train_rows])
+    )
+    adapter.dup_group = duplicate_groups(data)
     val_rows = eval_rows(data, "val", cfg.eval_queries, cfg.seed) if data.split("val").size else None
     history: list[tuple[int, float, float]] = []
     losses: list[float] = []
+    inbatch_cos: list[float] = []
     train_s = 0.0
 
     def validate(step: int) -> None:
@@ -492,22 +933,45 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
     warm = _InBatch(model, cfg, clock)
     warm.setup()
     batches = _batches(train_rows, cfg.batch_size, cfg.seed)
-    bar = progress_bar(progress, total=cfg.steps, desc=f"train {strategy}", unit="step")
+    # a time-limited run shows training seconds against its limit (a step total of 10^9
+    # would show an ETA of years); a step-limited one shows steps
+    by_time = cfg.time_limit_s is not None
+    bar = progress_bar(
+        progress,
+        total=round(cfg.time_limit_s) if by_time else cfg.steps,
+        desc=f"train {strategy}",
+        unit="s" if by_time else "step",
+    )
+    shown = 0
     step = 0
     while step < cfg.steps and (cfg.time_limit_s is None or train_s < cfg.time_limit_s):
         t = time.perf_counter()
         if step == cfg.warmup_steps:
             adapter.setup()
             adapter.ready = True
+            if hard is not None:
+                hard.setup(adapter)
         active = adapter if adapter.ready else warm
-        losses.append(_step(model, opt, active, data, next(batches), step - cfg.warmup_steps, cfg))
+        rows = hard.next() if hard is not None and adapter.ready else next(batches)
+        loss, cos = _step(model, opt, active, data, rows, step - cfg.warmup_steps, cfg, hard if adapter.ready else None)
+        losses.append(loss)
+        if adapter.ready:
+            inbatch_cos.append(cos)
         train_s += time.perf_counter() - t
         step += 1
-        bar.update(1)
+        if by_time:  # whole training seconds so far, capped at the limit
+            now = min(int(train_s), round(cfg.time_limit_s))
+            bar.update(now - shown)
+            shown = now
+        else:
+            bar.update(1)
         due_s = cfg.eval_every_s is not None and train_s >= (len(history) + 1) * cfg.eval_every_s
         if (cfg.eval_every and step % cfg.eval_every == 0) or due_s:
             validate(step)
-            bar.set_postfix_str(f"loss {losses[-1]:.3f} val r@10 {history[-1][2]:.3f}" if history else "")
+            bar.set_postfix_str(
+                (f"step {step} " if by_time else "")
+                + (f"loss {losses[-1]:.3f} val r@10 {history[-1][2]:.3f}" if history else "")
+            )
         if callback is not None:
             callback(step, model)
     bar.close()
@@ -515,10 +979,21 @@ def train(data: CodeSearchData, strategy: str, config: TrainConfig | None = None
         validate(step)
     test = evaluate(model, data, "test", cfg.test_queries, seed=cfg.seed) if data.split("test").size else {}
     rest = train_s - clock.s["sampling_s"] - clock.s["reencode_s"]
-    return TrainResult(strategy=strategy, config=cfg, model=model, test=test, history=history, losses=losses,
-                       steps=step, train_s=train_s, wall_s=time.perf_counter() - wall0,
-                       time_split={**clock.s, "rest_s": rest},
-                       targets_encoded_per_step=adapter.targets_encoded / max(step - cfg.warmup_steps, 1),
-                       sampler_mib=adapter.host_bytes() / 2**20 if adapter.ready else 0.0,
-                       peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                       sampler_stats=adapter.stats() if adapter.ready else {})
+    return TrainResult(
+        strategy=strategy,
+        config=cfg,
+        model=model,
+        test=test,
+        history=history,
+        losses=losses,
+        steps=step,
+        train_s=train_s,
+        wall_s=time.perf_counter() - wall0,
+        time_split={**clock.s, "rest_s": rest},
+        targets_encoded_per_step=(adapter.targets_encoded + (hard.targets_encoded if hard else 0))
+        / max(step - cfg.warmup_steps, 1),
+        sampler_mib=(adapter.host_bytes() + (hard.host_bytes() if hard else 0)) / 2**20 if adapter.ready else 0.0,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        sampler_stats={**adapter.stats(), **(hard.stats() if hard else {})} if adapter.ready else {},
+        inbatch_negative_cos=float(np.mean(inbatch_cos)) if inbatch_cos else None,
+    )

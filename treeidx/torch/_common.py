@@ -1,7 +1,9 @@
 """What every negative sampler of the torch layer shares: the `Negatives` record and
 the checks that turn a training loop's tensors into host arrays."""
+
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +25,14 @@ class Negatives:
             `sampled_softmax_loss(log_q=...)`.
     result: the host-side `SampleResult` (certified log Z interval, tv_bound, work
             counters) when the negatives come from a tree sampler; None otherwise.
+    excluded: (B,) int64 number of targets a false-negative filter excluded per row
+            beside the positive (None without a filter).
     """
+
     ids: torch.Tensor
     log_q: torch.Tensor
     result: SampleResult | None = field(default=None, repr=False, compare=False)
+    excluded: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 def check_queries(query_emb: Any, dim: int | None = None) -> torch.Tensor:
@@ -49,8 +55,7 @@ def check_positives(positive_ids: Any, batch: int) -> torch.Tensor | None:
     if not isinstance(positive_ids, torch.Tensor):
         positive_ids = torch.as_tensor(np.asarray(positive_ids))
     if positive_ids.dim() != 1 or positive_ids.shape[0] != batch:
-        raise ValueError(f"positive_ids: expected shape ({batch},) (one per query), "
-                         f"got {tuple(positive_ids.shape)}")
+        raise ValueError(f"positive_ids: expected shape ({batch},) (one per query), got {tuple(positive_ids.shape)}")
     if positive_ids.is_floating_point() or positive_ids.is_complex() or positive_ids.dtype == torch.bool:
         raise ValueError(f"positive_ids: expected an integer tensor, got {positive_ids.dtype}")
     return positive_ids.detach().to(torch.int64)
@@ -68,8 +73,10 @@ def host_queries(query_emb: torch.Tensor) -> np.ndarray:
 
 def empty_negatives(query_emb: torch.Tensor, k: int) -> Negatives:
     B = query_emb.shape[0]
-    return Negatives(ids=torch.empty((B, k), dtype=torch.int64, device=query_emb.device),
-                     log_q=torch.empty((B, k), dtype=log_q_dtype(query_emb), device=query_emb.device))
+    return Negatives(
+        ids=torch.empty((B, k), dtype=torch.int64, device=query_emb.device),
+        log_q=torch.empty((B, k), dtype=log_q_dtype(query_emb), device=query_emb.device),
+    )
 
 
 def check_temperature(t: Any) -> float:
@@ -80,3 +87,17 @@ def default_rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return int(torch.distributed.get_rank())
     return 0
+
+
+def check_margin(margin: Any) -> float | None:
+    """A false-negative margin: None, or a finite number >= 0 (raw inner-product units)."""
+    if margin is None:
+        return None
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, (int, float, np.floating, np.integer))
+        or not math.isfinite(margin)
+        or margin < 0
+    ):
+        raise ValueError(f"false_negative_margin: expected None or a finite number >= 0, got {margin!r}")
+    return float(margin)

@@ -1,4 +1,5 @@
 """The sampled-softmax loss with the log Q correction."""
+
 from __future__ import annotations
 
 import math
@@ -12,11 +13,18 @@ from ._common import check_temperature
 __all__ = ["sampled_softmax_loss"]
 
 
-def sampled_softmax_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None, *,
-                         log_q: torch.Tensor | None = None, temperature: float,
-                         in_batch_negatives: bool = True, reduction: str = "mean",
-                         pos_ids: torch.Tensor | None = None,
-                         neg_ids: torch.Tensor | None = None) -> torch.Tensor:
+def sampled_softmax_loss(
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor | None,
+    *,
+    log_q: torch.Tensor | None = None,
+    temperature: float,
+    in_batch_negatives: bool = True,
+    reduction: str = "mean",
+    pos_ids: torch.Tensor | None = None,
+    neg_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cross-entropy of the positive against sampled (and in-batch) negatives.
 
     q (B, d) queries; pos (B, d) their positives' embeddings; neg (B, k, d) the sampled
@@ -35,10 +43,14 @@ def sampled_softmax_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor |
     unbiased for any k. log_q is a constant (detached): the proposal is not trained.
     log_q=None: no correction (logits s_j as they are; e.g. top-k hard negatives).
 
-    in_batch_negatives: the other rows' positives are extra negatives with no
-    correction. Their inclusion probability is unknown, so they add their raw mass to
-    Ẑ: Z is over-estimated by that mass (the DPR bias: popular targets are pushed
-    down extra). Turn it off for the consistent estimator.
+    in_batch_negatives (default True): the other rows' positives are extra negatives
+    with no correction, as in MultipleNegativesRankingLoss; they cost nothing (already
+    encoded) and alone they are the in-batch baseline (neg=None). Their inclusion
+    probability is unknown, so they add their raw mass to Ẑ: Z is over-estimated by
+    that mass (the DPR bias: popular targets are pushed down extra). With sampled
+    negatives and log_q, pass False for the consistent estimator of the full-softmax
+    loss; whether the extra mass helps or hurts the trained model is an empirical
+    question (docs/training.md).
 
     Accidental hits (pos_ids (B,) and neg_ids (B, k) given): a sampled id equal to the
     row's positive, and an in-batch column whose positive id equals the row's own
@@ -65,8 +77,7 @@ def sampled_softmax_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor |
         s = torch.einsum("bd,bkd->bk", q, neg.to(dt)) / temperature
         if log_q is not None:
             if log_q.shape != (B, k):
-                raise ValueError(f"log_q: expected shape {(B, k)} like neg's first two dims, "
-                                 f"got {tuple(log_q.shape)}")
+                raise ValueError(f"log_q: expected shape {(B, k)} like neg's first two dims, got {tuple(log_q.shape)}")
             if k:  # − log(k · Q(y_j))
                 s = s - (log_q.detach().to(device=s.device, dtype=dt) + math.log(k))
         if neg_ids is not None:
