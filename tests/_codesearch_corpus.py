@@ -55,3 +55,25 @@ def write_corpus(root, n_modules: int = 60, per_module: int = 4, seed: int = 0) 
                 f"    return out + {i * per_module + j}\n"
             )
         (pkg / f"m{i}.py").write_text("\n\n".join(funcs))
+
+
+# TrainConfig settings that train the tiny corpus in a fraction of a second per step
+FAST = dict(
+    batch_size=16,
+    k=4,
+    dim=16,
+    eval_every=0,
+    eval_queries=20,
+    n_landmarks=20,
+    cache_size=64,
+    stale_refresh_every=2,
+    max_drift_error=None,
+)
+
+
+def tiny_codesearch_data(root):
+    """CodeSearchData over the tiny corpus written under `root` (features cached there)."""
+    from treeidx.codesearch import CodeSearchData
+
+    write_corpus(root / "src")
+    return CodeSearchData.load(roots=[str(root / "src")], cache_dir=str(root / "cache"), n_buckets=1 << 12)

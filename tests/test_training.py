@@ -12,26 +12,12 @@ from treeidx.codesearch import CodeSearchData
 from treeidx.codesearch.encoder import DualEncoder
 from treeidx.codesearch.training import STRATEGIES, TrainConfig, evaluate, parse_strategy, train
 
-from ._codesearch_corpus import write_corpus
-
-FAST = dict(
-    batch_size=16,
-    k=4,
-    dim=16,
-    eval_every=0,
-    eval_queries=20,
-    n_landmarks=20,
-    cache_size=64,
-    stale_refresh_every=2,
-    max_drift_error=None,
-)
+from ._codesearch_corpus import FAST, tiny_codesearch_data
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("codesearch")
-    write_corpus(root / "src")
-    return CodeSearchData.load(roots=[str(root / "src")], cache_dir=str(root / "cache"), n_buckets=1 << 12)
+    return tiny_codesearch_data(tmp_path_factory.mktemp("codesearch"))
 
 
 def _reference(model: DualEncoder, data: CodeSearchData, rows: np.ndarray) -> dict[str, float]:

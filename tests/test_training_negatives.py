@@ -12,30 +12,16 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from treeidx.codesearch import CodeSearchData, training
+from treeidx.codesearch import training
 from treeidx.codesearch.encoder import DualEncoder
 from treeidx.codesearch.training import TrainConfig, _batches, duplicate_groups, train
 
-from ._codesearch_corpus import write_corpus
-
-FAST = dict(
-    batch_size=16,
-    k=4,
-    dim=16,
-    eval_every=0,
-    eval_queries=20,
-    n_landmarks=20,
-    cache_size=64,
-    stale_refresh_every=2,
-    max_drift_error=None,
-)
+from ._codesearch_corpus import FAST, tiny_codesearch_data
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("codesearch")
-    write_corpus(root / "src")
-    return CodeSearchData.load(roots=[str(root / "src")], cache_dir=str(root / "cache"), n_buckets=1 << 12)
+    return tiny_codesearch_data(tmp_path_factory.mktemp("codesearch"))
 
 
 def test_full_softmax_step_is_cross_entropy_over_all_targets(data):
