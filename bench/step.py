@@ -211,12 +211,12 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
         memory = device_mem = None  # after the first refresh
     elif name == "negcache":
         c = min(a.cache, n)
-        sampler = NegativeCache(np.arange(c), vectors[:c], k=a.k, temperature=T, cache_size=c, seed=a.seed)
-        memory = tensor_bytes(sampler._ids, sampler._vecs, sampler._live)
+        sampler = NegativeCache(vectors[:c], np.arange(c), k=a.k, temperature=T, cache_size=c, seed=a.seed)
+        memory = sampler.nbytes
         device_mem = memory  # it lives wherever the training runs
 
         def on_targets(ids, vecs):
-            sampler.update(ids, vecs)
+            sampler.update(vecs, ids)
     elif name == "brute":
         sampler = BruteForceSampler(vectors, k=a.k, temperature=T, seed=a.seed)
         memory = tensor_bytes(vectors) + sampler.ids.numel() * 8
@@ -293,11 +293,7 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
     if prefetch:
         sampler.close()
     if name == "stale_topk":
-        memory = (
-            sampler._index.nbytes
-            if hasattr(sampler._index, "nbytes")
-            else tensor_bytes(torch.from_numpy(sampler._index.vectors))
-        )
+        memory = sampler.nbytes
         device_mem = 0
         info["backend"] = sampler.backend
         info["refresh_s"] = refresh_s[0]

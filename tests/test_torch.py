@@ -443,16 +443,29 @@ def test_stale_topk_uses_stale_vectors_until_refresh():
         assert not torch.equal(third.ids, first.ids)
 
 
+def test_negative_cache_old_argument_order_warns_and_still_works():
+    v = np.random.default_rng(5).standard_normal((6, 3)).astype(np.float32)
+    new = NegativeCache(v[:4], np.arange(4), k=1, temperature=0.5, cache_size=8, seed=0)
+    with pytest.warns(DeprecationWarning, match=r"\(vectors, ids\)"):
+        old = NegativeCache(np.arange(4), v[:4], k=1, temperature=0.5, cache_size=8, seed=0)
+    with pytest.warns(DeprecationWarning, match=r"\(vectors, ids\)"):
+        old.update([5, 4], v[4:6])
+    new.update(v[4:6], [5, 4])
+    assert old.cached_ids.tolist() == new.cached_ids.tolist() == [0, 1, 2, 3, 5, 4]
+    q = torch.from_numpy(v[:2])
+    assert torch.equal(old.sample(q).ids, new.sample(q).ids)
+
+
 def test_negative_cache_fifo_and_sampling():
     rng = np.random.default_rng(4)
     v = rng.standard_normal((12, 3)).astype(np.float32)
-    c = NegativeCache(np.arange(6), v[:6], k=1, temperature=0.5, cache_size=4, seed=0)
+    c = NegativeCache(v[:6], np.arange(6), k=1, temperature=0.5, cache_size=4, seed=0)
     assert c.cached_ids.tolist() == [2, 3, 4, 5]  # the oldest two never fit
-    c.update(torch.tensor([10, 11]), torch.from_numpy(v[10:12]))
+    c.update(torch.from_numpy(v[10:12]), torch.tensor([10, 11]))
     assert c.cached_ids.tolist() == [4, 5, 10, 11]  # 2 and 3, the oldest, evicted
-    c.update([4], v[6:7])  # re-encoded: old copy dropped, fresh one at the back
+    c.update(v[6:7], [4])  # re-encoded: old copy dropped, fresh one at the back
     assert c.cached_ids.tolist() == [5, 10, 11, 4] and len(c) == 4
-    c.update([11], v[7:8])  # evicts 5 (the oldest) and drops 11's stale copy
+    c.update(v[7:8], [11])  # evicts 5 (the oldest) and drops 11's stale copy
     assert c.cached_ids.tolist() == [10, 4, 11] and len(c) == 3
     # sampling: the softmax over the cache, positive excluded, log_q its log-probability
     cached = {10: v[10], 4: v[6], 11: v[7]}
@@ -469,7 +482,7 @@ def test_negative_cache_fifo_and_sampling():
             got = negs.log_q[b][negs.ids[b] == i]
             torch.testing.assert_close(got, torch.full_like(got, lp), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="no cached entry"):
-        NegativeCache([1], v[:1], k=1, temperature=1.0, cache_size=2).sample(q[:1], torch.tensor([1]))
+        NegativeCache(v[:1], [1], k=1, temperature=1.0, cache_size=2).sample(q[:1], torch.tensor([1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

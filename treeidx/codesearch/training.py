@@ -513,8 +513,8 @@ class _Cache(_Strategy):
         # a seeded random initial fill: ids are grouped by module, a prefix would not be
         ids = np.sort(np.random.default_rng([self.cfg.seed, 0xCAC4E]).choice(self.n, size, replace=False))
         self.sampler = NegativeCache(
-            ids,
             self.encode(ids),
+            ids,
             k=self.k,
             temperature=self.cfg.sampler_temperature,
             cache_size=size,
@@ -522,7 +522,7 @@ class _Cache(_Strategy):
         )
 
     def observe(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
-        self.clock.timed("sampling_s", self.sampler.update, ids, vectors)
+        self.clock.timed("sampling_s", self.sampler.update, vectors, ids)
 
     def host_bytes(self) -> int:
         return self.sampler.cache_size * (self.model.dim * 4 + 9)

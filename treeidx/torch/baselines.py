@@ -23,7 +23,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from .._validate import as_ids, check_nonnegative_int, check_positive_int
+from .._validate import as_ids, check_nonnegative_int, check_positive_int, vectors_then_ids
 from ..brute import BruteForce, check_precision
 from ..tree import TreeIndex
 from ._common import (
@@ -161,6 +161,15 @@ class StaleTopK:
         self._index = BruteForce(x, self.ids) if self.backend == "brute" else TreeIndex.build(x, self.ids)
         self.refreshes += 1
 
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of the current index (0 before the first refresh)."""
+        if self._index is None:
+            return 0
+        if isinstance(self._index, TreeIndex):
+            return int(self._index.nbytes)
+        return int(self._index.vectors.nbytes + self._index.ids.nbytes)
+
     def sample(self, query_emb: torch.Tensor, positive_ids: torch.Tensor | None = None) -> Negatives:
         q = check_queries(query_emb)
         pos = check_positives(positive_ids, q.shape[0])
@@ -184,11 +193,12 @@ class NegativeCache:
     """Lindgren et al. 2021: softmax negatives over a FIFO cache of stale embeddings.
 
     The cache holds up to `cache_size` (id, embedding) entries on `device` (default: the
-    initial vectors' device). `update(ids, vectors)` enqueues freshly encoded targets
+    initial vectors' device). `update(vectors, ids)` enqueues freshly encoded targets
     (e.g. the batch's positives and negatives, encoded anyway), evicting the oldest
     entries; an id already cached loses its old entry, so each id is cached once, at
-    the back of the queue. The constructor enqueues `ids, vectors` in order (the last
-    `cache_size` are kept).
+    the back of the queue. The constructor enqueues `vectors, ids` in order (the last
+    `cache_size` are kept). Both take (vectors, ids), as `TreeIndex.build` and `insert`
+    do; the old (ids, vectors) order still works, with a DeprecationWarning.
 
     `sample` draws k ids per query with replacement from the softmax over the cached
     entries' scores <q, v> / temperature (the positive excluded): i.i.d. draws with an
@@ -201,8 +211,8 @@ class NegativeCache:
 
     def __init__(
         self,
-        ids: Vectors,
         vectors: Vectors,
+        ids: Vectors,
         *,
         k: int,
         temperature: float,
@@ -213,6 +223,7 @@ class NegativeCache:
         self.k = check_k(k)
         self.temperature = check_temperature(temperature)
         self.cache_size = check_positive_int(cache_size, "cache_size")
+        vectors, ids = vectors_then_ids(vectors, ids, "NegativeCache")
         v = _as_tensor(vectors, "vectors")
         self.device = torch.device(device) if device is not None else v.device
         self._ids = torch.full((self.cache_size,), -1, dtype=torch.int64, device=self.device)
@@ -221,7 +232,7 @@ class NegativeCache:
         self._head = 0  # next slot written = the oldest entry once the cache is full
         self._gen = torch.Generator(device=self.device)
         self._gen.manual_seed(check_nonnegative_int(seed))
-        self.update(ids, v)
+        self._enqueue(v, ids)
 
     @property
     def dim(self) -> int:
@@ -231,13 +242,22 @@ class NegativeCache:
         return int(self._live.sum())
 
     @property
+    def nbytes(self) -> int:
+        """Bytes held on the cache's device: ids, vectors and the live mask."""
+        return sum(t.numel() * t.element_size() for t in (self._ids, self._vecs, self._live))
+
+    @property
     def cached_ids(self) -> torch.Tensor:
         """The cached ids, oldest first."""
         order = (torch.arange(self.cache_size, device=self.device) + self._head) % self.cache_size
         return self._ids[order][self._live[order]]
 
-    def update(self, ids: Vectors, vectors: Vectors) -> None:
-        """Enqueue fresh (id, vector) pairs, evicting the oldest entries."""
+    def update(self, vectors: Vectors, ids: Vectors) -> None:
+        """Enqueue fresh (vector, id) pairs, evicting the oldest entries."""
+        vectors, ids = vectors_then_ids(vectors, ids, "NegativeCache.update")
+        self._enqueue(vectors, ids)
+
+    def _enqueue(self, vectors: Vectors, ids: Vectors) -> None:
         v = _as_tensor(vectors, "vectors")
         idn = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids)
         if idn.ndim != 1 or not np.issubdtype(idn.dtype, np.integer):

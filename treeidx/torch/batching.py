@@ -427,10 +427,11 @@ def leaf_order(tree: TreeIndex, rng: np.random.Generator | None = None) -> np.nd
     the leaf emitted last, so consecutive leaves are close across subtree boundaries too.
     The first child of the root is drawn with `rng` (None: the first stored child).
 
-    Reads the tree's node arrays: leaves own the slot ranges [leaf_start, leaf_start +
-    leaf_size), children are linked by first_child / next_sibling.
+    Reads the tree's node arrays through its public read-only view: leaves own the slot
+    ranges [leaf_start, leaf_start + leaf_size), children are linked by first_child /
+    next_sibling.
     """
-    A = tree._A
+    A = tree.view().arrays
     out: list[np.ndarray] = []
     last: list[np.ndarray] = []
 
