@@ -50,6 +50,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "treeidx.sentence_transformers needs sentence-transformers, transformers and torch: pip install 'treeidx[st]'"
     ) from e
 
+from ._validate import check_int, check_positive
 from .dynamic import DynamicIndex, RefreshPolicy
 from .sampling import SoftmaxSampler
 from .tree import TreeIndex
@@ -63,23 +64,6 @@ STATE_FILE = "treeidx_state.json"
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_positive(value: Any, name: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.floating, np.integer))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _check_choice(value: Any, name: str, choices: tuple) -> Any:
@@ -237,8 +221,8 @@ class TreeNegativesLoss(nn.Module):
         self.texts = texts
         self.corpus_ids = ids
         self._row_of = {int(i): r for r, i in enumerate(ids.tolist())}
-        self.k = _check_int(k, "k", 0)
-        self.temperature = _check_positive(temperature, "temperature")
+        self.k = check_int(k, "k", minimum=0)
+        self.temperature = check_positive(temperature, "temperature")
         self.scale = 1.0 / self.temperature
         self.mode = _check_choice(mode, "mode", ("exact", "approx"))
         self.in_batch_negatives = bool(in_batch_negatives)
@@ -250,8 +234,8 @@ class TreeNegativesLoss(nn.Module):
         self.corpus_prompt = corpus_prompt
         self.log_q_from_labels = bool(log_q_from_labels)
         self.write_back = _check_write_back(write_back)
-        self.seed = _check_int(seed, "seed", 0)
-        self.encode_batch_size = _check_int(encode_batch_size, "encode_batch_size", 1)
+        self.seed = check_int(seed, "seed", minimum=0)
+        self.encode_batch_size = check_int(encode_batch_size, "encode_batch_size", minimum=1)
         self.show_progress_bar = bool(show_progress_bar)
         self.rank = _rank()
         self.calls = 0
@@ -266,7 +250,7 @@ class TreeNegativesLoss(nn.Module):
                     self._by_tokens.setdefault(key, []).append(int(ids[lo + r]))
 
         n = len(texts)
-        m = min(n, max(16, n // 100)) if n_landmarks is None else _check_int(n_landmarks, "n_landmarks", 1)
+        m = min(n, max(16, n // 100)) if n_landmarks is None else check_int(n_landmarks, "n_landmarks", minimum=1)
         self.index = DynamicIndex.build(
             self.encode_corpus(),
             ids,
@@ -524,16 +508,16 @@ class TreeIndexRefreshCallback(TrainerCallback):
         if not isinstance(loss, TreeNegativesLoss):
             raise TypeError(f"loss: expected a TreeNegativesLoss, got {type(loss).__name__}")
         self.loss = loss
-        self.landmark_every = None if landmark_every is None else _check_int(landmark_every, "landmark_every", 1)
-        self.full_every = None if full_every is None else _check_int(full_every, "full_every", 1)
+        self.landmark_every = None if landmark_every is None else check_int(landmark_every, "landmark_every", minimum=1)
+        self.full_every = None if full_every is None else check_int(full_every, "full_every", minimum=1)
         if max_drift_error is not None:
-            max_drift_error = _check_positive(max_drift_error, "max_drift_error")
+            max_drift_error = check_positive(max_drift_error, "max_drift_error")
         self.max_drift_error = max_drift_error
         loss.index.policy = replace(loss.index.policy, max_drift_error=max_drift_error)
         if write_back is not None:
             loss.write_back = _check_write_back(write_back)
-        self.holdout = _check_int(holdout, "holdout", 0)
-        self.seed = _check_int(seed, "seed", 0)
+        self.holdout = check_int(holdout, "holdout", minimum=0)
+        self.seed = check_int(seed, "seed", minimum=0)
         self.save_index = bool(save_index)
         self.resume_dir = None if resume_dir is None else os.fspath(resume_dir)
         self.history: list[dict[str, Any]] = []
@@ -731,13 +715,13 @@ def mine_softmax_negatives(
         raise ValueError("dataset: expected at least one row, got an empty dataset")
     anchor_col = anchor_column_name if anchor_column_name in columns else columns[0]
     positive_col = positive_column_name if positive_column_name in columns else columns[1]
-    k = _check_int(num_negatives, "num_negatives", 1)
-    T = _check_positive(temperature, "temperature")
+    k = check_int(num_negatives, "num_negatives", minimum=1)
+    T = check_positive(temperature, "temperature")
     _check_choice(mode, "mode", ("exact", "approx"))
     _check_choice(output_format, "output_format", ("n-tuple", "triplet"))
-    range_min = _check_int(range_min, "range_min", 0)
+    range_min = check_int(range_min, "range_min", minimum=0)
     if range_max is not None:
-        range_max = _check_int(range_max, "range_max", 1)
+        range_max = check_int(range_max, "range_max", minimum=1)
         if range_max <= range_min:
             raise ValueError(f"range_max: expected > range_min ({range_min}), got {range_max}")
     for name, v in (
