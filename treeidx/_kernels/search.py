@@ -14,7 +14,7 @@ import numba as nb
 import numpy as np
 
 from .arrays import Csr, TreeArrays  # noqa: F401  (the records these kernels take)
-from .bounds import dot32, node_bounds_of, squared_norm
+from .bounds import dot32, node_bounds, node_bounds_of, squared_norm
 from .heaps import grow_f, topk_push, topk_replace_min
 
 
@@ -53,6 +53,8 @@ def _search_one(T, q, b, k, top_nodes, top_row, excl, out):
     is invisible to the parallel loop's array analysis (which rejects rebinding)."""
     vecs, slot_id, center = T.vecs, T.slot_id, T.center  # loops index locals (see _walk_cluster)
     leaf_start, leaf_size, first_child, next_sibling = T.leaf_start, T.leaf_size, T.first_child, T.next_sibling
+    csq, radius, nu_min, nu_max = T.csq, T.radius, T.nu_min, T.nu_max
+    dim = q.shape[0]
     ntop = top_nodes.shape[0]
     qnorm = math.sqrt(squared_norm(q))
     ts = np.full(k, -np.inf, np.float32)
@@ -95,7 +97,7 @@ def _search_one(T, q, b, k, top_nodes, top_row, excl, out):
             c = first_child[v]
             while c >= 0:
                 dots += 1
-                up = node_bounds_of(T, c, dot32(q, center[c]), qnorm)[1]
+                up = node_bounds(dot32(q, center[c]), qnorm, csq[c], radius[c], nu_min[c], nu_max[c], dim)[1]
                 if filled < k or up > ts[0]:
                     cb = grow_f(cb, nc)
                     cn = grow_f(cn, nc)
@@ -192,8 +194,10 @@ def _walk_cluster(T, root, group, G, k, t, excl, P):
     than the same loops over local arrays (same-process benchmark of this kernel)."""
     vecs, slot_id, center = T.vecs, T.slot_id, T.center
     leaf_start, leaf_size, first_child, next_sibling = T.leaf_start, T.leaf_size, T.first_child, T.next_sibling
+    csq, radius, nu_min, nu_max = T.csq, T.radius, T.nu_min, T.nu_max
     queries, qnorm, floor = G.queries, G.norms, G.floor
     hs, hi, fill, visited, dots = P.scores, P.ids, P.fill, P.visited, P.dots
+    dim = queries.shape[1]
     g = group.shape[0]
     abuf = np.empty(4 * g + 64, np.int64)
     abuf[:g] = group
@@ -230,7 +234,9 @@ def _walk_cluster(T, root, group, G, k, t, excl, P):
             for i in range(lo, lo + n):
                 b = abuf[i]
                 dots[t, b] += 1
-                up = node_bounds_of(T, c, dot32(queries[b], center[c]), qnorm[b])[1]
+                up = node_bounds(dot32(queries[b], center[c]), qnorm[b], csq[c], radius[c], nu_min[c], nu_max[c], dim)[
+                    1
+                ]
                 if up > _threshold(hs, fill, t, b, k, floor[b]):
                     abuf[top + nc] = b
                     nc += 1
