@@ -33,7 +33,13 @@ from .frontier import (
     lse_shifted,
     reshift,
 )
-from .rng import U64, uniform01
+from .rng import U64, splitmix64, uniform01
+
+# The TV estimate's extra draws use their own stream (the returned ids do not change).
+TV_STREAM = U64(0x7476657374696D61)
+# The estimate takes the unopened mass this many standard errors high: the TV estimate
+# grows with the mass, so this biases it upward (docs/sampling.md).
+TV_SE_UP = 1.0
 
 
 class Proposal(NamedTuple):
@@ -294,6 +300,93 @@ def draw(T, Q, P, X, cut, prop, key, ids, log_q, stats):
     return OK
 
 
+@nb.njit(cache=True)
+def tv_estimate_stage(T, Q, P, X, cut, prop, key, log_lo, log_up):
+    """Approx mode: an estimate of the TV distance between the proposal and the softmax
+    from P.tv_draws extra targets drawn from the proposal's unopened part and scored
+    exactly (docs/sampling.md). Returns (estimate, inner products spent).
+
+    The opened leaves' mass O is known exactly; the unopened mass is estimated by
+    importance sampling, stratified over the proposal's cumulative weight."""
+    node, off, w = cut.entries.node, cut.entries.off, cut.entries.w
+    vecs, count = T.vecs, T.count
+    ne = prop.entry.shape[0]
+    cum = np.empty(ne, np.float64)  # cumulative proposal weight of the unopened entries
+    uent = np.empty(ne, np.int64)
+    opened, wall, nu = 0.0, 0.0, 0
+    for jj in range(ne):  # the order of build_proposal's sum: O == total when all opened
+        j = prop.entry[jj]
+        if off[j] >= 0:
+            opened += prop.weight[jj]
+        else:
+            wall += prop.weight[jj]
+            cum[nu] = wall
+            uent[nu] = j
+            nu += 1
+    allowed = prop.total - prop.excluded
+    if nu == 0:
+        return 0.0, 0  # fully opened: the proposal is the softmax
+    m = P.tv_draws
+    lr = np.full(max(m, 1), NEG_INF)  # log P/Q up to the factor A / Z; -inf: excluded
+    if wall > 0.0:
+        k2 = splitmix64(key ^ TV_STREAM)
+        ctr = U64(0)
+        for i in range(m):
+            r = (i + uniform01(k2 + ctr)) / m * wall  # one draw per stratum
+            jj = min(np.searchsorted(cum[:nu], r, side="right"), nu - 1)
+            j = uent[jj]
+            v = node[j]
+            s = uniform_descendant(T, v, min(int(uniform01(k2 + ctr + U64(1)) * count[v]), count[v] - 1))
+            ctr += U64(2)
+            if not is_excluded_slot(X, s):
+                lr[i] = P.beta * dot32(Q.vec, vecs[s]) - w[j] + math.log(count[v])
+    else:
+        m = 0  # every unopened weight underflowed: Q has no mass there to draw
+    est = tv_from_ratios(lr[:m], opened, wall, allowed, log_lo - prop.shift, log_up - prop.shift)
+    return est, m
+
+
+@nb.njit(cache=True)
+def tv_from_ratios(lr, opened, wall, allowed, log_lo, log_up):
+    """TV(P, Q) = sum_y (Q(y) - P(y))_+ from the unopened draws' log r_i = log(p~/q~)
+    (every weight relative to the proposal's shift; -inf: an excluded draw).
+
+    Z = O + Z_u with Z_u ~= wall * mean(r), taken TV_SE_UP standard errors high and
+    clipped into the certified [log_lo, log_up]. On the opened leaves Q / P = Z / A for
+    every target, so their part is (O / A) (1 - A / Z)_+ exactly; the unopened part is
+    (wall / A) times the draws' mean of (1 - r A / Z)_+. Both grow with Z."""
+    m = lr.shape[0]
+    mx = NEG_INF
+    for i in range(m):
+        mx = max(mx, lr[i])
+    log_zu = NEG_INF
+    if mx > NEG_INF:
+        s1, s2 = 0.0, 0.0
+        for i in range(m):
+            e = math.exp(lr[i] - mx) if lr[i] > NEG_INF else 0.0
+            s1 += e
+            s2 += e * e
+        mean = s1 / m
+        var = max(0.0, s2 / m - mean * mean) * m / max(m - 1, 1)
+        log_zu = math.log(wall) + mx + math.log(mean + TV_SE_UP * math.sqrt(var / m))
+    log_o = math.log(opened) if opened > 0.0 else NEG_INF
+    if m == 0:
+        log_z = log_up  # nothing to estimate Z_u from: its certified upper end
+    else:
+        hi = max(log_o, log_zu)
+        log_z = hi + math.log(math.exp(log_o - hi) + math.exp(log_zu - hi)) if hi > NEG_INF else NEG_INF
+    log_z = min(max(log_z, log_lo), log_up)
+    la = math.log(allowed)
+    tv = opened / allowed * max(0.0, 1.0 - math.exp(la - log_z))
+    acc = 0.0
+    for i in range(m):
+        if lr[i] > NEG_INF:
+            acc += max(0.0, 1.0 - math.exp(min(lr[i] + la - log_z, 700.0)))
+    if m > 0:
+        tv += wall / allowed * acc / m
+    return min(1.0, max(0.0, tv))
+
+
 @nb.njit(cache=True, inline="always")
 def draw_stage(T, Q, P, X, cut, key, out, b):
     """Certificate, proposal and draws for query b of the batch; returns its status."""
@@ -310,6 +403,14 @@ def draw_stage(T, Q, P, X, cut, key, out, b):
     status = draw(T, Q, P, X, cut, prop, key, out.ids[b], out.log_q[b], stats)
     if status != OK:
         return status
+    out.tv_est[b] = 0.0
+    if not P.exact:
+        if P.tv_draws > 0:
+            est, dots = tv_estimate_stage(T, Q, P, X, cut, prop, key, log_lo, log_up)
+            out.tv_est[b] = min(est, out.tv[b])  # the certified bound caps it
+            stats[ST_DOTS] += dots
+        else:
+            out.tv_est[b] = np.nan
     if P.exact:
         # log Z estimate: the acceptance rate is Z / (proposal total), clipped into the
         # certificate
