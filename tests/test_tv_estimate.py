@@ -195,3 +195,19 @@ def test_target_tv_errors():
         SoftmaxSampler(index, temperature=1.0, mode="approx", tv_draws=-1)
     with pytest.raises(ValueError, match="tv_draws"):
         SoftmaxSampler(index, temperature=1.0, mode="approx", target_tv=0.1, tv_draws=0)
+
+
+def test_sample_bench_reports_the_estimate_and_a_target_tv_row(capsys):
+    from bench.sample import main
+
+    args = "--dataset clustered --n 3000 --dim 16 --queries 16 --tv-queries 2 --tv-draws 2000"
+    args += " --perplexities 100 --budgets 0.02 --no-kmeans-peer --precisions= --target-tv 0.1 --json"
+    res = main(args.split())
+    capsys.readouterr()
+    run = res["runs"][0]
+    for entry in (run["treeidx_approx"], run["treeidx_approx_target_tv"], run["approx_curve"][0]):
+        assert 0 <= entry["tv_estimate"] <= 1 and abs(entry["tv_estimate_gap_max"]) <= 1
+        assert isinstance(entry["tv_estimate_within_003"], bool)
+    row = run["treeidx_approx_target_tv"]
+    assert row["target_tv"] == 0.1 and 0 <= row["tv_is"] <= 1 and row["speedup_vs_brute"] > 0
+    assert row["tv_estimate_all_max"] <= 0.1 or row["inner_product_share_max"] >= 0.25
