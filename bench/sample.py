@@ -12,7 +12,10 @@ total-variation distance of each sampler's empirical distribution to the exact
 softmax on a few queries, beside the sampling-noise floor (brute force's own
 empirical TV at the same number of draws); for approx mode the mean of P/Q over
 its own samples (1 for a correct log q), `tv_is` (an unbiased, noise-floor-free TV
-estimate from its own draws, see `tv_importance`) and a TV-versus-budget curve.
+estimate from its own draws, see `tv_importance`), beside approx mode's own `tv_estimate` (mean over
+the same queries; `tv_estimate_gap_max`: its largest per-query distance to `tv_is`), and a
+TV-versus-budget curve. `--target-tv 0.1` adds a row for approx mode with that
+`target_tv` (the budget grows per query until its estimate is below it).
 
 Beside the exact fp32 brute force, every run also times the reduced-precision brute-force
 samplers a user would try first (`BruteForce(precision="bf16" | "int8")`: a full scan
@@ -89,6 +92,22 @@ def exact_log_softmax(queries: np.ndarray, x: np.ndarray, beta: float, chunk: in
     return list(z)
 
 
+def tv_importance_per_query(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
+    """(B,) the per-query terms of `tv_importance`."""
+    with np.errstate(over="ignore"):
+        return np.maximum(0.0, 1.0 - np.exp(log_p - log_q)).mean(axis=1)
+
+
+def estimate_quality(lp: np.ndarray, r) -> dict:
+    """approx mode's own `tv_estimate` on the TV queries beside their measured `tv_is`."""
+    gap = r.tv_estimate - tv_importance_per_query(lp, r.log_q)
+    return dict(
+        tv_estimate=float(r.tv_estimate.mean()),
+        tv_estimate_gap_max=float(gap[np.argmax(np.abs(gap))]),
+        tv_estimate_within_003=bool((gap >= -0.03).all() and (gap <= 0.03).all()),
+    )
+
+
 def tv_importance(log_p: np.ndarray, log_q: np.ndarray) -> tuple[float, float]:
     """Unbiased TV(P, Q) estimate from draws y ~ Q: mean of max(0, 1 - P(y)/Q(y)).
 
@@ -139,6 +158,12 @@ def main(argv=None) -> dict:
         type=int,
         default=32,
         help="queries over which the reduced-precision samplers' exact TV is averaged",
+    )
+    p.add_argument(
+        "--target-tv",
+        type=float,
+        default=None,
+        help="also time approx mode with this target_tv (SoftmaxSampler's target_tv)",
     )
     a = p.parse_args(argv)
     quiet = a.json
@@ -223,6 +248,10 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
         "exact": SoftmaxSampler(index, temperature=1.0 / beta, mode="exact"),
         "approx": SoftmaxSampler(index, temperature=1.0 / beta, mode="approx"),
     }
+    if a.target_tv is not None:
+        samplers["approx_target_tv"] = SoftmaxSampler(
+            index, temperature=1.0 / beta, mode="approx", target_tv=a.target_tv
+        )
     exact_lp = exact_log_softmax(tvq, x, beta)
     exact_p = [np.exp(lp) for lp in exact_lp]
     # sampling-noise floor: brute force's own empirical TV at the same number of draws
@@ -243,13 +272,23 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
         entry["tv_measured"] = float(np.mean([empirical_tv(big.ids[i], exact_p[i]) for i in range(tvq.shape[0])]))
         lp = np.stack([exact_lp[i][big.ids[i]] for i in range(tvq.shape[0])])
         entry["mean_p_over_q"] = float(np.mean(np.exp(lp - big.log_q)))
-        if name == "approx":
+        if name.startswith("approx"):
             entry["tv_is"], entry["tv_is_se"] = tv_importance(lp, big.log_q)
+            entry.update(estimate_quality(lp, big))
+        if name == "approx_target_tv":
+            share = r.inner_products / n
+            entry.update(
+                target_tv=a.target_tv,
+                inner_product_share_p90=float(np.quantile(share, 0.9)),
+                inner_product_share_max=float(share.max()),
+                tv_estimate_all_mean=float(r.tv_estimate.mean()),
+                tv_estimate_all_max=float(r.tv_estimate.max()),
+            )
         out[f"treeidx_{name}"] = entry
         log(
             f"  {name}: {entry['ms_per_query']:.3f} ms/q ({entry['speedup_vs_brute']:.1f}x), "
             f"TV {entry['tv_measured']:.3f} (floor {out['tv_noise_floor']:.3f}"
-            + (f", IS {entry['tv_is']:.3f}" if "tv_is" in entry else "")
+            + (f", IS {entry['tv_is']:.3f}, estimate {entry['tv_estimate']:.3f}" if "tv_is" in entry else "")
             + "), "
             f"ip share {entry['inner_product_share']:.4f}",
             quiet,
@@ -271,6 +310,7 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
             tv_is=tv_is,
             tv_is_se=tv_is_se,
             tv_bound_median=float(np.median(r.tv_bound)),
+            **estimate_quality(lp, big),
         )
         if peer is not None:
             # Equal work: the peer may spend what treeidx approx spent per query on average.
@@ -278,7 +318,7 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
         curve.append(point)
         log(
             f"  approx budget {budget}: ip share {point['inner_product_share']:.4f}, "
-            f"TV {point['tv_measured']:.3f} (IS {tv_is:.3f})"
+            f"TV {point['tv_measured']:.3f} (IS {tv_is:.3f}, estimate {point['tv_estimate']:.3f})"
             + (
                 f", k-means peer TV {point['kmeans_peer']['tv_exact']:.3f} at share "
                 f"{point['kmeans_peer']['inner_product_share']:.4f}"

@@ -15,13 +15,16 @@ rule fires. Then:
 * mode="approx": no rejection. Unopened nodes are proposed by a second-moment
   estimate of their mass, clipped into their certified interval; refinement stops
   at `budget` inner products (or U ≤ (1 + tolerance) L). The returned log_q is the
-  true log-probability of each id under that proposal, and `tv_bound` a certified
-  upper bound on its total-variation distance to the softmax.
+  true log-probability of each id under that proposal, `tv_bound` a certified
+  upper bound on its total-variation distance to the softmax, and `tv_estimate` an
+  estimate of that distance from a few extra exactly-scored draws (`tv_draws`).
+  With `target_tv`, queries whose estimate is above it are redone with a budget
+  four times larger, up to `max_budget`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,6 +49,7 @@ from ._threads import run_parallel
 from ._validate import (
     as_exclude,
     as_vectors,
+    check_int,
     check_k,
     check_number,
     check_positive,
@@ -69,11 +73,18 @@ class SampleResult:
                 interval's width). Approx mode: the proposal's true log-probability.
     log_z:      (B, 2) certified lower and upper bounds of log Z(q) over the allowed ids.
     tv_bound:   (B,) certified bound on the total-variation distance between the
-                distribution sampled and the softmax (0 in exact mode).
+                distribution sampled and the softmax (0 in exact mode). Often near 1
+                on real embeddings, where the node bounds are loose.
     nodes_opened, inner_products, proposals: (B,) per-query work; proposals / k
-                is the number of draws per accepted sample.
+                is the number of draws per accepted sample. inner_products counts all
+                of a query's work: the TV estimate's draws, and with `target_tv` every
+                budget it was sampled at.
     frontier_size: (B,) entries on the final cut; 0 for a query answered by the
                 exact dense fallback (see SoftmaxSampler's dense_fallback).
+    tv_estimate: (B,) approx mode: an estimate of the same total-variation distance,
+                from `tv_draws` extra draws scored exactly; biased upward by design,
+                never above tv_bound (docs/sampling.md, "Reading tv_estimate"). NaN
+                when tv_draws=0. Exact mode: 0.
     """
 
     ids: np.ndarray
@@ -84,6 +95,7 @@ class SampleResult:
     inner_products: np.ndarray
     proposals: np.ndarray
     frontier_size: np.ndarray
+    tv_estimate: np.ndarray | None = field(default=None)
 
     @property
     def draws_per_sample(self) -> np.ndarray:
@@ -109,6 +121,19 @@ class SoftmaxSampler:
         about what brute force does instead of many times more. Its samples are exact
         either way; its log_z interval is then the exact log Z padded by the float32
         rounding bound. None: never fall back.
+    tv_draws: approx mode: targets drawn from the unopened part of each query's cut
+        and scored exactly (one inner product each, counted in inner_products) to
+        estimate the proposal's TV to the softmax (`SampleResult.tv_estimate`; one
+        query's spread about 0.01-0.02 at 256 on clustered data, 0.08 on real
+        embeddings at high perplexity, see docs/sampling.md); 0 skips the estimate
+        (tv_estimate is NaN).
+    target_tv: approx mode: a query whose tv_estimate is above this value is redone
+        with a budget four times larger, until its estimate is at most target_tv or
+        its budget reaches max_budget. Only those queries are redone; the samples
+        returned are those of the last budget. None: one budget for every query.
+    max_budget: the cap of target_tv's budget growth, in inner products (default:
+        25% of the index, at least `budget`). Refinement also stops at `tolerance`, so
+        a target_tv below about `tolerance` needs a smaller tolerance to be reached.
     """
 
     def __init__(
@@ -122,6 +147,9 @@ class SoftmaxSampler:
         draw_cost: float = 3.0,
         chunk_size: int = 1024,
         dense_fallback: float | None = 0.05,
+        tv_draws: int = 256,
+        target_tv: float | None = None,
+        max_budget: int | None = None,
     ):
         if not isinstance(index, TreeIndex):
             raise TypeError(f"index: expected a TreeIndex, got {type(index).__name__}")
@@ -141,6 +169,21 @@ class SoftmaxSampler:
         self.dense_fallback = (
             None if dense_fallback is None else check_number(dense_fallback, "dense_fallback", strict=True)
         )
+        self.tv_draws = check_int(tv_draws, "tv_draws", minimum=0)
+        if target_tv is not None:
+            if mode != "approx":
+                raise ValueError("target_tv: approx mode only (exact mode's draws are exact: its TV is 0)")
+            target_tv = check_number(target_tv, "target_tv", strict=True)
+            if target_tv >= 1.0:
+                raise ValueError(f"target_tv: expected a number in (0, 1), got {target_tv!r}")
+            if self.tv_draws < 2:
+                raise ValueError(f"target_tv needs tv_draws >= 2 to estimate the TV, got tv_draws={tv_draws!r}")
+        if max_budget is not None:
+            if target_tv is None:
+                raise ValueError("max_budget caps target_tv's budget growth: set target_tv too")
+            max_budget = check_positive_int(max_budget, "max_budget")
+        self.target_tv = target_tv
+        self.max_budget = max_budget
 
     @property
     def beta(self) -> float:
@@ -155,6 +198,11 @@ class SoftmaxSampler:
             return int(0.0015 * len(self.index)) + 1024
         return np.iinfo(np.int64).max // 4
 
+    def _max_budget(self) -> int:
+        """The cap of target_tv's budget growth."""
+        cap = self.max_budget if self.max_budget is not None else int(0.25 * len(self.index))
+        return max(cap, self._budget())
+
     def _give_up(self) -> int:
         """Exact-mode work (inner products) after which a query goes dense."""
         if self.mode != "exact" or self.dense_fallback is None:
@@ -164,7 +212,9 @@ class SoftmaxSampler:
     def __repr__(self) -> str:
         return (
             f"SoftmaxSampler(mode={self.mode!r}, temperature={self.temperature}, "
-            f"tolerance={self.tolerance}, budget={self.budget}, index={self.index!r})"
+            f"tolerance={self.tolerance}, budget={self.budget}"
+            + (f", target_tv={self.target_tv}, max_budget={self.max_budget}" if self.target_tv is not None else "")
+            + f", index={self.index!r})"
         )
 
     def sample(self, queries, k: int, *, exclude=None, seed: int | None = None) -> SampleResult:
@@ -198,6 +248,7 @@ class SoftmaxSampler:
         log_q = np.empty((B, k), np.float64)
         log_z = np.empty((B, 2), np.float64)
         tv = np.empty(B, np.float64)
+        tv_est = np.empty(B, np.float64)
         stats = np.zeros((B, 5), np.int64)
         status = np.zeros(B, np.int64)
         # chunks bound the (chunk x top-level) work arrays; results do not depend on them
@@ -217,10 +268,14 @@ class SoftmaxSampler:
                 tv[lo:hi],
                 stats[lo:hi],
                 status[lo:hi],
+                tv_est=tv_est[lo:hi],
             )
         dense = np.flatnonzero(status == GAVE_UP)
         if dense.size:
             self._sample_dense(q, dense, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status)
+            tv_est[dense] = 0.0  # exact draws
+        if self.target_tv is not None:
+            self._meet_target_tv(q, k, ptr, ex_slots, seed, (ids, log_q, log_z, tv, stats, status, tv_est))
         if (status == ALL_EXCLUDED).any():
             b = int(np.flatnonzero(status == ALL_EXCLUDED)[0])
             raise ValueError(f"query {b}: every target in the index is excluded; nothing to sample")
@@ -246,9 +301,53 @@ class SoftmaxSampler:
             inner_products=stats[:, ST_DOTS],
             proposals=stats[:, ST_PROPOSALS],
             frontier_size=stats[:, ST_FRONTIER],
+            tv_estimate=tv_est,
         )
 
-    def _sample_chunk(self, q, qidx, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status):
+    def _meet_target_tv(self, q, k, ptr, ex_slots, seed, outs) -> None:
+        """Redo the queries whose tv_estimate is above target_tv at a budget four times
+        larger, until none is or the budget reaches the cap. A redone query keeps its
+        random key (its index), so the result is the same whatever else is redone; its
+        work (nodes opened, inner products) adds up over the budgets it was sampled at."""
+        ids, log_q, log_z, tv, stats, status, tv_est = outs
+        budget, cap = self._budget(), self._max_budget()
+        while budget < cap:
+            rows = np.flatnonzero((status == OK) & (tv_est > self.target_tv))
+            if rows.size == 0:
+                return
+            budget = min(cap, 4 * budget)
+            sub_ptr, sub_ex = permute_rows(ptr, ex_slots, rows)
+            new = (
+                np.empty((rows.size, k), np.int64),
+                np.empty((rows.size, k), np.float64),
+                np.empty((rows.size, 2), np.float64),
+                np.empty(rows.size, np.float64),
+                np.zeros((rows.size, 5), np.int64),
+                np.zeros(rows.size, np.int64),
+                np.empty(rows.size, np.float64),
+            )
+            for lo in range(0, rows.size, self.chunk_size):
+                hi = min(lo + self.chunk_size, rows.size)
+                c_ptr, c_ex = slice_rows(sub_ptr, sub_ex, lo, hi)
+                self._sample_chunk(
+                    q[rows[lo:hi]],
+                    rows[lo:hi],
+                    k,
+                    c_ptr,
+                    c_ex,
+                    seed,
+                    *(a[lo:hi] for a in new[:6]),
+                    tv_est=new[6][lo:hi],
+                    budget=budget,
+                )
+            work = stats[rows][:, [ST_OPENED, ST_DOTS]]
+            for dst, src in zip(outs, new):
+                dst[rows] = src
+            stats[rows[:, None], [ST_OPENED, ST_DOTS]] += work
+
+    def _sample_chunk(
+        self, q, qidx, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status, *, tv_est=None, budget=None
+    ):
         view = self.index.view()
         A, top_nodes, top_centers, top_region = view.arrays, view.top_nodes, view.top_centers, view.top_region
         top_dots = np.empty((q.shape[0], top_centers.shape[0]), np.float32)
@@ -258,18 +357,22 @@ class SoftmaxSampler:
         q, top_dots = q[order], top_dots[order]
         ptr, ex_slots = permute_rows(ptr, ex_slots, order)
         tops = self._top_level_entries(A, q, top_dots, top_nodes)
-        out = SampleOut(*(np.empty_like(a) for a in (ids, log_q, log_z, tv, stats, status)))
+        if tv_est is None:
+            tv_est = np.empty_like(tv)
+        outs = (ids, log_q, log_z, tv, tv_est, stats, status)
+        out = SampleOut(*(np.empty_like(a) for a in outs))
         params = Params(
             beta=self.beta,
             k=k,
             exact=self.mode == "exact",
             tol=self.tolerance,
-            budget=self._budget(),
+            budget=self._budget() if budget is None else int(budget),
             draw_cost=self.draw_cost,
             give_up=self._give_up(),
+            tv_draws=self.tv_draws,
         )
         run_parallel(sample_batch, A, q, qidx[order], top_nodes, tops, params, seed, Csr(ptr, ex_slots), out)
-        for dst, src in zip((ids, log_q, log_z, tv, stats, status), out):
+        for dst, src in zip(outs, out):
             dst[order] = src
 
     def _sample_dense(self, q, rows, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status):

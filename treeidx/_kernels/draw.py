@@ -33,7 +33,16 @@ from .frontier import (
     lse_shifted,
     reshift,
 )
-from .rng import U64, uniform01
+from .rng import U64, splitmix64, uniform01
+
+# The TV estimate's extra draws use their own stream (the returned ids do not change).
+TV_STREAM = U64(0x7476657374696D61)
+# The estimate takes the unopened mass this many standard errors high: the TV estimate
+# grows with the mass, so this biases it upward (docs/sampling.md).
+TV_SE_UP = 1.0
+# Half of those draws come from a wider proposal: each unopened node's log-weight moved
+# this share of the way up to its log upper bound.
+TV_WIDEN = 0.5
 
 
 class Proposal(NamedTuple):
@@ -294,6 +303,119 @@ def draw(T, Q, P, X, cut, prop, key, ids, log_q, stats):
     return OK
 
 
+@nb.njit(cache=True)
+def tv_estimate_stage(T, Q, P, X, cut, prop, key, log_lo, log_up):
+    """Approx mode: an estimate of the TV distance between the proposal and the softmax
+    from P.tv_draws extra targets drawn in the cut's unopened part and scored exactly
+    (docs/sampling.md). Returns (estimate, inner products spent).
+
+    The opened leaves' mass O is known exactly. The unopened mass and the unopened part
+    of the TV are importance-sampled: half the draws from the proposal there, half from
+    a wider one (log-weights moved TV_WIDEN of the way up to the node's upper bound,
+    where mass the proposal underweights hides), each stratified over its cumulative
+    weight and weighed against the mixture of the two."""
+    node, off, w, up = cut.entries.node, cut.entries.off, cut.entries.w, cut.entries.up
+    vecs, count = T.vecs, T.count
+    ne = prop.entry.shape[0]
+    cum = np.empty(ne, np.float64)  # cumulative proposal weight of the unopened entries
+    uent = np.empty(ne, np.int64)
+    opened, wall, nu = 0.0, 0.0, 0
+    for jj in range(ne):  # the order of build_proposal's sum: O == total when all opened
+        j = prop.entry[jj]
+        if off[j] >= 0:
+            opened += prop.weight[jj]
+        else:
+            wall += prop.weight[jj]
+            cum[nu] = wall
+            uent[nu] = j
+            nu += 1
+    if nu == 0:
+        return 0.0, 0  # fully opened: the proposal is the softmax
+    m = P.tv_draws if wall > 0.0 else 0  # no weight left unopened: nothing to draw
+    # the wider proposal's log-weights, their shift and cumulative weight
+    lwide = np.empty(nu, np.float64)
+    mwide = NEG_INF
+    for jj in range(nu):
+        j = uent[jj]
+        lwide[jj] = w[j] + TV_WIDEN * (up[j] - w[j]) if w[j] > NEG_INF else NEG_INF
+        mwide = max(mwide, lwide[jj])
+    cwide = np.empty(nu, np.float64)
+    tw = 0.0
+    for jj in range(nu):
+        tw += math.exp(lwide[jj] - mwide) if lwide[jj] > NEG_INF else 0.0
+        cwide[jj] = tw
+    lz = np.empty(m, np.float64)  # log p~(y) / q'(y), q' the mixture density; -inf: excluded
+    lqr = np.empty(m, np.float64)  # log Q(y) / q'(y)
+    log_a, log_wall, log_tw = math.log(prop.total - prop.excluded), math.log(wall), math.log(tw)
+    half = m // 2
+    k2 = splitmix64(key ^ TV_STREAM)
+    ctr = U64(0)
+    for i in range(m):
+        u = uniform01(k2 + ctr)
+        if i < half:  # stratum i of the proposal
+            jj = np.searchsorted(cum[:nu], (i + u) / half * wall, side="right")
+        else:  # stratum i - half of the wider one
+            jj = np.searchsorted(cwide, (i - half + u) / (m - half) * tw, side="right")
+        j = uent[min(jj, nu - 1)]
+        v = node[j]
+        s = uniform_descendant(T, v, min(int(uniform01(k2 + ctr + U64(1)) * count[v]), count[v] - 1))
+        ctr += U64(2)
+        # both densities of y (per target: the node's share / its count)
+        lq_u = w[j] - prop.shift - log_wall - math.log(count[v])
+        lq_w = w[j] + TV_WIDEN * (up[j] - w[j]) - mwide - log_tw - math.log(count[v])
+        hi = max(lq_u, lq_w)
+        lmix = hi + math.log((half * math.exp(lq_u - hi) + (m - half) * math.exp(lq_w - hi)) / m)
+        lqr[i] = lq_u + log_wall - log_a - lmix
+        lz[i] = NEG_INF
+        if not is_excluded_slot(X, s):
+            lz[i] = P.beta * dot32(Q.vec, vecs[s]) - prop.shift - lmix
+    est = tv_from_ratios(lz, lqr, opened, prop.total - prop.excluded, log_lo - prop.shift, log_up - prop.shift)
+    return est, m
+
+
+@nb.njit(cache=True)
+def tv_from_ratios(lz, lqr, opened, allowed, log_lo, log_up):
+    """TV(P, Q) = sum_y (Q(y) - P(y))_+ from the unopened draws: lz = log p~(y)/q'(y),
+    lqr = log Q(y)/q'(y) (weights relative to the proposal's shift; lz = -inf: an
+    excluded draw, which Q never returns).
+
+    Z = O + Z_u with Z_u ~= mean(p~/q'), taken TV_SE_UP standard errors high and
+    clipped into the certified [log_lo, log_up]. On the opened leaves Q / P = Z / A for
+    every target, so their part is (O / A) (1 - A / Z)_+ exactly; the unopened part is
+    the draws' mean of (Q - P)_+ / q'. Both grow with Z."""
+    m = lz.shape[0]
+    mx = NEG_INF
+    for i in range(m):
+        mx = max(mx, lz[i])
+    log_zu = NEG_INF
+    if mx > NEG_INF:
+        s1, s2 = 0.0, 0.0
+        for i in range(m):
+            e = math.exp(lz[i] - mx) if lz[i] > NEG_INF else 0.0
+            s1 += e
+            s2 += e * e
+        mean = s1 / m
+        var = max(0.0, s2 / m - mean * mean) * m / max(m - 1, 1)
+        log_zu = mx + math.log(mean + TV_SE_UP * math.sqrt(var / m))
+    log_o = math.log(opened) if opened > 0.0 else NEG_INF
+    if m == 0:
+        log_z = log_up  # nothing to estimate Z_u from: its certified upper end
+    else:
+        hi = max(log_o, log_zu)
+        log_z = hi + math.log(math.exp(log_o - hi) + math.exp(log_zu - hi)) if hi > NEG_INF else NEG_INF
+    log_z = min(max(log_z, log_lo), log_up)
+    tv = opened / allowed * max(0.0, 1.0 - math.exp(math.log(allowed) - log_z))
+    acc = 0.0
+    for i in range(m):
+        if lz[i] > NEG_INF:
+            acc += max(0.0, math.exp(lqr[i]) - math.exp(min(lz[i] - log_z, 700.0)))
+        else:
+            acc += 0.0  # an excluded target: Q(y) = P(y) = 0
+    if m > 0:
+        tv += acc / m
+    return min(1.0, max(0.0, tv))
+
+
 @nb.njit(cache=True, inline="always")
 def draw_stage(T, Q, P, X, cut, key, out, b):
     """Certificate, proposal and draws for query b of the batch; returns its status."""
@@ -310,6 +432,14 @@ def draw_stage(T, Q, P, X, cut, key, out, b):
     status = draw(T, Q, P, X, cut, prop, key, out.ids[b], out.log_q[b], stats)
     if status != OK:
         return status
+    out.tv_est[b] = 0.0
+    if not P.exact:
+        if P.tv_draws > 0:
+            est, dots = tv_estimate_stage(T, Q, P, X, cut, prop, key, log_lo, log_up)
+            out.tv_est[b] = min(est, out.tv[b])  # the certified bound caps it
+            stats[ST_DOTS] += dots
+        else:
+            out.tv_est[b] = np.nan
     if P.exact:
         # log Z estimate: the acceptance rate is Z / (proposal total), clipped into the
         # certificate

@@ -42,6 +42,7 @@ class Params(NamedTuple):
     budget: int  # inner products refinement may spend
     draw_cost: float  # one rejection draw, in inner products (exact mode's stopping rule)
     give_up: int  # exact-mode work after which the caller redoes the query densely
+    tv_draws: int  # approx mode: extra draws that estimate the TV (0: no estimate)
 
 
 class Query(NamedTuple):

@@ -69,7 +69,8 @@ class SampleOut(NamedTuple):
     ids: np.ndarray  # (B, k) int64
     log_q: np.ndarray  # (B, k) float64
     log_z: np.ndarray  # (B, 2) float64
-    tv: np.ndarray  # (B,) float64
+    tv: np.ndarray  # (B,) float64 certified TV bound
+    tv_est: np.ndarray  # (B,) float64 TV estimate (draw.tv_estimate_stage)
     stats: np.ndarray  # (B, 5) int64, columns ST_*
     status: np.ndarray  # (B,) int64: OK, ALL_EXCLUDED, COLLAPSED or GAVE_UP
 
