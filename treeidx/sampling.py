@@ -21,6 +21,8 @@ rule fires. Then:
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +55,79 @@ from ._validate import (
     check_score_range,
     check_seed,
 )
-from .brute import dense_softmax
+from .brute import Bf16Codes, certified_softmax, dense_softmax, native_bf16
 from .tree import TreeIndex, locality_order
+
+# bfloat16 codes per index, shared by its samplers: (index version, codes)
+_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CODES_LOCK = threading.Lock()
+_LEVEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plan_level's cache
+
+
+def index_codes(index: TreeIndex) -> Bf16Codes:
+    """The bfloat16 codes of an index's slot array, built on first use and again after
+    every write to the index (one pass over the vectors); shared by its samplers."""
+    with _CODES_LOCK:
+        got = _CODES.get(index)
+        if got is None or got[0] != index.version:
+            version, A = index.version, index.view().arrays
+            got = (version, Bf16Codes.from_vectors(A.vecs, alive=A.slot_leaf >= 0))
+            _CODES[index] = got
+        return got[1]
+
+
+def plan_level(index: TreeIndex) -> tuple[np.ndarray, np.ndarray]:
+    """The nodes the plan bounds (the children of the root's children: the ~2 sqrt(N)
+    top-level clusters; a leaf stands for itself) and their centers, contiguous; cached
+    per index version."""
+    with _CODES_LOCK:
+        got = _LEVEL.get(index)
+        if got is None or got[0] != index.version:
+            view = index.view()
+            A = view.arrays
+            nodes = []
+            for v in view.top_nodes:
+                c = A.first_child[v]
+                if c < 0:
+                    nodes.append(v)
+                while c >= 0:
+                    nodes.append(c)
+                    c = A.next_sibling[c]
+            nodes = np.asarray(nodes, np.int64)
+            got = (index.version, nodes, np.ascontiguousarray(A.center[nodes]))
+            _LEVEL[index] = got
+        return got[1], got[2]
+
+
+# Exact mode's plan: a query whose predicted tree work exceeds PLAN_RATIO x N goes dense.
+# The tree spends ~50-100 ns per target it evaluates (a scattered read, an exp, the
+# frontier's bookkeeping) against a few ns per target for the dense pass (bench/README.md).
+PLAN_RATIO = 0.03
+
+
+def plan_work(
+    bup: np.ndarray, eu: np.ndarray, el: np.ndarray, ew: np.ndarray, counts: np.ndarray, k: int, draw_cost: float
+) -> np.ndarray:
+    """Predicted exact-mode tree work (inner products) per query, from the bounds of one
+    level of nodes (the sampler uses the ~2 sqrt(N) top-level clusters).
+
+    bup: (B, K) upper bounds of the score below each node; eu, el, ew: (B, K) each node's
+    upper, lower and estimated mass (the approx-mode weight), under one shift per row;
+    counts: (K,) targets per node. Model: Z is estimated by the geometric mean of the
+    certified lower total L = Σ el and the estimate W = Σ ew (W overshoots where a weight
+    is clipped to its upper bound, L undershoots where the bounds are loose); a node is
+    opened whole when the rejection draws it would otherwise cost, k · draw_cost · eu / Z,
+    exceed its targets (the exact mode's cost-aware rule, one level at once), and the
+    predicted work is the opened targets plus the draws against the rest. Pessimistic
+    where bounds tighten below the level (the tree opens nodes partially), and cheap: a
+    few array operations per query, depending on that query alone.
+    """
+    counts = np.asarray(counts, np.float64)[None, :]
+    z = np.sqrt(el.sum(axis=1) * ew.sum(axis=1))[:, None]
+    z = np.maximum(z, np.finfo(np.float64).tiny)
+    draws = k * draw_cost * eu / z
+    opened = draws >= counts
+    return (np.where(opened, counts, 0.0) + np.where(opened, 0.0, draws)).sum(axis=1)
 
 
 @dataclass(frozen=True)
@@ -72,8 +145,8 @@ class SampleResult:
                 distribution sampled and the softmax (0 in exact mode).
     nodes_opened, inner_products, proposals: (B,) per-query work; proposals / k
                 is the number of draws per accepted sample.
-    frontier_size: (B,) entries on the final cut; 0 for a query answered by the
-                exact dense fallback (see SoftmaxSampler's dense_fallback).
+    frontier_size: (B,) entries on the final cut; 0 for a query answered by a
+                dense pass (the plan's choice, or the dense_fallback give-up).
     """
 
     ids: np.ndarray
@@ -108,7 +181,21 @@ class SoftmaxSampler:
         to prune (a flat softmax, high intrinsic dimension), exact mode then costs
         about what brute force does instead of many times more. Its samples are exact
         either way; its log_z interval is then the exact log Z padded by the float32
-        rounding bound. None: never fall back.
+        rounding bound. None: never go dense (neither give up nor plan dense).
+    plan: exact mode only, which queries skip the tree before any tree work.
+        "auto" (default): per query, from its top-level bounds, the targets the tree
+        would have to evaluate are predicted (`plan_work`); above `plan_ratio` · N the
+        query goes to the dense pass (not with dense_fallback=None). "tree": never (the
+        dense_fallback give-up still applies). "dense": every query. The choice depends
+        on the query alone, never on the batch or the thread count.
+    plan_ratio: the tree-work share of N above which "auto" goes dense (about the ratio
+        of a dense pass's cost per target to the tree's).
+    dense_precision: how the dense pass scores the targets. "bf16": bfloat16 codes of
+        the stored vectors (torch; built on first use, rebuilt when the index changes,
+        2 bytes per coordinate) propose, and certified rejection against the float32
+        scores keeps the draws exact (`BruteForce.sample_certified`); "fp32": the
+        float32 product. "auto" (default): bf16 where torch is installed and the CPU
+        has native bfloat16 products (AVX512-BF16 or AMX), else fp32.
     """
 
     def __init__(
@@ -122,6 +209,9 @@ class SoftmaxSampler:
         draw_cost: float = 3.0,
         chunk_size: int = 1024,
         dense_fallback: float | None = 0.05,
+        plan: str = "auto",
+        plan_ratio: float = PLAN_RATIO,
+        dense_precision: str = "auto",
     ):
         if not isinstance(index, TreeIndex):
             raise TypeError(f"index: expected a TreeIndex, got {type(index).__name__}")
@@ -141,6 +231,13 @@ class SoftmaxSampler:
         self.dense_fallback = (
             None if dense_fallback is None else check_number(dense_fallback, "dense_fallback", strict=True)
         )
+        if plan not in ("auto", "tree", "dense"):
+            raise ValueError(f"plan: expected 'auto', 'tree' or 'dense', got {plan!r}")
+        self.plan = plan
+        self.plan_ratio = check_number(plan_ratio, "plan_ratio", strict=True)
+        if dense_precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dense_precision: expected 'auto', 'fp32' or 'bf16', got {dense_precision!r}")
+        self.dense_precision = dense_precision
 
     @property
     def beta(self) -> float:
@@ -258,7 +355,22 @@ class SoftmaxSampler:
         q, top_dots = q[order], top_dots[order]
         ptr, ex_slots = permute_rows(ptr, ex_slots, order)
         tops = self._top_level_entries(A, q, top_dots, top_nodes)
-        out = SampleOut(*(np.empty_like(a) for a in (ids, log_q, log_z, tv, stats, status)))
+        dense, plan_dots = self._plan_dense(q, k, view.n_slots)
+        if dense.any():
+            # planned dense: no tree work beyond the top level and the plan; the dense pass follows
+            rows = order[dense]
+            stats[rows] = 0
+            stats[rows, ST_DOTS] = top_nodes.shape[0] + plan_dots
+            stats[rows, ST_OPENED] = 1
+            status[rows] = GAVE_UP
+            keep = ~dense
+            if not keep.any():
+                return
+            order, q = order[keep], q[keep]
+            ptr, ex_slots = permute_rows(ptr, ex_slots, np.flatnonzero(keep))
+            tops = TopLevel(*(a[keep] for a in tops))
+        outs = (ids, log_q, log_z, tv, stats, status)
+        out = SampleOut(*(np.empty((order.size,) + a.shape[1:], a.dtype) for a in outs))
         params = Params(
             beta=self.beta,
             k=k,
@@ -269,11 +381,14 @@ class SoftmaxSampler:
             give_up=self._give_up(),
         )
         run_parallel(sample_batch, A, q, qidx[order], top_nodes, tops, params, seed, Csr(ptr, ex_slots), out)
+        out.stats[:, ST_DOTS] += plan_dots
         for dst, src in zip((ids, log_q, log_z, tv, stats, status), out):
             dst[order] = src
 
     def _sample_dense(self, q, rows, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status):
-        """Exact samples for queries `rows` by one dense pass over the slot array."""
+        """Exact samples for queries `rows` by one dense pass over the slot array: certified
+        rejection from the bfloat16 codes (see `dense_precision`), or the float32 pass for
+        the rest (and for a query whose certified bound is too wide to pay)."""
         index, view = self.index, self.index.view()
         A, n_slots = view.arrays, view.n_slots
         vecs, slot_id = A.vecs, A.slot_id
@@ -282,29 +397,98 @@ class SoftmaxSampler:
         if (n_allowed == 0).any():
             status[rows[n_allowed == 0]] = ALL_EXCLUDED
             return
+        qr = q[rows]
+        dead = np.flatnonzero(A.slot_leaf < 0)
+        f32 = np.ones(rows.size, bool)
+        codes = self._bf16_codes()
+        if codes is not None:
+            # each query's stream keyed by its own index: independent of which rows go dense
+            keys = np.array([np.random.SeedSequence([seed, int(b)]).generate_state(1, np.uint64)[0] for b in rows])
+            buf16 = np.empty((min(rows.size, 64), n_slots), np.uint16)
+            idx, logp, lz3, props, _ = certified_softmax(
+                qr, vecs, codes, self.beta, keys, k, sub_ptr, sub_ex, buf16, dead
+            )
+            if (props == -1).any():
+                bad = int(rows[np.flatnonzero(props == -1)[0]])
+                raise ValueError(f"query {bad}: scores are not finite (vector/query norms too large for float32)")
+            status[rows[props == -2]] = COLLAPSED
+            done = props > 0
+            r = rows[done]
+            ids[r], log_q[r], log_z[r] = slot_id[idx[done]], logp[done], lz3[done, 1:]
+            stats[r, ST_DOTS] += n_slots + props[done]
+            stats[r, ST_PROPOSALS] = props[done]
+            status[r] = OK
+            f32 = props == -3
+        if f32.any():
+            r = rows[f32]
+            f_ptr, f_ex = permute_rows(sub_ptr, sub_ex, np.flatnonzero(f32))
+            ids[r], log_q[r], log_z[r] = self._sample_dense_f32(q, r, k, f_ptr, f_ex, seed, dead)
+            stats[r, ST_DOTS] += n_slots
+            stats[r, ST_PROPOSALS] = k
+            status[r] = OK
+        tv[rows] = 0.0  # exact draws
+        stats[rows, ST_FRONTIER] = 0
+
+    def _sample_dense_f32(self, q, rows, k, sub_ptr, sub_ex, seed, dead):
+        """The float32 dense pass for queries `rows`: (ids, log_q, log_z interval)."""
+        A = self.index.view().arrays
         # each query's uniforms keyed by its own index: independent of which rows go dense
         u = np.stack([np.random.default_rng([seed, int(b)]).random(k) for b in rows])
         # 64 rows keep BLAS efficient at a quarter of BruteForce's 256-row buffer (256 MB at 1M)
-        buf = np.empty((min(rows.size, 64), n_slots), np.float32)
+        buf = np.empty((min(rows.size, 64), A.vecs.shape[0]), np.float32)
         qr = q[rows]
-        idx, logp, logz, bad = dense_softmax(
-            qr, vecs, self.beta, u, sub_ptr, sub_ex, buf, dead=np.flatnonzero(A.slot_leaf < 0)
-        )
+        idx, logp, logz, bad = dense_softmax(qr, A.vecs, self.beta, u, sub_ptr, sub_ex, buf, dead=dead)
         if bad >= 0:
             raise ValueError(
                 f"query {int(rows[bad])}: scores are not finite (vector/query norms too large for float32)"
             )
-        ids[rows] = slot_id[idx]
-        log_q[rows] = logp
         # the exact log Z of the float32 scores, padded by their rounding bound
         qn = np.linalg.norm(qr.astype(np.float64), axis=1)
-        pad = self.beta * np.array([dot_error(index.dim, float(n), float(A.nu_max[0])) for n in qn])
-        log_z[rows] = np.stack([logz - pad, logz + pad], 1)
-        tv[rows] = 0.0  # exact draws
-        stats[rows, ST_DOTS] += n_slots
-        stats[rows, ST_PROPOSALS] = k
-        stats[rows, ST_FRONTIER] = 0
-        status[rows] = OK
+        pad = self.beta * np.array([dot_error(self.index.dim, float(n), float(A.nu_max[0])) for n in qn])
+        return A.slot_id[idx], logp, np.stack([logz - pad, logz + pad], 1)
+
+    def _plan_dense(self, q: np.ndarray, k: int, n_slots: int) -> tuple[np.ndarray, int]:
+        """((B,) bool: the queries of a chunk that go straight to the dense pass, the
+        inner products the plan spent per query)."""
+        B = q.shape[0]
+        if self.mode != "exact":
+            return np.zeros(B, bool), 0
+        if self.plan == "dense":
+            return np.ones(B, bool), 0
+        if self.plan == "tree" or self.dense_fallback is None:
+            return np.zeros(B, bool), 0
+        return self.predicted_work(q, k) > self.plan_ratio * n_slots, plan_level(self.index)[0].size
+
+    def predicted_work(self, queries, k: int) -> np.ndarray:
+        """The plan's prediction of each query's exact-mode tree work, in inner products
+        (`plan_work` on the top-level clusters' bounds). Compare with the work a
+        `sample` call reports (`inner_products`) to check the plan on your data."""
+        q = as_vectors(queries, self.index.dim, "queries")
+        k = check_k(k)
+        B = q.shape[0]
+        A = self.index.view().arrays
+        nodes, centers = plan_level(self.index)
+        dots = np.empty((B, nodes.size), np.float32)
+        run_parallel(score_top_level, q, centers, dots)
+        blo = np.empty(dots.shape, np.float64)
+        bup = np.empty(dots.shape, np.float64)
+        run_parallel(top_level_bounds, A, q, dots, nodes, blo, bup)
+        beta = self.beta
+        lc = np.log(A.count[nodes].astype(np.float64))
+        flo, fup = lc + beta * blo, lc + beta * bup
+        qn2 = np.einsum("ij,ij->i", q, q, dtype=np.float64)[:, None]
+        msd = A.sqsum[nodes] / A.count[nodes]
+        w = proposal_log_weight.py_func(lc, beta, dots, qn2, msd, q.shape[1], flo, fup)
+        shift = fup.max(axis=1, keepdims=True)
+        eu, el, ew = (np.exp(a - shift) for a in (fup, flo, w))
+        return plan_work(bup, eu, el, ew, A.count[nodes], k, self.draw_cost)
+
+    def _bf16_codes(self) -> Bf16Codes | None:
+        """The index's bfloat16 codes (built on first use and after every write), or None
+        when the dense pass is float32."""
+        if self.dense_precision == "fp32" or (self.dense_precision == "auto" and not native_bf16()):
+            return None
+        return index_codes(self.index)
 
     def _top_level_entries(self, A, q: np.ndarray, top_dots: np.ndarray, top_nodes: np.ndarray):
         """Frontier entries of the top level for the whole batch, vectorised.

@@ -291,7 +291,9 @@ def certified_row(s, q, vecs, beta, eps, key, k, idx, score, cap):
     while got < k:
         if made >= cap:
             return log_g, asum / max(made, 1), -2
-        m = 2 * (k - got) + 8
+        # enough for the rest at the typical acceptance e^(-beta eps) (the proof's bound
+        # is e^(-2 beta eps)), so that one round usually suffices
+        m = int(min(1.25 * (k - got) * math.exp(min(beta * eps, 20.0)), 100000.0)) + 8
         u = np.empty(m, np.float64)
         for j in range(m):
             u[j] = uniform01(key ^ counter)
