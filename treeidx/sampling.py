@@ -29,7 +29,7 @@ import numpy as np
 
 from ._csr import permute_rows, slice_rows
 from ._kernels.arrays import Csr
-from ._kernels.bounds import dot_error, top_level_bounds
+from ._kernels.bounds import dot_error, level_bounds, top_level_bounds
 from ._kernels.frontier import (
     ALL_EXCLUDED,
     COLLAPSED,
@@ -355,7 +355,7 @@ class SoftmaxSampler:
         q, top_dots = q[order], top_dots[order]
         ptr, ex_slots = permute_rows(ptr, ex_slots, order)
         tops = self._top_level_entries(A, q, top_dots, top_nodes)
-        dense, plan_dots = self._plan_dense(q, k, view.n_slots)
+        dense, plan_dots = self._plan_dense(A, q, k, view.n_slots)
         if dense.any():
             # planned dense: no tree work beyond the top level and the plan; the dense pass follows
             rows = order[dense]
@@ -447,7 +447,7 @@ class SoftmaxSampler:
         pad = self.beta * np.array([dot_error(self.index.dim, float(n), float(A.nu_max[0])) for n in qn])
         return A.slot_id[idx], logp, np.stack([logz - pad, logz + pad], 1)
 
-    def _plan_dense(self, q: np.ndarray, k: int, n_slots: int) -> tuple[np.ndarray, int]:
+    def _plan_dense(self, A, q: np.ndarray, k: int, n_slots: int) -> tuple[np.ndarray, int]:
         """((B,) bool: the queries of a chunk that go straight to the dense pass, the
         inner products the plan spent per query)."""
         B = q.shape[0]
@@ -457,22 +457,23 @@ class SoftmaxSampler:
             return np.ones(B, bool), 0
         if self.plan == "tree" or self.dense_fallback is None:
             return np.zeros(B, bool), 0
-        return self.predicted_work(q, k) > self.plan_ratio * n_slots, plan_level(self.index)[0].size
+        work = self._predicted_work(A, q, k)
+        return work > self.plan_ratio * n_slots, plan_level(self.index)[0].size
 
     def predicted_work(self, queries, k: int) -> np.ndarray:
         """The plan's prediction of each query's exact-mode tree work, in inner products
         (`plan_work` on the top-level clusters' bounds). Compare with the work a
         `sample` call reports (`inner_products`) to check the plan on your data."""
         q = as_vectors(queries, self.index.dim, "queries")
-        k = check_k(k)
+        return self._predicted_work(self.index.view().arrays, q, check_k(k))
+
+    def _predicted_work(self, A, q: np.ndarray, k: int) -> np.ndarray:
         B = q.shape[0]
-        A = self.index.view().arrays
         nodes, centers = plan_level(self.index)
         dots = np.empty((B, nodes.size), np.float32)
-        run_parallel(score_top_level, q, centers, dots)
         blo = np.empty(dots.shape, np.float64)
         bup = np.empty(dots.shape, np.float64)
-        run_parallel(top_level_bounds, A, q, dots, nodes, blo, bup)
+        run_parallel(level_bounds, A, q, centers, nodes, dots, blo, bup)
         beta = self.beta
         lc = np.log(A.count[nodes].astype(np.float64))
         flo, fup = lc + beta * blo, lc + beta * bup
