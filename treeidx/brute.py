@@ -66,6 +66,10 @@ F32_UNIT = 2.0**-24
 # a certified query whose acceptance bound exp(-2 beta eps) is below e^-MAX_TWO_BETA_EPS
 # goes to the float32 pass instead (rejection would waste more than bf16 saves)
 MAX_TWO_BETA_EPS = 3.0
+# Below this dimension torch's bfloat16 product is no faster than the float32 sgemm on
+# the CPUs measured (bench/README.md: 1M x 64, bf16 9.9 vs fp32 5.9 ms/query), so an
+# "auto" choice of the certified bf16 pass needs at least this many coordinates.
+BF16_MIN_DIM = 128
 
 
 def quantize_int8(x: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +56,7 @@ from ._validate import (
     check_score_range,
     check_seed,
 )
-from .brute import Bf16Codes, certified_softmax, dense_softmax, native_bf16
+from .brute import BF16_MIN_DIM, Bf16Codes, certified_softmax, dense_softmax, native_bf16
 from .tree import TreeIndex, locality_order
 
 # bfloat16 codes per index, shared by its samplers: (index version, codes)
@@ -98,6 +99,11 @@ def plan_level(index: TreeIndex) -> tuple[np.ndarray, np.ndarray]:
             _LEVEL[index] = got
         return got[1], got[2]
 
+
+# Queries per block of the dense pass: BruteForce's default, whose sgemm it matches (64
+# rows made the float32 product ~1.2-1.8x slower per query on 1M x 64; the buffer is
+# DENSE_ROWS x N scores, 1 GB at 1M in float32, half that in bfloat16).
+DENSE_ROWS = 256
 
 # Exact mode's plan: a query whose predicted tree work exceeds PLAN_RATIO x N goes dense.
 # The tree spends ~50-100 ns per target it evaluates (a scattered read, an exp, the
@@ -174,28 +180,29 @@ class SoftmaxSampler:
     draw_cost: cost of one rejection draw in inner products (tunes the exact
         mode's stopping rule; the result's distribution does not depend on it).
     chunk_size: queries processed together (bounds the per-batch work arrays).
-    dense_fallback: exact mode only. A query whose tree work (inner products in
-        refinement and rejection draws together) reaches this fraction of the index
-        is redone by one dense exact pass over all stored vectors (a BLAS product and
-        float64 inverse-CDF draws, as `treeidx.brute`): when the bounds are too loose
-        to prune (a flat softmax, high intrinsic dimension), exact mode then costs
-        about what brute force does instead of many times more. Its samples are exact
-        either way; its log_z interval is then the exact log Z padded by the float32
-        rounding bound. None: never go dense (neither give up nor plan dense).
+    dense_fallback: exact mode only, the safety net behind `plan`. A query the plan
+        kept in the tree whose tree work (inner products in refinement and rejection
+        draws together) reaches this fraction of the index is redone by the dense pass
+        (see `dense_precision`): when the bounds are too loose to prune (a flat softmax,
+        high intrinsic dimension), exact mode then costs about what brute force does
+        instead of many times more. Its samples are exact either way; its log_z
+        interval is then certified by the dense pass. None: never go dense (neither
+        give up nor plan dense), unless plan="dense".
     plan: exact mode only, which queries skip the tree before any tree work.
-        "auto" (default): per query, from its top-level bounds, the targets the tree
-        would have to evaluate are predicted (`plan_work`); above `plan_ratio` · N the
-        query goes to the dense pass (not with dense_fallback=None). "tree": never (the
+        "auto" (default): per query, from its bounds on the ~2 sqrt(N) top-level
+        clusters, the tree's work is predicted (`plan_work`, `predicted_work`); above
+        `plan_ratio` · N the query goes to the dense pass. "tree": never (the
         dense_fallback give-up still applies). "dense": every query. The choice depends
-        on the query alone, never on the batch or the thread count.
+        on the query alone, never on the batch, its order or the thread count.
     plan_ratio: the tree-work share of N above which "auto" goes dense (about the ratio
         of a dense pass's cost per target to the tree's).
     dense_precision: how the dense pass scores the targets. "bf16": bfloat16 codes of
         the stored vectors (torch; built on first use, rebuilt when the index changes,
         2 bytes per coordinate) propose, and certified rejection against the float32
         scores keeps the draws exact (`BruteForce.sample_certified`); "fp32": the
-        float32 product. "auto" (default): bf16 where torch is installed and the CPU
-        has native bfloat16 products (AVX512-BF16 or AMX), else fp32.
+        float32 product. "auto" (default): bf16 where torch is installed, the CPU has
+        native bfloat16 products (AVX512-BF16 or AMX) and d >= 128 (below that the bf16
+        product does not beat the float32 sgemm), else fp32.
     """
 
     def __init__(
@@ -238,6 +245,8 @@ class SoftmaxSampler:
         if dense_precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dense_precision: expected 'auto', 'fp32' or 'bf16', got {dense_precision!r}")
         self.dense_precision = dense_precision
+        self._buf: np.ndarray | None = None  # the dense pass's score buffer (bytes)
+        self._buf_lock = threading.Lock()
 
     @property
     def beta(self) -> float:
@@ -404,10 +413,10 @@ class SoftmaxSampler:
         if codes is not None:
             # each query's stream keyed by its own index: independent of which rows go dense
             keys = np.array([np.random.SeedSequence([seed, int(b)]).generate_state(1, np.uint64)[0] for b in rows])
-            buf16 = np.empty((min(rows.size, 64), n_slots), np.uint16)
-            idx, logp, lz3, props, _ = certified_softmax(
-                qr, vecs, codes, self.beta, keys, k, sub_ptr, sub_ex, buf16, dead
-            )
+            with self._dense_buffer(min(rows.size, DENSE_ROWS), n_slots, np.uint16) as buf16:
+                idx, logp, lz3, props, _ = certified_softmax(
+                    qr, vecs, codes, self.beta, keys, k, sub_ptr, sub_ex, buf16, dead
+                )
             if (props == -1).any():
                 bad = int(rows[np.flatnonzero(props == -1)[0]])
                 raise ValueError(f"query {bad}: scores are not finite (vector/query norms too large for float32)")
@@ -434,10 +443,9 @@ class SoftmaxSampler:
         A = self.index.view().arrays
         # each query's uniforms keyed by its own index: independent of which rows go dense
         u = np.stack([np.random.default_rng([seed, int(b)]).random(k) for b in rows])
-        # 64 rows keep BLAS efficient at a quarter of BruteForce's 256-row buffer (256 MB at 1M)
-        buf = np.empty((min(rows.size, 64), A.vecs.shape[0]), np.float32)
         qr = q[rows]
-        idx, logp, logz, bad = dense_softmax(qr, A.vecs, self.beta, u, sub_ptr, sub_ex, buf, dead=dead)
+        with self._dense_buffer(min(rows.size, DENSE_ROWS), A.vecs.shape[0], np.float32) as buf:
+            idx, logp, logz, bad = dense_softmax(qr, A.vecs, self.beta, u, sub_ptr, sub_ex, buf, dead=dead)
         if bad >= 0:
             raise ValueError(
                 f"query {int(rows[bad])}: scores are not finite (vector/query norms too large for float32)"
@@ -446,6 +454,22 @@ class SoftmaxSampler:
         qn = np.linalg.norm(qr.astype(np.float64), axis=1)
         pad = self.beta * np.array([dot_error(self.index.dim, float(n), float(A.nu_max[0])) for n in qn])
         return A.slot_id[idx], logp, np.stack([logz - pad, logz + pad], 1)
+
+    @contextmanager
+    def _dense_buffer(self, rows: int, n: int, dtype):
+        """A (rows, n) score buffer, kept between calls as BruteForce keeps its own (a
+        fresh one page-faults on every call: ~2 ms/query at 1M); a second caller at the
+        same time gets a fresh one."""
+        if not self._buf_lock.acquire(blocking=False):
+            yield np.empty((rows, n), dtype)
+            return
+        try:
+            nbytes = rows * n * np.dtype(dtype).itemsize
+            if self._buf is None or self._buf.nbytes < nbytes:
+                self._buf = np.empty(nbytes, np.uint8)
+            yield self._buf[:nbytes].view(dtype).reshape(rows, n)
+        finally:
+            self._buf_lock.release()
 
     def _plan_dense(self, A, q: np.ndarray, k: int, n_slots: int) -> tuple[np.ndarray, int]:
         """((B,) bool: the queries of a chunk that go straight to the dense pass, the
@@ -487,7 +511,9 @@ class SoftmaxSampler:
     def _bf16_codes(self) -> Bf16Codes | None:
         """The index's bfloat16 codes (built on first use and after every write), or None
         when the dense pass is float32."""
-        if self.dense_precision == "fp32" or (self.dense_precision == "auto" and not native_bf16()):
+        if self.dense_precision == "fp32":
+            return None
+        if self.dense_precision == "auto" and (not native_bf16() or self.index.dim < BF16_MIN_DIM):
             return None
         return index_codes(self.index)
 
