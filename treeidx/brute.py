@@ -46,6 +46,7 @@ import numpy as np
 from ._csr import permute_rows
 from ._kernels.bounds import dot_error
 from ._kernels.dense import (
+    LOGZ_ERR,
     LZ_LO,
     LZ_POINT,
     LZ_UP,
@@ -623,7 +624,7 @@ class BruteForce:
                     f"query {int(far[bad])}: scores are not finite (vector/query norms too large for float32)"
                 )
             qn = np.linalg.norm(q[far].astype(np.float64), axis=1)
-            pad = beta * np.array([dot_error(self.dim, float(v), self._codes.nu_max) for v in qn])
+            pad = beta * np.array([dot_error(self.dim, float(v), self._codes.nu_max) for v in qn]) + LOGZ_ERR
             idx[far], logp[far] = i2, lp2
             logz[far, LZ_POINT], logz[far, LZ_LO], logz[far, LZ_UP] = lz2, lz2 - pad, lz2 + pad
             props[far] = k

@@ -31,6 +31,7 @@ import numpy as np
 from ._csr import permute_rows, slice_rows
 from ._kernels.arrays import Csr
 from ._kernels.bounds import dot_error, level_bounds, top_level_bounds
+from ._kernels.dense import LOGZ_ERR
 from ._kernels.frontier import (
     ALL_EXCLUDED,
     COLLAPSED,
@@ -450,9 +451,10 @@ class SoftmaxSampler:
             raise ValueError(
                 f"query {int(rows[bad])}: scores are not finite (vector/query norms too large for float32)"
             )
-        # the exact log Z of the float32 scores, padded by their rounding bound
+        # log Z of the float32 scores, padded by their rounding bound and the pass's own
         qn = np.linalg.norm(qr.astype(np.float64), axis=1)
         pad = self.beta * np.array([dot_error(self.index.dim, float(n), float(A.nu_max[0])) for n in qn])
+        pad += LOGZ_ERR
         return A.slot_id[idx], logp, np.stack([logz - pad, logz + pad], 1)
 
     @contextmanager

@@ -35,6 +35,10 @@ from .rng import U64, uniform01
 CHUNK = 2048  # targets per chunk: 8 KiB of float32 scores, re-read from L1
 BF16_NEG_INF = 0xFF80  # bit pattern of bfloat16 -inf
 EXP_FLOOR = -87.0  # float32 weights below e^EXP_FLOOR (relative to the chunk max) are 0
+# bound on the error of a log Z (or log-probability) from these weights: every weight's
+# relative error is below (|x| + 4) 2^-23 with |x| <= 87 (module docstring); the weights
+# floored to 0 lose < N e^-87 of the mass, nothing at any N that fits in memory
+LOGZ_ERR = (-EXP_FLOOR + 4.0) * 2.0**-23
 
 
 @intrinsic
