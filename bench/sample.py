@@ -43,7 +43,8 @@ from bench._common import base_parser, emit, log, machine, timed
 from bench.datasets import STATIC_DIM, load, static_meta
 from bench.kmeans_peer import KMeansListProposal, peer_tv
 from treeidx import SoftmaxSampler, TreeIndex
-from treeidx.brute import BruteForce
+from treeidx.brute import BruteForce, native_bf16
+from treeidx.sampling import index_codes
 
 
 def perplexity(scores: np.ndarray, beta: float) -> np.ndarray:
@@ -193,6 +194,11 @@ def main(argv=None) -> dict:
     res["compile_s"] = time.perf_counter() - t
     build_s, index = timed(lambda: TreeIndex.build(x, seed=a.seed))
     res["build_s"] = build_s
+    if native_bf16():
+        # exact mode's dense pass proposes from bf16 codes of the index (built once per
+        # index version, here outside the timed calls): one pass over the vectors
+        res["dense_codes_build_s"], codes = timed(lambda: index_codes(index))
+        res["dense_codes_bytes_per_target"] = codes.nbytes / len(index)
     peer = None
     if not a.no_kmeans_peer:
         # Built once per dataset: its lists do not depend on the temperature.
@@ -221,6 +227,7 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
     out["brute_force"] = dict(ms_per_query=1e3 * bf_s / nq)
     tvq = queries[: a.tv_queries]
     lowp_s = {}
+    exact_s = {"fp32": bf_s}  # the exact brute-force samplers
     for prec in [p_ for p_ in a.precisions.split(",") if p_]:
         # One reduced-precision copy at a time: each holds its own vectors and buffer.
         lowp = BruteForce(x, precision=prec)
@@ -233,6 +240,25 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
             tv_to_exact=float(tv.mean()),
             tv_to_exact_max=float(tv.max()),
         )
+        if prec == "bf16":
+            # the certified exact sampler on the same codes: bf16 proposal, float32 rejection
+            lowp.sample_certified(queries[:8], k, temperature=1.0 / beta, seed=0)
+            cs, cr = timed(lambda lp=lowp: lp.sample_certified(queries, k, temperature=1.0 / beta, seed=1), repeat=2)
+            exact_s["bf16_exact"] = cs
+            out["brute_force_bf16_exact"] = dict(
+                ms_per_query=1e3 * cs / nq,
+                speedup_vs_brute=bf_s / cs,
+                speedup_vs_bf16=lowp_s[prec] / cs,
+                acceptance_rate=float(k * nq / cr.proposals.sum()),
+                eps_median=float(np.median(cr.eps)),
+                bytes_per_target=int(x.shape[1] * (4 + 2)),
+                memory_vs_fp32_vector=1.5,
+            )
+            log(
+                f"  brute force bf16 certified exact: {1e3 * cs / nq:.3f} ms/q ({bf_s / cs:.2f}x fp32), "
+                f"acceptance {out['brute_force_bf16_exact']['acceptance_rate']:.3f}",
+                quiet,
+            )
         log(
             f"  brute force {prec}: {1e3 * lowp_s[prec] / nq:.3f} ms/q ({bf_s / lowp_s[prec]:.2f}x fp32), "
             f"TV to the softmax {tv.mean():.4f} (max {tv.max():.4f})",
@@ -242,7 +268,12 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
     log(f"  brute force fp32: {1e3 * bf_s / nq:.3f} ms/q", quiet)
 
     def ratios(s: float) -> dict:
-        return dict(speedup_vs_brute=bf_s / s, **{f"speedup_vs_{p_}": v / s for p_, v in lowp_s.items()})
+        return dict(
+            speedup_vs_brute=bf_s / s,
+            **{f"speedup_vs_{p_}": v / s for p_, v in lowp_s.items()},
+            **({"speedup_vs_bf16_exact": exact_s["bf16_exact"] / s} if "bf16_exact" in exact_s else {}),
+            speedup_vs_best_exact_brute=min(exact_s.values()) / s,
+        )
 
     samplers = {
         "exact": SoftmaxSampler(index, temperature=1.0 / beta, mode="exact"),
@@ -268,6 +299,9 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
             nodes_opened=float(r.nodes_opened.mean()),
             tv_bound_median=float(np.median(r.tv_bound)),
         )
+        if name == "exact":
+            entry["dense_query_share"] = float((r.frontier_size == 0).mean())
+            entry["predicted_work_share_median"] = float(np.median(sampler.predicted_work(queries, k)) / n)
         big = sampler.sample(tvq, a.tv_draws, seed=3)
         entry["tv_measured"] = float(np.mean([empirical_tv(big.ids[i], exact_p[i]) for i in range(tvq.shape[0])]))
         lp = np.stack([exact_lp[i][big.ids[i]] for i in range(tvq.shape[0])])

@@ -54,13 +54,14 @@ def test_log_q_is_that_of_the_distribution_sampled(precision: str) -> None:
     ids, logq, logz = bf.sample(q, 200_000, beta, seed=3)
     Q = bf.probabilities(q, beta)
     P = BruteForce(x).probabilities(q, beta)
-    np.testing.assert_allclose(logq[0], np.log(Q[ids[0]]), atol=1e-9)
+    # the sampler's weights are float32 exponentials: log Q is exact to (87 + 4) 2^-23
+    np.testing.assert_allclose(logq[0], np.log(Q[ids[0]]), atol=91 * 2.0**-23)
     np.testing.assert_allclose(logz, bf.log_partition(q, beta), rtol=0, atol=1e-12)
     counts = np.bincount(ids[0], minlength=len(x))
     assert _chi2_pvalue(counts, Q) > 1e-3
     assert _chi2_pvalue(counts, P) < 1e-6
     tv = float(bf.tv_to_exact(q, beta)[0])
-    assert tv == pytest.approx(0.5 * np.abs(P - Q).sum(), abs=1e-9)
+    assert tv == pytest.approx(0.5 * np.abs(P - Q).sum(), abs=1e-5)
     assert 1e-4 < tv < 0.05
 
 

@@ -4,19 +4,20 @@ These are ground truth for the tests and the yardstick for the benchmarks, so th
 both exact and as fast as we could make them on a 2-core CPU (see bench/brute_yardstick.py
 for the variants measured).
 
-Scores are the float32 BLAS product <q, x> (one reused batch_size x N buffer). Everything
-derived from them (weights, log Z, log P, the sampling CDF) is computed in float64, so the
-"exact" softmax here is the softmax of the float32 scores, evaluated to float64 precision:
+Scores are the float32 BLAS product <q, x> (one reused batch_size x N buffer). One fused
+pass per query row (`_kernels/dense.py`) turns them into log Z and the draws, so the
+"exact" softmax here is the softmax of the float32 scores:
 
-* exp is a float64 polynomial (error ~1 ulp); weights below e^-700 of their chunk's
-  maximum are set to 0 (they cannot be represented in float64 anyway): the total mass
-  dropped is < N * e^-700 relative to Z, i.e. nothing.
-* log Z = logsumexp over chunks of (beta*c + log sum_chunk exp(beta*(s - c))), all float64.
-* sampling is inverse-CDF with sorted float64 uniforms over a float64 two-level
-  (chunk, element) cumulative sum, so no weight is lost to float32 prefix-sum rounding
-  (torch.multinomial accumulates float32 weights in float32 and silently drops weights
-  below ~eps * running sum: on a 4M row that is a visible bias). The remaining error is
-  float64 rounding of the sums, ~1e-16 relative per probability.
+* per block of 2,048 targets: the float32 maximum c, then the float32 weights
+  exp(beta*(s - c)) (a vectorised polynomial, relative error below (|x| + 4) 2^-23 for
+  x = beta*(s - c) >= -87; smaller weights are 0) summed in float64. That error is a
+  hundred times below the float32 rounding of the scores themselves.
+* log Z = logsumexp over blocks of (beta*c + log block sum), in float64.
+* sampling is inverse-CDF with sorted float64 uniforms over the float64 block masses,
+  then within the block the draws land in (its weights recomputed bit for bit), so no
+  weight is lost to float32 prefix-sum rounding (torch.multinomial accumulates float32
+  weights in float32 and silently drops weights below ~eps * running sum: on a 4M row
+  that is a visible bias).
 
 `BruteForce(..., precision="bf16" | "int8")` is the reduced-precision peer a user would
 try first: the scores come from a bfloat16 product (AVX512-BF16 / AMX where the CPU has
@@ -26,283 +27,50 @@ Q is NOT the softmax of the float32 scores, but its normaliser is summed over al
 the same pass, so the returned log-probabilities are exact for Q: a sampled-softmax loss
 corrected with them stays consistent. `tv_to_exact` reports TV(Q, softmax). Both need
 torch (imported on first use).
+
+`BruteForce(..., precision="bf16").sample_certified` (or `.sample(..., exact=True)`)
+is exact again: it proposes from the bfloat16 softmax and rejects against the float32
+scores with a certified bound on |s - s~| for every target (`certified_eps`;
+docs/sampling.md, "Certified compressed scores").
 """
 
 from __future__ import annotations
 
-import math
+import importlib.util
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
-import numba as nb
 import numpy as np
-from llvmlite import ir
-from numba.core import types
-from numba.extending import intrinsic, overload
 
+from ._csr import permute_rows
+from ._kernels.bounds import dot_error
+from ._kernels.dense import (
+    LOGZ_ERR,
+    LZ_LO,
+    LZ_POINT,
+    LZ_UP,
+    certified_rows,
+    dequantize_rows,
+    mask_columns_bf16,
+    mask_rows,
+    mask_rows_bf16,
+    softmax_rows,
+    tv_rows,
+)
 from ._threads import run_parallel
 from ._validate import as_exclude, as_ids, as_vectors, check_k, check_positive, check_positive_int
 
-_CHUNK = 2048  # floats per chunk: 8 KiB of scores + 16 KiB of float64 weights stay in L1/L2
-
 PRECISIONS = ("fp32", "bf16", "int8")
-_BF16_NEG_INF = 0xFF80  # bit pattern of bfloat16 -inf
-
-
-# ---------------------------------------------------------------------------------------
-# numba kernels
-# ---------------------------------------------------------------------------------------
-
-
-@intrinsic
-def _i64_as_f64(typingctx, x):
-    """Reinterpret int64 bits as float64 (vectorizable; numba has no bitcast)."""
-    sig = types.float64(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return sig, codegen
-
-
-@intrinsic
-def _bf16_as_f32(typingctx, x):
-    """The float32 whose high 16 bits are the bfloat16 bits x (uint16): exact widening."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-        return builder.bitcast(wide, ir.FloatType())
-
-    return sig, codegen
-
-
-def _load(s, i):
-    """Score i of a row as float32: float32 rows as they are, uint16 rows as bfloat16 bits.
-    (numba-only: the overload below is what compiles.)"""
-    raise NotImplementedError
-
-
-@overload(_load, inline="always")
-def _load_overload(s, i):
-    if isinstance(s, types.Array) and s.dtype == types.uint16:
-        return lambda s, i: _bf16_as_f32(s[i])
-    return lambda s, i: s[i]
-
-
-_LOG2E = 1.4426950408889634
-_LN2_HI = 0.693147180369123816490  # Cody-Waite split of ln 2: n*_LN2_HI is exact
-_LN2_LO = 1.90821492927058770002e-10
-
-
-@nb.njit(inline="always")
-def _exp_nonpos(x: float) -> float:
-    """exp(x) in float64 for x <= 0 (or -inf), ~1 ulp; 0 below -700.
-
-    Written out because numba has no SVML here and libm's scalar exp does not vectorize;
-    this polynomial does (AVX-512), which is what makes the fused kernel fast.
-    """
-    xc = max(x, -708.0)
-    n = math.floor(xc * _LOG2E + 0.5)
-    r = (xc - n * _LN2_HI) - n * _LN2_LO  # |r| <= ln2/2
-    # Taylor to degree 13: truncation < 2e-17 relative on |r| <= 0.347
-    p = 1.0 / 6227020800.0
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    scale = _i64_as_f64((np.int64(n) + 1023) << 52)
-    return p * scale if x > -700.0 else 0.0
-
-
-@nb.njit(fastmath={"nnan"}, inline="always")
-def _max_f32(s, lo: int, hi: int) -> float:
-    m = -np.inf
-    for i in range(lo, hi):
-        v = _load(s, i)
-        m = v if v > m else m
-    return m
-
-
-@nb.njit(inline="always")
-def _weights(s, lo: int, hi: int, c: float, beta: float, w) -> None:
-    """w[i-lo] = exp(beta*(s[i] - c)) in float64 (c = chunk max, so arguments are <= 0)."""
-    for i in range(lo, hi):
-        w[i - lo] = _exp_nonpos(beta * (np.float64(_load(s, i)) - c))
-
-
-@nb.njit(fastmath={"reassoc", "nsz", "contract"}, inline="always")
-def _sum(w, n: int) -> float:
-    t = 0.0
-    for i in range(n):
-        t += w[i]
-    return t
-
-
-@nb.njit(parallel=True, cache=True)
-def _softmax_rows(buf, nrows: int, beta: float, u, out_idx, out_logp, out_logz) -> int:
-    """Per row of buf[:nrows]: exact float64 log Z and k inverse-CDF draws.
-
-    buf: float32 scores, or bfloat16 scores as uint16 bits (read widened, no copy).
-    u: (nrows, k) uniforms in [0, 1) (k may be 0: log Z only). Returns the first row
-    whose scores are not finite or all -inf (then outputs are unspecified), else -1.
-    """
-    n = buf.shape[1]
-    k = u.shape[1]
-    nchunk = (n + _CHUNK - 1) // _CHUNK
-    bad_row = np.zeros(nrows, np.bool_)  # per row: a scalar written inside prange is thread-private
-    for r in nb.prange(nrows):
-        s = buf[r]
-        w = np.empty(_CHUNK, np.float64)
-        cmax = np.empty(nchunk, np.float64)  # chunk max score
-        clog = np.empty(nchunk, np.float64)  # log of chunk mass in absolute units
-        csum = np.empty(nchunk, np.float64)  # chunk mass relative to its max
-        big = -np.inf
-        ok = True
-        # pass 1: one read of the row from memory; exp+sum on the L1-resident chunk
-        for ci in range(nchunk):
-            lo = ci * _CHUNK
-            hi = min(lo + _CHUNK, n)
-            c = np.float64(_max_f32(s, lo, hi))
-            cmax[ci] = c
-            if c == -np.inf:
-                csum[ci] = 0.0
-                clog[ci] = -np.inf
-                continue
-            if not (c < np.inf):
-                ok = False
-                break
-            _weights(s, lo, hi, c, beta, w)
-            t = _sum(w, hi - lo)
-            csum[ci] = t
-            clog[ci] = beta * c + math.log(t)
-            if clog[ci] > big:
-                big = clog[ci]
-        if not ok or big == -np.inf:
-            bad_row[r] = True
-            continue
-        # chunk masses relative to the largest: float64 two-level CDF
-        tot = 0.0
-        lastc = 0
-        for ci in range(nchunk):
-            if clog[ci] != -np.inf:
-                tot += math.exp(clog[ci] - big)
-                lastc = ci
-        logz = big + math.log(tot)
-        out_logz[r] = logz
-        if k == 0:
-            continue
-        order = np.argsort(u[r])  # walk the row once with sorted targets
-        j = 0
-        acc = 0.0  # mass (relative to big) of chunks before ci
-        for ci in range(nchunk):
-            if j >= k:
-                break
-            if clog[ci] == -np.inf:
-                continue
-            e = math.exp(clog[ci] - big)
-            last = ci == lastc  # targets rounding past the total land here
-            if not last and u[r, order[j]] * tot >= acc + e:
-                acc += e
-                continue
-            # at least one target falls in this chunk: expand it
-            lo = ci * _CHUNK
-            hi = min(lo + _CHUNK, n)
-            c = cmax[ci]
-            _weights(s, lo, hi, c, beta, w)
-            scale = csum[ci] / e  # target mass -> chunk-relative units
-            inner = 0.0
-            i = lo
-            while j < k:
-                t = u[r, order[j]] * tot
-                if not last and t >= acc + e:
-                    break  # rounding at chunk edge is resolved by the chunk test
-                tt = (t - acc) * scale
-                while i < hi and inner + w[i - lo] <= tt:
-                    inner += w[i - lo]
-                    i += 1
-                if i >= hi:
-                    # float64 rounding at the chunk's end: the last nonzero weight
-                    pick = hi - 1
-                    while w[pick - lo] == 0.0:
-                        pick -= 1
-                else:
-                    pick = i
-                dst = order[j]
-                out_idx[r, dst] = pick
-                out_logp[r, dst] = beta * np.float64(_load(s, pick)) - logz
-                j += 1
-            acc += e
-    for r in range(nrows):
-        if bad_row[r]:
-            return r
-    return -1
-
-
-@nb.njit(parallel=True, cache=True)
-def _mask_rows(buf, nrows: int, ptr, rows) -> None:
-    """buf[b, rows[ptr[b]:ptr[b+1]]] = -inf (exclusions)."""
-    for b in nb.prange(nrows):
-        for t in range(ptr[b], ptr[b + 1]):
-            buf[b, rows[t]] = -np.inf
-
-
-@nb.njit(parallel=True, cache=True)
-def _mask_rows_bf16(buf, nrows: int, ptr, rows) -> None:
-    """_mask_rows for bfloat16 scores held as uint16 bits."""
-    for b in nb.prange(nrows):
-        for t in range(ptr[b], ptr[b + 1]):
-            buf[b, rows[t]] = _BF16_NEG_INF
-
-
-@nb.njit(parallel=True, cache=True)
-def _dequantize_rows(buf, nrows: int, qscale, xscale) -> None:
-    """In place: the int32 products held in buf[:nrows] (as bits) -> float32 scores
-    acc * qscale[b] * xscale[i] (the int32 is exact; one float32 rounding)."""
-    acc = buf.view(np.int32)
-    for b in nb.prange(nrows):
-        qs = np.float64(qscale[b])
-        for i in range(buf.shape[1]):
-            buf[b, i] = np.float32(np.float64(acc[b, i]) * qs * np.float64(xscale[i]))
-
-
-@nb.njit(fastmath={"reassoc", "nsz", "contract"}, inline="always")
-def _row_logz(s, beta: float) -> tuple[float, float]:
-    """(max score, sum of exp(beta (s - max))) of one row, float64; (-inf, 0) if all -inf."""
-    m = np.float64(_max_f32(s, 0, s.shape[0]))
-    if m == -np.inf:
-        return m, 0.0
-    t = 0.0
-    for i in range(s.shape[0]):
-        t += _exp_nonpos(beta * (np.float64(_load(s, i)) - m))
-    return m, t
-
-
-@nb.njit(parallel=True, cache=True)
-def _tv_rows(a, b, nrows: int, beta: float, out) -> None:
-    """out[r] = TV(softmax(beta a[r]), softmax(beta b[r])) in float64 (NaN for a row
-    that is all -inf in either); a, b: float32 scores or bfloat16 bits."""
-    for r in nb.prange(nrows):
-        ma, za = _row_logz(a[r], beta)
-        mb, zb = _row_logz(b[r], beta)
-        if za == 0.0 or zb == 0.0:
-            out[r] = np.nan
-            continue
-        t = 0.0
-        for i in range(a.shape[1]):
-            pa = _exp_nonpos(beta * (np.float64(_load(a[r], i)) - ma)) / za
-            pb = _exp_nonpos(beta * (np.float64(_load(b[r], i)) - mb)) / zb
-            t += abs(pa - pb)
-        out[r] = 0.5 * t
+BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
+F32_UNIT = 2.0**-24
+# a certified query whose acceptance bound exp(-2 beta eps) is below e^-MAX_TWO_BETA_EPS
+# goes to the float32 pass instead (rejection would waste more than bf16 saves)
+MAX_TWO_BETA_EPS = 3.0
+# Below this dimension torch's bfloat16 product is no faster than the float32 sgemm on
+# the CPUs measured (bench/README.md: 1M x 64, bf16 9.9 vs fp32 5.9 ms/query), so an
+# "auto" choice of the certified bf16 pass needs at least this many coordinates.
+BF16_MIN_DIM = 128
 
 
 def quantize_int8(x: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -328,6 +96,24 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def native_bf16() -> bool:
+    """Whether torch is installed (not imported here) and the CPU multiplies bfloat16
+    natively (AVX512-BF16 or AMX-BF16; read from /proc/cpuinfo, so Linux only)."""
+    global _NATIVE_BF16
+    if _NATIVE_BF16 is None:
+        ok = importlib.util.find_spec("torch") is not None
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+        except OSError:
+            flags = ""
+        _NATIVE_BF16 = ok and ("avx512_bf16" in flags or "amx_bf16" in flags)
+    return _NATIVE_BF16
+
+
+_NATIVE_BF16: bool | None = None
+
+
 def check_precision(precision) -> str:
     """'fp32', 'bf16' or 'int8', else a ValueError."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
@@ -344,6 +130,143 @@ def _torch_for(precision: str):
             f"precision={precision!r} needs torch (its bfloat16 / int8 matrix products): pip install 'treeidx[torch]'"
         ) from e
     return torch
+
+
+@dataclass(frozen=True)
+class Bf16Codes:
+    """bfloat16 codes ỹ of float32 vectors y, and what certifies scores made from them.
+
+    codes: (n, d) torch bfloat16 tensor (2 bytes per coordinate).
+    nu_max, residual_max, code_norm_max: max ‖y‖, max ‖y − ỹ‖ and max ‖ỹ‖ over the
+    vectors (float64, rounded up). With them `certified_eps` bounds |s − s̃| for every
+    target at once (docs/sampling.md, "Certified compressed scores").
+    """
+
+    codes: object
+    nu_max: float
+    residual_max: float
+    code_norm_max: float
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the codes (the three maxima aside)."""
+        return int(self.codes.numel()) * 2
+
+    @classmethod
+    def from_vectors(cls, vectors: np.ndarray, alive: np.ndarray | None = None, block: int = 65536) -> Bf16Codes:
+        """Round float32 vectors to bfloat16 (torch, round to nearest) and take the maxima
+        over the rows where `alive` (default all) holds; one pass over the vectors."""
+        torch = _torch_for("bf16")
+        x = np.asarray(vectors, dtype=np.float32)
+        with warnings.catch_warnings():  # a read-only view (TreeView) is only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            codes = torch.from_numpy(x).to(torch.bfloat16)
+        bits = codes.view(torch.int16).numpy().view(np.uint16)
+        nu = res = cn = 0.0
+        for lo in range(0, x.shape[0], block):
+            xb = x[lo : lo + block].astype(np.float64)
+            cb = bf16_to_f32(bits[lo : lo + block]).astype(np.float64)
+            keep = np.ones(xb.shape[0], bool) if alive is None else np.asarray(alive[lo : lo + block], bool)
+            if not keep.any():
+                continue
+            nu = max(nu, float(np.sqrt((xb[keep] ** 2).sum(1)).max()))
+            res = max(res, float(np.sqrt(((xb[keep] - cb[keep]) ** 2).sum(1)).max()))
+            cn = max(cn, float(np.sqrt((cb[keep] ** 2).sum(1)).max()))
+        up = 1.0 + 1e-9  # float64 sums of squares of d terms: relative error < d 2^-53
+        return cls(codes, nu * up, res * up, cn * up)
+
+
+def certified_eps(q: np.ndarray, q_bits: np.ndarray, codes: Bf16Codes) -> np.ndarray:
+    """Per query, eps >= |s − s̃| for every target: s = the float32 score dot32(q, y) the
+    sampler treats as exact, s̃ = the bfloat16 product of the rounded query q̃ (q_bits)
+    and the codes ỹ as torch computes it (float32 accumulation, bfloat16 output).
+
+    |s − ⟨q, y⟩| ≤ dot_error(d, ‖q‖, ν_max)            (float32 dot product)
+    |⟨q, y⟩ − ⟨q̃, ỹ⟩| ≤ ‖q − q̃‖ ν_max + ‖q̃‖ r_max      (rounding of query and target)
+    |⟨q̃, ỹ⟩ − t| ≤ γ ‖q̃‖ ñ_max, γ = 2 (d + 2) 2^-24  (accumulation, any order, padded x2)
+    |t − s̃| ≤ 1.25 · 2^-8 |t|                        (bfloat16 output, padded by 1/4)
+    """
+    d = q.shape[1]
+    q64 = q.astype(np.float64)
+    qt = bf16_to_f32(q_bits).astype(np.float64)
+    up = 1.0 + 1e-9
+    qn = np.sqrt((q64**2).sum(1)) * up
+    qtn = np.sqrt((qt**2).sum(1)) * up
+    dq = np.sqrt(((q64 - qt) ** 2).sum(1)) * up
+    nu = 2.0 * (d + 2) * F32_UNIT
+    gamma = nu / (1.0 - nu)
+    cn = codes.code_norm_max
+    eps = np.array([dot_error(d, float(v), codes.nu_max) for v in qn])
+    eps += dq * codes.nu_max + qtn * codes.residual_max
+    eps += gamma * qtn * cn + 1.25 * BF16_UNIT * (1.0 + gamma) * qtn * cn
+    return eps * up + 1e-30
+
+
+def bf16_scores(q: np.ndarray, codes: Bf16Codes, out: np.ndarray) -> np.ndarray:
+    """out[:B] = the bfloat16 products of q (rounded to bfloat16) with the codes, as uint16
+    bits; returns the rounded queries' bits (B, d)."""
+    torch = _torch_for("bf16")
+    qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(torch.bfloat16)
+    dst = torch.from_numpy(out[: q.shape[0]].view(np.int16)).view(torch.bfloat16)
+    torch.matmul(qt, codes.codes.T, out=dst)
+    return qt.view(torch.int16).numpy().view(np.uint16)
+
+
+def certified_softmax(
+    q: np.ndarray,
+    vectors: np.ndarray,
+    codes: Bf16Codes,
+    beta: float,
+    keys: np.ndarray,
+    k: int,
+    ptr: np.ndarray,
+    rows: np.ndarray,
+    buf: np.ndarray,
+    dead: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Exact softmax draws of the float32 scores by rejection from the bfloat16 scores'
+    softmax, len(buf) queries at a time (buf: uint16, (rows, N)).
+
+    keys: (B,) uint64 random streams, one per query; (ptr, rows): per-query CSR of excluded
+    rows; dead: rows that hold no target. Returns (row index (B, k), log P (B, k),
+    log Z (B, 3): (estimate, certified lower, certified upper), proposals (B,), eps (B,)).
+    proposals[b] = -1: scores not finite or all excluded; -2: rejection stalled;
+    -3: eps too large for rejection to pay (2 beta eps > MAX_TWO_BETA_EPS), nothing drawn:
+    the caller takes the float32 pass for those queries.
+    """
+    nq = q.shape[0]
+    idx = np.zeros((nq, k), np.int64)
+    logp = np.zeros((nq, k), np.float64)
+    logz = np.zeros((nq, 3), np.float64)
+    props = np.full(nq, -3, np.int64)
+    eps = np.zeros(nq, np.float64)
+    step = buf.shape[0]
+    cap = 1000 * k + 100000
+    for lo in range(0, nq, step):
+        hi = min(lo + step, nq)
+        b = buf[: hi - lo]
+        q_bits = bf16_scores(q[lo:hi], codes, b)
+        eps[lo:hi] = certified_eps(q[lo:hi], q_bits, codes)
+        if dead is not None and dead.size:
+            run_parallel(mask_columns_bf16, b, hi - lo, dead)
+        if ptr[hi] > ptr[lo]:
+            run_parallel(mask_rows_bf16, b, hi - lo, ptr[lo : hi + 1] - ptr[lo], rows[ptr[lo] : ptr[hi]])
+        ok = 2.0 * beta * eps[lo:hi] <= MAX_TWO_BETA_EPS
+        if not ok.any():
+            continue
+        sel = np.flatnonzero(ok)
+        if sel.size < hi - lo:  # compact the rows that go on (the others stay -3)
+            b[: sel.size] = b[sel]
+        r_idx, r_logp = np.zeros((sel.size, k), np.int64), np.zeros((sel.size, k))
+        r_logz, r_prop = np.zeros((sel.size, 3)), np.zeros(sel.size, np.int64)
+        qs = np.ascontiguousarray(q[lo:hi][sel])
+        run_parallel(
+            certified_rows, b, sel.size, qs, vectors, beta, eps[lo:hi][sel], keys[lo:hi][sel], cap,
+            r_idx, r_logp, r_logz, r_prop,
+        )  # fmt: skip
+        dst = lo + sel
+        idx[dst], logp[dst], logz[dst], props[dst] = r_idx, r_logp, r_logz, r_prop
+    return idx, logp, logz, props, eps
 
 
 def score_block(
@@ -363,7 +286,7 @@ def score_block(
     if dead is not None and dead.size:
         b[:, dead] = -np.inf
     if ptr[hi] > ptr[lo]:
-        run_parallel(_mask_rows, b, hi - lo, ptr[lo : hi + 1] - ptr[lo], rows[ptr[lo] : ptr[hi]])
+        run_parallel(mask_rows, b, hi - lo, ptr[lo : hi + 1] - ptr[lo], rows[ptr[lo] : ptr[hi]])
     return b
 
 
@@ -391,7 +314,7 @@ def dense_softmax(
     for lo in range(0, nq, step):
         hi = min(lo + step, nq)
         b = score_block(q, vectors, lo, hi, ptr, rows, buf, dead)
-        bad = run_parallel(_softmax_rows, b, hi - lo, beta, u[lo:hi], idx[lo:hi], logp[lo:hi], logz[lo:hi])
+        bad = run_parallel(softmax_rows, b, hi - lo, beta, u[lo:hi], idx[lo:hi], logp[lo:hi], logz[lo:hi])
         if bad >= 0:
             return idx, logp, logz, lo + bad
     return idx, logp, logz, -1
@@ -441,6 +364,23 @@ def _beta_of(beta, temperature, where: str) -> float:
     return _check_beta(beta)
 
 
+@dataclass(frozen=True)
+class CertifiedSample:
+    """What `BruteForce.sample_certified` returns (arrays over B queries).
+
+    ids: (B, k) exact softmax draws; log_p: (B, k) β s − log Ẑ; log_z: (B, 3) columns
+    (log Ẑ, certified lower, certified upper), log Ẑ the acceptance-rate estimate clipped
+    into the interval; proposals: (B,) draws from the bfloat16 proposal (k / proposals is
+    the acceptance rate); eps: (B,) the certified bound on |s − s̃| used.
+    """
+
+    ids: np.ndarray
+    log_p: np.ndarray
+    log_z: np.ndarray
+    proposals: np.ndarray
+    eps: np.ndarray
+
+
 class BruteForce:
     """Inner-product search and softmax sampling over all N vectors.
 
@@ -481,9 +421,10 @@ class BruteForce:
         self._fbuf: np.ndarray | None = None  # bf16: float32 buffer for search
         self._lowp = None  # torch tensor: bf16 vectors, or int8 codes
         self._xscale: np.ndarray | None = None  # int8: per-vector scales
+        self._codes: Bf16Codes | None = None  # bf16: the codes and their certificate
         if precision == "bf16":
-            torch = _torch_for(precision)
-            self._lowp = torch.from_numpy(self.vectors).to(torch.bfloat16)
+            self._codes = Bf16Codes.from_vectors(self.vectors)
+            self._lowp = self._codes.codes
         elif precision == "int8":
             torch = _torch_for(precision)
             codes, self._xscale = quantize_int8(self.vectors)
@@ -524,12 +465,12 @@ class BruteForce:
         if self.precision == "bf16":
             out = torch.from_numpy(b.view(np.int16)).view(torch.bfloat16)
             torch.matmul(torch.from_numpy(q[lo:hi]).to(torch.bfloat16), self._lowp.T, out=out)
-            mask = _mask_rows_bf16
+            mask = mask_rows_bf16
         else:
             codes, qscale = quantize_int8(q[lo:hi])
             torch._int_mm(torch.from_numpy(codes), self._lowp.T, out=torch.from_numpy(b.view(np.int32)))
-            run_parallel(_dequantize_rows, b, hi - lo, qscale, self._xscale)
-            mask = _mask_rows
+            run_parallel(dequantize_rows, b, hi - lo, qscale, self._xscale)
+            mask = mask_rows
         if ptr[hi] > ptr[lo]:
             run_parallel(mask, b, hi - lo, ptr[lo : hi + 1] - ptr[lo], rows[ptr[lo] : ptr[hi]])
         return b
@@ -604,6 +545,7 @@ class BruteForce:
         seed: int | np.random.SeedSequence | None = None,
         *,
         temperature: float | None = None,
+        exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """k exact draws with replacement from P(y|q) ∝ exp(beta <q, y>) over allowed rows,
         beta = 1 / temperature (`beta` itself is deprecated).
@@ -616,11 +558,83 @@ class BruteForce:
         from Q ∝ exp(beta s~), not from P, and log Q and Q's log Z are returned, exact for
         Q (use them as the proposal's log q). bf16 products may round differently with
         the batch's shape, so there only the uniforms are independent of batch_size.
+
+        exact=True with precision bf16: exact draws from P by certified rejection from Q
+        (`sample_certified`); log P and log Z are then the estimate log Ẑ clipped into a
+        certified interval. No effect with fp32 (always exact); an error with int8.
         """
         k = check_k(k)
         beta = _beta_of(beta, temperature, "sample")
+        if exact and self.precision != "fp32":
+            r = self._certified(queries, k, beta, exclude, seed)
+            return r.ids, r.log_p, r.log_z[:, 0].copy()
         idx, logp, logz = self._softmax(queries, k, beta, exclude, seed)
         return self.ids[idx], logp, logz
+
+    def sample_certified(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        temperature: float,
+        exclude: Sequence[Iterable[int]] | None = None,
+        seed: int | np.random.SeedSequence | None = None,
+    ) -> CertifiedSample:
+        """k exact draws per query from the softmax of the float32 scores, by rejection
+        from the softmax of the bfloat16 scores (precision="bf16" only).
+
+        Each proposal i ∝ exp(β(s̃_i + ε)) is accepted with probability
+        exp(β(s_i − s̃_i − ε)) ≤ 1, where s_i is the target's float32 score (one inner
+        product) and ε ≥ |s − s̃| a certified bound for every target (`certified_eps`), so
+        accepted draws follow the softmax of the float32 scores exactly. A query whose
+        bound would make rejection wasteful (2βε > MAX_TWO_BETA_EPS, e.g. a huge norm)
+        takes the float32 pass instead (proposals = k, eps reported). Same seed, same
+        draws, whatever batch_size or thread count.
+        """
+        if self.precision != "bf16":
+            raise ValueError(f"sample_certified needs precision='bf16' (this BruteForce has {self.precision!r})")
+        return self._certified(queries, check_k(k), 1.0 / check_positive(temperature, "temperature"), exclude, seed)
+
+    def _certified(self, queries, k: int, beta: float, exclude, seed) -> CertifiedSample:
+        if self.precision != "bf16":
+            raise ValueError(f"exact=True needs precision 'fp32' or 'bf16', got {self.precision!r}")
+        q = as_vectors(queries, self.dim, "queries")
+        beta = _check_beta(beta)
+        nq = q.shape[0]
+        ptr, rows = self._excluded_rows(exclude, nq)
+        empty = np.flatnonzero(len(self) - np.diff(ptr) == 0)
+        if empty.size:
+            raise ValueError(f"query {int(empty[0])}: every row is excluded")
+        keys = np.random.default_rng(seed).integers(0, 2**63, nq, dtype=np.int64).astype(np.uint64)
+        buf = self._buffer(min(nq, self.batch_size))
+        idx, logp, logz, props, eps = certified_softmax(q, self.vectors, self._codes, beta, keys, k, ptr, rows, buf)
+        if (props == -2).any():
+            raise RuntimeError(f"query {int(np.flatnonzero(props == -2)[0])}: certified rejection stalled")
+        if (props == -1).any():
+            bad = int(np.flatnonzero(props == -1)[0])
+            raise ValueError(f"query {bad}: scores are not finite (vector/query norms too large for float32)")
+        far = np.flatnonzero(props == -3)
+        if far.size:  # the float32 pass, with each query's uniforms from its own key
+            u = np.stack([np.random.default_rng(int(keys[b])).random(k) for b in far])
+            sub_ptr, sub_rows = permute_rows(ptr, rows, far)
+            fbuf = self._search_buffer(min(far.size, self.batch_size))
+            i2, lp2, lz2, bad = dense_softmax(q[far], self.vectors, beta, u, sub_ptr, sub_rows, fbuf)
+            if bad >= 0:
+                raise ValueError(
+                    f"query {int(far[bad])}: scores are not finite (vector/query norms too large for float32)"
+                )
+            qn = np.linalg.norm(q[far].astype(np.float64), axis=1)
+            pad = beta * np.array([dot_error(self.dim, float(v), self._codes.nu_max) for v in qn]) + LOGZ_ERR
+            idx[far], logp[far] = i2, lp2
+            logz[far, LZ_POINT], logz[far, LZ_LO], logz[far, LZ_UP] = lz2, lz2 - pad, lz2 + pad
+            props[far] = k
+        return CertifiedSample(
+            ids=self.ids[idx],
+            log_p=logp,
+            log_z=logz[:, [LZ_POINT, LZ_LO, LZ_UP]],
+            proposals=props,
+            eps=eps,
+        )
 
     def log_partition(
         self,
@@ -701,7 +715,7 @@ class BruteForce:
             hi = min(lo + step, nq)
             a = score_block(q, self.vectors, lo, hi, ptr, rows, exact)
             b = self._proposal_block(q, lo, hi, ptr, rows, prop)
-            run_parallel(_tv_rows, a, b, hi - lo, beta, out[lo:hi])
+            run_parallel(tv_rows, a, b, hi - lo, beta, out[lo:hi])
         if not np.isfinite(out).all():
             raise ValueError(
                 f"query {int(np.flatnonzero(~np.isfinite(out))[0])}: scores are not "
@@ -722,7 +736,7 @@ class BruteForce:
         for lo in range(0, nq, step):
             hi = min(lo + step, nq)
             b = self._proposal_block(q, lo, hi, ptr, rows, buf)
-            bad = run_parallel(_softmax_rows, b, hi - lo, beta, u[lo:hi], idx[lo:hi], logp[lo:hi], logz[lo:hi])
+            bad = run_parallel(softmax_rows, b, hi - lo, beta, u[lo:hi], idx[lo:hi], logp[lo:hi], logz[lo:hi])
             if bad >= 0:
                 return idx, logp, logz, lo + bad
         return idx, logp, logz, -1

@@ -24,13 +24,17 @@ rule fires. Then:
 
 from __future__ import annotations
 
+import threading
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._csr import permute_rows, slice_rows
 from ._kernels.arrays import Csr
-from ._kernels.bounds import dot_error, top_level_bounds
+from ._kernels.bounds import dot_error, level_bounds, top_level_bounds
+from ._kernels.dense import LOGZ_ERR
 from ._kernels.frontier import (
     ALL_EXCLUDED,
     COLLAPSED,
@@ -57,8 +61,94 @@ from ._validate import (
     check_score_range,
     check_seed,
 )
-from .brute import dense_softmax
+from .brute import BF16_MIN_DIM, Bf16Codes, certified_softmax, dense_softmax, native_bf16
 from .tree import TreeIndex, locality_order
+
+# bfloat16 codes per index, shared by its samplers: (index version, codes)
+_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CODES_LOCK = threading.Lock()
+_LEVEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plan_level's cache
+
+
+def index_codes(index: TreeIndex) -> Bf16Codes:
+    """The bfloat16 codes of an index's slot array, built on first use and again after
+    every write to the index (one pass over the vectors); shared by its samplers."""
+    with _CODES_LOCK:
+        got = _CODES.get(index)
+        if got is None or got[0] != index.version:
+            version, A = index.version, index.view().arrays
+            got = (version, Bf16Codes.from_vectors(A.vecs, alive=A.slot_leaf >= 0))
+            _CODES[index] = got
+        return got[1]
+
+
+def plan_level(index: TreeIndex) -> tuple[np.ndarray, np.ndarray]:
+    """The nodes the plan bounds (the children of the root's children: the ~2 sqrt(N)
+    top-level clusters; a leaf stands for itself) and their centers, contiguous; cached
+    per index version."""
+    with _CODES_LOCK:
+        got = _LEVEL.get(index)
+        if got is None or got[0] != index.version:
+            view = index.view()
+            A = view.arrays
+            nodes = []
+            for v in view.top_nodes:
+                c = A.first_child[v]
+                if c < 0:
+                    nodes.append(v)
+                while c >= 0:
+                    nodes.append(c)
+                    c = A.next_sibling[c]
+            nodes = np.asarray(nodes, np.int64)
+            got = (index.version, nodes, np.ascontiguousarray(A.center[nodes]))
+            _LEVEL[index] = got
+        return got[1], got[2]
+
+
+# Queries per block of the dense pass: BruteForce's default, whose sgemm it matches (64
+# rows made the float32 product ~1.2-1.8x slower per query on 1M x 64). The buffer is
+# rows x N scores and is kept between calls, so its rows shrink with N to hold it near
+# DENSE_BYTES (1 GB: 256 rows at 1M in float32, 64 at 4M), never below DENSE_MIN_ROWS.
+DENSE_ROWS = 256
+DENSE_MIN_ROWS = 32
+DENSE_BYTES = 1 << 30
+
+
+def dense_rows(n_queries: int, n_targets: int, itemsize: int) -> int:
+    """Queries per block of the dense pass for n_targets scores of itemsize bytes each."""
+    fit = DENSE_BYTES // max(1, n_targets * itemsize)
+    return max(1, min(n_queries, DENSE_ROWS, max(DENSE_MIN_ROWS, fit)))
+
+
+# Exact mode's plan: a query whose predicted tree work exceeds PLAN_RATIO x N goes dense.
+# The tree spends ~50-100 ns per target it evaluates (a scattered read, an exp, the
+# frontier's bookkeeping) against a few ns per target for the dense pass (bench/README.md).
+PLAN_RATIO = 0.03
+
+
+def plan_work(
+    bup: np.ndarray, eu: np.ndarray, el: np.ndarray, ew: np.ndarray, counts: np.ndarray, k: int, draw_cost: float
+) -> np.ndarray:
+    """Predicted exact-mode tree work (inner products) per query, from the bounds of one
+    level of nodes (the sampler uses the ~2 sqrt(N) top-level clusters).
+
+    bup: (B, K) upper bounds of the score below each node; eu, el, ew: (B, K) each node's
+    upper, lower and estimated mass (the approx-mode weight), under one shift per row;
+    counts: (K,) targets per node. Model: Z is estimated by the geometric mean of the
+    certified lower total L = Σ el and the estimate W = Σ ew (W overshoots where a weight
+    is clipped to its upper bound, L undershoots where the bounds are loose); a node is
+    opened whole when the rejection draws it would otherwise cost, k · draw_cost · eu / Z,
+    exceed its targets (the exact mode's cost-aware rule, one level at once), and the
+    predicted work is the opened targets plus the draws against the rest. Pessimistic
+    where bounds tighten below the level (the tree opens nodes partially), and cheap: a
+    few array operations per query, depending on that query alone.
+    """
+    counts = np.asarray(counts, np.float64)[None, :]
+    z = np.sqrt(el.sum(axis=1) * ew.sum(axis=1))[:, None]
+    z = np.maximum(z, np.finfo(np.float64).tiny)
+    draws = k * draw_cost * eu / z
+    opened = draws >= counts
+    return (np.where(opened, counts, 0.0) + np.where(opened, 0.0, draws)).sum(axis=1)
 
 
 @dataclass(frozen=True)
@@ -79,8 +169,8 @@ class SampleResult:
                 is the number of draws per accepted sample. inner_products counts all
                 of a query's work: the TV estimate's draws, and with `target_tv` every
                 budget it was sampled at.
-    frontier_size: (B,) entries on the final cut; 0 for a query answered by the
-                exact dense fallback (see SoftmaxSampler's dense_fallback).
+    frontier_size: (B,) entries on the final cut; 0 for a query answered by a
+                dense pass (the plan's choice, or the dense_fallback give-up).
     tv_estimate: (B,) approx mode: an estimate of the same total-variation distance,
                 from `tv_draws` extra draws scored exactly; biased upward by design,
                 never above tv_bound (docs/sampling.md, "Reading tv_estimate"). NaN
@@ -113,14 +203,29 @@ class SoftmaxSampler:
     draw_cost: cost of one rejection draw in inner products (tunes the exact
         mode's stopping rule; the result's distribution does not depend on it).
     chunk_size: queries processed together (bounds the per-batch work arrays).
-    dense_fallback: exact mode only. A query whose tree work (inner products in
-        refinement and rejection draws together) reaches this fraction of the index
-        is redone by one dense exact pass over all stored vectors (a BLAS product and
-        float64 inverse-CDF draws, as `treeidx.brute`): when the bounds are too loose
-        to prune (a flat softmax, high intrinsic dimension), exact mode then costs
-        about what brute force does instead of many times more. Its samples are exact
-        either way; its log_z interval is then the exact log Z padded by the float32
-        rounding bound. None: never fall back.
+    dense_fallback: exact mode only, the safety net behind `plan`. A query the plan
+        kept in the tree whose tree work (inner products in refinement and rejection
+        draws together) reaches this fraction of the index is redone by the dense pass
+        (see `dense_precision`): when the bounds are too loose to prune (a flat softmax,
+        high intrinsic dimension), exact mode then costs about what brute force does
+        instead of many times more. Its samples are exact either way; its log_z
+        interval is then certified by the dense pass. None: never go dense (neither
+        give up nor plan dense), unless plan="dense".
+    plan: exact mode only, which queries skip the tree before any tree work.
+        "auto" (default): per query, from its bounds on the ~2 sqrt(N) top-level
+        clusters, the tree's work is predicted (`plan_work`, `predicted_work`); above
+        `plan_ratio` · N the query goes to the dense pass. "tree": never (the
+        dense_fallback give-up still applies). "dense": every query. The choice depends
+        on the query alone, never on the batch, its order or the thread count.
+    plan_ratio: the tree-work share of N above which "auto" goes dense (about the ratio
+        of a dense pass's cost per target to the tree's).
+    dense_precision: how the dense pass scores the targets. "bf16": bfloat16 codes of
+        the stored vectors (torch; built on first use, rebuilt when the index changes,
+        2 bytes per coordinate) propose, and certified rejection against the float32
+        scores keeps the draws exact (`BruteForce.sample_certified`); "fp32": the
+        float32 product. "auto" (default): bf16 where torch is installed, the CPU has
+        native bfloat16 products (AVX512-BF16 or AMX) and d >= 128 (below that the bf16
+        product does not beat the float32 sgemm), else fp32.
     tv_draws: approx mode: targets drawn from the unopened part of each query's cut
         and scored exactly (one inner product each, counted in inner_products) to
         estimate the proposal's TV to the softmax (`SampleResult.tv_estimate`; one
@@ -147,6 +252,9 @@ class SoftmaxSampler:
         draw_cost: float = 3.0,
         chunk_size: int = 1024,
         dense_fallback: float | None = 0.05,
+        plan: str = "auto",
+        plan_ratio: float = PLAN_RATIO,
+        dense_precision: str = "auto",
         tv_draws: int = 256,
         target_tv: float | None = None,
         max_budget: int | None = None,
@@ -184,6 +292,15 @@ class SoftmaxSampler:
             max_budget = check_positive_int(max_budget, "max_budget")
         self.target_tv = target_tv
         self.max_budget = max_budget
+        if plan not in ("auto", "tree", "dense"):
+            raise ValueError(f"plan: expected 'auto', 'tree' or 'dense', got {plan!r}")
+        self.plan = plan
+        self.plan_ratio = check_number(plan_ratio, "plan_ratio", strict=True)
+        if dense_precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dense_precision: expected 'auto', 'fp32' or 'bf16', got {dense_precision!r}")
+        self.dense_precision = dense_precision
+        self._buf: np.ndarray | None = None  # the dense pass's score buffer (bytes)
+        self._buf_lock = threading.Lock()
 
     @property
     def beta(self) -> float:
@@ -359,8 +476,22 @@ class SoftmaxSampler:
         tops = self._top_level_entries(A, q, top_dots, top_nodes)
         if tv_est is None:
             tv_est = np.empty_like(tv)
+        dense, plan_dots = self._plan_dense(A, q, k, view.n_slots)
+        if dense.any():
+            # planned dense: no tree work beyond the top level and the plan; the dense pass follows
+            rows = order[dense]
+            stats[rows] = 0
+            stats[rows, ST_DOTS] = top_nodes.shape[0] + plan_dots
+            stats[rows, ST_OPENED] = 1
+            status[rows] = GAVE_UP
+            keep = ~dense
+            if not keep.any():
+                return
+            order, q = order[keep], q[keep]
+            ptr, ex_slots = permute_rows(ptr, ex_slots, np.flatnonzero(keep))
+            tops = TopLevel(*(a[keep] for a in tops))
         outs = (ids, log_q, log_z, tv, tv_est, stats, status)
-        out = SampleOut(*(np.empty_like(a) for a in outs))
+        out = SampleOut(*(np.empty((order.size,) + a.shape[1:], a.dtype) for a in outs))
         params = Params(
             beta=self.beta,
             k=k,
@@ -372,11 +503,14 @@ class SoftmaxSampler:
             tv_draws=self.tv_draws,
         )
         run_parallel(sample_batch, A, q, qidx[order], top_nodes, tops, params, seed, Csr(ptr, ex_slots), out)
+        out.stats[:, ST_DOTS] += plan_dots
         for dst, src in zip(outs, out):
             dst[order] = src
 
     def _sample_dense(self, q, rows, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status):
-        """Exact samples for queries `rows` by one dense pass over the slot array."""
+        """Exact samples for queries `rows` by one dense pass over the slot array: certified
+        rejection from the bfloat16 codes (see `dense_precision`), or the float32 pass for
+        the rest (and for a query whose certified bound is too wide to pay)."""
         index, view = self.index, self.index.view()
         A, n_slots = view.arrays, view.n_slots
         vecs, slot_id = A.vecs, A.slot_id
@@ -385,29 +519,117 @@ class SoftmaxSampler:
         if (n_allowed == 0).any():
             status[rows[n_allowed == 0]] = ALL_EXCLUDED
             return
+        qr = q[rows]
+        dead = np.flatnonzero(A.slot_leaf < 0)
+        f32 = np.ones(rows.size, bool)
+        codes = self._bf16_codes()
+        if codes is not None:
+            # each query's stream keyed by its own index: independent of which rows go dense
+            keys = np.array([np.random.SeedSequence([seed, int(b)]).generate_state(1, np.uint64)[0] for b in rows])
+            with self._dense_buffer(dense_rows(rows.size, n_slots, 2), n_slots, np.uint16) as buf16:
+                idx, logp, lz3, props, _ = certified_softmax(
+                    qr, vecs, codes, self.beta, keys, k, sub_ptr, sub_ex, buf16, dead
+                )
+            if (props == -1).any():
+                bad = int(rows[np.flatnonzero(props == -1)[0]])
+                raise ValueError(f"query {bad}: scores are not finite (vector/query norms too large for float32)")
+            status[rows[props == -2]] = COLLAPSED
+            done = props > 0
+            r = rows[done]
+            ids[r], log_q[r], log_z[r] = slot_id[idx[done]], logp[done], lz3[done, 1:]
+            stats[r, ST_DOTS] += n_slots + props[done]
+            stats[r, ST_PROPOSALS] = props[done]
+            status[r] = OK
+            f32 = props == -3
+        if f32.any():
+            r = rows[f32]
+            f_ptr, f_ex = permute_rows(sub_ptr, sub_ex, np.flatnonzero(f32))
+            ids[r], log_q[r], log_z[r] = self._sample_dense_f32(q, r, k, f_ptr, f_ex, seed, dead)
+            stats[r, ST_DOTS] += n_slots
+            stats[r, ST_PROPOSALS] = k
+            status[r] = OK
+        tv[rows] = 0.0  # exact draws
+        stats[rows, ST_FRONTIER] = 0
+
+    def _sample_dense_f32(self, q, rows, k, sub_ptr, sub_ex, seed, dead):
+        """The float32 dense pass for queries `rows`: (ids, log_q, log_z interval)."""
+        A = self.index.view().arrays
         # each query's uniforms keyed by its own index: independent of which rows go dense
         u = np.stack([np.random.default_rng([seed, int(b)]).random(k) for b in rows])
-        # 64 rows keep BLAS efficient at a quarter of BruteForce's 256-row buffer (256 MB at 1M)
-        buf = np.empty((min(rows.size, 64), n_slots), np.float32)
         qr = q[rows]
-        idx, logp, logz, bad = dense_softmax(
-            qr, vecs, self.beta, u, sub_ptr, sub_ex, buf, dead=np.flatnonzero(A.slot_leaf < 0)
-        )
+        with self._dense_buffer(dense_rows(rows.size, A.vecs.shape[0], 4), A.vecs.shape[0], np.float32) as buf:
+            idx, logp, logz, bad = dense_softmax(qr, A.vecs, self.beta, u, sub_ptr, sub_ex, buf, dead=dead)
         if bad >= 0:
             raise ValueError(
                 f"query {int(rows[bad])}: scores are not finite (vector/query norms too large for float32)"
             )
-        ids[rows] = slot_id[idx]
-        log_q[rows] = logp
-        # the exact log Z of the float32 scores, padded by their rounding bound
+        # log Z of the float32 scores, padded by their rounding bound and the pass's own
         qn = np.linalg.norm(qr.astype(np.float64), axis=1)
-        pad = self.beta * np.array([dot_error(index.dim, float(n), float(A.nu_max[0])) for n in qn])
-        log_z[rows] = np.stack([logz - pad, logz + pad], 1)
-        tv[rows] = 0.0  # exact draws
-        stats[rows, ST_DOTS] += n_slots
-        stats[rows, ST_PROPOSALS] = k
-        stats[rows, ST_FRONTIER] = 0
-        status[rows] = OK
+        pad = self.beta * np.array([dot_error(self.index.dim, float(n), float(A.nu_max[0])) for n in qn])
+        pad += LOGZ_ERR
+        return A.slot_id[idx], logp, np.stack([logz - pad, logz + pad], 1)
+
+    @contextmanager
+    def _dense_buffer(self, rows: int, n: int, dtype):
+        """A (rows, n) score buffer, kept between calls as BruteForce keeps its own (a
+        fresh one page-faults on every call: ~2 ms/query at 1M); a second caller at the
+        same time gets a fresh one."""
+        if not self._buf_lock.acquire(blocking=False):
+            yield np.empty((rows, n), dtype)
+            return
+        try:
+            nbytes = rows * n * np.dtype(dtype).itemsize
+            if self._buf is None or self._buf.nbytes < nbytes:
+                self._buf = np.empty(nbytes, np.uint8)
+            yield self._buf[:nbytes].view(dtype).reshape(rows, n)
+        finally:
+            self._buf_lock.release()
+
+    def _plan_dense(self, A, q: np.ndarray, k: int, n_slots: int) -> tuple[np.ndarray, int]:
+        """((B,) bool: the queries of a chunk that go straight to the dense pass, the
+        inner products the plan spent per query)."""
+        B = q.shape[0]
+        if self.mode != "exact":
+            return np.zeros(B, bool), 0
+        if self.plan == "dense":
+            return np.ones(B, bool), 0
+        if self.plan == "tree" or self.dense_fallback is None:
+            return np.zeros(B, bool), 0
+        work = self._predicted_work(A, q, k)
+        return work > self.plan_ratio * n_slots, plan_level(self.index)[0].size
+
+    def predicted_work(self, queries, k: int) -> np.ndarray:
+        """The plan's prediction of each query's exact-mode tree work, in inner products
+        (`plan_work` on the top-level clusters' bounds). Compare with the work a
+        `sample` call reports (`inner_products`) to check the plan on your data."""
+        q = as_vectors(queries, self.index.dim, "queries")
+        return self._predicted_work(self.index.view().arrays, q, check_k(k))
+
+    def _predicted_work(self, A, q: np.ndarray, k: int) -> np.ndarray:
+        B = q.shape[0]
+        nodes, centers = plan_level(self.index)
+        dots = np.empty((B, nodes.size), np.float32)
+        blo = np.empty(dots.shape, np.float64)
+        bup = np.empty(dots.shape, np.float64)
+        run_parallel(level_bounds, A, q, centers, nodes, dots, blo, bup)
+        beta = self.beta
+        lc = np.log(A.count[nodes].astype(np.float64))
+        flo, fup = lc + beta * blo, lc + beta * bup
+        qn2 = np.einsum("ij,ij->i", q, q, dtype=np.float64)[:, None]
+        msd = A.sqsum[nodes] / A.count[nodes]
+        w = proposal_log_weight.py_func(lc, beta, dots, qn2, msd, q.shape[1], flo, fup)
+        shift = fup.max(axis=1, keepdims=True)
+        eu, el, ew = (np.exp(a - shift) for a in (fup, flo, w))
+        return plan_work(bup, eu, el, ew, A.count[nodes], k, self.draw_cost)
+
+    def _bf16_codes(self) -> Bf16Codes | None:
+        """The index's bfloat16 codes (built on first use and after every write), or None
+        when the dense pass is float32."""
+        if self.dense_precision == "fp32":
+            return None
+        if self.dense_precision == "auto" and (not native_bf16() or self.index.dim < BF16_MIN_DIM):
+            return None
+        return index_codes(self.index)
 
     def _top_level_entries(self, A, q: np.ndarray, top_dots: np.ndarray, top_nodes: np.ndarray):
         """Frontier entries of the top level for the whole batch, vectorised.
