@@ -222,8 +222,8 @@ def main(argv=None) -> dict:
 def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) -> dict:
     n, nq, k = x.shape[0], queries.shape[0], a.k
     out: dict = dict(temperature=1.0 / beta, median_perplexity=ppl, **{f"target_{kind}": value})
-    brute.sample(queries[:8], k, beta, seed=0)
-    bf_s, _ = timed(lambda: brute.sample(queries, k, beta, seed=1), repeat=2)
+    brute.sample(queries[:8], k, temperature=1.0 / beta, seed=0)
+    bf_s, _ = timed(lambda: brute.sample(queries, k, temperature=1.0 / beta, seed=1), repeat=2)
     out["brute_force"] = dict(ms_per_query=1e3 * bf_s / nq)
     tvq = queries[: a.tv_queries]
     lowp_s = {}
@@ -231,8 +231,8 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
     for prec in [p_ for p_ in a.precisions.split(",") if p_]:
         # One reduced-precision copy at a time: each holds its own vectors and buffer.
         lowp = BruteForce(x, precision=prec)
-        lowp.sample(queries[:8], k, beta, seed=0)
-        lowp_s[prec], _ = timed(lambda lp=lowp: lp.sample(queries, k, beta, seed=1), repeat=2)
+        lowp.sample(queries[:8], k, temperature=1.0 / beta, seed=0)
+        lowp_s[prec], _ = timed(lambda lp=lowp: lp.sample(queries, k, temperature=1.0 / beta, seed=1), repeat=2)
         tv = lowp.tv_to_exact(queries[: a.lowp_tv_queries], beta)
         out[f"brute_force_{prec}"] = dict(
             ms_per_query=1e3 * lowp_s[prec] / nq,
@@ -286,7 +286,7 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
     exact_lp = exact_log_softmax(tvq, x, beta)
     exact_p = [np.exp(lp) for lp in exact_lp]
     # sampling-noise floor: brute force's own empirical TV at the same number of draws
-    bf_ids = brute.sample(tvq, a.tv_draws, beta, seed=2)[0]
+    bf_ids = brute.sample(tvq, a.tv_draws, temperature=1.0 / beta, seed=2)[0]
     out["tv_noise_floor"] = float(np.mean([empirical_tv(bf_ids[i], exact_p[i]) for i in range(tvq.shape[0])]))
     for name, sampler in samplers.items():
         sampler.sample(queries[:8], k, seed=0)
