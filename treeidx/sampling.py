@@ -41,7 +41,7 @@ from ._kernels.frontier import (
     log_gap,
     proposal_log_weight,
 )
-from ._kernels.sample import SampleOut, TopLevel, sample_batch, score_top_level
+from ._kernels.sample import SampleOut, TopLevel, TrialOut, sample_batch, score_top_level, trial_batch
 from ._threads import run_parallel
 from ._validate import (
     as_exclude,
@@ -88,6 +88,34 @@ class SampleResult:
     @property
     def draws_per_sample(self) -> np.ndarray:
         return self.proposals / self.ids.shape[1]
+
+
+@dataclass(frozen=True)
+class Trials:
+    """What `SoftmaxSampler.trials` returns (arrays over B queries).
+
+    ids:      (B, c) int64 accepted ids; row b holds n[b] of them, the rest is padding.
+    w:        (B, c) float64. Exact mode: β<q,y> of each accepted id; approx mode: its
+              log-probability under this index's proposal.
+    n:        (B,) int64 accepted ids per query.
+    log_env:  (B,) float64. Exact mode: the log of the rejection envelope's mass U, so
+              that one trial is accepted with probability exactly Z / U (Z over this
+              index's allowed ids). Approx mode: the log of the proposal's estimate of Z.
+              -inf when no id of this index is allowed.
+    log_z:    (B, 2) certified lower and upper bounds of log Z over this index's allowed ids.
+    tv_bound, nodes_opened, inner_products, proposals, frontier_size: (B,) as in SampleResult.
+    """
+
+    ids: np.ndarray
+    n: np.ndarray
+    w: np.ndarray
+    log_env: np.ndarray
+    log_z: np.ndarray
+    tv_bound: np.ndarray
+    nodes_opened: np.ndarray
+    inner_products: np.ndarray
+    proposals: np.ndarray
+    frontier_size: np.ndarray
 
 
 class SoftmaxSampler:
@@ -249,6 +277,14 @@ class SoftmaxSampler:
         )
 
     def _sample_chunk(self, q, qidx, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status):
+        A, q, qidx, top_nodes, tops, params, excl, order = self._plan_chunk(q, qidx, k, ptr, ex_slots)
+        out = SampleOut(*(np.empty_like(a) for a in (ids, log_q, log_z, tv, stats, status)))
+        run_parallel(sample_batch, A, q, qidx, top_nodes, tops, params, seed, excl, out)
+        for dst, src in zip((ids, log_q, log_z, tv, stats, status), out):
+            dst[order] = src
+
+    def _plan_chunk(self, q, qidx, k, ptr, ex_slots):
+        """What the kernels take for a chunk of queries, in locality order (`order`)."""
         view = self.index.view()
         A, top_nodes, top_centers, top_region = view.arrays, view.top_nodes, view.top_centers, view.top_region
         top_dots = np.empty((q.shape[0], top_centers.shape[0]), np.float32)
@@ -258,7 +294,6 @@ class SoftmaxSampler:
         q, top_dots = q[order], top_dots[order]
         ptr, ex_slots = permute_rows(ptr, ex_slots, order)
         tops = self._top_level_entries(A, q, top_dots, top_nodes)
-        out = SampleOut(*(np.empty_like(a) for a in (ids, log_q, log_z, tv, stats, status)))
         params = Params(
             beta=self.beta,
             k=k,
@@ -268,43 +303,134 @@ class SoftmaxSampler:
             draw_cost=self.draw_cost,
             give_up=self._give_up(),
         )
-        run_parallel(sample_batch, A, q, qidx[order], top_nodes, tops, params, seed, Csr(ptr, ex_slots), out)
-        for dst, src in zip((ids, log_q, log_z, tv, stats, status), out):
-            dst[order] = src
+        return A, q, qidx[order], top_nodes, tops, params, Csr(ptr, ex_slots), order
 
     def _sample_dense(self, q, rows, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status):
         """Exact samples for queries `rows` by one dense pass over the slot array."""
-        index, view = self.index, self.index.view()
-        A, n_slots = view.arrays, view.n_slots
-        vecs, slot_id = A.vecs, A.slot_id
+        view = self.index.view()
         sub_ptr, sub_ex = permute_rows(ptr, ex_slots, rows)
-        n_allowed = len(index) - np.array([np.unique(sub_ex[a:b]).size for a, b in zip(sub_ptr[:-1], sub_ptr[1:])])
+        n_allowed = len(self.index) - np.array([np.unique(sub_ex[a:b]).size for a, b in zip(sub_ptr[:-1], sub_ptr[1:])])
         if (n_allowed == 0).any():
             status[rows[n_allowed == 0]] = ALL_EXCLUDED
             return
         # each query's uniforms keyed by its own index: independent of which rows go dense
         u = np.stack([np.random.default_rng([seed, int(b)]).random(k) for b in rows])
+        idx, logp, logz, pad = self._dense_pass(q[rows], rows, sub_ptr, sub_ex, u)
+        ids[rows] = view.arrays.slot_id[idx]
+        log_q[rows] = logp
+        log_z[rows] = np.stack([logz - pad, logz + pad], 1)
+        tv[rows] = 0.0  # exact draws
+        stats[rows, ST_DOTS] += view.n_slots
+        stats[rows, ST_PROPOSALS] = k
+        stats[rows, ST_FRONTIER] = 0
+        status[rows] = OK
+
+    def _dense_pass(self, qr, rows, sub_ptr, sub_ex, u):
+        """Inverse-CDF draws for uniforms u over all stored vectors (`brute.dense_softmax`);
+        returns (slot index, log P, exact log Z of the float32 scores, its rounding pad)."""
+        index, view = self.index, self.index.view()
+        A, n_slots = view.arrays, view.n_slots
         # 64 rows keep BLAS efficient at a quarter of BruteForce's 256-row buffer (256 MB at 1M)
         buf = np.empty((min(rows.size, 64), n_slots), np.float32)
-        qr = q[rows]
         idx, logp, logz, bad = dense_softmax(
-            qr, vecs, self.beta, u, sub_ptr, sub_ex, buf, dead=np.flatnonzero(A.slot_leaf < 0)
+            qr, A.vecs, self.beta, u, sub_ptr, sub_ex, buf, dead=np.flatnonzero(A.slot_leaf < 0)
         )
         if bad >= 0:
             raise ValueError(
                 f"query {int(rows[bad])}: scores are not finite (vector/query norms too large for float32)"
             )
-        ids[rows] = slot_id[idx]
-        log_q[rows] = logp
         # the exact log Z of the float32 scores, padded by their rounding bound
         qn = np.linalg.norm(qr.astype(np.float64), axis=1)
         pad = self.beta * np.array([dot_error(index.dim, float(n), float(A.nu_max[0])) for n in qn])
-        log_z[rows] = np.stack([logz - pad, logz + pad], 1)
-        tv[rows] = 0.0  # exact draws
-        stats[rows, ST_DOTS] += n_slots
-        stats[rows, ST_PROPOSALS] = k
-        stats[rows, ST_FRONTIER] = 0
-        status[rows] = OK
+        return idx, logp, logz, pad
+
+    def trials(self, queries, m, *, k: int = 1, exclude=None, seed: int | None = None) -> Trials:
+        """Independent rejection trials per query: the building block of a sampler spread
+        over several indexes (`treeidx.distributed`). See Trials for the fields.
+
+        m: trials per query (an integer, or one per query; 0 gives the envelopes only).
+        Exact mode: m[b] trials against query b's refined cut, each accepted with
+        probability exactly Z_b / e^log_env[b]; accepted ids follow the softmax over this
+        index's allowed ids. Approx mode: m[b] draws from the proposal.
+        k: the samples the refinement plans for (its cost-aware stopping rule). The cut,
+        and with it log_env and log_z, depends on queries, exclude and k only, never on m
+        or seed: a caller can ask for the envelopes first (m=0) and then for the trials.
+        A query that exact mode's dense fallback takes gets log_env = its exact log Z, and
+        every trial accepted (inverse-CDF draws over the stored vectors).
+        Unlike `sample`, an empty index, or a query whose every id here is excluded, is
+        not an error: its log_env and log_z are -inf and it gets no trials.
+        """
+        index = self.index
+        q = as_vectors(queries, index.dim, "queries", allow_empty=True)
+        B = q.shape[0]
+        m_arr = np.asarray(m)
+        if m_arr.dtype.kind not in "iu" or m_arr.ndim > 1 or (m_arr.ndim == 1 and m_arr.shape[0] != B):
+            raise ValueError(f"m: expected an integer or {B} integers, got {m!r}")
+        m_arr = np.broadcast_to(m_arr.astype(np.int64), (B,))
+        if (m_arr < 0).any():
+            raise ValueError(f"m: expected integers >= 0, got {int(m_arr.min())}")
+        k = check_k(k)
+        seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else check_seed(seed)
+        cap = max(1, int(m_arr.max()) if B else 1)
+        out = TrialOut(
+            np.zeros((B, cap), np.int64),
+            np.zeros((B, cap), np.float64),
+            np.zeros(B, np.int64),
+            np.full(B, -np.inf),
+            np.full((B, 2), -np.inf),
+            np.zeros(B, np.float64),
+            np.zeros((B, 5), np.int64),
+            np.zeros(B, np.int64),
+        )
+        ptr, ex_slots = self._excluded_slots(exclude, B)
+        rows = np.flatnonzero(len(index) - np.diff(ptr) >= 1)  # excluded slots are distinct per query
+        if rows.size:
+            check_score_range(q, float(index.view().arrays.nu_max[0]), "queries", beta=self.beta)
+        for lo in range(0, rows.size, self.chunk_size):
+            r = rows[lo : lo + self.chunk_size]
+            sub_ptr, sub_ex = permute_rows(ptr, ex_slots, r)
+            A, qs, qidx, top_nodes, tops, params, excl, order = self._plan_chunk(q[r], r, k, sub_ptr, sub_ex)
+            part = TrialOut(*(np.empty_like(a[r]) for a in out))
+            run_parallel(trial_batch, A, qs, qidx, top_nodes, tops, params, seed, excl, m_arr[qidx], part)
+            for dst, src in zip(out, part):
+                dst[r[order]] = src
+        dense = np.flatnonzero(out.status == GAVE_UP)
+        if dense.size:
+            self._trials_dense(q, dense, m_arr, ptr, ex_slots, seed, out)
+        if (out.status == COLLAPSED).any():
+            b = int(np.flatnonzero(out.status == COLLAPSED)[0])
+            raise RuntimeError(f"query {b}: sampling stalled ({self.mode} mode): the bounds are too loose")
+        return Trials(
+            ids=out.ids,
+            w=out.w,
+            n=out.n,
+            log_env=out.log_env,
+            log_z=out.log_z,
+            tv_bound=out.tv,
+            nodes_opened=out.stats[:, ST_OPENED],
+            inner_products=out.stats[:, ST_DOTS],
+            proposals=out.stats[:, ST_PROPOSALS],
+            frontier_size=out.stats[:, ST_FRONTIER],
+        )
+
+    def _trials_dense(self, q, rows, m, ptr, ex_slots, seed, out):
+        """Dense-fallback rows of `trials`: the envelope is the exact Z, so every trial is
+        accepted, an inverse-CDF draw over the stored vectors."""
+        view = self.index.view()
+        sub_ptr, sub_ex = permute_rows(ptr, ex_slots, rows)
+        width = max(1, int(m[rows].max()))
+        u = np.stack([np.random.default_rng([seed, int(b)]).random(width) for b in rows])
+        idx, logp, logz, pad = self._dense_pass(q[rows], rows, sub_ptr, sub_ex, u)
+        mask = np.arange(width)[None, :] < m[rows][:, None]
+        out.ids[rows, :width] = np.where(mask, view.arrays.slot_id[idx], 0)
+        out.w[rows, :width] = np.where(mask, logp + logz[:, None], 0.0)
+        out.n[rows] = m[rows]
+        out.log_env[rows] = logz
+        out.log_z[rows] = np.stack([logz - pad, logz + pad], 1)
+        out.stats[rows, ST_DOTS] += view.n_slots
+        out.stats[rows, ST_PROPOSALS] = m[rows]
+        out.stats[rows, ST_FRONTIER] = 0
+        out.status[rows] = OK
 
     def _top_level_entries(self, A, q: np.ndarray, top_dots: np.ndarray, top_nodes: np.ndarray):
         """Frontier entries of the top level for the whole batch, vectorised.
