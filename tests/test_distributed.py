@@ -317,3 +317,50 @@ def test_shard_of_is_balanced_and_fixed():
     assert (shard_of(np.array([-5, 2**62]), 3) < 3).all()
     with pytest.raises(ValueError):
         shard_of([1, 2], 0)
+
+
+@pytest.mark.parametrize("dense_fallback", [None, 1e-12])
+def test_trials_accept_at_rate_z_over_envelope_and_follow_the_softmax(dense_fallback):
+    """SoftmaxSampler.trials, the building block: the cut (envelope, log Z interval) does
+    not depend on m or the seed; each trial is accepted with probability Z / U; the
+    accepted ids follow the softmax (exact binomial tests)."""
+    from scipy.special import bdtr, bdtrc
+
+    x, ids = union_data(3)
+    index = TreeIndex.build(x, ids)
+    q = rank_queries(0, 2)
+    s = SoftmaxSampler(index, temperature=TEMPERATURE, dense_fallback=dense_fallback)
+    m = 20_000
+    env = s.trials(q, 0, k=8, seed=0)
+    t = s.trials(q, m, k=8, seed=1)
+    np.testing.assert_array_equal(env.log_env, t.log_env)
+    np.testing.assert_array_equal(env.log_z, t.log_z)
+    assert (env.n == 0).all()
+    sc = (q.astype(np.float64) @ x.T.astype(np.float64)) / TEMPERATURE
+    logz = np.logaddexp.reduce(sc, axis=1)
+    assert ((t.log_z[:, 0] <= logz + 1e-12) & (logz <= t.log_z[:, 1] + 1e-12)).all()
+    for b in range(2):
+        p = float(np.exp(logz[b] - t.log_env[b]))
+        assert p <= 1 + 1e-6
+        n = int(t.n[b])
+        pv = 2 * min(bdtr(n, m, min(p, 1.0)), bdtrc(n - 1, m, min(p, 1.0)))
+        assert pv >= ALPHA, (n, m, p)
+        pos = np.searchsorted(ids, t.ids[b, :n])
+        np.testing.assert_allclose(t.w[b, :n], sc[b, pos], rtol=1e-5, atol=1e-4)
+        counts = np.bincount(pos, minlength=ids.size)
+        assert binomial_gof_pvalue(counts, np.exp(sc[b] - logz[b])) >= ALPHA
+    if dense_fallback is not None:
+        assert (t.n == m).all() and (t.frontier_size == 0).all()
+    approx = SoftmaxSampler(index, temperature=TEMPERATURE, mode="approx").trials(q, [5, 0], seed=0)
+    np.testing.assert_array_equal(approx.n, [5, 0])
+    with pytest.raises(ValueError, match="m: expected"):
+        s.trials(q, [1, 2, 3])
+    with pytest.raises(ValueError, match="m: expected"):
+        s.trials(q, -2)
+    # m=-1 (as many as k needs), with the same seed: the same trials, a prefix of the m ones
+    auto = s.trials(q, -1, k=8, seed=1)
+    assert ((auto.proposals > 0) & (auto.proposals <= m)).all()
+    for b in range(2):
+        first = t.trial[b, : t.n[b]] < auto.proposals[b]
+        np.testing.assert_array_equal(auto.ids[b, : auto.n[b]], t.ids[b, : t.n[b]][first])
+        np.testing.assert_array_equal(auto.trial[b, : auto.n[b]], t.trial[b, : t.n[b]][first])

@@ -97,6 +97,8 @@ class Trials:
     ids:      (B, c) int64 accepted ids; row b holds n[b] of them, the rest is padding.
     w:        (B, c) float64. Exact mode: β<q,y> of each accepted id; approx mode: its
               log-probability under this index's proposal.
+    trial:    (B, c) int64 the trial (from 0) that accepted each id: the accepted ids of
+              the first m' trials are those with trial < m'.
     n:        (B,) int64 accepted ids per query.
     log_env:  (B,) float64. Exact mode: the log of the rejection envelope's mass U, so
               that one trial is accepted with probability exactly Z / U (Z over this
@@ -109,6 +111,7 @@ class Trials:
     ids: np.ndarray
     n: np.ndarray
     w: np.ndarray
+    trial: np.ndarray
     log_env: np.ndarray
     log_z: np.ndarray
     tv_bound: np.ndarray
@@ -348,7 +351,9 @@ class SoftmaxSampler:
         """Independent rejection trials per query: the building block of a sampler spread
         over several indexes (`treeidx.distributed`). See Trials for the fields.
 
-        m: trials per query (an integer, or one per query; 0 gives the envelopes only).
+        m: trials per query (an integer, or one per query; 0 gives the envelopes only;
+        -1: as many as this index alone needs for k accepted ids with high probability,
+        at most an acceptance rate of 1/4's worth; `proposals` says how many were run).
         Exact mode: m[b] trials against query b's refined cut, each accepted with
         probability exactly Z_b / e^log_env[b]; accepted ids follow the softmax over this
         index's allowed ids. Approx mode: m[b] draws from the proposal.
@@ -367,14 +372,17 @@ class SoftmaxSampler:
         if m_arr.dtype.kind not in "iu" or m_arr.ndim > 1 or (m_arr.ndim == 1 and m_arr.shape[0] != B):
             raise ValueError(f"m: expected an integer or {B} integers, got {m!r}")
         m_arr = np.broadcast_to(m_arr.astype(np.int64), (B,))
-        if (m_arr < 0).any():
-            raise ValueError(f"m: expected integers >= 0, got {int(m_arr.min())}")
+        if (m_arr < -1).any():
+            raise ValueError(f"m: expected integers >= -1, got {int(m_arr.min())}")
         k = check_k(k)
         seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else check_seed(seed)
-        cap = max(1, int(m_arr.max()) if B else 1)
+        # "auto" rows: up to an acceptance rate of 1/4 in one call (exact mode), k draws (approx)
+        auto_cap = int(np.ceil(1.25 * (k + 3 * np.sqrt(k) + 3) * 4)) + 16 if self.mode == "exact" else k
+        cap = max(1, int(m_arr.max()) if B else 1, auto_cap if (m_arr < 0).any() else 1)
         out = TrialOut(
             np.zeros((B, cap), np.int64),
             np.zeros((B, cap), np.float64),
+            np.zeros((B, cap), np.int64),
             np.zeros(B, np.int64),
             np.full(B, -np.inf),
             np.full((B, 2), -np.inf),
@@ -396,13 +404,14 @@ class SoftmaxSampler:
                 dst[r[order]] = src
         dense = np.flatnonzero(out.status == GAVE_UP)
         if dense.size:
-            self._trials_dense(q, dense, m_arr, ptr, ex_slots, seed, out)
+            self._trials_dense(q, dense, m_arr, k, ptr, ex_slots, seed, out)
         if (out.status == COLLAPSED).any():
             b = int(np.flatnonzero(out.status == COLLAPSED)[0])
             raise RuntimeError(f"query {b}: sampling stalled ({self.mode} mode): the bounds are too loose")
         return Trials(
             ids=out.ids,
             w=out.w,
+            trial=out.trial,
             n=out.n,
             log_env=out.log_env,
             log_z=out.log_z,
@@ -413,22 +422,25 @@ class SoftmaxSampler:
             frontier_size=out.stats[:, ST_FRONTIER],
         )
 
-    def _trials_dense(self, q, rows, m, ptr, ex_slots, seed, out):
+    def _trials_dense(self, q, rows, m, k, ptr, ex_slots, seed, out):
         """Dense-fallback rows of `trials`: the envelope is the exact Z, so every trial is
         accepted, an inverse-CDF draw over the stored vectors."""
         view = self.index.view()
         sub_ptr, sub_ex = permute_rows(ptr, ex_slots, rows)
-        width = max(1, int(m[rows].max()))
+        auto = min(out.ids.shape[1], int(np.ceil(1.25 * (k + 3 * np.sqrt(k) + 3))) + 16)
+        mr = np.where(m[rows] < 0, auto, m[rows])
+        width = max(1, int(mr.max()))
         u = np.stack([np.random.default_rng([seed, int(b)]).random(width) for b in rows])
         idx, logp, logz, pad = self._dense_pass(q[rows], rows, sub_ptr, sub_ex, u)
-        mask = np.arange(width)[None, :] < m[rows][:, None]
+        mask = np.arange(width)[None, :] < mr[:, None]
         out.ids[rows, :width] = np.where(mask, view.arrays.slot_id[idx], 0)
         out.w[rows, :width] = np.where(mask, logp + logz[:, None], 0.0)
-        out.n[rows] = m[rows]
+        out.trial[rows, :width] = np.arange(width)[None, :]
+        out.n[rows] = mr
         out.log_env[rows] = logz
         out.log_z[rows] = np.stack([logz - pad, logz + pad], 1)
         out.stats[rows, ST_DOTS] += view.n_slots
-        out.stats[rows, ST_PROPOSALS] = m[rows]
+        out.stats[rows, ST_PROPOSALS] = mr
         out.stats[rows, ST_FRONTIER] = 0
         out.status[rows] = OK
 

@@ -325,15 +325,15 @@ def draw_stage(T, Q, P, X, cut, key, out, b):
 
 
 @nb.njit(cache=True)
-def draw_trials(T, Q, P, X, cut, prop, key, m, ids, w, stats):
+def draw_trials(T, Q, P, X, cut, prop, key, m, ids, w, trial, stats):
     """The draw stage as independent trials, for a sampler spread over several indexes.
 
     Exact mode: exactly m trials against the cut; each is accepted with probability
     Z / (the proposal's total), and an accepted target is distributed as the softmax over
     the allowed ids. Approx mode: proposals until m are kept (excluded ones are
     discarded, as in `draw`). Accepted ids go to ids[:n], with beta <q, y> (exact) or
-    their log-proposal probability (approx) in w[:n]. Returns n, or -1 when approx
-    mode stalls."""
+    their log-proposal probability (approx) in w[:n] and the number of the trial that
+    accepted each (from 0) in trial[:n]. Returns n, or -1 when approx mode stalls."""
     node, off, up, wj = cut.entries.node, cut.entries.off, cut.entries.up, cut.entries.w
     sw, sslot = cut.scores.w, cut.scores.slot
     vecs, slot_id, count, leaf_size = T.vecs, T.slot_id, T.count, T.leaf_size
@@ -371,6 +371,7 @@ def draw_trials(T, Q, P, X, cut, prop, key, m, ids, w, stats):
                 w_y = wj[j] - math.log(count[v]) - prop.shift - log_allowed
         ids[acc] = slot_id[s]
         w[acc] = w_y
+        trial[acc] = props - 1
         acc += 1
     stats[ST_PROPOSALS] += props
     stats[ST_ACCEPTED] += acc

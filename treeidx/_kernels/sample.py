@@ -365,6 +365,7 @@ class TrialOut(NamedTuple):
 
     ids: np.ndarray  # (B, cap) int64 accepted ids, the first n[b] of each row
     w: np.ndarray  # (B, cap) float64 beta <q, y> (exact) or log-proposal (approx)
+    trial: np.ndarray  # (B, cap) int64 the trial (from 0) that accepted each id
     n: np.ndarray  # (B,) int64 accepted
     log_env: np.ndarray  # (B,) float64 log of the proposal's total mass (see trial_one)
     log_z: np.ndarray  # (B, 2) float64 certified log Z interval
@@ -387,7 +388,9 @@ def trial_batch(T, queries, qidx, top_nodes, top, P, seed, excl, m, out):
 @nb.njit(cache=True)  # no fastmath: the frontier sums rely on IEEE order
 def trial_one(T, q, b, top_nodes, top, P, key, ex_slots, m, out):
     """Query b: plan and refine as `sample_one` (the same cut for the same Params), then
-    m trials (`draw.draw_trials`) instead of draws until k are accepted.
+    m trials (`draw.draw_trials`) instead of draws until k are accepted. m < 0: as many
+    as this index alone needs for k accepted ids with high probability (exact mode:
+    1.25 (k + 3 sqrt(k) + 3) U / L + 16, approx mode: k), at most the row's capacity.
 
     log_env: exact mode, the log of the proposal's total (upper bounds of unopened
     entries, exact masses of evaluated leaves): one trial is accepted with probability
@@ -421,8 +424,22 @@ def trial_one(T, q, b, top_nodes, top, P, key, ex_slots, m, out):
     if not P.exact:
         out.tv[b] = tv_bound(cut, prop, Ua)
     stats[ST_FRONTIER] = prop.entry.shape[0]
-    n = draw_trials(T, Q, P, X, cut, prop, key, m, out.ids[b], out.w[b], stats)
+    if m < 0:
+        m = auto_trials(P, out.log_env[b] - log_lo, out.ids.shape[1])
+    n = draw_trials(T, Q, P, X, cut, prop, key, m, out.ids[b], out.w[b], out.trial[b], stats)
     if n < 0:
         return COLLAPSED
     out.n[b] = n
     return OK
+
+
+@nb.njit(cache=True, inline="always")
+def auto_trials(P, log_ratio, cap):
+    """Trials that give k accepted ids with high probability at the acceptance rate
+    L / U >= e^-log_ratio (exact mode), or k draws (approx mode); at most cap."""
+    if not P.exact:
+        return min(P.k, cap)
+    if not log_ratio < 30.0:
+        return cap
+    want = 1.25 * (P.k + 3.0 * math.sqrt(P.k) + 3.0) * math.exp(log_ratio) + 16.0
+    return min(int(math.ceil(want)), cap)

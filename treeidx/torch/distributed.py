@@ -297,7 +297,10 @@ class ShardedSampler:
             work[rows] += np.stack([t.nodes_opened, t.inner_products, t.proposals, t.frontier_size], 1)
             return t
 
-        env = self._step(lambda: local_trials(np.arange(N), np.zeros(N, np.int64), 0), "sample: envelopes")
+        # one pass per shard: its cut, envelope and certificate, and a first batch of trials
+        # (as many as it alone would need) of which the allocation below uses a prefix
+        key0 = _key(seq, 1 << 30, self.rank)
+        env = self._step(lambda: local_trials(np.arange(N), np.full(N, -1, np.int64), key0), "sample: envelopes")
         mine = np.stack([env.log_env, env.log_z[:, 0], env.log_z[:, 1], env.tv_bound], 1)
         allenv = self._all_gather(mine, np.full(self.world_size, N)).reshape(self.world_size, N, 4)
         log_env, log_lo, log_up, tv_s = allenv.transpose(2, 0, 1)
@@ -311,18 +314,21 @@ class ShardedSampler:
             )
         rng = np.random.default_rng(seq)
         if self.mode == "exact":
-            records, acc, trials = self._exact_rounds(N, kq, log_env, glo, rng, seq, local_trials)
+            records, acc, trials = self._exact_rounds(N, kq, log_env, glo, rng, seq, local_trials, env)
             env_tot = _lse(log_env)
             with np.errstate(divide="ignore"):
                 logz_hat = np.clip(env_tot + np.log(acc / np.maximum(trials, 1)), glo, gup)
             tv = np.zeros(N)
         else:
-            records, logz_hat, tv = self._approx_draws(N, kq, log_env, log_lo, log_up, tv_s, rng, seq, local_trials)
+            records, logz_hat, tv = self._approx_draws(N, kq, log_env, log_lo, log_up, tv_s, rng, env)
         return self._deliver(records, work, kq, offsets, meta, logz_hat, np.stack([glo, gup], 1), tv, seq)
 
-    def _exact_rounds(self, N, kq, log_env, glo, rng, seq, local_trials):
+    def _exact_rounds(self, N, kq, log_env, glo, rng, seq, local_trials, pre: Trials):
         """Rounds of trials until every query has k accepted ids: (accepted records of
-        this shard (query, id, beta<q,y>), accepted per query, trials per query)."""
+        this shard (query, id, beta<q,y>), accepted per query, trials per query).
+
+        Round 0 uses the first trials of `pre` (run before the allocation was known, so
+        independent of it) and runs more only where the allocation asks for more."""
         env_tot = _lse(log_env)
         p_all = np.exp(log_env - env_tot)
         acc = np.zeros(N, np.int64)
@@ -339,13 +345,19 @@ class ShardedSampler:
             p = p_all[:, active].T
             p = p / p.sum(1, keepdims=True)
             alloc = rng.multinomial(m, p)  # (active, shards): the same on every rank
-            key = int(np.random.SeedSequence([*seq.entropy, rnd, self.rank]).generate_state(1)[0])  # type: ignore[misc]
             mine = alloc[:, self.rank]
-            go = mine > 0
-            t = self._step(lambda: local_trials(active[go], mine[go], key), "sample: trials")  # noqa: B023
             n = np.zeros(active.size, np.int64)
-            n[go] = t.n
-            recs.append(_pack(active[go], t, t.w))
+            if rnd == 0:  # active is every query: the prefix of the first trials
+                used = np.minimum(mine, pre.proposals)
+                keep = (np.arange(pre.ids.shape[1])[None, :] < pre.n[:, None]) & (pre.trial < used[:, None])
+                recs.append(_pack(active, pre.ids, pre.w, keep))
+                n += keep.sum(1)
+                mine = mine - used
+            go = mine > 0
+            key = _key(seq, rnd, self.rank)
+            t = self._step(lambda: local_trials(active[go], mine[go], key), "sample: trials")  # noqa: B023
+            n[go] += t.n
+            recs.append(_pack(active[go], t.ids, t.w, np.arange(t.ids.shape[1])[None, :] < t.n[:, None]))
             got = self._all_gather(n, np.full(self.world_size, active.size)).reshape(self.world_size, -1).sum(0)
             acc[active] += got
             trials[active] += m
@@ -354,16 +366,17 @@ class ShardedSampler:
             raise RuntimeError(f"sampling stalled: {active.size} queries still short of k after {_MAX_ROUNDS} rounds")
         return self._records(recs), acc, trials
 
-    def _approx_draws(self, N, kq, log_w, log_lo, log_up, tv_s, rng, seq, local_trials):
-        """Approx mode: k draws per query split over the shards by their estimated masses."""
+    def _approx_draws(self, N, kq, log_w, log_lo, log_up, tv_s, rng, pre: Trials):
+        """Approx mode: k draws per query split over the shards by their estimated
+        masses; each shard's share is a prefix of the k draws it made in `pre`."""
         wtot = _lse(log_w)
         a = np.exp(log_w - wtot)  # (S, N) mixing weights
         alloc = rng.multinomial(kq, (a / a.sum(0)).T)
-        key = int(np.random.SeedSequence([*seq.entropy, self.rank]).generate_state(1)[0])  # type: ignore[misc]
         mine = alloc[:, self.rank]
-        go = np.flatnonzero(mine > 0)
-        t = self._step(lambda: local_trials(go, mine[go], key), "sample: draws")
-        recs = [_pack(go, t, (log_w[self.rank, go] - wtot[go])[:, None] + t.w)]
+        keep = np.arange(pre.ids.shape[1])[None, :] < np.minimum(mine, pre.n)[:, None]
+        if (mine > pre.n).any():  # cannot happen: pre drew max(k) per query
+            raise RuntimeError("approx mode: a shard drew fewer than its share")
+        recs = [_pack(np.arange(N), pre.ids, (log_w[self.rank] - wtot)[:, None] + pre.w, keep)]
         # certified TV: sum_s a_s TV_s + 1/2 sum_s |a_s - Z_s/Z|, Z_s/Z bounded by the certificates
         lo, up = np.exp(log_lo), np.exp(log_up)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -577,12 +590,17 @@ def _shard_path(path: str, rank: int, world_size: int) -> str:
     return p.format(rank=rank, world_size=world_size)
 
 
-def _pack(rows: np.ndarray, t: Trials, w: np.ndarray) -> np.ndarray:
-    """(query, id, value) rows of the accepted ids of `t` (query and id bit-cast into
-    the float64 columns, so ids keep all 64 bits)."""
-    mask = np.arange(t.ids.shape[1])[None, :] < t.n[:, None]
-    out = np.empty((int(t.n.sum()), 3), np.float64)
-    out[:, 0] = np.repeat(np.asarray(rows, np.int64), t.n).view(np.float64)
-    out[:, 1] = t.ids[mask].view(np.float64)
-    out[:, 2] = w[mask]
+def _key(seq: np.random.SeedSequence, *words: int) -> int:
+    """A 63-bit seed from the call's shared seed sequence and some words."""
+    return int(np.random.SeedSequence([*seq.entropy, *words]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _pack(rows: np.ndarray, ids: np.ndarray, w: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """(query, id, value) records of the kept entries of (rows x columns) arrays (query
+    and id bit-cast into the float64 columns, so ids keep all 64 bits)."""
+    counts = keep.sum(1)
+    out = np.empty((int(counts.sum()), 3), np.float64)
+    out[:, 0] = np.repeat(np.asarray(rows, np.int64), counts).view(np.float64)
+    out[:, 1] = ids[keep].view(np.float64)
+    out[:, 2] = w[keep]
     return out
