@@ -10,10 +10,14 @@ sampler on top, and a failing rank that must not leave the others waiting.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pickle
+import subprocess
+import sys
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -364,3 +368,22 @@ def test_trials_accept_at_rate_z_over_envelope_and_follow_the_softmax(dense_fall
         first = t.trial[b, : t.n[b]] < auto.proposals[b]
         np.testing.assert_array_equal(auto.ids[b, : auto.n[b]], t.ids[b, : t.n[b]][first])
         np.testing.assert_array_equal(auto.trial[b, : auto.n[b]], t.trial[b, : t.n[b]][first])
+
+
+def test_the_ddp_example_runs_under_torchrun():
+    """bench/ddp_example.py, the loop docs/distributed.md shows: 2 ranks, end to end."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = subprocess.run(
+        cmd + [str(root / "bench" / "ddp_example.py"), "--steps", "20"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=root,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["world_size"] == 2 and res["bytes_sent_rank0"] > 0
+    assert res["last_loss"] < res["first_loss"]

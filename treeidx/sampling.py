@@ -376,8 +376,8 @@ class SoftmaxSampler:
             raise ValueError(f"m: expected integers >= -1, got {int(m_arr.min())}")
         k = check_k(k)
         seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else check_seed(seed)
-        # "auto" rows: up to an acceptance rate of 1/4 in one call (exact mode), k draws (approx)
-        auto_cap = int(np.ceil(1.25 * (k + 3 * np.sqrt(k) + 3) * 4)) + 16 if self.mode == "exact" else k
+        # "auto" rows: up to an acceptance rate of 1/4 in one call (approx mode: rate 1)
+        auto_cap = int(np.ceil(1.25 * (k + 3 * np.sqrt(k) + 3) * (4 if self.mode == "exact" else 1))) + 16
         cap = max(1, int(m_arr.max()) if B else 1, auto_cap if (m_arr < 0).any() else 1)
         out = TrialOut(
             np.zeros((B, cap), np.int64),

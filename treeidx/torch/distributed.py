@@ -70,15 +70,6 @@ def shard_of(ids, world_size: int) -> np.ndarray:
     return (z % np.uint64(w)).astype(np.int64)
 
 
-def _lse(a: np.ndarray, axis: int = 0) -> np.ndarray:
-    """log-sum-exp along axis, -inf for all -inf."""
-    mx = np.max(a, axis=axis, keepdims=True)
-    safe = np.where(np.isfinite(mx), mx, 0.0)
-    with np.errstate(divide="ignore"):
-        out = np.log(np.sum(np.exp(a - safe), axis=axis, keepdims=True)) + safe
-    return np.squeeze(out, axis=axis)
-
-
 class ShardedSampler:
     """Softmax samples and exact top-k over an index sharded across torch.distributed ranks.
 
@@ -223,6 +214,22 @@ class ShardedSampler:
         self.bytes_sent += arr.nbytes * (self.world_size - 1)
         return np.concatenate([o.numpy()[: int(s)] for o, s in zip(outs, sizes)])
 
+    def _all_reduce(self, arr: np.ndarray, op: Any) -> np.ndarray:
+        """An all_reduce of a copy of arr (same shape on every rank)."""
+        t = torch.from_numpy(np.array(arr, copy=True))
+        self._collective(lambda: dist.all_reduce(t, op=op, group=self.group), "all_reduce")
+        # a ring all_reduce sends 2 (S - 1) / S of the buffer from every rank
+        self.bytes_sent += int(2 * arr.nbytes * (self.world_size - 1) / self.world_size)
+        return t.numpy()
+
+    def _global_lse(self, x: np.ndarray) -> np.ndarray:
+        """log-sum-exp over the ranks of every entry of x (-inf where all are)."""
+        mx = self._all_reduce(x, dist.ReduceOp.MAX)
+        safe = np.where(np.isfinite(mx), mx, 0.0)
+        total = self._all_reduce(np.exp(x - safe), dist.ReduceOp.SUM)
+        with np.errstate(divide="ignore"):
+            return np.log(total) + safe
+
     def _exchange(self, parts: list[np.ndarray]) -> list[np.ndarray]:
         """parts[r] goes to rank r; returns what every rank sent here, in rank order.
         Same dtype and trailing shape on every rank."""
@@ -287,6 +294,7 @@ class ShardedSampler:
         kq = np.repeat(meta[:, 2], meta[:, 0])
         owner_of = np.repeat(np.arange(self.world_size), meta[:, 0])
         k_plan = int(meta[:, 2].max())
+        # the call's seed: every rank's seed and batch size (the same sequence on every rank)
         seq = np.random.SeedSequence([int(s) for s in meta[:, 3]] + [int(b) for b in meta[:, 0]])
         Qt = self._local_queries(Q) if N else Q
         excl = self._rows(ptr_all, ex_all, np.arange(N))
@@ -301,10 +309,9 @@ class ShardedSampler:
         # (as many as it alone would need) of which the allocation below uses a prefix
         key0 = _key(seq, 1 << 30, self.rank)
         env = self._step(lambda: local_trials(np.arange(N), np.full(N, -1, np.int64), key0), "sample: envelopes")
-        mine = np.stack([env.log_env, env.log_z[:, 0], env.log_z[:, 1], env.tv_bound], 1)
-        allenv = self._all_gather(mine, np.full(self.world_size, N)).reshape(self.world_size, N, 4)
-        log_env, log_lo, log_up, tv_s = allenv.transpose(2, 0, 1)
-        glo, gup = _lse(log_lo), _lse(log_up)
+        # the global sums, by two all_reduces (no rank needs the other shards' terms)
+        mine = np.stack([env.log_env, env.log_z[:, 0], env.log_z[:, 1]], 1)
+        env_tot, glo, gup = self._global_lse(mine).T
         if N and not np.isfinite(gup).all():
             b = int(np.flatnonzero(~np.isfinite(gup))[0])
             r = int(owner_of[b])
@@ -312,25 +319,32 @@ class ShardedSampler:
                 f"rank {r}, query {b - offsets[r]}: every target of every shard is excluded (or the index is "
                 "empty); nothing to sample"
             )
-        rng = np.random.default_rng(seq)
+        share = np.exp(env.log_env - env_tot)  # this shard's share of the envelope (approx: of the mass)
+        records, acc, trials = self._rounds(N, kq, share, env_tot - glo, seq, local_trials, env)
         if self.mode == "exact":
-            records, acc, trials = self._exact_rounds(N, kq, log_env, glo, rng, seq, local_trials, env)
-            env_tot = _lse(log_env)
             with np.errstate(divide="ignore"):
                 logz_hat = np.clip(env_tot + np.log(acc / np.maximum(trials, 1)), glo, gup)
             tv = np.zeros(N)
         else:
-            records, logz_hat, tv = self._approx_draws(N, kq, log_env, log_lo, log_up, tv_s, rng, env)
+            records[:, 2] += np.log(share[records[:, 0].view(np.int64)])
+            logz_hat = np.zeros(N)
+            tv = self._approx_tv(share, env, glo, gup)
         return self._deliver(records, work, kq, offsets, meta, logz_hat, np.stack([glo, gup], 1), tv, seq)
 
-    def _exact_rounds(self, N, kq, log_env, glo, rng, seq, local_trials, pre: Trials):
-        """Rounds of trials until every query has k accepted ids: (accepted records of
-        this shard (query, id, beta<q,y>), accepted per query, trials per query).
+    def _rounds(self, N, kq, share, log_ratio, seq, local_trials, pre: Trials):
+        """Rounds of trials until every query has k accepted ids over all shards.
+        Returns (this shard's accepted records (query, id, value), accepted per query,
+        trials per query (all shards)).
 
-        Round 0 uses the first trials of `pre` (run before the allocation was known, so
-        independent of it) and runs more only where the allocation asks for more."""
-        env_tot = _lse(log_env)
-        p_all = np.exp(log_env - env_tot)
+        A round plans m trials for a query (enough for the ids it still needs at the
+        certified acceptance rate L / U, with slack) and splits them over the shards by
+        independent Poisson counts, m_s ~ Poisson(m U_s / U): the same in law as sending
+        each of a Poisson(m) number of trials to shard s with probability U_s / U, and
+        every shard draws its own count, knowing only U. Round 0 first uses a prefix of
+        the trials `pre` ran before (independent of the counts) and runs more only where
+        its count is larger. Approx mode: a trial is a draw, always kept (U_s: the mass
+        estimate)."""
+        exact = self.mode == "exact"
         acc = np.zeros(N, np.int64)
         trials = np.zeros(N, np.int64)
         recs: list[np.ndarray] = []
@@ -339,17 +353,19 @@ class ShardedSampler:
             if active.size == 0:
                 break
             need = kq[active] - acc[active]
-            # the acceptance rate is at least e^(log L - log U): plan for it, with slack
-            ratio = np.exp(np.minimum(env_tot[active] - glo[active], np.log(64.0)))
-            m = np.ceil((need + 3.0 * np.sqrt(need) + 3.0) * np.maximum(ratio, 1.0)).astype(np.int64)
-            p = p_all[:, active].T
-            p = p / p.sum(1, keepdims=True)
-            alloc = rng.multinomial(m, p)  # (active, shards): the same on every rank
-            mine = alloc[:, self.rank]
+            ratio = np.exp(np.clip(log_ratio[active], 0.0, np.log(64.0))) if exact else 1.0
+            m = np.ceil((need + 3.0 * np.sqrt(need) + 3.0) * ratio)
+            rng = np.random.default_rng(np.random.SeedSequence([*seq.entropy, rnd, self.rank]))  # type: ignore[misc]
+            mine = rng.poisson(m * share[active]).astype(np.int64)
             n = np.zeros(active.size, np.int64)
-            if rnd == 0:  # active is every query: the prefix of the first trials
-                used = np.minimum(mine, pre.proposals)
-                keep = (np.arange(pre.ids.shape[1])[None, :] < pre.n[:, None]) & (pre.trial < used[:, None])
+            if rnd == 0:  # active is every query: a prefix of the first trials
+                cols = np.arange(pre.ids.shape[1])[None, :]
+                if exact:
+                    used = np.minimum(mine, pre.proposals)
+                    keep = (cols < pre.n[:, None]) & (pre.trial < used[:, None])
+                else:
+                    used = np.minimum(mine, pre.n)
+                    keep = cols < used[:, None]
                 recs.append(_pack(active, pre.ids, pre.w, keep))
                 n += keep.sum(1)
                 mine = mine - used
@@ -358,33 +374,28 @@ class ShardedSampler:
             t = self._step(lambda: local_trials(active[go], mine[go], key), "sample: trials")  # noqa: B023
             n[go] += t.n
             recs.append(_pack(active[go], t.ids, t.w, np.arange(t.ids.shape[1])[None, :] < t.n[:, None]))
-            got = self._all_gather(n, np.full(self.world_size, active.size)).reshape(self.world_size, -1).sum(0)
-            acc[active] += got
-            trials[active] += m
+            if rnd == 0:
+                mine = mine + used
+            got = self._all_reduce(np.stack([n, mine], 1), dist.ReduceOp.SUM)
+            acc[active] += got[:, 0]
+            trials[active] += got[:, 1]
             active = active[acc[active] < kq[active]]
         else:
             raise RuntimeError(f"sampling stalled: {active.size} queries still short of k after {_MAX_ROUNDS} rounds")
         return self._records(recs), acc, trials
 
-    def _approx_draws(self, N, kq, log_w, log_lo, log_up, tv_s, rng, pre: Trials):
-        """Approx mode: k draws per query split over the shards by their estimated
-        masses; each shard's share is a prefix of the k draws it made in `pre`."""
-        wtot = _lse(log_w)
-        a = np.exp(log_w - wtot)  # (S, N) mixing weights
-        alloc = rng.multinomial(kq, (a / a.sum(0)).T)
-        mine = alloc[:, self.rank]
-        keep = np.arange(pre.ids.shape[1])[None, :] < np.minimum(mine, pre.n)[:, None]
-        if (mine > pre.n).any():  # cannot happen: pre drew max(k) per query
-            raise RuntimeError("approx mode: a shard drew fewer than its share")
-        recs = [_pack(np.arange(N), pre.ids, (log_w[self.rank] - wtot)[:, None] + pre.w, keep)]
-        # certified TV: sum_s a_s TV_s + 1/2 sum_s |a_s - Z_s/Z|, Z_s/Z bounded by the certificates
-        lo, up = np.exp(log_lo), np.exp(log_up)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            b_lo = np.nan_to_num(lo / (lo + up.sum(0) - up))
-            b_hi = np.nan_to_num(up / (up + lo.sum(0) - lo), nan=1.0)
-        dev = np.maximum(np.maximum(a - b_lo, b_hi - a), 0.0)
-        tv = np.minimum(1.0, (a * tv_s).sum(0) + 0.5 * dev.sum(0))
-        return self._records(recs), np.zeros(N), tv
+    def _approx_tv(self, share, env: Trials, glo, gup) -> np.ndarray:
+        """Certified TV bound of the mixture: sum_s a_s TV_s + 1/2 sum_s |a_s - Z_s / Z|,
+        with Z_s / Z bounded by the certificates (one all_reduce of the shards' terms)."""
+        lo, up = np.exp(env.log_z[:, 0] - glo), np.exp(env.log_z[:, 1] - gup)  # L_s / L, U_s / U
+        L, U = np.exp(glo), np.exp(gup)
+        Ls, Us = lo * L, up * U
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            b_lo = np.nan_to_num(Ls / (Ls + U - Us))
+            b_hi = np.nan_to_num(Us / (Us + L - Ls), nan=1.0)
+        dev = np.maximum(np.maximum(share - b_lo, b_hi - share), 0.0)
+        term = share * env.tv_bound + 0.5 * dev
+        return np.minimum(1.0, self._all_reduce(term, dist.ReduceOp.SUM))
 
     @staticmethod
     def _records(recs: list[np.ndarray]) -> np.ndarray:
