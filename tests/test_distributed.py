@@ -223,6 +223,9 @@ def edits(rank: int, world: int, out: str) -> dict:
     t = ShardedSampler.load(path, temperature=TEMPERATURE, timeout=TIMEOUT)
     np.testing.assert_array_equal(t.index.ids, index.ids)
     np.testing.assert_array_equal(t.search(q, 5)[1], s.search(q, 5)[1])
+    # a shard holding ids its rank does not own is refused when the sampler is made
+    wrong = TreeIndex.build(x[:50], ids[:50]) if rank == 0 else index
+    expect_failure(lambda: ShardedSampler(wrong, temperature=TEMPERATURE, timeout=TIMEOUT), ValueError, rank, 0)
     return {"len": len(s)}
 
 

@@ -103,11 +103,6 @@ class ShardedSampler:
         owner: Callable[[np.ndarray, int], np.ndarray] = shard_of,
         **options: Any,
     ) -> None:
-        if not isinstance(index, (TreeIndex, DynamicIndex)):
-            raise TypeError(f"index: expected a TreeIndex or DynamicIndex, got {type(index).__name__}")
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise TypeError(f"unknown option(s) {unknown}; expected some of {list(_OPTIONS)}")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ShardedSampler needs torch.distributed initialised (dist.init_process_group)")
         self.timeout = _validate.check_number(timeout, "timeout", strict=True)
@@ -122,12 +117,20 @@ class ShardedSampler:
         self.bytes_sent = 0  # payload bytes this rank sent (every exchange counted once per receiver)
         self.messages = 0  # collective calls made
         self._edits = 0
-        self._sampler = self._step(
-            lambda: SoftmaxSampler(self._tree(), temperature=temperature, mode=mode, **options), "ShardedSampler()"
-        )
+        # checked on every rank, then agreed: a bad argument on one rank fails them all
+        self._sampler = self._step(lambda: self._make_sampler(temperature, mode), "ShardedSampler()")
         self.temperature = self._sampler.temperature
         self.mode = self._sampler.mode
-        self._step(self._check_owned, "ShardedSampler(): checking that this rank owns its shard's ids")
+
+    def _make_sampler(self, temperature: float, mode: str) -> SoftmaxSampler:
+        if not isinstance(self.index, (TreeIndex, DynamicIndex)):
+            raise TypeError(f"index: expected a TreeIndex or DynamicIndex, got {type(self.index).__name__}")
+        unknown = sorted(set(self.options) - set(_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; expected some of {list(_OPTIONS)}")
+        sampler = SoftmaxSampler(self._tree(), temperature=temperature, mode=mode, **self.options)
+        self._check_owned()
+        return sampler
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
