@@ -353,7 +353,8 @@ class SoftmaxSampler:
 
         m: trials per query (an integer, or one per query; 0 gives the envelopes only;
         -1: as many as this index alone needs for k accepted ids with high probability,
-        at most an acceptance rate of 1/4's worth; `proposals` says how many were run).
+        from its certified acceptance rate L / U, stopping early once 6x that many ids
+        were accepted; `proposals` says how many were run).
         Exact mode: m[b] trials against query b's refined cut, each accepted with
         probability exactly Z_b / e^log_env[b]; accepted ids follow the softmax over this
         index's allowed ids. Approx mode: m[b] draws from the proposal.
@@ -376,8 +377,8 @@ class SoftmaxSampler:
             raise ValueError(f"m: expected integers >= -1, got {int(m_arr.min())}")
         k = check_k(k)
         seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else check_seed(seed)
-        # "auto" rows: up to an acceptance rate of 1/4 in one call (approx mode: rate 1)
-        auto_cap = int(np.ceil(1.25 * (k + 3 * np.sqrt(k) + 3) * (4 if self.mode == "exact" else 1))) + 16
+        # "auto" rows store up to 6x (exact) the accepted ids k needs with high probability
+        auto_cap = int(np.ceil((6.0 if self.mode == "exact" else 1.25) * (k + 3 * np.sqrt(k) + 3))) + 16
         cap = max(1, int(m_arr.max()) if B else 1, auto_cap if (m_arr < 0).any() else 1)
         out = TrialOut(
             np.zeros((B, cap), np.int64),

@@ -328,7 +328,7 @@ def draw_stage(T, Q, P, X, cut, key, out, b):
 def draw_trials(T, Q, P, X, cut, prop, key, m, ids, w, trial, stats):
     """The draw stage as independent trials, for a sampler spread over several indexes.
 
-    Exact mode: exactly m trials against the cut; each is accepted with probability
+    Exact mode: m trials against the cut (fewer if ids fills up first); each is accepted with probability
     Z / (the proposal's total), and an accepted target is distributed as the softmax over
     the allowed ids. Approx mode: proposals until m are kept (excluded ones are
     discarded, as in `draw`). Accepted ids go to ids[:n], with beta <q, y> (exact) or
@@ -341,7 +341,8 @@ def draw_trials(T, Q, P, X, cut, prop, key, m, ids, w, trial, stats):
     props, acc = 0, 0
     ctr = U64(0)
     max_props = 1000 * m + 100000
-    while (props < m) if P.exact else (acc < m):
+    cap = ids.shape[0]
+    while (props < m and acc < cap) if P.exact else (acc < m):
         if props >= max_props:
             return -1
         props += 1

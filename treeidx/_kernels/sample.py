@@ -390,8 +390,8 @@ def trial_one(T, q, b, top_nodes, top, P, key, ex_slots, m, out):
     """Query b: plan and refine as `sample_one` (the same cut for the same Params), then
     m trials (`draw.draw_trials`) instead of draws until k are accepted. m < 0: as many
     as this index alone needs for k accepted ids with high probability,
-    1.25 (k + 3 sqrt(k) + 3) U / L + 16 (approx mode: U / L read as 1), at most the row's
-    capacity.
+    1.25 (k + 3 sqrt(k) + 3) U / L + 16 (approx mode: U / L read as 1), stopping early
+    once the row's capacity of accepted ids is full.
 
     log_env: exact mode, the log of the proposal's total (upper bounds of unopened
     entries, exact masses of evaluated leaves): one trial is accepted with probability
@@ -437,10 +437,9 @@ def trial_one(T, q, b, top_nodes, top, P, key, ex_slots, m, out):
 @nb.njit(cache=True, inline="always")
 def auto_trials(P, log_ratio, cap):
     """Trials that give k accepted ids with high probability at the acceptance rate
-    L / U >= e^-log_ratio (approx mode: every draw is kept, rate 1); at most cap."""
+    L / U >= e^-log_ratio (exact mode: at most 10^9; they stop early once the row's
+    cap accepted ids are stored), or k draws with slack (approx mode: at most cap)."""
     if not P.exact:
-        log_ratio = 0.0
-    if not log_ratio < 30.0:
-        return cap
-    want = 1.25 * (P.k + 3.0 * math.sqrt(P.k) + 3.0) * math.exp(log_ratio) + 16.0
-    return min(int(math.ceil(want)), cap)
+        return min(int(math.ceil(1.25 * (P.k + 3.0 * math.sqrt(P.k) + 3.0))) + 16, cap)
+    want = 1.25 * (P.k + 3.0 * math.sqrt(P.k) + 3.0) * math.exp(min(log_ratio, 20.0)) + 16.0
+    return int(min(math.ceil(want), 1e9))

@@ -356,7 +356,7 @@ class ShardedSampler:
             if active.size == 0:
                 break
             need = kq[active] - acc[active]
-            ratio = np.exp(np.clip(log_ratio[active], 0.0, np.log(64.0))) if exact else 1.0
+            ratio = np.exp(np.clip(log_ratio[active], 0.0, np.log(1e4))) if exact else 1.0
             m = np.ceil((need + 3.0 * np.sqrt(need) + 3.0) * ratio)
             rng = np.random.default_rng(np.random.SeedSequence([*seq.entropy, rnd, self.rank]))  # type: ignore[misc]
             mine = rng.poisson(m * share[active]).astype(np.int64)
