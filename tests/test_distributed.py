@@ -242,6 +242,12 @@ def torch_and_dynamic(rank: int, world: int, out: str) -> dict:
     assert_sampling_exact(s.sample, pred, ids, q, 1.0 / TEMPERATURE, [[], []], seed=rank, dense=False)
     assert_search_exact(s.search, pred, ids, q, 5, [[], []])
 
+    # a rank with no queries still takes part (and gets empty results)
+    mine = q[:0] if rank == 1 else q
+    r = s.sample(mine, 4, seed=0)
+    assert r.ids.shape == (mine.shape[0], 4) and r.log_z.shape == (mine.shape[0], 2)
+    sc, top = s.search(mine, 3)
+    assert sc.shape == top.shape == (mine.shape[0], 3)
     neg = TreeNegativeSampler(s, k=16, temperature=TEMPERATURE, seed=0, prefetch=True)
     qt = torch.from_numpy(q)
     pos = torch.from_numpy(ids[[rank, rank + 7]])
