@@ -50,6 +50,25 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _read_rows(path: str, keep) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a saved (n, d) float32 array whose index passes `keep`, read in
+    chunks by file reads (a memory map would count the whole file in this rank's RSS)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = header(f)
+        n, d = shape
+        parts, ids = [], []
+        step = 65536
+        for lo in range(0, n, step):
+            m = min(step, n - lo)
+            chunk = np.fromfile(f, np.float32, m * d).reshape(m, d)
+            sel = np.flatnonzero(keep(np.arange(lo, lo + m, dtype=np.int64)))
+            parts.append(chunk[sel])
+            ids.append(sel + lo)
+    return np.ascontiguousarray(np.concatenate(parts)), np.concatenate(ids)
+
+
 def _rank_main(rank: int, world: int, cfg: dict) -> None:
     """One rank: build its shard, time the sharded sampler, write its figures."""
     import torch
@@ -62,18 +81,14 @@ def _rank_main(rank: int, world: int, cfg: dict) -> None:
         "gloo", init_method=cfg["init"], rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800)
     )
     try:
-        x = np.load(cfg["x"], mmap_mode="r")
-        ids = np.arange(x.shape[0], dtype=np.int64)
-        own = np.flatnonzero(shard_of(ids, world) == rank)
-        xs = np.ascontiguousarray(x[own])
-        del x
+        xs, own = _read_rows(cfg["x"], lambda ids: shard_of(ids, world) == rank)
         t0 = time.perf_counter()
         index = TreeIndex.build(xs, own, seed=0)
         build_s = time.perf_counter() - t0
         del xs
         queries = np.load(cfg["q"])
         mine = queries[rank::world]
-        out: dict = {"rank": rank, "targets": int(own.size), "build_s": build_s}
+        out: dict = {"rank": rank, "targets": int(own.size), "build_s": build_s, "index_mb": index.nbytes / 2**20}
         for mode in ("exact", "approx"):
             s = ShardedSampler(index, temperature=cfg["temperature"], mode=mode, timeout=1800)
             t0 = time.perf_counter()
@@ -121,6 +136,7 @@ def run_world(world: int, cfg: dict) -> dict:
             "compile_s": max(r[mode]["compile_s"] for r in ranks),
         }
     res["peak_rss_mb_per_rank"] = [r["peak_rss_mb"] for r in ranks]
+    res["index_mb_per_rank"] = [r["index_mb"] for r in ranks]
     res["build_s_per_rank"] = [r["build_s"] for r in ranks]
     return res
 

@@ -390,11 +390,10 @@ class ShardedSampler:
     def _approx_tv(self, share, env: Trials, glo, gup) -> np.ndarray:
         """Certified TV bound of the mixture: sum_s a_s TV_s + 1/2 sum_s |a_s - Z_s / Z|,
         with Z_s / Z bounded by the certificates (one all_reduce of the shards' terms)."""
-        lo, up = np.exp(env.log_z[:, 0] - glo), np.exp(env.log_z[:, 1] - gup)  # L_s / L, U_s / U
-        L, U = np.exp(glo), np.exp(gup)
-        Ls, Us = lo * L, up * U
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            b_lo = np.nan_to_num(Ls / (Ls + U - Us))
+        # every mass relative to the global upper bound U (no overflow): L_s, U_s, L over U
+        Ls, Us, L = (np.exp(x - gup) for x in (env.log_z[:, 0], env.log_z[:, 1], glo))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            b_lo = np.nan_to_num(Ls / (Ls + 1.0 - Us))
             b_hi = np.nan_to_num(Us / (Us + L - Ls), nan=1.0)
         dev = np.maximum(np.maximum(share - b_lo, b_hi - share), 0.0)
         term = share * env.tv_bound + 0.5 * dev
