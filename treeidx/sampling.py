@@ -28,6 +28,7 @@ import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,7 +49,7 @@ from ._kernels.frontier import (
     log_gap,
     proposal_log_weight,
 )
-from ._kernels.sample import SampleOut, TopLevel, sample_batch, score_top_level
+from ._kernels.sample import SampleOut, TopLevel, TrialOut, sample_batch, score_top_level, trial_batch
 from ._threads import run_parallel
 from ._validate import (
     as_exclude,
@@ -190,6 +191,52 @@ class SampleResult:
     @property
     def draws_per_sample(self) -> np.ndarray:
         return self.proposals / self.ids.shape[1]
+
+
+@dataclass(frozen=True)
+class Trials:
+    """What `SoftmaxSampler.trials` returns (arrays over B queries).
+
+    ids:      (B, c) int64 accepted ids; row b holds n[b] of them, the rest is padding.
+    w:        (B, c) float64. Exact mode: β<q,y> of each accepted id; approx mode: its
+              log-probability under this index's proposal.
+    trial:    (B, c) int64 the trial (from 0) that accepted each id: the accepted ids of
+              the first m' trials are those with trial < m'.
+    n:        (B,) int64 accepted ids per query.
+    log_env:  (B,) float64. Exact mode: the log of the rejection envelope's mass U, so
+              that one trial is accepted with probability exactly Z / U (Z over this
+              index's allowed ids). Approx mode: the log of the proposal's estimate of Z.
+              -inf when no id of this index is allowed.
+    log_z:    (B, 2) certified lower and upper bounds of log Z over this index's allowed ids.
+    tv_bound, nodes_opened, inner_products, proposals, frontier_size: (B,) as in SampleResult.
+    """
+
+    ids: np.ndarray
+    n: np.ndarray
+    w: np.ndarray
+    trial: np.ndarray
+    log_env: np.ndarray
+    log_z: np.ndarray
+    tv_bound: np.ndarray
+    nodes_opened: np.ndarray
+    inner_products: np.ndarray
+    proposals: np.ndarray
+    frontier_size: np.ndarray
+
+
+class _Chunk(NamedTuple):
+    """A chunk of queries ready for the tree kernels, and the plan's verdict on it."""
+
+    A: object  # TreeArrays
+    q: np.ndarray  # the queries the tree takes, in locality order
+    qidx: np.ndarray  # their indexes in the caller's batch (the random keys)
+    top_nodes: np.ndarray
+    tops: TopLevel
+    params: Params
+    excl: Csr
+    order: np.ndarray  # chunk row of each tree query
+    dense_rows: np.ndarray  # chunk rows the plan sends straight to the dense pass
+    plan_dots: int  # inner products the plan spent per query
 
 
 class SoftmaxSampler:
@@ -465,6 +512,28 @@ class SoftmaxSampler:
     def _sample_chunk(
         self, q, qidx, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status, *, tv_est=None, budget=None
     ):
+        if tv_est is None:
+            tv_est = np.empty_like(tv)
+        c = self._plan_chunk(q, qidx, k, ptr, ex_slots, budget=budget)
+        if c.dense_rows.size:
+            # planned dense: no tree work beyond the top level and the plan; the dense pass follows
+            rows = c.dense_rows
+            stats[rows] = 0
+            stats[rows, ST_DOTS] = c.top_nodes.shape[0] + c.plan_dots
+            stats[rows, ST_OPENED] = 1
+            status[rows] = GAVE_UP
+        if c.order.size == 0:
+            return
+        outs = (ids, log_q, log_z, tv, tv_est, stats, status)
+        out = SampleOut(*(np.empty((c.order.size,) + a.shape[1:], a.dtype) for a in outs))
+        run_parallel(sample_batch, c.A, c.q, c.qidx, c.top_nodes, c.tops, c.params, seed, c.excl, out)
+        out.stats[:, ST_DOTS] += c.plan_dots
+        for dst, src in zip(outs, out):
+            dst[c.order] = src
+
+    def _plan_chunk(self, q, qidx, k, ptr, ex_slots, *, budget=None) -> _Chunk:
+        """What the kernels take for a chunk of queries, in locality order, and the plan's
+        verdict (see _Chunk)."""
         view = self.index.view()
         A, top_nodes, top_centers, top_region = view.arrays, view.top_nodes, view.top_centers, view.top_region
         top_dots = np.empty((q.shape[0], top_centers.shape[0]), np.float32)
@@ -474,24 +543,13 @@ class SoftmaxSampler:
         q, top_dots = q[order], top_dots[order]
         ptr, ex_slots = permute_rows(ptr, ex_slots, order)
         tops = self._top_level_entries(A, q, top_dots, top_nodes)
-        if tv_est is None:
-            tv_est = np.empty_like(tv)
         dense, plan_dots = self._plan_dense(A, q, k, view.n_slots)
+        dense_rows = order[dense]
         if dense.any():
-            # planned dense: no tree work beyond the top level and the plan; the dense pass follows
-            rows = order[dense]
-            stats[rows] = 0
-            stats[rows, ST_DOTS] = top_nodes.shape[0] + plan_dots
-            stats[rows, ST_OPENED] = 1
-            status[rows] = GAVE_UP
             keep = ~dense
-            if not keep.any():
-                return
             order, q = order[keep], q[keep]
             ptr, ex_slots = permute_rows(ptr, ex_slots, np.flatnonzero(keep))
             tops = TopLevel(*(a[keep] for a in tops))
-        outs = (ids, log_q, log_z, tv, tv_est, stats, status)
-        out = SampleOut(*(np.empty((order.size,) + a.shape[1:], a.dtype) for a in outs))
         params = Params(
             beta=self.beta,
             k=k,
@@ -502,20 +560,17 @@ class SoftmaxSampler:
             give_up=self._give_up(),
             tv_draws=self.tv_draws,
         )
-        run_parallel(sample_batch, A, q, qidx[order], top_nodes, tops, params, seed, Csr(ptr, ex_slots), out)
-        out.stats[:, ST_DOTS] += plan_dots
-        for dst, src in zip(outs, out):
-            dst[order] = src
+        return _Chunk(A, q, qidx[order], top_nodes, tops, params, Csr(ptr, ex_slots), order, dense_rows, plan_dots)
 
     def _sample_dense(self, q, rows, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status):
         """Exact samples for queries `rows` by one dense pass over the slot array: certified
         rejection from the bfloat16 codes (see `dense_precision`), or the float32 pass for
         the rest (and for a query whose certified bound is too wide to pay)."""
-        index, view = self.index, self.index.view()
+        view = self.index.view()
         A, n_slots = view.arrays, view.n_slots
         vecs, slot_id = A.vecs, A.slot_id
         sub_ptr, sub_ex = permute_rows(ptr, ex_slots, rows)
-        n_allowed = len(index) - np.array([np.unique(sub_ex[a:b]).size for a, b in zip(sub_ptr[:-1], sub_ptr[1:])])
+        n_allowed = len(self.index) - np.array([np.unique(sub_ex[a:b]).size for a, b in zip(sub_ptr[:-1], sub_ptr[1:])])
         if (n_allowed == 0).any():
             status[rows[n_allowed == 0]] = ALL_EXCLUDED
             return
@@ -556,8 +611,15 @@ class SoftmaxSampler:
         A = self.index.view().arrays
         # each query's uniforms keyed by its own index: independent of which rows go dense
         u = np.stack([np.random.default_rng([seed, int(b)]).random(k) for b in rows])
-        qr = q[rows]
-        with self._dense_buffer(dense_rows(rows.size, A.vecs.shape[0], 4), A.vecs.shape[0], np.float32) as buf:
+        idx, logp, logz, pad = self._dense_pass(q[rows], rows, sub_ptr, sub_ex, u, dead)
+        return A.slot_id[idx], logp, np.stack([logz - pad, logz + pad], 1)
+
+    def _dense_pass(self, qr, rows, sub_ptr, sub_ex, u, dead):
+        """Inverse-CDF draws for uniforms u over all stored vectors (`dense_softmax`); returns
+        (slot index, log P, log Z of the float32 scores, the pad that certifies it)."""
+        A = self.index.view().arrays
+        n = A.vecs.shape[0]
+        with self._dense_buffer(dense_rows(rows.size, n, 4), n, np.float32) as buf:
             idx, logp, logz, bad = dense_softmax(qr, A.vecs, self.beta, u, sub_ptr, sub_ex, buf, dead=dead)
         if bad >= 0:
             raise ValueError(
@@ -567,7 +629,7 @@ class SoftmaxSampler:
         qn = np.linalg.norm(qr.astype(np.float64), axis=1)
         pad = self.beta * np.array([dot_error(self.index.dim, float(n), float(A.nu_max[0])) for n in qn])
         pad += LOGZ_ERR
-        return A.slot_id[idx], logp, np.stack([logz - pad, logz + pad], 1)
+        return idx, logp, logz, pad
 
     @contextmanager
     def _dense_buffer(self, rows: int, n: int, dtype):
@@ -630,6 +692,114 @@ class SoftmaxSampler:
         if self.dense_precision == "auto" and (not native_bf16() or self.index.dim < BF16_MIN_DIM):
             return None
         return index_codes(self.index)
+
+    def trials(self, queries, m, *, k: int = 1, exclude=None, seed: int | None = None) -> Trials:
+        """Independent rejection trials per query: the building block of a sampler spread
+        over several indexes (`treeidx.distributed`). See Trials for the fields.
+
+        m: trials per query (an integer, or one per query; 0 gives the envelopes only;
+        -1: as many as this index alone needs for k accepted ids with high probability,
+        from its certified acceptance rate L / U, stopping early once 6x that many ids
+        were accepted; `proposals` says how many were run).
+        Exact mode: m[b] trials against query b's refined cut, each accepted with
+        probability exactly Z_b / e^log_env[b]; accepted ids follow the softmax over this
+        index's allowed ids. Approx mode: m[b] draws from the proposal.
+        k: the samples the refinement plans for (its cost-aware stopping rule). The cut,
+        and with it log_env and log_z, depends on queries, exclude and k only, never on m
+        or seed: a caller can ask for the envelopes first (m=0) and then for the trials.
+        A query that exact mode's dense fallback takes gets log_env = its exact log Z, and
+        every trial accepted (inverse-CDF draws over the stored vectors).
+        Unlike `sample`, an empty index, or a query whose every id here is excluded, is
+        not an error: its log_env and log_z are -inf and it gets no trials.
+        """
+        index = self.index
+        q = as_vectors(queries, index.dim, "queries", allow_empty=True)
+        B = q.shape[0]
+        m_arr = np.asarray(m)
+        if m_arr.dtype.kind not in "iu" or m_arr.ndim > 1 or (m_arr.ndim == 1 and m_arr.shape[0] != B):
+            raise ValueError(f"m: expected an integer or {B} integers, got {m!r}")
+        m_arr = np.broadcast_to(m_arr.astype(np.int64), (B,))
+        if (m_arr < -1).any():
+            raise ValueError(f"m: expected integers >= -1, got {int(m_arr.min())}")
+        k = check_k(k)
+        seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else check_seed(seed)
+        # "auto" rows store up to 6x (exact) the accepted ids k needs with high probability
+        auto_cap = int(np.ceil((6.0 if self.mode == "exact" else 1.25) * (k + 3 * np.sqrt(k) + 3))) + 16
+        cap = max(1, int(m_arr.max()) if B else 1, auto_cap if (m_arr < 0).any() else 1)
+        out = TrialOut(
+            np.zeros((B, cap), np.int64),
+            np.zeros((B, cap), np.float64),
+            np.zeros((B, cap), np.int64),
+            np.zeros(B, np.int64),
+            np.full(B, -np.inf),
+            np.full((B, 2), -np.inf),
+            np.zeros(B, np.float64),
+            np.zeros((B, 5), np.int64),
+            np.zeros(B, np.int64),
+        )
+        ptr, ex_slots = self._excluded_slots(exclude, B)
+        rows = np.flatnonzero(len(index) - np.diff(ptr) >= 1)  # excluded slots are distinct per query
+        if rows.size:
+            check_score_range(q, float(index.view().arrays.nu_max[0]), "queries", beta=self.beta)
+        for lo in range(0, rows.size, self.chunk_size):
+            r = rows[lo : lo + self.chunk_size]
+            sub_ptr, sub_ex = permute_rows(ptr, ex_slots, r)
+            c = self._plan_chunk(q[r], r, k, sub_ptr, sub_ex)
+            if c.dense_rows.size:  # the plan's dense rows: their trials come from the dense pass
+                d = r[c.dense_rows]
+                out.status[d] = GAVE_UP
+                out.stats[d, ST_DOTS] = c.top_nodes.shape[0] + c.plan_dots
+                out.stats[d, ST_OPENED] = 1
+            if c.order.size:
+                part = TrialOut(*(np.empty((c.order.size,) + a.shape[1:], a.dtype) for a in out))
+                run_parallel(
+                    trial_batch, c.A, c.q, c.qidx, c.top_nodes, c.tops, c.params, seed, c.excl, m_arr[c.qidx], part
+                )
+                part.stats[:, ST_DOTS] += c.plan_dots
+                for dst, src in zip(out, part):
+                    dst[r[c.order]] = src
+        dense = np.flatnonzero(out.status == GAVE_UP)
+        if dense.size:
+            self._trials_dense(q, dense, m_arr, k, ptr, ex_slots, seed, out)
+        if (out.status == COLLAPSED).any():
+            b = int(np.flatnonzero(out.status == COLLAPSED)[0])
+            raise RuntimeError(f"query {b}: sampling stalled ({self.mode} mode): the bounds are too loose")
+        return Trials(
+            ids=out.ids,
+            w=out.w,
+            trial=out.trial,
+            n=out.n,
+            log_env=out.log_env,
+            log_z=out.log_z,
+            tv_bound=out.tv,
+            nodes_opened=out.stats[:, ST_OPENED],
+            inner_products=out.stats[:, ST_DOTS],
+            proposals=out.stats[:, ST_PROPOSALS],
+            frontier_size=out.stats[:, ST_FRONTIER],
+        )
+
+    def _trials_dense(self, q, rows, m, k, ptr, ex_slots, seed, out):
+        """Dense-fallback rows of `trials`: the envelope is the exact Z, so every trial is
+        accepted, an inverse-CDF draw over the stored vectors."""
+        view = self.index.view()
+        sub_ptr, sub_ex = permute_rows(ptr, ex_slots, rows)
+        auto = min(out.ids.shape[1], int(np.ceil(1.25 * (k + 3 * np.sqrt(k) + 3))) + 16)
+        mr = np.where(m[rows] < 0, auto, m[rows])
+        width = max(1, int(mr.max()))
+        u = np.stack([np.random.default_rng([seed, int(b)]).random(width) for b in rows])
+        dead = np.flatnonzero(view.arrays.slot_leaf < 0)
+        idx, logp, logz, pad = self._dense_pass(q[rows], rows, sub_ptr, sub_ex, u, dead)
+        mask = np.arange(width)[None, :] < mr[:, None]
+        out.ids[rows, :width] = np.where(mask, view.arrays.slot_id[idx], 0)
+        out.w[rows, :width] = np.where(mask, logp + logz[:, None], 0.0)
+        out.trial[rows, :width] = np.arange(width)[None, :]
+        out.n[rows] = mr
+        out.log_env[rows] = logz
+        out.log_z[rows] = np.stack([logz - pad, logz + pad], 1)
+        out.stats[rows, ST_DOTS] += view.n_slots
+        out.stats[rows, ST_PROPOSALS] = mr
+        out.stats[rows, ST_FRONTIER] = 0
+        out.status[rows] = OK
 
     def _top_level_entries(self, A, q: np.ndarray, top_dots: np.ndarray, top_nodes: np.ndarray):
         """Frontier entries of the top level for the whole batch, vectorised.

@@ -452,3 +452,58 @@ def draw_stage(T, Q, P, X, cut, key, out, b):
     out.log_z[b, 1] = log_up
     stats[ST_FRONTIER] = prop.entry.shape[0]
     return OK
+
+
+@nb.njit(cache=True)
+def draw_trials(T, Q, P, X, cut, prop, key, m, ids, w, trial, stats):
+    """The draw stage as independent trials, for a sampler spread over several indexes.
+
+    Exact mode: m trials against the cut (fewer if ids fills up first); each is accepted with probability
+    Z / (the proposal's total), and an accepted target is distributed as the softmax over
+    the allowed ids. Approx mode: proposals until m are kept (excluded ones are
+    discarded, as in `draw`). Accepted ids go to ids[:n], with beta <q, y> (exact) or
+    their log-proposal probability (approx) in w[:n] and the number of the trial that
+    accepted each (from 0) in trial[:n]. Returns n, or -1 when approx mode stalls."""
+    node, off, up, wj = cut.entries.node, cut.entries.off, cut.entries.up, cut.entries.w
+    sw, sslot = cut.scores.w, cut.scores.slot
+    vecs, slot_id, count, leaf_size = T.vecs, T.slot_id, T.count, T.leaf_size
+    log_allowed = math.log(prop.total - prop.excluded)
+    props, acc = 0, 0
+    ctr = U64(0)
+    max_props = 1000 * m + 100000
+    cap = ids.shape[0]
+    while (props < m and acc < cap) if P.exact else (acc < m):
+        if props >= max_props:
+            return -1
+        props += 1
+        j = alias_pick(prop, uniform01(key + ctr))
+        ctr += U64(1)
+        v = node[j]
+        if off[j] >= 0:  # evaluated leaf: a target by its exact weight
+            i = leaf_pick(cut, off[j], off[j] + leaf_size[v], uniform01(key + ctr))
+            ctr += U64(1)
+            if i < 0:
+                continue
+            s = sslot[i]
+            w_y = sw[i] if P.exact else sw[i] - prop.shift - log_allowed
+        else:  # unopened node: a uniform target below it
+            s = uniform_descendant(T, v, int(uniform01(key + ctr) * count[v]))
+            ctr += U64(1)
+            if is_excluded_slot(X, s):
+                continue
+            if P.exact:
+                w_y = P.beta * dot32(Q.vec, vecs[s])
+                stats[ST_DOTS] += 1
+                accept = uniform01(key + ctr) < math.exp(w_y - up[j] + math.log(count[v]))
+                ctr += U64(1)
+                if not accept:
+                    continue
+            else:
+                w_y = wj[j] - math.log(count[v]) - prop.shift - log_allowed
+        ids[acc] = slot_id[s]
+        w[acc] = w_y
+        trial[acc] = props - 1
+        acc += 1
+    stats[ST_PROPOSALS] += props
+    stats[ST_ACCEPTED] += acc
+    return acc

@@ -17,8 +17,19 @@ import numba as nb
 import numpy as np
 
 from .bounds import dot32, dot_error, node_bounds_of, squared_norm
-from .draw import draw_stage, find_entry, hidden_excluded_share
+from .draw import (
+    build_proposal,
+    certificate,
+    draw_stage,
+    draw_trials,
+    find_entry,
+    hidden_excluded_proposal,
+    hidden_excluded_share,
+    settle_shift,
+    tv_bound,
+)
 from .frontier import (
+    COLLAPSED,
     ENTRIES,
     GAVE_UP,
     NEG_INF,
@@ -26,6 +37,7 @@ from .frontier import (
     QUEUED,
     SCORES,
     ST_DOTS,
+    ST_FRONTIER,
     ST_OPENED,
     Cut,
     Entries,
@@ -344,3 +356,91 @@ def score_top_level(queries, centers, out):
     for b in nb.prange(queries.shape[0]):
         for j in range(centers.shape[0]):
             out[b, j] = dot32(queries[b], centers[j])
+
+
+# ----------------------------------------------------------------------- trials
+
+
+class TrialOut(NamedTuple):
+    """Per-query outputs of `trial_batch` (rows of the batch)."""
+
+    ids: np.ndarray  # (B, cap) int64 accepted ids, the first n[b] of each row
+    w: np.ndarray  # (B, cap) float64 beta <q, y> (exact) or log-proposal (approx)
+    trial: np.ndarray  # (B, cap) int64 the trial (from 0) that accepted each id
+    n: np.ndarray  # (B,) int64 accepted
+    log_env: np.ndarray  # (B,) float64 log of the proposal's total mass (see trial_one)
+    log_z: np.ndarray  # (B, 2) float64 certified log Z interval
+    tv: np.ndarray  # (B,) float64 approx mode's TV bound (0 in exact mode)
+    stats: np.ndarray  # (B, 5) int64, columns ST_*
+    status: np.ndarray  # (B,) int64: OK, COLLAPSED or GAVE_UP
+
+
+@nb.njit(cache=True, parallel=True, nogil=True)
+def trial_batch(T, queries, qidx, top_nodes, top, P, seed, excl, m, out):
+    """`trial_one` for every row; row b's random stream is keyed by qidx[b] (any order,
+    any thread count)."""
+    status = out.status  # bound outside the loop: numba drops prange writes through a record
+    for b in nb.prange(queries.shape[0]):
+        key = splitmix64(splitmix64(U64(seed)) ^ U64(qidx[b]))
+        ex_slots = excl.values[excl.ptr[b] : excl.ptr[b + 1]]
+        status[b] = trial_one(T, queries[b], b, top_nodes, top, P, key, ex_slots, m[b], out)
+
+
+@nb.njit(cache=True)  # no fastmath: the frontier sums rely on IEEE order
+def trial_one(T, q, b, top_nodes, top, P, key, ex_slots, m, out):
+    """Query b: plan and refine as `sample_one` (the same cut for the same Params), then
+    m trials (`draw.draw_trials`) instead of draws until k are accepted. m < 0: as many
+    as this index alone needs for k accepted ids with high probability,
+    1.25 (k + 3 sqrt(k) + 3) U / L + 16 (approx mode: U / L read as 1), stopping early
+    once the row's capacity of accepted ids is full.
+
+    log_env: exact mode, the log of the proposal's total (upper bounds of unopened
+    entries, exact masses of evaluated leaves): one trial is accepted with probability
+    exactly Z / e^log_env. Approx mode: the log of the proposal mass on allowed targets.
+    -inf when the certificate rules out every target of this index."""
+    qn2 = squared_norm(q)
+    Q = Query(q, math.sqrt(qn2), qn2)
+    X = excluded_weights(T, q, P.beta, ex_slots)
+    stats = out.stats[b]
+    stats[:] = 0
+    stats[ST_DOTS] = ex_slots.shape[0] + top_nodes.shape[0]
+    stats[ST_OPENED] = 1
+    out.n[b] = 0
+    out.tv[b] = 0.0
+    cut = plan(top_nodes, top, b)
+    cut, status = refine(T, Q, P, X, cut, stats)
+    if status != OK:
+        return status
+    Mw = settle_shift(cut, P.exact)
+    log_lo, log_up, Ua = certificate(cut, X)
+    out.log_z[b, 0] = log_lo
+    out.log_z[b, 1] = log_up
+    if Ua <= 0.0:  # nothing allowed here
+        out.log_env[b] = NEG_INF
+        return OK
+    q_ex = 0.0 if P.exact else hidden_excluded_proposal(T, cut, X)
+    prop = build_proposal(cut, P.exact, q_ex, Mw)
+    if not prop.total > 0.0 or not prop.total - prop.excluded > 0.0:
+        return COLLAPSED
+    out.log_env[b] = math.log(prop.total - prop.excluded) + Mw
+    if not P.exact:
+        out.tv[b] = tv_bound(cut, prop, Ua)
+    stats[ST_FRONTIER] = prop.entry.shape[0]
+    if m < 0:
+        m = auto_trials(P, out.log_env[b] - log_lo, out.ids.shape[1])
+    n = draw_trials(T, Q, P, X, cut, prop, key, m, out.ids[b], out.w[b], out.trial[b], stats)
+    if n < 0:
+        return COLLAPSED
+    out.n[b] = n
+    return OK
+
+
+@nb.njit(cache=True, inline="always")
+def auto_trials(P, log_ratio, cap):
+    """Trials that give k accepted ids with high probability at the acceptance rate
+    L / U >= e^-log_ratio (exact mode: at most 10^9; they stop early once the row's
+    cap accepted ids are stored), or k draws with slack (approx mode: at most cap)."""
+    if not P.exact:
+        return min(int(math.ceil(1.25 * (P.k + 3.0 * math.sqrt(P.k) + 3.0))) + 16, cap)
+    want = 1.25 * (P.k + 3.0 * math.sqrt(P.k) + 3.0) * math.exp(min(log_ratio, 20.0)) + 16.0
+    return int(min(math.ceil(want), 1e9))

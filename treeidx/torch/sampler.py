@@ -66,7 +66,10 @@ class TreeNegativeSampler:
     index: a TreeIndex (wrapped in a SoftmaxSampler with temperature, mode, tolerance,
         budget), or any object with `sample(queries, k, *, exclude=, seed=)` returning a
         SampleResult (e.g. a SoftmaxSampler or a dynamic index); that object's own
-        temperature/mode are used, and must equal these when it exposes them.
+        temperature/mode are used, and must equal these when it exposes them. A
+        `treeidx.distributed.ShardedSampler` works too (negatives over every rank's
+        shard): its calls are collective, so every rank must call `sample`/`submit` in
+        the same order (a DDP loop does); false_negative_margin is not supported with it.
     k: negatives per query. exclude_positives: never return a row's own positive, so
         log_q is over the targets other than the positive (see sampled_softmax_loss).
     seed, rank: call number c draws with a seed derived from (seed, rank, c), so a run is
@@ -151,6 +154,11 @@ class TreeNegativeSampler:
                 index, temperature=self.temperature, mode=mode, tolerance=tolerance, budget=budget
             )
         elif callable(getattr(index, "sample", None)):
+            if false_negative_margin is not None and getattr(index, "collective", False):
+                raise ValueError(
+                    "false_negative_margin is not supported with a collective sampler "
+                    "(treeidx.distributed.ShardedSampler): the positives' vectors live on other ranks"
+                )
             self._owns_sampler = False
             self.sampler = index
             self._check_foreign(self.temperature, mode)
@@ -267,7 +275,7 @@ class TreeNegativeSampler:
         scale: float = 1.0,
         margin: float | None = None,
     ) -> Negatives:
-        if q_host.shape[0] == 0:
+        if q_host.shape[0] == 0 and not getattr(sampler, "collective", False):
             z = np.empty((0, k))
             return Negatives(
                 torch.from_numpy(z.astype(np.int64)).to(device), torch.from_numpy(z).to(device=device, dtype=dtype)
