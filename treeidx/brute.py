@@ -50,7 +50,9 @@ from ._kernels.dense import (
     LZ_LO,
     LZ_POINT,
     LZ_UP,
+    NORM_ROWS,
     certified_rows,
+    code_norms,
     dequantize_rows,
     mask_columns_bf16,
     mask_rows,
@@ -153,7 +155,7 @@ class Bf16Codes:
         return int(self.codes.numel()) * 2
 
     @classmethod
-    def from_vectors(cls, vectors: np.ndarray, alive: np.ndarray | None = None, block: int = 65536) -> Bf16Codes:
+    def from_vectors(cls, vectors: np.ndarray, alive: np.ndarray | None = None) -> Bf16Codes:
         """Round float32 vectors to bfloat16 (torch, round to nearest) and take the maxima
         over the rows where `alive` (default all) holds; one pass over the vectors."""
         torch = _torch_for("bf16")
@@ -162,16 +164,10 @@ class Bf16Codes:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             codes = torch.from_numpy(x).to(torch.bfloat16)
         bits = codes.view(torch.int16).numpy().view(np.uint16)
-        nu = res = cn = 0.0
-        for lo in range(0, x.shape[0], block):
-            xb = x[lo : lo + block].astype(np.float64)
-            cb = bf16_to_f32(bits[lo : lo + block]).astype(np.float64)
-            keep = np.ones(xb.shape[0], bool) if alive is None else np.asarray(alive[lo : lo + block], bool)
-            if not keep.any():
-                continue
-            nu = max(nu, float(np.sqrt((xb[keep] ** 2).sum(1)).max()))
-            res = max(res, float(np.sqrt(((xb[keep] - cb[keep]) ** 2).sum(1)).max()))
-            cn = max(cn, float(np.sqrt((cb[keep] ** 2).sum(1)).max()))
+        keep = np.ones(x.shape[0], bool) if alive is None else np.ascontiguousarray(alive, bool)
+        out = np.zeros((-(-x.shape[0] // NORM_ROWS), 3), np.float64)
+        run_parallel(code_norms, x, bits, keep, out)
+        nu, res, cn = (float(np.sqrt(m)) for m in out.max(axis=0, initial=0.0))
         up = 1.0 + 1e-9  # float64 sums of squares of d terms: relative error < d 2^-53
         return cls(codes, nu * up, res * up, cn * up)
 

@@ -413,3 +413,27 @@ def tv_rows(a, b, nrows, beta, out):
             pb = np.float64(exp32_nonpos((load(b[r], i) - mb) * beta32)) / zb
             t += abs(pa - pb)
         out[r] = 0.5 * t
+
+
+NORM_ROWS = 4096  # rows per parallel task of code_norms
+
+
+@nb.njit(cache=True, parallel=True, nogil=True)
+def code_norms(vecs, bits, alive, out):
+    """Per block of NORM_ROWS rows, over the rows where alive: the largest ‖y‖², ‖y − ỹ‖²
+    and ‖ỹ‖² (float64 sums), y the float32 vectors, ỹ their bfloat16 codes (bits)."""
+    n, d = vecs.shape
+    for c in nb.prange(out.shape[0]):
+        m0 = m1 = m2 = 0.0
+        for i in range(c * NORM_ROWS, min(n, (c + 1) * NORM_ROWS)):
+            if not alive[i]:
+                continue
+            s0 = s1 = s2 = 0.0
+            for j in range(d):
+                y = np.float64(vecs[i, j])
+                t = np.float64(_bf16_as_f32(bits[i, j]))
+                s0 += y * y
+                s1 += (y - t) * (y - t)
+                s2 += t * t
+            m0, m1, m2 = max(m0, s0), max(m1, s1), max(m2, s2)
+        out[c, 0], out[c, 1], out[c, 2] = m0, m1, m2
