@@ -512,14 +512,19 @@ class BruteForce:
 
     # -- softmax ------------------------------------------------------------------------
 
-    def _softmax(self, queries, k: int, beta, exclude, seed):
+    def _sampling_inputs(self, queries, beta, exclude):
+        """Checked queries and beta, and the per-query excluded rows (ptr, rows)."""
         q = as_vectors(queries, self.dim, "queries")
         beta = _check_beta(beta)
-        nq = q.shape[0]
-        ptr, rows = self._excluded_rows(exclude, nq)
+        ptr, rows = self._excluded_rows(exclude, q.shape[0])
         empty = np.flatnonzero(len(self) - np.diff(ptr) == 0)
         if empty.size:
             raise ValueError(f"query {int(empty[0])}: every row is excluded")
+        return q, beta, ptr, rows
+
+    def _softmax(self, queries, k: int, beta, exclude, seed):
+        q, beta, ptr, rows = self._sampling_inputs(queries, beta, exclude)
+        nq = q.shape[0]
         # all uniforms drawn up front: output depends on the seed, not on batch_size
         u = np.random.default_rng(seed).random((nq, k))
         if self.precision == "fp32":
@@ -594,13 +599,8 @@ class BruteForce:
     def _certified(self, queries, k: int, beta: float, exclude, seed) -> CertifiedSample:
         if self.precision != "bf16":
             raise ValueError(f"exact=True needs precision 'fp32' or 'bf16', got {self.precision!r}")
-        q = as_vectors(queries, self.dim, "queries")
-        beta = _check_beta(beta)
+        q, beta, ptr, rows = self._sampling_inputs(queries, beta, exclude)
         nq = q.shape[0]
-        ptr, rows = self._excluded_rows(exclude, nq)
-        empty = np.flatnonzero(len(self) - np.diff(ptr) == 0)
-        if empty.size:
-            raise ValueError(f"query {int(empty[0])}: every row is excluded")
         keys = np.random.default_rng(seed).integers(0, 2**63, nq, dtype=np.int64).astype(np.uint64)
         buf = self._buffer(min(nq, self.batch_size))
         idx, logp, logz, props, eps = certified_softmax(q, self.vectors, self._codes, beta, keys, k, ptr, rows, buf)

@@ -99,12 +99,8 @@ def node_bounds_of(T, v: int, dot: float, qnorm: float) -> tuple[float, float]:
 @nb.njit(cache=True, parallel=True, nogil=True)
 def top_level_bounds(T, queries, top_dots, top_nodes, out_lo, out_up):
     """Certified bounds of <q, y> below each top-level node, for every query."""
-    dim = queries.shape[1]
     for b in nb.prange(queries.shape[0]):
-        qn = 0.0
-        for t in range(dim):
-            qn += float(queries[b, t]) * float(queries[b, t])
-        qnorm = math.sqrt(qn)
+        qnorm = math.sqrt(squared_norm(queries[b]))
         for j in range(top_nodes.shape[0]):
             out_lo[b, j], out_up[b, j] = node_bounds_of(T, top_nodes[j], top_dots[b, j], qnorm)
 
@@ -113,12 +109,8 @@ def top_level_bounds(T, queries, top_dots, top_nodes, out_lo, out_up):
 def level_bounds(T, queries, centers, nodes, out_dots, out_lo, out_up):
     """For every query: <q, c> (float32) of each node in `nodes` (centers: their
     centers, contiguous) and the certified bounds of <q, y> below it; one launch."""
-    dim = queries.shape[1]
     for b in nb.prange(queries.shape[0]):
-        qn = 0.0
-        for t in range(dim):
-            qn += float(queries[b, t]) * float(queries[b, t])
-        qnorm = math.sqrt(qn)
+        qnorm = math.sqrt(squared_norm(queries[b]))
         for j in range(nodes.shape[0]):
             a = dot32(queries[b], centers[j])
             out_dots[b, j] = a

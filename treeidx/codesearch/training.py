@@ -126,8 +126,9 @@ class TrainConfig:
     training time (evaluation excluded) exceeds it.
     Model: dim, bag_dim (None: no projection), shared (one tower for both sides: it
     learned faster here than two towers, docs/training.md), init_std.
-    stale-topk: stale_refresh_every. cache: cache_size (capped at the number of
-    targets). treeidx: n_landmarks (None: 1% of the targets, at least dim),
+    stale-topk: stale_refresh_every. cache: cache_size (the ring's slots; its initial
+    fill is min(cache_size, N) random targets, and a ring larger than the writes of the
+    run never evicts, so it keeps every target live). treeidx: n_landmarks (None: 1% of the targets, at least dim),
     landmark_refresh_every; write_back (`reencode` the targets each step encoded
     anyway); the two full-refresh triggers (re-encode everything, `full_refresh`):
     max_drift_error (the DynamicIndex's running drift estimate above it; None: never;
@@ -517,7 +518,7 @@ class _Cache(_Strategy):
             ids,
             k=self.k,
             temperature=self.cfg.sampler_temperature,
-            cache_size=size,
+            cache_size=self.cfg.cache_size,
             seed=self.cfg.seed,
         )
 
