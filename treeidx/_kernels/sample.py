@@ -106,18 +106,26 @@ def sample_one(T, q, b, top_nodes, top, P, key, ex_slots, out):
     passing the cut between compiled functions cost a few percent in a same-process
     benchmark. sample_one itself is not inlined into sample_batch: the parallel loop's
     array analysis rejects the growing arrays' rebinding."""
+    stats = out.stats[b]
+    Q, X, cut, status = plan_and_refine(T, q, b, top_nodes, top, P, ex_slots, stats)
+    if status != OK:
+        return status
+    return draw_stage(T, Q, P, X, cut, key, out, b)
+
+
+@nb.njit(cache=True, inline="always")
+def plan_and_refine(T, q, b, top_nodes, top, P, ex_slots, stats):
+    """The stages every path shares: query b's record, its excluded weights, its cut
+    planned from the top level and refined. Returns (Q, X, cut, status); stats reset."""
     qn2 = squared_norm(q)
     Q = Query(q, math.sqrt(qn2), qn2)
     X = excluded_weights(T, q, P.beta, ex_slots)
-    stats = out.stats[b]
     stats[:] = 0
     stats[ST_DOTS] = ex_slots.shape[0] + top_nodes.shape[0]
     stats[ST_OPENED] = 1  # the root, opened for the whole batch
     cut = plan(top_nodes, top, b)
     cut, status = refine(T, Q, P, X, cut, stats)
-    if status != OK:
-        return status
-    return draw_stage(T, Q, P, X, cut, key, out, b)
+    return Q, X, cut, status
 
 
 @nb.njit(cache=True, inline="always")
@@ -398,17 +406,10 @@ def trial_one(T, q, b, top_nodes, top, P, key, ex_slots, m, out):
     entries, exact masses of evaluated leaves): one trial is accepted with probability
     exactly Z / e^log_env. Approx mode: the log of the proposal mass on allowed targets.
     -inf when the certificate rules out every target of this index."""
-    qn2 = squared_norm(q)
-    Q = Query(q, math.sqrt(qn2), qn2)
-    X = excluded_weights(T, q, P.beta, ex_slots)
     stats = out.stats[b]
-    stats[:] = 0
-    stats[ST_DOTS] = ex_slots.shape[0] + top_nodes.shape[0]
-    stats[ST_OPENED] = 1
     out.n[b] = 0
     out.tv[b] = 0.0
-    cut = plan(top_nodes, top, b)
-    cut, status = refine(T, Q, P, X, cut, stats)
+    Q, X, cut, status = plan_and_refine(T, q, b, top_nodes, top, P, ex_slots, stats)
     if status != OK:
         return status
     Mw = settle_shift(cut, P.exact)
