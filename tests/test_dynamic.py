@@ -47,6 +47,17 @@ def setup(n=600, d=5, kernel="rbf", seed=0, **kw):
     return di, dict(zip(ids.tolist(), base)), enc, rng
 
 
+def ridge_gap(di, residual: np.ndarray) -> np.ndarray:
+    """Per-row bound on ‖Wᵀ φ_new − v‖ of the ridge write-back: Wᵀ φ_new − v =
+    −λ (WᵀW + λI)⁻¹ r, so its norm is at most ‖r‖ λ / (σ_min² + λ); plus float32
+    storage of φ (its rounding through W)."""
+    W = di.drift.W
+    s = np.linalg.svd(W, compute_uv=False)
+    lam = di._config["backproject_ridge"] * s[0] ** 2
+    shrink = lam / (s[-1] ** 2 + lam) if lam > 0 else 0.0
+    return np.linalg.norm(residual, axis=1) * shrink
+
+
 def landmark_fresh(di, base, enc):
     return enc(np.stack([base[i] for i in di.landmark_ids.tolist()]))
 
@@ -60,11 +71,15 @@ class DynamicEdits(RuleBasedStateMachine):
         kernel=st.sampled_from(["linear", "rbf", "cosine"]),
         seed=st.integers(0, 2**16),
         rebuild=st.sampled_from(["partial", "full"]),
+        ridge=st.sampled_from([0.0, 1e-3]),
     )
-    def build(self, n, kernel, seed, rebuild):
+    def build(self, n, kernel, seed, rebuild, ridge):
         policy = RefreshPolicy(max_moved_fraction=0.3, rebuild=rebuild, radius_growth=1.0)
-        self.di, self.base, self.enc, self.rng = setup(n=n, d=4, kernel=kernel, seed=seed, policy=policy)
+        self.di, self.base, self.enc, self.rng = setup(
+            n=n, d=4, kernel=kernel, seed=seed, policy=policy, backproject_ridge=ridge
+        )
         self.known: dict[int, np.ndarray] = {}  # ids with a fresh vector set at the current W
+        self.gap: dict[int, float] = {}  # their ridge bound on ‖predict − fresh‖
         self.next_id = 10**6
         self.live = set(self.base)
 
@@ -82,8 +97,10 @@ class DynamicEdits(RuleBasedStateMachine):
     def reencode(self, k):
         ids = self.some(k)
         fresh = self.enc(np.stack([self.base[i] for i in ids.tolist()]))
+        gap = ridge_gap(self.di, fresh - self.di.predict(ids))
         self.di.reencode(fresh, ids)
         self.known.update(zip(ids.tolist(), fresh))
+        self.gap.update(zip(ids.tolist(), gap))
 
     @rule(k=st.integers(1, 10))
     def add(self, k):
@@ -93,8 +110,10 @@ class DynamicEdits(RuleBasedStateMachine):
         self.base.update(zip(ids.tolist(), x))
         self.live.update(ids.tolist())
         fresh = self.enc(x)
+        gap = ridge_gap(self.di, fresh - self.di.drift.predict_from_features(self.di.drift.features_of(fresh)))
         self.di.add(fresh, ids)
         self.known.update(zip(ids.tolist(), fresh))
+        self.gap.update(zip(ids.tolist(), gap))
 
     @rule(k=st.integers(1, 10))
     def remove(self, k):
@@ -115,7 +134,9 @@ class DynamicEdits(RuleBasedStateMachine):
         if self.known:
             ids = np.array(list(self.known))
             want = np.stack(list(self.known.values()))
-            np.testing.assert_allclose(self.di.predict(ids), want, atol=1e-4 * (1 + np.abs(want).max()))
+            gap = np.linalg.norm(self.di.predict(ids) - want, axis=1)
+            bound = np.array([self.gap[i] for i in ids.tolist()]) + 1e-4 * (1 + np.abs(want).max())
+            assert (gap <= bound).all(), f"write-back off by {gap.max()}, bound {bound[np.argmax(gap - bound)]}"
         untouched = np.setdiff1d(self.di.ids, self.di.fresh_ids)
         if untouched.size:  # never re-encoded: the Nyström prediction from the stale vector
             np.testing.assert_allclose(
@@ -173,18 +194,68 @@ def test_sampling_is_exact_wrt_predicted_vectors(kernel):
     assert chi2_pvalue(counts, np.exp(s - logsumexp(s))) < 1e-6
 
 
-def test_reencode_makes_scores_exact_and_reports_error():
-    di, base, enc, rng = setup(kernel="rbf", seed=2)
+@pytest.mark.parametrize("ridge", [0.0, 1e-3])
+def test_reencode_makes_scores_exact_and_reports_error(ridge):
+    di, base, enc, rng = setup(kernel="rbf", seed=2, backproject_ridge=ridge)
     enc.step(0.5)
     di.refresh_landmarks(landmark_fresh(di, base, enc))
     ids = di.ids[:30]
     fresh = enc(np.stack([base[i] for i in ids.tolist()]))
+    bound = ridge_gap(di, fresh - di.predict(ids))
     err = di.reencode(fresh, ids)
     assert 0 < err.predicted < err.stale and err.n == 30
-    np.testing.assert_allclose(di.predict(ids), fresh, atol=1e-5)
-    assert di.last_backprojection_error < 1e-5
+    if ridge == 0:  # the exact least-norm change
+        np.testing.assert_allclose(di.predict(ids), fresh, atol=1e-5)
+        assert di.last_backprojection_error < 1e-5
+    else:  # off by at most the ridge's shrinkage of the residual
+        gap = np.linalg.norm(di.predict(ids).astype(np.float64) - fresh, axis=1)
+        assert (gap <= bound + 1e-5).all() and bound.max() > 0
     s, top = di.search(fresh[:3], 1)  # each fresh vector's best match is itself (scores near exact)
     assert np.isin(top[:, 0], di.ids).all()
+
+
+def planted_w_index(singular_values: np.ndarray, ridge: float, seed: int = 0):
+    """A linear-kernel DynamicIndex whose fitted W is U diag(s) Vᵀ (landmarks span the
+    space and the drift is linear, so the fit reproduces the planted map)."""
+    rng = np.random.default_rng(seed)
+    d = singular_values.size
+    x = rng.standard_normal((400, d)).astype(np.float32)
+    di = DynamicIndex.build(x, n_landmarks=40, kernel="linear", seed=seed, backproject_ridge=ridge, leaf_size=8)
+    u, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    v, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    w = u @ np.diag(singular_values) @ v.T  # fresh = stale @ w
+    di.refresh_landmarks(x[di.landmark_ids].astype(np.float64) @ w)
+    return di, x, w, rng
+
+
+def test_ridge_backprojection_is_near_exact_on_a_well_conditioned_w():
+    di, x, w, rng = planted_w_index(np.linspace(0.8, 1.2, 6), ridge=1e-3)
+    np.testing.assert_allclose(di.drift.W, w, atol=1e-4)
+    ids = di.ids[:50]
+    fresh = (x[ids].astype(np.float64) @ w + 0.3 * rng.standard_normal((50, 6))).astype(np.float32)
+    di.reencode(fresh, ids)
+    rel = np.linalg.norm(di.predict(ids) - fresh, axis=1) / np.linalg.norm(fresh, axis=1)
+    assert rel.max() < 2e-3  # shrinkage λ/(σ²+λ) ≤ 1e-3·1.44/0.64 of a residual smaller than v
+
+
+def test_ridge_backprojection_stays_bounded_on_an_ill_conditioned_w():
+    s = np.logspace(-6, 0, 6)
+    di, x, w, rng = planted_w_index(s, ridge=1e-3)
+    W = di.drift.W
+    ids = di.ids[:50]
+    phi_old = di.tree.vectors(ids).astype(np.float64)
+    fresh = (phi_old @ W + 0.3 * rng.standard_normal((50, 6))).astype(np.float32)
+    r = fresh - phi_old @ W
+    lam = 1e-3 * np.linalg.norm(W, 2) ** 2
+    # ‖Δφ‖ = ‖U diag(σ/(σ²+λ)) Vᵀ r‖ ≤ ‖r‖ max σ/(σ²+λ) ≤ ‖r‖ / (2√λ); + float32 storage
+    bound = np.linalg.norm(r, axis=1) / (2 * np.sqrt(lam)) + 1e-6 * (1 + np.linalg.norm(phi_old, axis=1))
+    di.reencode(fresh, ids)
+    step = np.linalg.norm(di.tree.vectors(ids) - phi_old, axis=1)
+    assert (step <= bound).all()
+    # the exact least-norm change (pinv, the old write-back) breaks the same bound
+    pinv_step = np.linalg.norm(r @ np.linalg.pinv(W.T, rcond=1e-12).T, axis=1)
+    assert (pinv_step > bound).all()
+    di.check()
 
 
 def test_policy_rebuilds_and_flags_full_refresh():

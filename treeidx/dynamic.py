@@ -6,16 +6,19 @@ features φ(y), and a `SoftmaxSampler` on that tree. Drift enters on the query s
 untouched when `refresh_landmarks` changes W.
 
 Re-encoded and added targets (design choice, docs/drift.md). A target whose current
-vector v is known exactly gets a new feature vector, the smallest change of its old one
-(for an added target: of φ(v) read as a stale vector) with Wᵀ φ = v:
+vector v is known exactly gets a new feature vector, the ridge back-projection of v
+from its old one (for an added target: from φ(v) read as a stale vector):
 
-    φ_new = φ_old + pinv(Wᵀ) (v − Wᵀ φ_old)
+    φ_new = argmin ‖Wᵀ φ − v‖² + λ ‖φ − φ_old‖²
+          = φ_old + W (WᵀW + λI)⁻¹ (v − Wᵀ φ_old),    λ = backproject_ridge · σ_max(W)²
 
 It is updated in place in the tree (`TreeIndex.update`), so it is sampled like every
-other target: no side set, no mixing of two partition functions. This is exact for the
-current W whenever W has full column rank d (always with residual=True; with the linear
-kernel, whenever the fitted map is invertible), up to float32 storage of φ; the worst
-relative error is logged. At the next refresh W changes and the target's score becomes
+other target: no side set, no mixing of two partition functions. In directions W
+determines well (σ_i² ≫ λ) Wᵀ φ_new = v up to a relative λ/(σ_i² + λ); in poorly
+determined ones φ stays near φ_old instead of blowing up (‖φ_new − φ_old‖ ≤
+‖v − Wᵀ φ_old‖ / (2√λ)). backproject_ridge=0 is the exact least-norm change
+(pinv(Wᵀ)), which amplifies residuals by 1/σ_min. The worst relative error of Wᵀ φ_new
+against v is kept in `last_backprojection_error`. At the next refresh W changes and the target's score becomes
 <q, W_newᵀ φ_new>: the drift model's propagation of its fresh vector (with the linear
 kernel φ_new is literally the stale-space vector that the map sends to v, i.e. its
 replaced stale vector).
@@ -53,6 +56,7 @@ from .tree import TreeIndex, check_shape_options
 
 logger = logging.getLogger("treeidx.dynamic")
 FORMAT_VERSION = 1
+BACKPROJECT_RIDGE = 1e-3  # default relative ridge of the back-projection (× σ_max(W)²)
 _MODEL_KEYS = ("kernel", "landmarks", "ridge", "eig_floor", "residual", "bandwidth", "max_rank")
 _SAMPLER_KEYS = ("temperature", "mode", "tolerance", "budget")
 
@@ -100,6 +104,7 @@ class DynamicIndex:
         self.drift = _drift
         self.tree = _tree
         self._config = dict(_config)
+        self._config.setdefault("backproject_ridge", BACKPROJECT_RIDGE)  # files written before it existed
         self.policy = _policy
         self.sampler = SoftmaxSampler(_tree, **{k: _config[k] for k in _SAMPLER_KEYS})
         self.log: list[dict[str, Any]] = []
@@ -111,7 +116,7 @@ class DynamicIndex:
         self._top_radius: dict[int, float] = {}
         self._version = 0  # this object's own writes; see `version`
         self._record_top_radii(reset=True)
-        self._update_pinv()
+        self._update_backprojection()
 
     @classmethod
     def build(
@@ -132,12 +137,23 @@ class DynamicIndex:
         tolerance: float = 0.05,
         budget: int | None = None,
         policy: RefreshPolicy | None = None,
+        backproject_ridge: float = BACKPROJECT_RIDGE,
         seed: int = 0,
         progress: bool = False,
         **tree_shape: Any,
     ) -> DynamicIndex:
         """Build from the targets' current (to-be-stale) vectors. Model options as in
-        NystromDrift; sampler options as in SoftmaxSampler; tree shape as in TreeIndex.build."""
+        NystromDrift; sampler options as in SoftmaxSampler; tree shape as in TreeIndex.build.
+
+        backproject_ridge: relative ridge of the write-back of re-encoded and added
+            targets (λ = backproject_ridge · σ_max(W)²; module docstring, docs/drift.md).
+            0 gives the exact least-norm change, which can blow up when W is
+            ill-conditioned; larger values keep φ near its old value at a small bias.
+        """
+        if not (
+            isinstance(backproject_ridge, (int, float)) and np.isfinite(backproject_ridge) and backproject_ridge >= 0
+        ):
+            raise ValueError(f"backproject_ridge: expected a finite number >= 0, got {backproject_ridge!r}")
         config = dict(
             n_landmarks=n_landmarks,
             kernel=kernel,
@@ -151,6 +167,7 @@ class DynamicIndex:
             mode=mode,
             tolerance=tolerance,
             budget=budget,
+            backproject_ridge=float(backproject_ridge),
             seed=seed,
             tree_shape=check_shape_options(tree_shape),
         )
@@ -225,7 +242,7 @@ class DynamicIndex:
         fit = self.drift.fit(fresh_landmark_vectors)
         self._version += 1
         self.epoch += 1
-        self._update_pinv()
+        self._update_backprojection()
         if holdout_ids is not None or holdout_vectors is not None:
             if holdout_ids is None or holdout_vectors is None:
                 raise ValueError("holdout: give both holdout_ids and holdout_vectors")
@@ -314,7 +331,7 @@ class DynamicIndex:
         self.epoch, self._moved, self.needs_full_refresh, self.drift_estimate = 0, 0, False, None
         self._fresh_epoch.clear()
         self._record_top_radii(reset=True)
-        self._update_pinv()
+        self._update_backprojection()
         self._note("full_refresh", "rebuilt from fresh vectors", n=len(self.tree))
 
     def rebuild(self, partial: bool = False) -> None:
@@ -351,24 +368,25 @@ class DynamicIndex:
             raise ValueError("a re-encoded id is no longer in the tree")
 
     # ------------------------------------------------------------- internals
-    def _update_pinv(self) -> None:
-        # pinv(Wᵀ) (p × d) maps a residual in encoder space to the least φ change
-        self._wt_pinv = np.linalg.pinv(self.drift.W.T, rcond=1e-12)
+    def _update_backprojection(self) -> None:
+        # B (d × p) maps an encoder-space residual r (row) to the φ change r B:
+        # ridge: B = (WᵀW + λI)⁻¹ Wᵀ, λ = backproject_ridge · σ_max(W)²; 0: pinv(Wᵀ)ᵀ
+        self._bp = backprojection(self.drift.W, self._config["backproject_ridge"])
 
     def _backproject(self, phi0: np.ndarray, fresh: np.ndarray, what: str) -> np.ndarray:
         W = self.drift.W
         f = fresh.astype(np.float64)
-        phi = (phi0.astype(np.float64) + (f - phi0.astype(np.float64) @ W) @ self._wt_pinv.T).astype(np.float32)
-        # exactness of what the tree will score: φ as stored (float32) through W
+        phi = (phi0.astype(np.float64) + (f - phi0.astype(np.float64) @ W) @ self._bp).astype(np.float32)
+        # what the tree will score: φ as stored (float32) through W
         got = phi.astype(np.float64) @ W
         rel = np.linalg.norm(got - f, axis=1) / np.maximum(np.linalg.norm(f, axis=1), 1e-30)
         worst = float(rel.max()) if rel.size else 0.0
-        if worst > 1e-3:
+        if worst > 1e-2:
             self._note(
                 what,
                 "inexact",
                 worst_relative_error=worst,
-                reason="W is rank-deficient: the fresh vector is only represented in least squares",
+                reason="W is ill-conditioned: the ridge keeps poorly determined directions near the old features",
             )
         self.last_backprojection_error = worst
         return phi
@@ -487,6 +505,18 @@ class DynamicIndex:
         except (KeyError, ValueError, TypeError) as e:
             raise IndexFileError(f"{path}: inconsistent DynamicIndex state ({e})") from None
         return out
+
+
+def backprojection(W: np.ndarray, ridge: float) -> np.ndarray:
+    """The (d × p) matrix B with φ_new = φ_old + (v − Wᵀ φ_old) B (rows), the minimiser of
+    ‖Wᵀ φ − v‖² + λ ‖φ − φ_old‖² with λ = ridge · σ_max(W)²: B = (WᵀW + λI)⁻¹ Wᵀ, a d × d
+    solve in float64. ridge = 0: the least-norm exact change pinv(Wᵀ)ᵀ."""
+    W = np.asarray(W, np.float64)
+    if ridge == 0:
+        return np.linalg.pinv(W.T, rcond=1e-12).T
+    lam = ridge * float(np.linalg.norm(W, 2)) ** 2
+    d = W.shape[1]
+    return np.linalg.solve(W.T @ W + lam * np.eye(d), W.T)
 
 
 def _json_default(o):
