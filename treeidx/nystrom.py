@@ -29,46 +29,21 @@ relative, hence scale-free. `fit` costs O(m·p·d): no pass over the targets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from ._progress import progress_bar
 from ._validate import as_ids, as_vectors, check_positive_int
+from .drift import DriftFit, DriftReport, drift_error
+
+__all__ = ["NystromDrift", "DriftFit", "DriftReport", "DriftError", "drift_error", "kcenter"]
 
 Kernel = Literal["linear", "rbf", "cosine"]
 _CHUNK_ELEMS = 1 << 22  # rows per chunk so that chunk × m float64 stays ~32 MB
 
 
-@dataclass(frozen=True)
-class DriftReport:
-    """Prediction error on targets whose fresh vectors are known (relative RMS:
-    sqrt(Σ‖pred − fresh‖² / Σ‖fresh‖²)), against doing nothing (stale vectors).
-    A measurement, not an exception (it was called DriftError, still an alias)."""
-
-    predicted: float
-    stale: float
-    n: int
-
-
 DriftError = DriftReport  # the old name of DriftReport, kept for existing code
-
-
-@dataclass(frozen=True)
-class DriftFit:
-    """Diagnostics of one `NystromDrift.fit`.
-
-    landmark_residual: relative RMS error of the prediction on the landmarks themselves
-        (0 when the model interpolates them; a poor fit shows here first).
-    holdout: DriftReport on extra re-encoded targets, when given (None otherwise):
-        the estimate of the error on all targets.
-    rank: eigenpairs of K kept after clipping.
-    """
-
-    landmark_residual: float
-    holdout: DriftReport | None
-    rank: int
 
 
 class NystromDrift:
@@ -367,14 +342,6 @@ class NystromDrift:
 
 
 # ----------------------------------------------------------------- helpers
-def drift_error(pred: np.ndarray, stale: np.ndarray, fresh: np.ndarray) -> DriftReport:
-    """Relative RMS error of predicted and of stale vectors against fresh ones."""
-    fresh = np.asarray(fresh, np.float64)
-    den = max(float((fresh**2).sum()), 1e-300)
-    err = lambda a: float(np.sqrt(((np.asarray(a, np.float64) - fresh) ** 2).sum() / den))  # noqa: E731
-    return DriftReport(predicted=err(pred), stale=err(stale), n=int(fresh.shape[0]))
-
-
 def kcenter(x: np.ndarray, m: int, seed: int = 0, progress: bool = False) -> np.ndarray:
     """Greedy farthest-point (k-center) rows of x: a seeded random first point, then
     repeatedly the point farthest from those chosen. O(N·m·d), memory O(N) + a chunk.
