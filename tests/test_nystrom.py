@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from treeidx.drift import DriftModel
 from treeidx.nystrom import NystromDrift, kcenter
 
 
@@ -168,3 +169,30 @@ def test_state_round_trip():
     ids = np.arange(300) * 2 + 1
     np.testing.assert_array_equal(back.predict(ids), model.predict(ids))
     np.testing.assert_array_equal(back.features(), model.features())
+
+
+def test_fit_takes_landmark_ids_in_any_order_and_observe_is_a_no_op():
+    g, rng = data(n=300, d=5)
+    fresh = linear_drift(g, rng)
+    a = NystromDrift(g, n_landmarks=12, kernel="rbf", seed=1)
+    b = NystromDrift(g, n_landmarks=12, kernel="rbf", seed=1)
+    assert a.query_side and isinstance(a, DriftModel)
+    perm = rng.permutation(12)
+    a.fit(fresh_of(a, fresh))  # positional: rows in landmark_ids order
+    b.fit(fresh_of(b, fresh)[perm], b.landmark_ids[perm])
+    np.testing.assert_array_equal(a.W, b.W)
+    b.fit(fresh_landmark_vectors=fresh_of(b, fresh))  # the old keyword name
+    np.testing.assert_array_equal(a.W, b.W)
+    w = a.W.copy()
+    a.observe(fresh[:7], np.arange(7))
+    a.observe(fresh[:2], [10**9, -1])  # ids outside the model are fine (added targets)
+    np.testing.assert_array_equal(a.W, w)
+    with pytest.raises(ValueError, match="expected dimension 5"):
+        a.observe(fresh[:2, :3], [0, 1])
+    with pytest.raises(ValueError, match="permutation of the 12 landmark_ids"):
+        a.fit(fresh_of(a, fresh), np.r_[a.landmark_ids[:11], 10**6])
+    with pytest.raises(KeyError):  # a bad hold-out changes nothing
+        a.fit(fresh_of(a, fresh) * 2, holdout_ids=[10**9], holdout_vectors=fresh[:1])
+    np.testing.assert_array_equal(a.W, w)
+    with pytest.raises(TypeError, match="not both"):
+        a.fit(fresh_of(a, fresh), fresh_landmark_vectors=fresh_of(a, fresh))

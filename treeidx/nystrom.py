@@ -49,6 +49,9 @@ DriftError = DriftReport  # the old name of DriftReport, kept for existing code
 class NystromDrift:
     """Nyström drift model over stale target vectors (see the module docstring).
 
+    A query-side `DriftModel` (treeidx/drift.py): predictions are Wᵀ φ(y) with φ fixed,
+    so a fit changes W only and never touches a tree built over φ.
+
     stale_vectors: (N, d) stale target vectors; ids: N unique ints (default 0..N-1).
     n_landmarks: m, the number of landmarks (optional when `landmarks` is an id array).
     kernel: "linear" (d-dim features), "rbf" or "cosine" (m-dim or rank-dim features).
@@ -61,6 +64,8 @@ class NystromDrift:
         landmark distance / 2).
     max_rank: keep at most this many eigenpairs (caps the feature dimension).
     """
+
+    query_side = True
 
     def __init__(
         self,
@@ -223,40 +228,85 @@ class NystromDrift:
         return self._ids.copy()
 
     # ------------------------------------------------------------- per refresh
-    def fit(self, fresh_landmark_vectors, *, holdout_ids=None, holdout_vectors=None) -> DriftFit:
-        """Set W from the landmarks' fresh vectors (rows in `landmark_ids` order).
+    def fit(
+        self,
+        fresh_vectors=None,
+        ids=None,
+        *,
+        holdout_ids=None,
+        holdout_vectors=None,
+        fresh_landmark_vectors=None,
+    ) -> DriftFit:
+        """Set W from the landmarks' fresh vectors.
 
+        fresh_vectors: one row per landmark, in `landmark_ids` order when ids is None,
+        else in the order of `ids`, which must be a permutation of `landmark_ids`.
+        (`fresh_landmark_vectors=` is the old keyword name of fresh_vectors.)
         Cost O(m·p·d). Optional holdout: extra re-encoded targets (ids in this model
         and their fresh vectors) to estimate the prediction error on all targets.
         """
+        if fresh_landmark_vectors is not None:
+            if fresh_vectors is not None:
+                raise TypeError("fit: give fresh_vectors or fresh_landmark_vectors (its old name), not both")
+            fresh_vectors = fresh_landmark_vectors
+        if fresh_vectors is None:
+            raise ValueError("fit: NystromDrift needs the landmarks' fresh vectors (one row per landmark_ids entry)")
         m, d = self._GL.shape
-        fresh = np.asarray(
-            fresh_landmark_vectors.detach().cpu().numpy()
-            if hasattr(fresh_landmark_vectors, "detach")
-            else fresh_landmark_vectors
-        )
+        fresh = np.asarray(fresh_vectors.detach().cpu().numpy() if hasattr(fresh_vectors, "detach") else fresh_vectors)
         if fresh.ndim != 2 or fresh.shape[0] != m:
             raise ValueError(
                 f"fresh_landmark_vectors: expected {m} rows (one per landmark, in landmark_ids "
                 f"order), got shape {fresh.shape}"
             )
         fresh = as_vectors(fresh, d, "fresh_landmark_vectors").astype(np.float64)
+        if ids is not None:
+            fresh = fresh[self._landmark_order(ids)]
         target = fresh - self._GL if self.residual else fresh
         wk = self._F @ target  # (d or r, d)
         if self.kernel == "linear":
             W = np.eye(d) + wk if self.residual else wk
         else:
             W = np.vstack([np.eye(d), wk]) if self.residual else wk
-        self.W = W
         pred = self.features_of(self._GL).astype(np.float64) @ W
         res = float(np.sqrt(((pred - fresh) ** 2).sum() / max(((fresh) ** 2).sum(), 1e-300)))
         hold = None
+        old_w, self.W = self.W, W
         if holdout_ids is not None or holdout_vectors is not None:
-            if holdout_ids is None or holdout_vectors is None:
-                raise ValueError("holdout: give both holdout_ids and holdout_vectors")
-            hold = self.evaluate(holdout_ids, holdout_vectors)
+            try:
+                if holdout_ids is None or holdout_vectors is None:
+                    raise ValueError("holdout: give both holdout_ids and holdout_vectors")
+                hold = self.evaluate(holdout_ids, holdout_vectors)
+            except (KeyError, ValueError):
+                self.W = old_w  # a bad hold-out leaves the model as it was
+                raise
         self.last_fit = DriftFit(landmark_residual=res, holdout=hold, rank=self.rank)
         return self.last_fit
+
+    def _landmark_order(self, ids) -> np.ndarray:
+        """Positions in `ids` of landmark_ids[0], landmark_ids[1], ... (ValueError unless
+        `ids` is a permutation of landmark_ids)."""
+        ids_arr = as_ids(ids, None)
+        lm = self.landmark_ids
+        if ids_arr.size != lm.size or not np.array_equal(np.sort(ids_arr), np.sort(lm)):
+            missing = np.setdiff1d(lm, ids_arr)[:5].tolist()
+            extra = np.setdiff1d(ids_arr, lm)[:5].tolist()
+            raise ValueError(
+                f"fit: ids must be a permutation of the {lm.size} landmark_ids, got {ids_arr.size} ids "
+                f"(missing e.g. {missing}, not landmarks e.g. {extra})"
+            )
+        order = np.argsort(ids_arr, kind="stable")
+        return order[np.searchsorted(ids_arr[order], lm)]
+
+    def observe(self, fresh_vectors, ids) -> None:
+        """Fresh vectors of targets encoded anyway: validated, then ignored (a no-op).
+
+        The Nyström map is refitted from the landmarks alone (`fit`), so extra pairs
+        are not used; the method exists so that `DynamicIndex` can hand every model
+        its free training pairs. Ids need not be in the model (added targets)."""
+        ids_arr = as_ids(ids, None)
+        fresh = as_vectors(fresh_vectors, self._G.shape[1], "fresh_vectors", allow_empty=True)
+        if fresh.shape[0] != ids_arr.shape[0]:
+            raise ValueError(f"observe: {ids_arr.shape[0]} ids but {fresh.shape[0]} vectors")
 
     def transform_queries(self, queries) -> np.ndarray:
         """W q for each query: (B, p) float32, to score against φ (product in float64)."""
