@@ -11,7 +11,11 @@ from scipy import stats
 from scipy.special import logsumexp
 
 from treeidx import IndexFileError
+from treeidx.corrector import CorrectorDrift
 from treeidx.dynamic import DynamicIndex, RefreshPolicy
+from treeidx.nystrom import NystromDrift
+
+from ._oracles import assert_sampling_exact
 
 P_MIN = 1e-4
 
@@ -72,11 +76,13 @@ class DynamicEdits(RuleBasedStateMachine):
         seed=st.integers(0, 2**16),
         rebuild=st.sampled_from(["partial", "full"]),
         ridge=st.sampled_from([0.0, 1e-3]),
+        drift=st.sampled_from(["nystrom", "corrector"]),
     )
-    def build(self, n, kernel, seed, rebuild, ridge):
+    def build(self, n, kernel, seed, rebuild, ridge, drift):
         policy = RefreshPolicy(max_moved_fraction=0.3, rebuild=rebuild, radius_growth=1.0)
+        opts = dict(corrector_options=dict(hidden=8, steps_per_fit=20)) if drift == "corrector" else {}
         self.di, self.base, self.enc, self.rng = setup(
-            n=n, d=4, kernel=kernel, seed=seed, policy=policy, backproject_ridge=ridge
+            n=n, d=4, kernel=kernel, seed=seed, policy=policy, backproject_ridge=ridge, drift=drift, **opts
         )
         self.known: dict[int, np.ndarray] = {}  # ids with a fresh vector set at the current W
         self.gap: dict[int, float] = {}  # their ridge bound on ‖predict − fresh‖
@@ -90,7 +96,12 @@ class DynamicEdits(RuleBasedStateMachine):
     @rule(size=st.sampled_from([0.0, 0.05, 0.3]))
     def refresh(self, size):
         self.enc.step(size)
-        self.di.refresh_landmarks(landmark_fresh(self.di, self.base, self.enc))
+        if self.di.drift.query_side:
+            self.di.refresh_landmarks(landmark_fresh(self.di, self.base, self.enc))
+        else:  # the corrector trains on the pairs reencode() observed, if any
+            if self.di.drift.buffer_ids.size == 0:
+                return
+            self.di.refit()
         self.known.clear()  # W changed: earlier fresh vectors are now propagated, not exact
 
     @rule(k=st.integers(1, 25))
@@ -138,7 +149,7 @@ class DynamicEdits(RuleBasedStateMachine):
             bound = np.array([self.gap[i] for i in ids.tolist()]) + 1e-4 * (1 + np.abs(want).max())
             assert (gap <= bound).all(), f"write-back off by {gap.max()}, bound {bound[np.argmax(gap - bound)]}"
         untouched = np.setdiff1d(self.di.ids, self.di.fresh_ids)
-        if untouched.size:  # never re-encoded: the Nyström prediction from the stale vector
+        if untouched.size:  # never re-encoded: the model's prediction from the stale vector
             np.testing.assert_allclose(
                 self.di.predict(untouched), self.di.drift.predict(untouched), rtol=1e-5, atol=1e-5
             )
@@ -320,3 +331,113 @@ def test_errors_change_nothing():
         di.refresh_landmarks(np.zeros((3, 5)))
     np.testing.assert_array_equal(di.predict(di.ids), before)
     di.check()
+
+
+# ---------------------------------------------------------------------------- drift="corrector"
+
+CORRECTOR = dict(hidden=16, steps_per_fit=100, lr=1e-2, batch_size=64)
+
+
+def corrector_setup(n=800, d=5, seed=0, **kw):
+    return setup(n=n, d=d, seed=seed, drift="corrector", corrector_options=CORRECTOR, **kw)
+
+
+def encode(enc, base, ids):
+    return enc(np.stack([base[i] for i in np.asarray(ids).tolist()]))
+
+
+def test_corrector_index_samples_exactly_from_its_predictions_after_refit():
+    di, base, enc, rng = corrector_setup(seed=7, temperature=0.25)
+    assert isinstance(di.drift, CorrectorDrift) and di.landmark_ids.size == 0
+    enc.step(0.4)
+    seen = di.ids[:300]
+    di.reencode(encode(enc, base, seen), seen)  # the loop's pairs train the corrector for free
+    fit = di.refit(holdout_ids=di.ids[300:400], holdout_vectors=encode(enc, base, di.ids[300:400]))
+    assert fit.holdout.predicted < fit.holdout.stale
+    assert any(e["action"] == "moved targets to their new predictions" for e in di.log)
+    enc.step(0.1)
+    re = di.ids[:40]  # written back after the refit: the tree takes the fresh vectors as they are
+    fresh = encode(enc, base, re)
+    di.reencode(fresh, re)
+    np.testing.assert_array_equal(di.predict(re), fresh)
+    untouched = np.setdiff1d(di.ids, di.fresh_ids)
+    np.testing.assert_array_equal(di.predict(untouched), di.drift.predict(untouched))
+    di.check()
+    ids = di.ids
+    q = enc(rng.standard_normal((3, 5)))
+    rows = [ids[:1], [], ids[5:7]]
+    di.sampler.dense_fallback = None
+    assert_sampling_exact(
+        lambda _q, k, exclude, seed: di.sample(q, k, exclude=exclude, seed=seed),
+        di.predict(ids),
+        ids,
+        q,
+        4.0,
+        rows,
+        3,
+        dense=False,
+    )
+
+
+def test_refit_moves_only_targets_not_fresh_and_counts_them_as_moved():
+    policy = RefreshPolicy(max_moved_fraction=0.5)
+    di, base, enc, rng = corrector_setup(n=300, policy=policy)
+    enc.step(0.3)
+    added = np.array([-5, -6])
+    di.add(enc(rng.standard_normal((2, 5))), added)
+    fresh_before = di.predict(added)
+    ids = di.ids[2:52]  # the added (negative) ids sort first
+    di.reencode(encode(enc, base, ids), ids)
+    kept = di.predict(ids)
+    di.refit()
+    np.testing.assert_array_equal(di.predict(ids), kept)
+    np.testing.assert_array_equal(di.predict(added), fresh_before)
+    assert any(e["action"] == "partial rebuild" or e["event"] == "rebuild" for e in di.log)
+    with pytest.raises(TypeError, match="no landmarks"):
+        di.refresh_landmarks(np.zeros((3, 5)))
+
+
+def test_switching_the_drift_model_is_one_argument_and_instances_must_cover_the_ids():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    ids = np.arange(300) * 3
+    for drift in (
+        "nystrom",
+        "corrector",
+        CorrectorDrift(x, ids=ids, hidden=8),
+        NystromDrift(x, ids=ids, n_landmarks=12),
+    ):
+        di = DynamicIndex.build(x, ids, n_landmarks=12, drift=drift, seed=0)
+        di.reencode(x[:5] * 1.1, ids[:5])
+        di.refit(x[np.searchsorted(ids, di.landmark_ids)] * 1.2 if di.drift.query_side else None)
+        assert di.sample(x[:2], 5, seed=0).ids.shape == (2, 5)
+    with pytest.raises(ValueError, match="cover exactly the ids"):
+        DynamicIndex.build(x, ids, drift=CorrectorDrift(x[:299], ids=ids[:299]))
+    with pytest.raises(ValueError, match="only with drift='corrector'"):
+        DynamicIndex.build(x, ids, n_landmarks=12, corrector_options=dict(hidden=8))
+    with pytest.raises(ValueError, match="unknown option"):
+        DynamicIndex.build(x, ids, drift="corrector", corrector_options=dict(width=8))
+    with pytest.raises(ValueError, match="drift: expected"):
+        DynamicIndex.build(x, ids, drift="mlp")
+
+
+def test_corrector_index_save_load_and_full_refresh_keep_the_model(tmp_path):
+    di, base, enc, rng = corrector_setup(n=400, seed=3)
+    enc.step(0.3)
+    di.reencode(encode(enc, base, di.ids[:100]), di.ids[:100])
+    di.refit()
+    di.save(tmp_path / "c.npz")
+    back = DynamicIndex.load(tmp_path / "c.npz")
+    assert isinstance(back.drift, CorrectorDrift) and back.log == di.log
+    q = enc(rng.standard_normal((2, 5)))
+    np.testing.assert_array_equal(back.sample(q, 50, seed=1).ids, di.sample(q, 50, seed=1).ids)
+    # the loaded model keeps training exactly as the original (buffer, Adam state, generator)
+    more = di.ids[100:150]
+    for x in (di, back):
+        x.reencode(encode(enc, base, more), more)
+        x.refit()
+    np.testing.assert_array_equal(back.predict(back.ids), di.predict(di.ids))
+    all_ids = di.ids
+    di.full_refresh(encode(enc, base, all_ids), all_ids)
+    assert isinstance(di.drift, CorrectorDrift) and di.drift.hidden == CORRECTOR["hidden"]
+    np.testing.assert_array_equal(di.predict(all_ids), encode(enc, base, all_ids))  # untrained: identity

@@ -75,6 +75,12 @@ class DriftModel(Protocol):
     query_side: bool
 
     @property
+    def W(self) -> np.ndarray:
+        """The query-side map (p × d): predictions are Wᵀ φ. The identity for a
+        target-side model. `DynamicIndex` back-projects fresh vectors through it."""
+        ...
+
+    @property
     def ids(self) -> np.ndarray:
         """The targets the model knows (int64, construction order; a copy)."""
         ...

@@ -1,11 +1,20 @@
 """DynamicIndex: softmax sampling over targets whose encoder drifts, without re-encoding them all.
 
-It owns the stale vectors and a `NystromDrift` model (φ, W), a `TreeIndex` over the
-features φ(y), and a `SoftmaxSampler` on that tree. Drift enters on the query side:
-`sample(q)` samples the tree with W q, so <W q, φ(y)> = <q, Wᵀ φ(y)> and the tree is
-untouched when `refresh_landmarks` changes W.
+It owns a drift model (`DriftModel`, treeidx/drift.py; `drift="nystrom"` by default, or
+`"corrector"`, or a model instance), a `TreeIndex` over the model's features φ(y), and a
+`SoftmaxSampler` on that tree.
 
-Re-encoded and added targets (design choice, docs/drift.md). A target whose current
+* Query-side models (`NystromDrift`: φ fixed, predictions Wᵀ φ): drift enters on the
+  query side. `sample(q)` samples the tree with W q, so <W q, φ(y)> = <q, Wᵀ φ(y)> and
+  the tree is untouched when `refresh_landmarks` / `refit` changes W.
+* Target-side models (`CorrectorDrift`): φ(y) is the predicted vector itself. Queries
+  pass unchanged; `refit` trains the model and then moves every target not re-encoded
+  since the last full refresh to its new prediction (`TreeIndex.update`, in chunks;
+  this counts as moved for the refresh policy). Every `reencode` hands the model its
+  (stale, fresh) pairs (`observe`) — free training data.
+
+Re-encoded and added targets (design choice, docs/drift.md). With a target-side model
+the tree simply takes the fresh vector. With a query-side one, a target whose current
 vector v is known exactly gets a new feature vector, the ridge back-projection of v
 from its old one (for an added target: from φ(v) read as a stale vector):
 
@@ -49,13 +58,29 @@ from typing import Any
 import numpy as np
 
 from ._validate import as_ids, as_vectors, vectors_then_ids
+from .corrector import CorrectorDrift
+from .drift import DriftFit, DriftModel, DriftReport, drift_error
 from .io import IndexFileError, atomic_write, crc32
-from .nystrom import DriftFit, DriftReport, NystromDrift, drift_error
+from .nystrom import NystromDrift
 from .sampling import SampleResult, SoftmaxSampler
 from .tree import TreeIndex, check_shape_options
 
 logger = logging.getLogger("treeidx.dynamic")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the drift model's kind and options in the config (1: Nyström only)
+_READABLE_VERSIONS = (1, 2)
+_MODELS = {"nystrom": NystromDrift, "corrector": CorrectorDrift}
+_CORRECTOR_KEYS = (
+    "hidden",
+    "normalize",
+    "ridge",
+    "lr",
+    "steps_per_fit",
+    "batch_size",
+    "buffer_size",
+    "weight_decay",
+    "seed",
+)
+_MOVE_CHUNK_ELEMS = 1 << 22  # float32 elements per chunk when moving targets after a refit
 BACKPROJECT_RIDGE = 1e-3  # default relative ridge of the back-projection (× σ_max(W)²)
 _MODEL_KEYS = ("kernel", "landmarks", "ridge", "eig_floor", "residual", "bandwidth", "max_rank")
 _SAMPLER_KEYS = ("temperature", "mode", "tolerance", "budget")
@@ -92,19 +117,25 @@ class RefreshPolicy:
 
 
 class DynamicIndex:
-    """Drift-aware softmax sampling: a Nyström drift model + a TreeIndex over its features.
+    """Drift-aware softmax sampling: a drift model + a TreeIndex over its features.
 
-    Build with `DynamicIndex.build(vectors, ids, n_landmarks=...)`. Per training step:
-    `refresh_landmarks(fresh vectors of landmark_ids)` (every step or every few),
-    `sample(queries, k, exclude=...)`, then `reencode(ids, fresh)` with the targets the
-    step encoded anyway. Not thread-safe for writes (as TreeIndex).
+    Build with `DynamicIndex.build(vectors, ids, n_landmarks=...)` (Nyström, default) or
+    `DynamicIndex.build(vectors, ids, drift="corrector")`. Per training step: refit the
+    model (`refresh_landmarks(fresh vectors of landmark_ids)` for Nyström, or
+    `refit(...)` for either; every step or every few), `sample(queries, k,
+    exclude=...)`, then `reencode(fresh, ids)` with the targets the step encoded anyway.
+    Not thread-safe for writes (as TreeIndex).
     """
 
-    def __init__(self, *, _drift: NystromDrift, _tree: TreeIndex, _config: dict, _policy: RefreshPolicy):
+    def __init__(self, *, _drift: DriftModel, _tree: TreeIndex, _config: dict, _policy: RefreshPolicy):
         self.drift = _drift
         self.tree = _tree
         self._config = dict(_config)
         self._config.setdefault("backproject_ridge", BACKPROJECT_RIDGE)  # files written before it existed
+        self._config.setdefault("drift", "nystrom")
+        self._config.setdefault("corrector_options", None)
+        # encoder dimension d: what Wᵀ φ returns
+        self._dim = int(_drift.predict_from_features(np.zeros((0, _drift.dim), np.float32)).shape[1])
         self.policy = _policy
         self.sampler = SoftmaxSampler(_tree, **{k: _config[k] for k in _SAMPLER_KEYS})
         self.log: list[dict[str, Any]] = []
@@ -138,6 +169,8 @@ class DynamicIndex:
         budget: int | None = None,
         policy: RefreshPolicy | None = None,
         backproject_ridge: float = BACKPROJECT_RIDGE,
+        drift: str | DriftModel = "nystrom",
+        corrector_options: dict | None = None,
         seed: int = 0,
         progress: bool = False,
         **tree_shape: Any,
@@ -149,12 +182,22 @@ class DynamicIndex:
             targets (λ = backproject_ridge · σ_max(W)²; module docstring, docs/drift.md).
             0 gives the exact least-norm change, which can blow up when W is
             ill-conditioned; larger values keep φ near its old value at a small bias.
+            (Query-side models only: a target-side model's tree takes fresh vectors as is.)
+        drift: "nystrom" (NystromDrift with the model options above), "corrector"
+            (CorrectorDrift with `corrector_options`: hidden, normalize, ridge, lr,
+            steps_per_fit, batch_size, buffer_size, weight_decay, seed), or a DriftModel
+            instance over exactly the ids given (its features are what the tree holds;
+            `full_refresh` rebuilds a NystromDrift or CorrectorDrift instance with its
+            options, and refuses other classes).
         """
         if not (
             isinstance(backproject_ridge, (int, float)) and np.isfinite(backproject_ridge) and backproject_ridge >= 0
         ):
             raise ValueError(f"backproject_ridge: expected a finite number >= 0, got {backproject_ridge!r}")
+        model, kind, options = _resolve_drift(drift, corrector_options, vectors, ids)
         config = dict(
+            drift=kind,
+            corrector_options=options,
             n_landmarks=n_landmarks,
             kernel=kernel,
             landmarks=landmarks,
@@ -171,22 +214,20 @@ class DynamicIndex:
             seed=seed,
             tree_shape=check_shape_options(tree_shape),
         )
-        drift, tree = cls._make(vectors, ids, config, seed, progress)
+        if isinstance(model, NystromDrift):  # full_refresh rebuilds it with its own options
+            config.update(_nystrom_options(model))
+        drift, tree = cls._make(vectors, ids, config, seed, progress, model)
         out = cls(_drift=drift, _tree=tree, _config=config, _policy=policy or RefreshPolicy())
-        out._note("build", "built", n=len(tree), feature_dim=drift.dim, rank=drift.rank)
+        out._note(
+            "build", "built", n=len(tree), feature_dim=drift.dim, rank=getattr(drift, "rank", drift.dim), drift=kind
+        )
         return out
 
     @staticmethod
-    def _make(vectors, ids, config: dict, seed: int, progress: bool) -> tuple[NystromDrift, TreeIndex]:
-        lm = config["landmarks"]
-        drift = NystromDrift(
-            vectors,
-            ids=ids,
-            n_landmarks=config["n_landmarks"] if isinstance(lm, str) else None,
-            seed=seed,
-            progress=progress,
-            **{k: config[k] for k in _MODEL_KEYS},
-        )
+    def _make(
+        vectors, ids, config: dict, seed: int, progress: bool, model: DriftModel | None = None
+    ) -> tuple[DriftModel, TreeIndex]:
+        drift = _new_model(vectors, ids, config, seed, progress) if model is None else model
         tree = TreeIndex.build(drift.features(), drift.ids, seed=seed, progress=progress, **config["tree_shape"])
         return drift, tree
 
@@ -201,13 +242,15 @@ class DynamicIndex:
     @property
     def dim(self) -> int:
         """Encoder dimension d (queries and vectors)."""
-        return int(self.drift.W.shape[1])
+        return self._dim
 
     @property
     def landmark_ids(self) -> np.ndarray:
-        """Ids whose fresh vectors `refresh_landmarks` expects, in this order. A landmark
-        removed from the index stays in the model: keep supplying its fresh vector."""
-        return self.drift.landmark_ids.copy()
+        """Ids whose fresh vectors `refresh_landmarks` expects, in this order (empty for
+        a model without landmarks, e.g. the corrector). A landmark removed from the index
+        stays in the model: keep supplying its fresh vector."""
+        lm = getattr(self.drift, "landmark_ids", None)
+        return np.empty(0, np.int64) if lm is None else np.array(lm, np.int64)
 
     @property
     def fresh_ids(self) -> np.ndarray:
@@ -222,7 +265,8 @@ class DynamicIndex:
         return (self._version, id(self.tree), self.tree.version)
 
     def predict(self, ids) -> np.ndarray:
-        """The vectors the sampler is exact for: Wᵀ φ(y), (n, d) float32."""
+        """The vectors the sampler is exact for, (n, d) float32: Wᵀ φ(y) for a query-side
+        model; the vectors the tree holds (predictions, fresh vectors) for a target-side one."""
         return self.drift.predict_from_features(self.tree.vectors(ids))
 
     def __repr__(self) -> str:
@@ -238,8 +282,34 @@ class DynamicIndex:
         Cost O(m·p·d); the tree is not touched. Hold-out targets (ids in the index and
         their fresh vectors) give an estimate of the prediction error, which feeds the
         policy; they are not re-encoded into the index (call `reencode` for that).
+        Only for models with landmarks (Nyström); `refit` works with every model.
         """
+        if not (self.drift.query_side and hasattr(self.drift, "landmark_ids")):
+            raise TypeError(
+                f"refresh_landmarks: the {self._config['drift']} drift model has no landmarks; "
+                "use refit(fresh_vectors, ids) (or refit() to train on the pairs reencode() observed)"
+            )
         fit = self.drift.fit(fresh_landmark_vectors)
+        return self._after_fit(fit, holdout_ids, holdout_vectors, "refresh_landmarks", "refit W")
+
+    def refit(self, fresh_vectors=None, ids=None, *, holdout_ids=None, holdout_vectors=None) -> DriftFit:
+        """Refit the drift model, then bring the tree in line with it.
+
+        Nyström: fresh_vectors are the landmarks' (ids None: `landmark_ids` order, else a
+        permutation of them) — the same as `refresh_landmarks`; the tree is not touched.
+        Corrector: the given (fresh, ids) pairs, if any, join its replay buffer (which
+        `reencode` fills anyway), it trains, and every target not re-encoded or added
+        since the last full refresh moves to its new prediction (`TreeIndex.update` in
+        chunks, O(N·d·h) + N tree moves; counted as moved, so the policy rebuilds).
+        Hold-out targets as in `refresh_landmarks`.
+        """
+        fit = self.drift.fit(fresh_vectors, ids)
+        if not self.drift.query_side:
+            self._version += 1
+            self._move_to_predictions()
+        return self._after_fit(fit, holdout_ids, holdout_vectors, "refit", "refit the drift model")
+
+    def _after_fit(self, fit: DriftFit, holdout_ids, holdout_vectors, event: str, action: str) -> DriftFit:
         self._version += 1
         self.epoch += 1
         self._update_backprojection()
@@ -254,13 +324,24 @@ class DynamicIndex:
             )
             self._track(fit.holdout)
         self._note(
-            "refresh_landmarks",
-            "refit W",
+            event,
+            action,
             landmark_residual=fit.landmark_residual,
             holdout=None if fit.holdout is None else fit.holdout.predicted,
         )
         self._apply_policy()
         return fit
+
+    def _move_to_predictions(self) -> None:
+        """Target-side model: targets not fresh since the last full refresh take their new predictions."""
+        ids = self.tree.ids
+        ids = ids[np.isin(ids, self.drift.ids) & ~np.isin(ids, self.fresh_ids)]
+        step = max(1, _MOVE_CHUNK_ELEMS // max(self.tree.dim, 1))
+        for a in range(0, ids.size, step):
+            chunk = ids[a : a + step]
+            self.tree.update(self.drift.features(chunk), chunk)
+        self._moved += int(ids.size)
+        self._note("refit", "moved targets to their new predictions", n=int(ids.size))
 
     def sample(self, queries, k: int, *, exclude=None, seed: int | None = None) -> SampleResult:
         """Softmax samples over the predicted vectors for encoder-space queries
@@ -286,6 +367,9 @@ class DynamicIndex:
             raise ValueError(f"reencode: {ids_arr.shape[0]} ids but {fresh.shape[0]} vectors")
         phi_old = self.tree.vectors(ids_arr)  # KeyError before anything changes
         err = self._error(ids_arr, fresh, phi_old)
+        known = np.isin(ids_arr, self.drift.ids)  # added targets have no stale vector
+        if known.any():
+            self.drift.observe(fresh[known], ids_arr[known])  # free training pairs
         self._version += 1
         self.tree.update(self._backproject(phi_old, fresh, "reencode"), ids_arr)
         self._mark_fresh(ids_arr)
@@ -318,14 +402,16 @@ class DynamicIndex:
         self._version += 1
         for i in ids_arr.tolist():
             self._fresh_epoch.pop(i, None)
-        lm = int(np.isin(ids_arr, self.drift.landmark_ids).sum())
+        lm = int(np.isin(ids_arr, self.landmark_ids).sum())
         self._note("remove", "removed", n=int(ids_arr.size), landmarks_removed=lm)
 
     def full_refresh(self, vectors, ids=None, *, progress: bool = False) -> None:
-        """Start over from freshly encoded vectors of all targets: new stale base, new
-        landmarks, new features and tree; clears `needs_full_refresh`."""
+        """Start over from freshly encoded vectors of all targets: new stale base, a new
+        drift model of the same kind and options (new landmarks), new features and tree;
+        clears `needs_full_refresh`."""
         cfg = self._config
         self.drift, self.tree = self._make(vectors, ids, cfg, cfg["seed"], progress)
+        self._dim = int(self.drift.predict_from_features(np.zeros((0, self.drift.dim), np.float32)).shape[1])
         self._version += 1
         self.sampler = SoftmaxSampler(self.tree, **{k: cfg[k] for k in _SAMPLER_KEYS})
         self.epoch, self._moved, self.needs_full_refresh, self.drift_estimate = 0, 0, False, None
@@ -371,9 +457,15 @@ class DynamicIndex:
     def _update_backprojection(self) -> None:
         # B (d × p) maps an encoder-space residual r (row) to the φ change r B:
         # ridge: B = (WᵀW + λI)⁻¹ Wᵀ, λ = backproject_ridge · σ_max(W)²; 0: pinv(Wᵀ)ᵀ
-        self._bp = backprojection(self.drift.W, self._config["backproject_ridge"])
+        if self.drift.query_side:
+            self._bp = backprojection(self.drift.W, self._config["backproject_ridge"])
+        else:
+            self._bp = None  # the tree holds encoder-space vectors: nothing to project
 
     def _backproject(self, phi0: np.ndarray, fresh: np.ndarray, what: str) -> np.ndarray:
+        if not self.drift.query_side:
+            self.last_backprojection_error = 0.0
+            return np.array(fresh, np.float32)
         W = self.drift.W
         f = fresh.astype(np.float64)
         phi = (phi0.astype(np.float64) + (f - phi0.astype(np.float64) @ W) @ self._bp).astype(np.float32)
@@ -444,6 +536,11 @@ class DynamicIndex:
         """Write the whole state to one .npz file atomically (temp file + os.replace);
         the tree is embedded as a TreeIndex file, every array carries a CRC32."""
         path = Path(path)
+        if self._config["drift"] not in _MODELS:
+            raise TypeError(
+                f"save: only the built-in drift models ({', '.join(_MODELS)}) can be saved, "
+                f"not {type(self.drift).__name__}"
+            )
         with tempfile.TemporaryDirectory(dir=path.parent or ".") as td:
             self.tree.save(Path(td) / "tree.tidx")
             tree_bytes = np.fromfile(Path(td) / "tree.tidx", dtype=np.uint8)
@@ -484,8 +581,10 @@ class DynamicIndex:
             raise
         except Exception as e:  # zip CRC, truncation, bad JSON ...
             raise IndexFileError(f"{path}: not a readable DynamicIndex file ({type(e).__name__}: {e})") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise IndexFileError(f"{path}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        if meta.get("format_version") not in _READABLE_VERSIONS:
+            raise IndexFileError(
+                f"{path}: format version {meta.get('format_version')}, this treeidx reads {_READABLE_VERSIONS}"
+            )
         for k, c in meta["crc32"].items():
             if k not in arrays or crc32(arrays[k]) != c:
                 raise IndexFileError(f"{path}: array '{k}' missing or corrupted (checksum mismatch)")
@@ -493,8 +592,9 @@ class DynamicIndex:
             arrays["tree"].tofile(Path(td) / "tree.tidx")
             tree = TreeIndex.load(Path(td) / "tree.tidx")
         try:
-            drift = NystromDrift.from_state({k[6:]: v for k, v in arrays.items() if k.startswith("drift_")})
             cfg = meta["config"]
+            model_cls = _MODELS[cfg.get("drift", "nystrom")]  # version 1: Nyström
+            drift = model_cls.from_state({k[6:]: v for k, v in arrays.items() if k.startswith("drift_")})
             out = cls(_drift=drift, _tree=tree, _config=cfg, _policy=RefreshPolicy(**meta["policy"]))
             out.epoch, out._moved = int(meta["epoch"]), int(meta["moved"])
             out.needs_full_refresh, out.drift_estimate = bool(meta["needs_full_refresh"]), meta["drift_estimate"]
@@ -505,6 +605,63 @@ class DynamicIndex:
         except (KeyError, ValueError, TypeError) as e:
             raise IndexFileError(f"{path}: inconsistent DynamicIndex state ({e})") from None
         return out
+
+
+def _resolve_drift(drift, options, vectors, ids) -> tuple[DriftModel | None, str, dict | None]:
+    """(model instance or None, kind, corrector options) for `build`'s drift arguments."""
+    if isinstance(drift, str):
+        if drift not in _MODELS:
+            raise ValueError(f"drift: expected 'nystrom', 'corrector' or a DriftModel instance, got {drift!r}")
+        if options is not None and drift != "corrector":
+            raise ValueError("corrector_options: only with drift='corrector'")
+        opts = dict(options or {})
+        unknown = sorted(set(opts) - set(_CORRECTOR_KEYS))
+        if unknown:
+            raise ValueError(
+                f"corrector_options: unknown option(s) {unknown}; expected some of {list(_CORRECTOR_KEYS)}"
+            )
+        return None, drift, (opts if drift == "corrector" else None)
+    if not isinstance(drift, DriftModel):
+        raise TypeError(f"drift: expected 'nystrom', 'corrector' or a DriftModel instance, got {type(drift).__name__}")
+    if options is not None:
+        raise ValueError("corrector_options: not with a model instance (it has its own options)")
+    x = as_vectors(vectors, None, "vectors")
+    want = np.arange(x.shape[0], dtype=np.int64) if ids is None else as_ids(ids, x.shape[0])
+    have = np.asarray(drift.ids, np.int64)
+    if have.size != want.size or not np.array_equal(np.sort(have), np.sort(want)):
+        raise ValueError(
+            f"drift: the model covers {have.size} ids, the index {want.size}; a model instance must "
+            "cover exactly the ids given to build (same set)"
+        )
+    if isinstance(drift, CorrectorDrift):
+        return drift, "corrector", {k: getattr(drift, k) for k in _CORRECTOR_KEYS}
+    return drift, "nystrom" if isinstance(drift, NystromDrift) else "custom", None
+
+
+def _nystrom_options(model: NystromDrift) -> dict:
+    """The build config a NystromDrift instance stands for (new k-center landmarks at a full refresh)."""
+    opts = {k: getattr(model, k) for k in ("kernel", "ridge", "eig_floor", "residual", "bandwidth", "max_rank")}
+    return dict(opts, n_landmarks=model.n_landmarks, landmarks="kcenter")
+
+
+def _new_model(vectors, ids, config: dict, seed: int, progress: bool) -> DriftModel:
+    """A fresh drift model of the configured kind over `vectors`."""
+    if config["drift"] == "corrector":
+        return CorrectorDrift(vectors, ids=ids, **{"seed": seed, **(config["corrector_options"] or {})})
+    if config["drift"] != "nystrom":
+        raise TypeError(
+            "full_refresh: a custom drift model cannot be rebuilt from vectors; "
+            "build a new DynamicIndex with a new model"
+        )
+    lm = config["landmarks"]
+    return NystromDrift(
+        vectors,
+        ids=ids,
+        n_landmarks=config["n_landmarks"] if isinstance(lm, str) else None,
+        seed=seed,
+        progress=progress,
+        **{k: config[k] for k in _MODEL_KEYS},
+    )
 
 
 def backprojection(W: np.ndarray, ridge: float) -> np.ndarray:
