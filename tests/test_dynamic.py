@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
@@ -441,3 +443,19 @@ def test_corrector_index_save_load_and_full_refresh_keep_the_model(tmp_path):
     di.full_refresh(encode(enc, base, all_ids), all_ids)
     assert isinstance(di.drift, CorrectorDrift) and di.drift.hidden == CORRECTOR["hidden"]
     np.testing.assert_array_equal(di.predict(all_ids), encode(enc, base, all_ids))  # untrained: identity
+
+
+def test_a_version_1_file_still_loads(tmp_path):
+    di, base, enc, rng = setup(n=200, kernel="linear", seed=8)
+    di.save(tmp_path / "v2.npz")
+    with np.load(tmp_path / "v2.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    meta["format_version"] = 1  # what version 1 wrote: no drift kind, no back-projection ridge
+    for k in ("drift", "corrector_options", "backproject_ridge"):
+        del meta["config"][k]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "v1.npz", **arrays)
+    back = DynamicIndex.load(tmp_path / "v1.npz")
+    assert isinstance(back.drift, NystromDrift)
+    np.testing.assert_array_equal(back.predict(back.ids), di.predict(di.ids))

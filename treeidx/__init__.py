@@ -4,6 +4,8 @@ Main entry points:
     TreeIndex       -- the index: build, insert, remove, update, search, save/load
     SoftmaxSampler  -- exact (rejection) or certified-approximate softmax samples
     NystromDrift    -- predict current target vectors from a few re-encoded landmarks
+    CorrectorDrift  -- ... or with a small network trained on the pairs the loop encodes anyway
+    DriftModel      -- the interface DynamicIndex takes (either model, or your own)
     DynamicIndex    -- tree + drift model + sampler that stays current during training
     treeidx.torch   -- TreeNegativeSampler, sampled_softmax_loss (import treeidx.torch)
 
@@ -16,9 +18,11 @@ The code-search training job (imported on demand; docs/training.md):
 from __future__ import annotations
 
 from ._version import __version__
+from .corrector import CorrectorDrift
+from .drift import DriftFit, DriftModel, DriftReport
 from .dynamic import DynamicIndex, RefreshPolicy
 from .io import IndexFileError
-from .nystrom import DriftError, DriftFit, DriftReport, NystromDrift
+from .nystrom import DriftError, NystromDrift
 from .sampling import SampleResult, SoftmaxSampler
 from .tree import InvariantError, SearchWork, TreeIndex
 
@@ -28,6 +32,8 @@ __all__ = [
     "SoftmaxSampler",
     "SampleResult",
     "NystromDrift",
+    "CorrectorDrift",
+    "DriftModel",
     "DriftFit",
     "DriftReport",
     "DriftError",
