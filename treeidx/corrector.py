@@ -18,9 +18,10 @@ cost. Model (d = encoder dimension, h = hidden width):
   `steps_per_fit=0` a plain ridge corrector.
 * The network (W1, b1, W2, b2) is trained by `steps_per_fit` Adam steps per `fit` on
   the mean squared error over minibatches of the buffer, and stays warm across fits.
-  Minibatches come from a seeded Generator whose state is part of `state()`; the
-  arithmetic is float64 numpy on one thread of control, so the same seed and the same
-  calls give identical predictions whatever the thread count.
+  Minibatches come from a seeded Generator whose state is part of `state()`, and the
+  arithmetic is plain float64 numpy (as in NystromDrift), so the same seed and the
+  same calls give identical predictions. Nothing is ever held for the whole buffer in
+  float64: the closed form and the diagnostics accumulate over chunks of a few MB.
 * The replay buffer holds one (stale, fresh) pair per target id: the most recent
   `buffer_size` observations, a re-observed id replacing its older pair.
 
@@ -243,9 +244,19 @@ class CorrectorDrift:
         self._buf_stamp[slots] = self._clock + np.arange(rows.size)
         self._clock += int(rows.size)
 
-    def _buffer(self) -> tuple[np.ndarray, np.ndarray]:
-        used = np.flatnonzero(self._buf_row >= 0)  # slot order: deterministic
-        return self._G[self._buf_row[used]].astype(np.float64), self._buf_fresh[used].astype(np.float64)
+    def _used(self) -> tuple[np.ndarray, np.ndarray]:
+        """(target rows, buffer slots) of the stored pairs, in slot order (deterministic)."""
+        used = np.flatnonzero(self._buf_row >= 0)
+        return self._buf_row[used], used
+
+    def _chunks(self, rows: np.ndarray, slots: np.ndarray):
+        """(stale, fresh) float64 chunks of the buffer, a few MB each (never all of it)."""
+        step = max(1, _CHUNK_ELEMS // (self.hidden + self.dim))
+        for a in range(0, rows.size, step):
+            yield (
+                self._G[rows[a : a + step]].astype(np.float64),
+                self._buf_fresh[slots[a : a + step]].astype(np.float64),
+            )
 
     # ------------------------------------------------------------- training
     def fit(self, fresh_vectors=None, ids=None, *, holdout_ids=None, holdout_vectors=None) -> DriftFit:
@@ -269,25 +280,30 @@ class CorrectorDrift:
             )
         if pairs is not None:
             self._store(*pairs)
-        g, f = self._buffer()
-        self._solve_linear(g, f)
+        rows, slots = self._used()
+        self._solve_linear(rows, slots)
         for _ in range(self.steps_per_fit):
-            batch = self._rng.integers(0, g.shape[0], min(self.batch_size, g.shape[0]))
-            self._adam_step(g[batch], f[batch])
-        pred = self.features_of(g)
-        res = float(np.sqrt(((pred - f) ** 2).sum() / max(float((f**2).sum()), 1e-300)))
+            batch = self._rng.integers(0, rows.size, min(self.batch_size, rows.size))
+            g = self._G[rows[batch]].astype(np.float64)
+            self._adam_step(g, self._buf_fresh[slots[batch]].astype(np.float64))
+        err = den = 0.0
+        for g, f in self._chunks(rows, slots):
+            err += float(((self.features_of(g) - f) ** 2).sum())
+            den += float((f**2).sum())
         hold = None if holdout_ids is None else self.evaluate(holdout_ids, holdout_vectors)
-        self.last_fit = DriftFit(landmark_residual=res, holdout=hold, rank=self.dim)
+        self.last_fit = DriftFit(landmark_residual=float(np.sqrt(err / max(den, 1e-300))), holdout=hold, rank=self.dim)
         return self.last_fit
 
-    def _solve_linear(self, g: np.ndarray, f: np.ndarray) -> None:
-        """A = (GᵀG + λI)⁻¹ Gᵀ(F − G − M(G)), λ = ridge · trace(GᵀG)/d (float64)."""
+    def _solve_linear(self, rows: np.ndarray, slots: np.ndarray) -> None:
+        """A = (GᵀG + λI)⁻¹ Gᵀ(F − G − M(G)), λ = ridge · trace(GᵀG)/d (float64, accumulated in chunks)."""
         p = self.params
         d = self.dim
-        gram = g.T @ g
+        gram, rhs = np.zeros((d, d)), np.zeros((d, d))
+        for g, f in self._chunks(rows, slots):
+            gram += g.T @ g
+            rhs += g.T @ (f - g - (np.maximum(g @ p["W1"] + p["b1"], 0.0) @ p["W2"] + p["b2"]))
         lam = self.ridge * float(np.trace(gram)) / d
-        target = f - g - (np.maximum(g @ p["W1"] + p["b1"], 0.0) @ p["W2"] + p["b2"])
-        p["A"] = np.linalg.lstsq(gram + lam * np.eye(d), g.T @ target, rcond=None)[0]
+        p["A"] = np.linalg.lstsq(gram + lam * np.eye(d), rhs, rcond=None)[0]
 
     def _adam_step(self, g: np.ndarray, f: np.ndarray) -> None:
         """One Adam step of the network on the minibatch MSE (mean over rows of ‖·‖²)."""

@@ -388,7 +388,8 @@ class DynamicIndex:
         x = as_vectors(vectors, self.dim, "vectors")
         if x.shape[0] != ids_arr.shape[0]:
             raise ValueError(f"add: {ids_arr.shape[0]} ids but {x.shape[0]} vectors")
-        phi = self._backproject(self.drift.features_of(x), x, "add")
+        phi0 = self.drift.features_of(x) if self.drift.query_side else x  # target-side: x is stored as is
+        phi = self._backproject(phi0, x, "add")
         self._version += 1
         self.tree.insert(phi, ids_arr)  # raises on present ids before changing anything
         self._mark_fresh(ids_arr)
