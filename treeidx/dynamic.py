@@ -27,15 +27,16 @@ determines well (σ_i² ≫ λ) Wᵀ φ_new = v up to a relative λ/(σ_i² + λ
 determined ones φ stays near φ_old instead of blowing up (‖φ_new − φ_old‖ ≤
 ‖v − Wᵀ φ_old‖ / (2√λ)). backproject_ridge=0 is the exact least-norm change
 (pinv(Wᵀ)), which amplifies residuals by 1/σ_min. The worst relative error of Wᵀ φ_new
-against v is kept in `last_backprojection_error`. At the next refresh W changes and the target's score becomes
-<q, W_newᵀ φ_new>: the drift model's propagation of its fresh vector (with the linear
-kernel φ_new is literally the stale-space vector that the map sends to v, i.e. its
-replaced stale vector).
+against v is kept in `last_backprojection_error`. At the next refresh W changes and
+the target's score becomes <q, W_newᵀ φ_new>: the drift model's propagation of its
+fresh vector (with the linear kernel φ_new is nearly the stale-space vector that the
+map sends to v, i.e. its replaced stale vector).
 
 What the sampler is exact for: the softmax over the vectors `predict(ids)` = Wᵀ φ(y) —
-the Nyström predictions, and the fresh vectors of targets re-encoded or added since the
-last refresh. It is not exact with respect to the true current encoder; the gap is the
-drift model's error, estimated from every `reencode` batch (predicted vs fresh before
+the model's predictions, and the (back-projected) fresh vectors of targets re-encoded
+or added since the last refresh (for a target-side model: since the last full refresh).
+It is not exact with respect to the true current encoder; the gap is the drift model's
+error, estimated from every `reencode` batch (predicted vs fresh before
 the update) and from optional hold-out targets at `refresh_landmarks`.
 
 Refresh policy (`RefreshPolicy`): after `max_moved_fraction` of the targets were moved
@@ -57,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import as_ids, as_vectors, vectors_then_ids
+from ._validate import as_ids, as_vectors, check_number, vectors_then_ids
 from .corrector import CorrectorDrift
 from .drift import DriftFit, DriftModel, DriftReport, drift_error
 from .io import IndexFileError, atomic_write, crc32
@@ -190,10 +191,7 @@ class DynamicIndex:
             `full_refresh` rebuilds a NystromDrift or CorrectorDrift instance with its
             options, and refuses other classes).
         """
-        if not (
-            isinstance(backproject_ridge, (int, float)) and np.isfinite(backproject_ridge) and backproject_ridge >= 0
-        ):
-            raise ValueError(f"backproject_ridge: expected a finite number >= 0, got {backproject_ridge!r}")
+        backproject_ridge = check_number(backproject_ridge, "backproject_ridge")
         model, kind, options = _resolve_drift(drift, corrector_options, vectors, ids)
         config = dict(
             drift=kind,
