@@ -151,7 +151,9 @@ def record(cfg: RecordConfig, cache_dir: str | None = None, quiet: bool = False)
             _save_npy(tp, _encode(model, t_texts))
             meta["timings"][f"encode_{step}_s"] = time.perf_counter() - t
             log(f"step {step}: encoded {len(t_texts)} targets in {time.perf_counter() - t:.0f} s", quiet)
-        torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step), state_path)
+        torch.save(
+            dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step), state_path
+        )
         _atomic_json(meta_path, meta)
 
     if start == 0:
@@ -228,7 +230,11 @@ def main(argv=None) -> str:
         targets=a.targets,
         train_pairs=a.train_pairs,
         eval_queries=a.eval_queries,
-        steps=a.steps, checkpoints=cps, lr=a.lr, max_seq_length=a.max_seq_length, seed=a.seed
+        steps=a.steps,
+        checkpoints=cps,
+        lr=a.lr,
+        max_seq_length=a.max_seq_length,
+        seed=a.seed,
     )
     folder = record(cfg, quiet=a.quiet)
     print(folder)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from treeidx.drift import DriftModel
-from treeidx.nystrom import NystromDrift, kcenter
+from treeidx.nystrom import NystromDrift, kcenter, leverage_sample, leverage_scores
 
 
 def data(n=1500, d=8, seed=0):
@@ -133,6 +133,28 @@ def test_kcenter_distinct_deterministic_and_covering():
     dup = np.repeat(g[:3], 10, axis=0)
     with pytest.raises(ValueError, match="only 3 distinct"):
         kcenter(dup, 4)
+
+
+def test_leverage_landmarks_find_the_rare_directions():
+    # 990 targets in a 2-d plane, 10 more each along its own extra axis: each of those
+    # alone pins a direction of the linear fit (leverage ~1), the plane's rows share ~2.
+    rng = np.random.default_rng(3)
+    d = 12
+    x = np.zeros((1000, d), np.float32)
+    x[:990, :2] = rng.standard_normal((990, 2))
+    rare = np.arange(990, 1000)
+    x[rare, 2 + np.arange(10)] = 1.0 + rng.random(10)
+    scores = leverage_scores(x)
+    assert scores.sum() == pytest.approx(d, rel=1e-3)  # trace of the hat matrix
+    assert scores[rare].min() > 0.99 and scores[:990].max() < 0.05
+    chosen = leverage_sample(x, 10, seed=0)
+    assert np.unique(chosen).size == 10 and np.array_equal(chosen, leverage_sample(x, 10, seed=0))
+    # ~10/12 of the mass is on the rare rows; uniform choice would find 0.1 of them
+    assert np.isin(chosen, rare).sum() >= 7
+    model = NystromDrift(x, n_landmarks=10, landmarks="leverage", seed=0)
+    assert np.array_equal(np.sort(model.landmark_ids), chosen)
+    with pytest.raises(ValueError, match="leverage"):
+        NystromDrift(x, n_landmarks=10, landmarks="levrage")
 
 
 def test_errors():

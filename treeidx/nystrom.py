@@ -37,7 +37,7 @@ from ._progress import progress_bar
 from ._validate import as_ids, as_vectors, check_positive_int
 from .drift import DriftFit, DriftReport, drift_error
 
-__all__ = ["NystromDrift", "DriftFit", "DriftReport", "DriftError", "drift_error", "kcenter"]
+__all__ = ["NystromDrift", "DriftFit", "DriftReport", "DriftError", "drift_error", "kcenter", "leverage_sample"]
 
 Kernel = Literal["linear", "rbf", "cosine"]
 _CHUNK_ELEMS = 1 << 22  # rows per chunk so that chunk × m float64 stays ~32 MB
@@ -56,7 +56,9 @@ class NystromDrift:
     n_landmarks: m, the number of landmarks (optional when `landmarks` is an id array).
     kernel: "linear" (d-dim features), "rbf" or "cosine" (m-dim or rank-dim features).
     landmarks: "kcenter" (greedy farthest point on the stale vectors, seeded first
-        point; O(N·m·d)), "uniform", or an array of landmark ids.
+        point; O(N·m·d)), "uniform", "leverage" (sampled without replacement in
+        proportion to the stale vectors' ridge leverage scores; O(N·d²)), or an array
+        of landmark ids.
     ridge: relative ridge (× trace(K)/m) added to the kept eigenvalues.
     eig_floor: eigenvalues below eig_floor × λ_max are dropped.
     residual: predict the change g' − g (default) or g' itself (plain Nyström).
@@ -128,13 +130,17 @@ class NystromDrift:
     def _choose_landmarks(self, landmarks, n_landmarks, progress: bool) -> np.ndarray:
         n = self._G.shape[0]
         if isinstance(landmarks, str):
-            if landmarks not in ("kcenter", "uniform"):
-                raise ValueError(f"landmarks: expected 'kcenter', 'uniform' or an id array, got {landmarks!r}")
+            if landmarks not in ("kcenter", "uniform", "leverage"):
+                raise ValueError(
+                    f"landmarks: expected 'kcenter', 'uniform', 'leverage' or an id array, got {landmarks!r}"
+                )
             check_positive_int(n_landmarks, "n_landmarks")
             if n_landmarks > n:
                 raise ValueError(f"n_landmarks={n_landmarks} is larger than the {n} targets")
             if landmarks == "uniform":
                 return np.sort(np.random.default_rng(self.seed).choice(n, int(n_landmarks), replace=False))
+            if landmarks == "leverage":
+                return leverage_sample(self._G, int(n_landmarks), self.ridge, self.seed)
             return kcenter(self._G, int(n_landmarks), self.seed, progress)
         lid = np.atleast_1d(np.asarray(landmarks))
         if lid.ndim != 1 or lid.size == 0 or not np.issubdtype(lid.dtype, np.integer):
@@ -421,6 +427,40 @@ def kcenter(x: np.ndarray, m: int, seed: int = 0, progress: bool = False) -> np.
         bar.update(1)
     bar.close()
     return chosen
+
+
+def leverage_scores(x: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """Ridge leverage score of each row of x: x_i (XᵀX + ρI)⁻¹ x_iᵀ, ρ = ridge · trace(XᵀX)/d.
+
+    How much each row pins down the linear fit; rows in rare directions score high.
+    O(N·d²) time in row chunks, float64 sums.
+    """
+    n, d = x.shape
+    step = max(1, (1 << 22) // max(d, 1))
+    gram = np.zeros((d, d))
+    for a in range(0, n, step):
+        c = x[a : a + step].astype(np.float64)
+        gram += c.T @ c
+    rho = max(ridge * float(np.trace(gram)) / max(d, 1), 1e-300)
+    inv = np.linalg.inv(gram + rho * np.eye(d))
+    out = np.empty(n)
+    for a in range(0, n, step):
+        c = x[a : a + step].astype(np.float64)
+        out[a : a + step] = np.einsum("ij,ij->i", c @ inv, c)
+    return out
+
+
+def leverage_sample(x: np.ndarray, m: int, ridge: float = 1e-6, seed: int = 0) -> np.ndarray:
+    """m distinct rows of x, sampled without replacement with probability in proportion
+    to their ridge leverage scores (seeded; sorted)."""
+    n = x.shape[0]
+    if m > n:
+        raise ValueError(f"n_landmarks={m} is larger than the {n} targets")
+    p = np.maximum(leverage_scores(x, ridge), 0.0)
+    positive = int((p > 0).sum())
+    if positive < m:
+        raise ValueError(f"only {positive} targets have a non-zero leverage score: cannot choose {m} landmarks")
+    return np.sort(np.random.default_rng(seed).choice(n, m, replace=False, p=p / p.sum()))
 
 
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
