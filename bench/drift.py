@@ -1,6 +1,7 @@
 """Nyström drift on real encoder drift: predicted vs fresh target vectors during training.
 
     python -m bench.drift --json
+    python -m bench.drift --encoder minilm --json   # all-MiniLM-L6-v2 fine-tuned (bench/drift_minilm.py)
 
 Trains the code-search dual encoder (`treeidx.codesearch.encoder`, `treeidx.codesearch.training`) on the
 `code` corpus for --steps steps and, at each checkpoint, encodes every target and the
@@ -112,7 +113,20 @@ def record_checkpoints(
 
 
 def main(argv=None) -> dict:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--encoder", choices=("code", "minilm"), default="code")
+    known, rest = pre.parse_known_args(argv)
+    if known.encoder == "minilm":  # a fine-tuned transformer's drift (bench/drift_minilm.py)
+        from bench import drift_minilm
+
+        return drift_minilm.main(rest)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--encoder",
+        choices=("code", "minilm"),
+        default="code",
+        help="code: the demo's towers; minilm: bench.drift_minilm",
+    )
     p.add_argument("--strategy", default="treeidx", help="negatives the encoder is trained with")
     p.add_argument(
         "--checkpoints",

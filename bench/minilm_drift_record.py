@@ -41,7 +41,7 @@ class RecordConfig:
     eval_queries: int = 500
     train_pairs: int = 6_000
     steps: int = 300
-    checkpoints: tuple[int, ...] = (0, 100, 200, 300)
+    checkpoints: tuple[int, ...] = (0, 50, 100, 200, 300)
     batch_size: int = 32
     lr: float = 3e-5
     warmup: int = 30
