@@ -42,7 +42,7 @@ import json
 import numpy as np
 
 from ._validate import as_ids, as_vectors, check_int, check_number, check_positive_int, check_seed
-from .drift import DriftFit, DriftReport, drift_error
+from .drift import DriftFit, DriftReport, RowLookup, drift_error
 
 __all__ = ["CorrectorDrift"]
 
@@ -92,8 +92,7 @@ class CorrectorDrift:
         n, d = g.shape
         self._G = g
         self._ids = np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, n)
-        self._order = np.argsort(self._ids, kind="stable")
-        self._sorted_ids = self._ids[self._order]
+        self._rows_of = RowLookup(self._ids)  # id -> row, by binary search
         self._rng = np.random.default_rng(self.seed)
         rms = float(np.sqrt(np.mean(np.einsum("ij,ij->i", g, g, dtype=np.float64))))
         h = self.hidden
@@ -139,13 +138,6 @@ class CorrectorDrift:
         used = np.flatnonzero(self._buf_row >= 0)
         used = used[np.argsort(self._buf_stamp[used], kind="stable")]
         return self._ids[self._buf_row[used]], self._buf_fresh[used].copy()
-
-    def _rows_of(self, ids: np.ndarray, what: str = "ids") -> np.ndarray:
-        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), self._sorted_ids.size - 1)
-        bad = self._sorted_ids[pos] != ids
-        if bad.any():
-            raise KeyError(f"{what}: {int(bad.sum())} id(s) not among the stale targets, e.g. {ids[bad][:5].tolist()}")
-        return self._order[pos]
 
     def stale(self, ids) -> np.ndarray:
         """The stale vectors of `ids` (KeyError for unknown ids)."""

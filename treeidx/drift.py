@@ -50,6 +50,23 @@ class DriftFit:
     rank: int
 
 
+class RowLookup:
+    """Rows of a fixed array of unique ids (unsorted, sparse, negative, huge: any int64),
+    found by binary search over a sorted copy; both drift models map ids to rows with it."""
+
+    def __init__(self, ids: np.ndarray):
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted = ids[self._order]
+
+    def __call__(self, ids: np.ndarray, what: str = "ids") -> np.ndarray:
+        """Rows of `ids` (int64 array); KeyError naming the first unknown ones."""
+        pos = np.minimum(np.searchsorted(self._sorted, ids), self._sorted.size - 1)
+        bad = self._sorted[pos] != ids
+        if bad.any():
+            raise KeyError(f"{what}: {int(bad.sum())} id(s) not among the stale targets, e.g. {ids[bad][:5].tolist()}")
+        return self._order[pos]
+
+
 def drift_error(pred: np.ndarray, stale: np.ndarray, fresh: np.ndarray) -> DriftReport:
     """Relative RMS error of predicted and of stale vectors against fresh ones."""
     fresh = np.asarray(fresh, np.float64)

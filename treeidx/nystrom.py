@@ -35,7 +35,7 @@ import numpy as np
 
 from ._progress import progress_bar
 from ._validate import as_ids, as_vectors, check_positive_int
-from .drift import DriftFit, DriftReport, drift_error
+from .drift import DriftFit, DriftReport, RowLookup, drift_error
 
 __all__ = ["NystromDrift", "DriftFit", "DriftReport", "DriftError", "drift_error", "kcenter", "leverage_sample"]
 
@@ -96,8 +96,7 @@ class NystromDrift:
         g = as_vectors(stale_vectors, None, "stale_vectors")
         n, d = g.shape
         self._ids = np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, n)
-        self._order = np.argsort(self._ids, kind="stable")  # id -> row lookups by searchsorted
-        self._sorted_ids = self._ids[self._order]
+        self._rows_of = RowLookup(self._ids)  # id -> row, by binary search
         self._G = g
         self.kernel: str = kernel
         self.residual = bool(residual)
@@ -151,13 +150,6 @@ class NystromDrift:
         if n_landmarks is not None and n_landmarks != lid.size:
             raise ValueError(f"n_landmarks={n_landmarks} but {lid.size} landmark ids were given")
         return self._rows_of(lid.astype(np.int64), "landmarks")
-
-    def _rows_of(self, ids: np.ndarray, what: str = "ids") -> np.ndarray:
-        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), self._sorted_ids.size - 1)
-        bad = self._sorted_ids[pos] != ids
-        if bad.any():
-            raise KeyError(f"{what}: {int(bad.sum())} id(s) not among the stale targets, e.g. {ids[bad][:5].tolist()}")
-        return self._order[pos]
 
     # ------------------------------------------------------------- model
     def _kernel_rows(self, y: np.ndarray) -> np.ndarray:
