@@ -28,6 +28,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+from treeidx import CorrectorDrift  # noqa: E402
 from treeidx.sentence_transformers import (  # noqa: E402
     INDEX_FILE,
     TreeIndexRefreshCallback,
@@ -342,3 +343,36 @@ def test_miner_filters_exactly_and_its_output_trains(model, corpus, tmp_path):
         data_collator=log_q_data_collator(model),
     )
     assert math.isfinite(trainer.train().training_loss)
+
+
+def test_corrector_drift_switches_with_one_argument_and_refreshes_from_a_fresh_sample(model, corpus):
+    docs, _ = corpus
+    loss = TreeNegativesLoss(model, docs[:48], k=3, temperature=0.05, seed=2, drift="corrector", n_landmarks=16)
+    assert isinstance(loss.index.drift, CorrectorDrift) and loss.index.drift.normalize
+    assert loss.index.landmark_ids.size == 0
+    params = list(model.parameters())[-4:]
+    saved = [p.detach().clone() for p in params]
+    g = torch.Generator().manual_seed(1)
+    cb = TreeIndexRefreshCallback(loss, landmark_every=1, holdout=8, max_drift_error=None)
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        stale = loss.index.predict(loss.index.ids)
+        cb.on_step_end(None, SimpleNamespace(global_step=1), None)
+        cb.on_step_end(None, SimpleNamespace(global_step=2), None)
+        fresh = loss.encode_corpus()
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+    assert [h["event"] for h in cb.history] == ["refresh_landmarks", "refresh_landmarks"]
+    # two different uniform samples of 16 went into the replay buffer
+    assert loss.index.drift.buffer_ids.size > 16
+    # the refits moved the index towards the perturbed model's vectors
+    pred = loss.index.predict(loss.index.ids)
+    assert np.linalg.norm(pred - fresh) < np.linalg.norm(stale - fresh)
+    with pytest.raises(ValueError, match="drift_options"):
+        TreeNegativesLoss(model, docs[:48], drift_options={"hidden": 8})
+    with pytest.raises(ValueError, match="drift"):
+        TreeNegativesLoss(model, docs[:48], drift="pca")

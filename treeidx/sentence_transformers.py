@@ -164,6 +164,12 @@ class TreeNegativesLoss(nn.Module):
         would read as drift. True / False: always / never.
     n_landmarks, kernel, policy, budget, tolerance: DynamicIndex / sampler options
         (n_landmarks default max(16, N/100), capped at N).
+    drift: the index's drift model: "nystrom" (default; landmarks re-encoded at each
+        refresh) or "corrector" (`treeidx.CorrectorDrift` with unit-norm output, as this
+        model's embeddings are; at each refresh `TreeIndexRefreshCallback` re-encodes a
+        fresh uniform sample of n_landmarks targets instead of fixed landmarks, and the
+        model also learns from every write-back). `drift_options`: CorrectorDrift
+        options (hidden, ridge, steps_per_fit, ...; normalize defaults to True).
     seed: call c draws with a seed derived from (seed, rank, c): reproducible.
     encode_batch_size: batch size of the no-grad corpus encodes (build, refreshes).
     """
@@ -186,6 +192,8 @@ class TreeNegativesLoss(nn.Module):
         write_back: bool | Literal["auto"] = "auto",
         n_landmarks: int | None = None,
         kernel: str = "linear",
+        drift: Literal["nystrom", "corrector"] = "nystrom",
+        drift_options: dict[str, Any] | None = None,
         policy: RefreshPolicy | None = None,
         budget: int | None = None,
         tolerance: float = 0.05,
@@ -251,11 +259,17 @@ class TreeNegativesLoss(nn.Module):
 
         n = len(texts)
         m = min(n, max(16, n // 100)) if n_landmarks is None else check_int(n_landmarks, "n_landmarks", minimum=1)
+        self.n_landmarks = m
+        drift = _check_choice(drift, "drift", ("nystrom", "corrector"))
+        if drift_options is not None and drift != "corrector":
+            raise ValueError("drift_options: only for drift='corrector' (Nyström takes n_landmarks and kernel)")
         self.index = DynamicIndex.build(
             self.encode_corpus(),
             ids,
             n_landmarks=m,
             kernel=kernel,
+            drift=drift,
+            corrector_options={"normalize": True, **(drift_options or {})} if drift == "corrector" else None,
             temperature=self.temperature,
             mode=self.mode,
             tolerance=tolerance,
@@ -563,6 +577,9 @@ class TreeIndexRefreshCallback(TrainerCallback):
         t = time.perf_counter()
         index = self.loss.index
         lm = index.landmark_ids
+        if lm.size == 0:  # a model without landmarks (the corrector): a fresh uniform sample each time
+            rng = np.random.default_rng([self.seed, max(step, 0), 1])
+            lm = np.sort(rng.choice(index.ids, min(self.loss.n_landmarks, len(index)), replace=False))
         others = np.setdiff1d(index.ids, lm)
         h = min(self.holdout, others.size)
         kw: dict[str, Any] = {}
@@ -573,7 +590,7 @@ class TreeIndexRefreshCallback(TrainerCallback):
             fresh, kw = x[: lm.size], dict(holdout_ids=hold, holdout_vectors=x[lm.size :])
         else:
             fresh = self.loss.encode_corpus(lm)
-        fit = index.refresh_landmarks(fresh, **kw)
+        fit = index.refresh_landmarks(fresh, **kw) if index.landmark_ids.size else index.refit(fresh, lm, **kw)
         self._note(
             step,
             "refresh_landmarks",
