@@ -155,6 +155,12 @@ def main(argv=None) -> dict:
     p.add_argument("--no-write-back", action="store_true", help="treeidx: do not write back the step's targets")
     p.add_argument("--treeidx-proposal-temperature", type=float, default=d.treeidx_proposal_temperature)
     p.add_argument(
+        "--support-size",
+        type=int,
+        default=d.support_size,
+        help="oracle: sample from the softmax over a fresh random subset of this many targets per step",
+    )
+    p.add_argument(
         "--runs-file",
         default=None,
         help="append each finished run (JSON line) here and skip runs already in it: "
@@ -201,6 +207,7 @@ def main(argv=None) -> dict:
         max_drift_error=a.max_drift_error or None,
         write_back=not a.no_write_back,
         treeidx_proposal_temperature=a.treeidx_proposal_temperature,
+        support_size=a.support_size,
     )
     runs: dict[str, list[dict]] = {s: [] for s in strategies}
     first_seed = {}

@@ -167,3 +167,34 @@ def test_treeidx_proposal_temperature_is_treeidx_only(data, monkeypatch):
     assert made == [(cfg.temperature, 0.2), (cfg.temperature, 0.2)]
     assert cfg.sampler_temperature == cfg.temperature  # the baselines keep the loss's
     assert TrainConfig(proposal_temperature=0.3).treeidx_temperature == 0.3
+
+
+def test_oracle_support_subset_draws_from_a_subset_softmax(data):
+    # support_size: the oracle's softmax is restricted to a fresh random subset per step;
+    # ratios of q within a row are the softmax's, the normaliser is the subset's (smaller)
+    n_sub = 12
+    cfg = TrainConfig(steps=1, seed=3, support_size=n_sub, **FAST)
+    model = DualEncoder(data.query_features, data.target_features, **cfg.model_kwargs())
+    strat = training._ADAPTERS["oracle"](model, cfg, training._Clock())
+    strat.setup()
+    rows = next(_batches(data.train, cfg.batch_size, cfg.seed))
+    with torch.no_grad():
+        q = model.encode_queries(rows)
+        t = model.encode_targets(np.arange(data.n_targets))
+    pos = torch.from_numpy(data.query_target[rows])
+    neg = strat.negatives(7, q, pos)
+    assert neg.ids.shape == (len(rows), cfg.k)
+    assert torch.unique(neg.ids).numel() <= n_sub
+    assert not (neg.ids == pos[:, None]).any()
+    s = (q @ t.T).double() / cfg.temperature
+    s[torch.arange(len(rows)), pos] = -float("inf")
+    full = torch.log_softmax(s, 1).gather(1, neg.ids)
+    lq = neg.log_q.double()
+    assert (lq >= full - 1e-5).all() and (lq > full + 1e-3).any()
+    got = lq - lq[:, :1]
+    want = s.gather(1, neg.ids) - s.gather(1, neg.ids[:, :1])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # a new step, a new subset; the same step, the same draws
+    again = strat.negatives(7, q, pos)
+    assert torch.equal(again.ids, neg.ids)
+    assert not torch.equal(strat.negatives(8, q, pos).ids, neg.ids)

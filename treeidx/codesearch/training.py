@@ -151,6 +151,9 @@ class TrainConfig:
     within this cosine of the positive (exact: excluded and renormalised).
     near_duplicate_cosine: the cosine above which the false-negative statistics count a
     sampled negative as a near-duplicate of the positive.
+    support_size: oracle only (an experiment on the cache's recency window): each step
+    the oracle samples from the softmax over a fresh uniform subset of this many targets
+    (the positive excluded), with the exact log Q of that subset (None: all targets).
     """
 
     steps: int = 1000
@@ -187,6 +190,7 @@ class TrainConfig:
     false_negative_margin: float | None = None
     near_duplicate_cosine: float = 0.95
     treeidx_proposal_temperature: float | None = None
+    support_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -233,6 +237,8 @@ class TrainConfig:
             )
         if self.treeidx_proposal_temperature is not None:
             check_positive(self.treeidx_proposal_temperature, "treeidx_proposal_temperature")
+        if self.support_size is not None:
+            check_positive_int(self.support_size, "support_size")
         if not -1.0 <= self.near_duplicate_cosine <= 1.0:
             raise ValueError(f"near_duplicate_cosine: expected a cosine in [-1, 1], got {self.near_duplicate_cosine!r}")
 
@@ -542,6 +548,26 @@ class _Oracle(_Strategy):
 
     def host_bytes(self) -> int:
         return self.n * self.model.dim * 4
+
+    def negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor) -> Negatives:
+        if self.cfg.support_size is None or self.cfg.support_size >= self.n:
+            return super().negatives(step, q, pos)
+        v = self.encode_all()  # booked as re-encoding, like the full oracle's
+        return self.clock.timed("sampling_s", self._subset_negatives, step, q, pos, v)
+
+    def _subset_negatives(self, step: int, q: torch.Tensor, pos: torch.Tensor, v: torch.Tensor) -> Negatives:
+        """Exact softmax samples over a fresh uniform subset of support_size targets (the
+        positive excluded), log Q over that subset: the objective becomes a random-subset
+        softmax, as the cache's recency window makes it."""
+        rng = np.random.default_rng([self.cfg.seed, step, 0x5B5E7])
+        subset = torch.from_numpy(np.sort(rng.choice(self.n, self.cfg.support_size, replace=False)))
+        with torch.no_grad():
+            s = (q @ v[subset].T) / self.cfg.sampler_temperature
+            s[subset[None, :] == pos[:, None]] = -float("inf")
+            logp = torch.log_softmax(s.double(), 1)
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            draw = torch.multinomial(logp.exp(), self.k, replacement=True, generator=gen)
+        return Negatives(subset[draw], logp.gather(1, draw).to(torch.float32))
 
 
 class _TreeIdx(_Strategy):
