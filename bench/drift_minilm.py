@@ -49,6 +49,7 @@ from bench._common import emit, log, machine
 from bench.drift import softmax_gap
 from bench.minilm_drift_record import RecordConfig, cache_folder, record
 from treeidx import CorrectorDrift, NystromDrift
+from treeidx.nystrom import choose_landmarks
 
 SHARES = (0.005, 0.01, 0.02, 0.05, 0.1)
 EXTRAPOLATE_N = 1_000_000
@@ -102,10 +103,6 @@ def evaluate(rec: dict, step: int, pred: np.ndarray, beta: float) -> dict:
     return dict(**softmax_gap(q, pred, fresh, beta), recall_at_10=recall_at_10(q, pred, rec["positive_rows"]))
 
 
-def landmark_rows(kind: str, stale: np.ndarray, m: int, seed: int) -> np.ndarray:
-    return NystromDrift(stale, n_landmarks=m, landmarks=kind, seed=seed).landmark_ids
-
-
 def run_methods(rec: dict, a) -> tuple[list[dict], dict]:
     stale = rec["vectors"][a.base]
     n = stale.shape[0]
@@ -129,7 +126,7 @@ def run_methods(rec: dict, a) -> tuple[list[dict], dict]:
     for m in sizes:
         for choice in a.landmarks.split(","):
             t = time.perf_counter()
-            lm = landmark_rows(choice, stale, m, a.seed)
+            lm = choose_landmarks(stale, choice, m, seed=a.seed)
             choose_s = time.perf_counter() - t
             for kernel in a.kernels.split(","):
                 for ridge in [float(x) for x in a.ridges.split(",")]:

@@ -136,7 +136,7 @@ class DynamicIndex:
         self._config.setdefault("drift", "nystrom")
         self._config.setdefault("corrector_options", None)
         # encoder dimension d: what Wᵀ φ returns
-        self._dim = int(_drift.predict_from_features(np.zeros((0, _drift.dim), np.float32)).shape[1])
+        self._dim = _encoder_dim(_drift)
         self.policy = _policy
         self.sampler = SoftmaxSampler(_tree, **{k: _config[k] for k in _SAMPLER_KEYS})
         self.log: list[dict[str, Any]] = []
@@ -410,7 +410,7 @@ class DynamicIndex:
         clears `needs_full_refresh`."""
         cfg = self._config
         self.drift, self.tree = self._make(vectors, ids, cfg, cfg["seed"], progress)
-        self._dim = int(self.drift.predict_from_features(np.zeros((0, self.drift.dim), np.float32)).shape[1])
+        self._dim = _encoder_dim(self.drift)
         self._version += 1
         self.sampler = SoftmaxSampler(self.tree, **{k: cfg[k] for k in _SAMPLER_KEYS})
         self.epoch, self._moved, self.needs_full_refresh, self.drift_estimate = 0, 0, False, None
@@ -635,6 +635,11 @@ def _resolve_drift(drift, options, vectors, ids) -> tuple[DriftModel | None, str
     if isinstance(drift, CorrectorDrift):
         return drift, "corrector", {k: getattr(drift, k) for k in _CORRECTOR_KEYS}
     return drift, "nystrom" if isinstance(drift, NystromDrift) else "custom", None
+
+
+def _encoder_dim(model: DriftModel) -> int:
+    """The encoder dimension d of a drift model: the width of what Wᵀ φ returns."""
+    return int(model.predict_from_features(np.zeros((0, model.dim), np.float32)).shape[1])
 
 
 def _nystrom_options(model: NystromDrift) -> dict:

@@ -37,7 +37,16 @@ from ._progress import progress_bar
 from ._validate import as_ids, as_vectors, check_positive_int
 from .drift import DriftFit, DriftReport, RowLookup, drift_error
 
-__all__ = ["NystromDrift", "DriftFit", "DriftReport", "DriftError", "drift_error", "kcenter", "leverage_sample"]
+__all__ = [
+    "NystromDrift",
+    "DriftFit",
+    "DriftReport",
+    "DriftError",
+    "drift_error",
+    "kcenter",
+    "leverage_sample",
+    "choose_landmarks",
+]
 
 Kernel = Literal["linear", "rbf", "cosine"]
 _CHUNK_ELEMS = 1 << 22  # rows per chunk so that chunk × m float64 stays ~32 MB
@@ -127,20 +136,10 @@ class NystromDrift:
 
     # ------------------------------------------------------------- landmarks
     def _choose_landmarks(self, landmarks, n_landmarks, progress: bool) -> np.ndarray:
-        n = self._G.shape[0]
         if isinstance(landmarks, str):
-            if landmarks not in ("kcenter", "uniform", "leverage"):
-                raise ValueError(
-                    f"landmarks: expected 'kcenter', 'uniform', 'leverage' or an id array, got {landmarks!r}"
-                )
-            check_positive_int(n_landmarks, "n_landmarks")
-            if n_landmarks > n:
-                raise ValueError(f"n_landmarks={n_landmarks} is larger than the {n} targets")
-            if landmarks == "uniform":
-                return np.sort(np.random.default_rng(self.seed).choice(n, int(n_landmarks), replace=False))
-            if landmarks == "leverage":
-                return leverage_sample(self._G, int(n_landmarks), self.ridge, self.seed)
-            return kcenter(self._G, int(n_landmarks), self.seed, progress)
+            return choose_landmarks(
+                self._G, landmarks, n_landmarks, seed=self.seed, ridge=self.ridge, progress=progress
+            )
         lid = np.atleast_1d(np.asarray(landmarks))
         if lid.ndim != 1 or lid.size == 0 or not np.issubdtype(lid.dtype, np.integer):
             raise ValueError("landmarks: an id array must be a non-empty 1-d array of integer ids")
@@ -419,6 +418,24 @@ def kcenter(x: np.ndarray, m: int, seed: int = 0, progress: bool = False) -> np.
         bar.update(1)
     bar.close()
     return chosen
+
+
+def choose_landmarks(
+    x: np.ndarray, kind: str, n_landmarks: int, *, seed: int = 0, ridge: float = 1e-6, progress: bool = False
+) -> np.ndarray:
+    """Rows of the stale vectors x to use as landmarks: "kcenter" (`kcenter`), "uniform"
+    (sorted, seeded) or "leverage" (`leverage_sample` with this relative ridge)."""
+    if kind not in ("kcenter", "uniform", "leverage"):
+        raise ValueError(f"landmarks: expected 'kcenter', 'uniform', 'leverage' or an id array, got {kind!r}")
+    check_positive_int(n_landmarks, "n_landmarks")
+    n = x.shape[0]
+    if n_landmarks > n:
+        raise ValueError(f"n_landmarks={n_landmarks} is larger than the {n} targets")
+    if kind == "uniform":
+        return np.sort(np.random.default_rng(seed).choice(n, int(n_landmarks), replace=False))
+    if kind == "leverage":
+        return leverage_sample(x, int(n_landmarks), ridge, seed)
+    return kcenter(x, int(n_landmarks), seed, progress)
 
 
 def leverage_scores(x: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
