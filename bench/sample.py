@@ -144,6 +144,11 @@ def main(argv=None) -> dict:
         help="approx-mode budgets as fractions of N for the TV-vs-speed curve",
     )
     p.add_argument(
+        "--batched-budgets",
+        default="0.01,0.03,0.1",
+        help="approx mode with batched=True: budgets as fractions of N for its TV-vs-speed curve ('' for none)",
+    )
+    p.add_argument(
         "--no-kmeans-peer", action="store_true", help="skip the k-means list proposal (bench.kmeans_peer) at equal work"
     )
     p.add_argument(
@@ -191,6 +196,8 @@ def main(argv=None) -> dict:
     warm = TreeIndex.build(x[:3000])
     SoftmaxSampler(warm, temperature=0.1).sample(queries[:4], 4, seed=0)
     SoftmaxSampler(warm, temperature=0.1, mode="approx").sample(queries[:4], 4, seed=0)
+    SoftmaxSampler(warm, temperature=0.1, mode="approx", batched=True).sample(queries[:4], 4, seed=0)
+    SoftmaxSampler(warm, temperature=0.1, batched=True, plan="tree").sample(queries[:4], 4, seed=0)
     res["compile_s"] = time.perf_counter() - t
     build_s, index = timed(lambda: TreeIndex.build(x, seed=a.seed))
     res["build_s"] = build_s
@@ -277,11 +284,15 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
 
     samplers = {
         "exact": SoftmaxSampler(index, temperature=1.0 / beta, mode="exact"),
+        "exact_batched": SoftmaxSampler(index, temperature=1.0 / beta, mode="exact", batched=True),
         "approx": SoftmaxSampler(index, temperature=1.0 / beta, mode="approx"),
     }
     if a.target_tv is not None:
         samplers["approx_target_tv"] = SoftmaxSampler(
             index, temperature=1.0 / beta, mode="approx", target_tv=a.target_tv
+        )
+        samplers["approx_batched_target_tv"] = SoftmaxSampler(
+            index, temperature=1.0 / beta, mode="approx", target_tv=a.target_tv, batched=True
         )
     exact_lp = exact_log_softmax(tvq, x, beta)
     exact_p = [np.exp(lp) for lp in exact_lp]
@@ -299,7 +310,7 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
             nodes_opened=float(r.nodes_opened.mean()),
             tv_bound_median=float(np.median(r.tv_bound)),
         )
-        if name == "exact":
+        if name.startswith("exact"):
             entry["dense_query_share"] = float((r.frontier_size == 0).mean())
             entry["predicted_work_share_median"] = float(np.median(sampler.predicted_work(queries, k)) / n)
         big = sampler.sample(tvq, a.tv_draws, seed=3)
@@ -309,7 +320,7 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
         if name.startswith("approx"):
             entry["tv_is"], entry["tv_is_se"] = tv_importance(lp, big.log_q)
             entry.update(estimate_quality(lp, big))
-        if name == "approx_target_tv":
+        if name.endswith("target_tv"):
             share = r.inner_products / n
             entry.update(
                 target_tv=a.target_tv,
@@ -327,41 +338,47 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
             f"ip share {entry['inner_product_share']:.4f}",
             quiet,
         )
-    curve = []
-    for frac in [float(f) for f in a.budgets.split(",") if f]:
-        budget = max(64, int(frac * n))
-        sampler = SoftmaxSampler(index, temperature=1.0 / beta, mode="approx", budget=budget)
-        s, r = timed(lambda: sampler.sample(queries, k, seed=1))
-        big = sampler.sample(tvq, a.tv_draws, seed=3)
-        lp = np.stack([exact_lp[i][big.ids[i]] for i in range(tvq.shape[0])])
-        tv_is, tv_is_se = tv_importance(lp, big.log_q)
-        point = dict(
-            budget=budget,
-            ms_per_query=1e3 * s / nq,
-            **ratios(s),
-            inner_product_share=float(r.inner_products.mean() / n),
-            tv_measured=float(np.mean([empirical_tv(big.ids[i], exact_p[i]) for i in range(tvq.shape[0])])),
-            tv_is=tv_is,
-            tv_is_se=tv_is_se,
-            tv_bound_median=float(np.median(r.tv_bound)),
-            **estimate_quality(lp, big),
-        )
-        if peer is not None:
-            # Equal work: the peer may spend what treeidx approx spent per query on average.
-            point["kmeans_peer"] = peer_tv(peer, tvq, exact_lp, beta, r.inner_products.mean())
-        curve.append(point)
-        log(
-            f"  approx budget {budget}: ip share {point['inner_product_share']:.4f}, "
-            f"TV {point['tv_measured']:.3f} (IS {tv_is:.3f}, estimate {point['tv_estimate']:.3f})"
-            + (
-                f", k-means peer TV {point['kmeans_peer']['tv_exact']:.3f} at share "
-                f"{point['kmeans_peer']['inner_product_share']:.4f}"
-                if peer is not None
-                else ""
-            ),
-            quiet,
-        )
-    out["approx_curve"] = curve
+
+    def curve(fracs: str, batched: bool) -> list[dict]:
+        points = []
+        for frac in [float(f) for f in fracs.split(",") if f]:
+            budget = max(64, int(frac * n))
+            sampler = SoftmaxSampler(index, temperature=1.0 / beta, mode="approx", budget=budget, batched=batched)
+            s, r = timed(lambda: sampler.sample(queries, k, seed=1), repeat=2 if batched else 1)
+            big = sampler.sample(tvq, a.tv_draws, seed=3)
+            lp = np.stack([exact_lp[i][big.ids[i]] for i in range(tvq.shape[0])])
+            tv_is, tv_is_se = tv_importance(lp, big.log_q)
+            point = dict(
+                budget=budget,
+                ms_per_query=1e3 * s / nq,
+                **ratios(s),
+                inner_product_share=float(r.inner_products.mean() / n),
+                tv_measured=float(np.mean([empirical_tv(big.ids[i], exact_p[i]) for i in range(tvq.shape[0])])),
+                tv_is=tv_is,
+                tv_is_se=tv_is_se,
+                tv_bound_median=float(np.median(r.tv_bound)),
+                **estimate_quality(lp, big),
+            )
+            if peer is not None:
+                # Equal work: the peer may spend what treeidx approx spent per query on average.
+                point["kmeans_peer"] = peer_tv(peer, tvq, exact_lp, beta, r.inner_products.mean())
+            points.append(point)
+            log(
+                f"  approx{' batched' if batched else ''} budget {budget}: {point['ms_per_query']:.3f} ms/q "
+                f"({point['speedup_vs_brute']:.1f}x), ip share {point['inner_product_share']:.4f}, "
+                f"TV {point['tv_measured']:.3f} (IS {tv_is:.3f}, estimate {point['tv_estimate']:.3f})"
+                + (
+                    f", k-means peer TV {point['kmeans_peer']['tv_exact']:.3f} at share "
+                    f"{point['kmeans_peer']['inner_product_share']:.4f}"
+                    if peer is not None
+                    else ""
+                ),
+                quiet,
+            )
+        return points
+
+    out["approx_curve"] = curve(a.budgets, batched=False)
+    out["batched_curve"] = curve(a.batched_budgets, batched=True)
     if peer is not None:
         out["kmeans_peer_reference"] = [
             dict(work_ratio=ratio, **peer_tv(peer, tvq, exact_lp, beta, n / ratio)) for ratio in PEER_WORK_RATIOS

@@ -62,6 +62,7 @@ from ._validate import (
     check_score_range,
     check_seed,
 )
+from .blocks import level_nodes, level_of, sample_blocks, sample_blocks_exact
 from .brute import BF16_MIN_DIM, Bf16Codes, certified_softmax, dense_softmax, native_bf16
 from .tree import TreeIndex, locality_order
 
@@ -91,17 +92,8 @@ def plan_level(index: TreeIndex) -> tuple[np.ndarray, np.ndarray]:
         got = _LEVEL.get(index)
         if got is None or got[0] != index.version:
             view = index.view()
-            A = view.arrays
-            nodes = []
-            for v in view.top_nodes:
-                c = A.first_child[v]
-                if c < 0:
-                    nodes.append(v)
-                while c >= 0:
-                    nodes.append(c)
-                    c = A.next_sibling[c]
-            nodes = np.asarray(nodes, np.int64)
-            got = (index.version, nodes, np.ascontiguousarray(A.center[nodes]))
+            nodes = level_nodes(view)
+            got = (index.version, nodes, np.ascontiguousarray(view.arrays.center[nodes]))
             _LEVEL[index] = got
         return got[1], got[2]
 
@@ -286,6 +278,17 @@ class SoftmaxSampler:
     max_budget: the cap of target_tv's budget growth, in inner products (default:
         25% of the index, at least `budget`). Refinement also stops at `tolerance`, so
         a target_tv below about `tolerance` needs a smaller tolerance to be reached.
+    batched: False (default): a frontier per query, refined node by node. True: the
+        queries of a call are sampled together (`treeidx.blocks`, docs/sampling.md,
+        "Batched mode"): each query opens whole top-level clusters (~2 sqrt(N) of
+        them), and every cluster any query opened is scored once for all of them as
+        one dense product. Approx mode opens clusters in decreasing estimated mass
+        until `budget` (`tolerance` does not apply); exact mode opens those whose
+        rejection draws would cost more than scoring them, and draws from the rest by
+        rejection against their certified bounds (`plan`, `plan_ratio` and
+        `dense_fallback` send a query to the dense pass as before). Coarser cuts, far
+        less work per target: the choice for real embeddings at training
+        temperatures, whose mass is spread over many clusters (bench/README.md).
     """
 
     def __init__(
@@ -305,6 +308,8 @@ class SoftmaxSampler:
         tv_draws: int = 256,
         target_tv: float | None = None,
         max_budget: int | None = None,
+        batched: bool = False,
+        block_size: int | None = None,
     ):
         if not isinstance(index, TreeIndex):
             raise TypeError(f"index: expected a TreeIndex, got {type(index).__name__}")
@@ -339,6 +344,10 @@ class SoftmaxSampler:
             max_budget = check_positive_int(max_budget, "max_budget")
         self.target_tv = target_tv
         self.max_budget = max_budget
+        if not isinstance(batched, (bool, np.bool_)):
+            raise TypeError(f"batched: expected True or False, got {batched!r}")
+        self.batched = bool(batched)
+        self.block_size = 0 if block_size is None else check_positive_int(block_size, "block_size")
         if plan not in ("auto", "tree", "dense"):
             raise ValueError(f"plan: expected 'auto', 'tree' or 'dense', got {plan!r}")
         self.plan = plan
@@ -415,31 +424,11 @@ class SoftmaxSampler:
         tv_est = np.empty(B, np.float64)
         stats = np.zeros((B, 5), np.int64)
         status = np.zeros(B, np.int64)
-        # chunks bound the (chunk x top-level) work arrays; results do not depend on them
-        for lo in range(0, B, self.chunk_size):
-            hi = min(lo + self.chunk_size, B)
-            sub_ptr, sub_ex = slice_rows(ptr, ex_slots, lo, hi)
-            self._sample_chunk(
-                q[lo:hi],
-                np.arange(lo, hi),
-                k,
-                sub_ptr,
-                sub_ex,
-                seed,
-                ids[lo:hi],
-                log_q[lo:hi],
-                log_z[lo:hi],
-                tv[lo:hi],
-                stats[lo:hi],
-                status[lo:hi],
-                tv_est=tv_est[lo:hi],
-            )
-        dense = np.flatnonzero(status == GAVE_UP)
-        if dense.size:
-            self._sample_dense(q, dense, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status)
-            tv_est[dense] = 0.0  # exact draws
-        if self.target_tv is not None:
-            self._meet_target_tv(q, k, ptr, ex_slots, seed, (ids, log_q, log_z, tv, stats, status, tv_est))
+        outs = (ids, log_q, log_z, tv, stats, status, tv_est)
+        if self.batched:
+            self._sample_batched(q, k, ptr, ex_slots, seed, outs)
+        else:
+            self._sample_frontier(q, k, ptr, ex_slots, seed, outs)
         if (status == ALL_EXCLUDED).any():
             b = int(np.flatnonzero(status == ALL_EXCLUDED)[0])
             raise ValueError(f"query {b}: every target in the index is excluded; nothing to sample")
@@ -467,6 +456,125 @@ class SoftmaxSampler:
             frontier_size=stats[:, ST_FRONTIER],
             tv_estimate=tv_est,
         )
+
+    def _sample_batched(self, q, k, ptr, ex_slots, seed, outs) -> None:
+        """batched=True (`treeidx.blocks`): exact mode by rejection against the block
+        envelope, with the dense pass for the queries planned there or whose envelope is
+        too loose; approx mode with target_tv's budget growth."""
+        ids, log_q, log_z, tv, stats, status, tv_est = outs
+        B = q.shape[0]
+        slot_id = self.index.view().arrays.slot_id
+        K = level_of(self.index, self.block_size).nodes.size
+        if self.mode == "exact":
+            plan_ratio = None if (self.plan == "tree" or self.dense_fallback is None) else self.plan_ratio
+            if self.plan == "dense":
+                plan_ratio = 0.0
+            res = sample_blocks_exact(
+                self.index,
+                q,
+                np.arange(B),
+                k,
+                beta=self.beta,
+                draw_cost=self.draw_cost,
+                plan_ratio=plan_ratio,
+                seed=seed,
+                ptr=ptr,
+                ex_slots=ex_slots,
+                block_size=self.block_size,
+            )
+            ids[:], log_q[:], log_z[:] = slot_id[res.slots], res.log_q, res.log_z
+            tv[:], tv_est[:] = 0.0, 0.0
+            stats[:, ST_OPENED], stats[:, ST_DOTS], stats[:, ST_PROPOSALS] = res.opened, res.dots, res.proposals
+            stats[:, ST_FRONTIER] = K
+            status[:] = OK
+            dense = np.flatnonzero(res.dense)
+            if dense.size:
+                if self.dense_fallback is None and self.plan != "dense":
+                    status[dense] = COLLAPSED
+                else:
+                    stats[dense, ST_PROPOSALS] = 0
+                    self._sample_dense(q, dense, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status)
+            return
+        rows = np.arange(B)
+        budget = self._budget()
+        res = sample_blocks(
+            self.index,
+            q,
+            rows,
+            k,
+            beta=self.beta,
+            budget=budget,
+            tv_draws=self.tv_draws,
+            seed=seed,
+            ptr=ptr,
+            ex_slots=ex_slots,
+            block_size=self.block_size,
+        )
+        dots = res.dots.copy()
+        target = self.target_tv
+        redo = res.tv_estimate > target if target is not None else np.zeros(B, bool)
+        while redo.any() and budget < self._max_budget():
+            rows = rows[redo]
+            budget = min(4 * budget, self._max_budget())
+            sub_ptr, sub_ex = permute_rows(ptr, ex_slots, rows)
+            new = sample_blocks(
+                self.index,
+                q[rows],
+                rows,
+                k,
+                beta=self.beta,
+                budget=budget,
+                tv_draws=self.tv_draws,
+                seed=seed,
+                ptr=sub_ptr,
+                ex_slots=sub_ex,
+                block_size=self.block_size,
+            )
+            for name in ("slots", "log_q", "log_z", "tv_bound", "tv_estimate", "opened"):
+                getattr(res, name)[rows] = getattr(new, name)
+            dots[rows] += new.dots
+            redo = new.tv_estimate > target
+        ids[:], log_q[:], log_z[:], tv[:], tv_est[:] = (
+            slot_id[res.slots],
+            res.log_q,
+            res.log_z,
+            res.tv_bound,
+            res.tv_estimate,
+        )
+        stats[:, ST_OPENED], stats[:, ST_DOTS], stats[:, ST_PROPOSALS] = res.opened, dots, k
+        stats[:, ST_FRONTIER] = K
+        status[:] = OK
+
+    def _sample_frontier(self, q, k, ptr, ex_slots, seed, outs) -> None:
+        """batched=False: a frontier per query (the kernels of _kernels/sample.py), the
+        dense pass for the queries it gives up on, then target_tv's budget growth."""
+        ids, log_q, log_z, tv, stats, status, tv_est = outs
+        B = q.shape[0]
+        # chunks bound the (chunk x top-level) work arrays; results do not depend on them
+        for lo in range(0, B, self.chunk_size):
+            hi = min(lo + self.chunk_size, B)
+            sub_ptr, sub_ex = slice_rows(ptr, ex_slots, lo, hi)
+            self._sample_chunk(
+                q[lo:hi],
+                np.arange(lo, hi),
+                k,
+                sub_ptr,
+                sub_ex,
+                seed,
+                ids[lo:hi],
+                log_q[lo:hi],
+                log_z[lo:hi],
+                tv[lo:hi],
+                stats[lo:hi],
+                status[lo:hi],
+                tv_est=tv_est[lo:hi],
+            )
+        dense = np.flatnonzero(status == GAVE_UP)
+        if dense.size:
+            self._sample_dense(q, dense, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status)
+            tv_est[dense] = 0.0  # exact draws
+        if self.target_tv is not None:
+            self._meet_target_tv(q, k, ptr, ex_slots, seed, outs)
 
     def _meet_target_tv(self, q, k, ptr, ex_slots, seed, outs) -> None:
         """Redo the queries whose tv_estimate is above target_tv at a budget four times
