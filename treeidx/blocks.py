@@ -1,29 +1,34 @@
-"""Batched approx sampling: whole top-level clusters scored as dense blocks.
+"""Batched sampling: whole clusters of a cut of the tree, scored as dense blocks.
 
-`SoftmaxSampler(mode="approx", batched=True)` samples a block of queries together
-(docs/sampling.md, "Batched approx mode"):
+`SoftmaxSampler(batched=True)` samples the queries of a call together
+(docs/sampling.md, "Batched mode"):
 
-1. one product scores the centers of the ~2 sqrt(N) top-level clusters (the level the
-   exact mode's plan bounds) for every query; each cluster's mass gets the approx
-   mode's estimate (second moment, clipped into its certified interval);
-2. each query opens its clusters in decreasing estimated mass until their targets
-   reach its `budget` (a cluster holding one of its excluded ids is always opened);
-3. each cluster opened by any query is scored once, for all the queries that opened
-   it, as one dense (queries x targets) BLAS product;
-4. the proposal is the exact softmax inside the opened clusters and, for the rest, the
-   cluster's estimated mass spread uniformly over its targets. `log_q` is exact for
-   that proposal (its normaliser is summed in the same pass), `tv_estimate` estimates
-   its distance to the softmax from `tv_draws` exactly scored draws of the unopened
-   part, and `tv_bound` is certified.
+1. The cut is the ~2 sqrt(N) top-level clusters, or with `block_size` the deepest cut
+   whose subtrees hold at most that many targets. One product scores its centers for
+   every query. Each cluster gets the approx mode's mass estimate (second moment,
+   clipped into its certified interval) and its certified bounds.
+2. Each query opens clusters. Approx mode opens them in decreasing estimated mass until
+   their targets reach the `budget`. Exact mode opens those whose rejection draws would
+   cost more than scoring them. A cluster holding one of the query's excluded ids is
+   always opened.
+3. Each cluster opened by any query is scored once, for all the queries that opened it,
+   as one dense (queries x targets) BLAS product.
+4. Drawing:
+   - approx: the exact softmax inside the opened clusters; for the rest, the cluster's
+     estimated mass spread uniformly over its targets. `log_q` is exact for that
+     proposal, whose normaliser is summed in the same pass. `tv_estimate` comes from
+     `tv_draws` exactly scored draws of the unopened part, and `tv_bound` is certified.
+   - exact: rejection against the same blocks, with the unopened clusters' certified
+     bounds as the envelope.
 
-Against the per-query frontier this trades the finer cut of deep nodes for the speed
-of dense products: on real embeddings, whose softmax mass is spread over many
-clusters, the frontier's per-target bookkeeping costs far more than BLAS does.
+Against the per-query frontier this gives up the finer cut of deep nodes for the speed
+of dense products. That pays on real embeddings, whose softmax mass is spread over many
+clusters: there the frontier's per-target bookkeeping costs far more than BLAS does.
 
 The scores come from BLAS, whose rounding may differ with the number of queries that
-share a cluster: a query's samples are reproducible for the same batch and seed
-(whatever the thread count), and agree to the last float32 bit, not always bit for
-bit, when the same query arrives in another batch.
+share a cluster. So a query's samples are reproducible for the same batch and seed,
+whatever the thread count. When the same query arrives in another batch, they agree to
+the last float32 bit, but not always bit for bit.
 """
 
 from __future__ import annotations
