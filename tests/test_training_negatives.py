@@ -198,3 +198,10 @@ def test_oracle_support_subset_draws_from_a_subset_softmax(data):
     again = strat.negatives(7, q, pos)
     assert torch.equal(again.ids, neg.ids)
     assert not torch.equal(strat.negatives(8, q, pos).ids, neg.ids)
+
+
+def test_support_size_refuses_the_options_it_would_not_apply():
+    with pytest.raises(ValueError, match="fresh"):
+        TrainConfig(support_size=10, correction="fresh")
+    with pytest.raises(ValueError, match="false-negative"):
+        TrainConfig(support_size=10, false_negative_margin=0.1)

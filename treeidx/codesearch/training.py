@@ -154,6 +154,7 @@ class TrainConfig:
     support_size: oracle only (an experiment on the cache's recency window): each step
     the oracle samples from the softmax over a fresh uniform subset of this many targets
     (the positive excluded), with the exact log Q of that subset (None: all targets).
+    Refused with correction="fresh" or a false_negative_margin, which it would not apply.
     """
 
     steps: int = 1000
@@ -239,6 +240,11 @@ class TrainConfig:
             check_positive(self.treeidx_proposal_temperature, "treeidx_proposal_temperature")
         if self.support_size is not None:
             check_positive_int(self.support_size, "support_size")
+            # the subset draw replaces the oracle's own sampler: these options would not apply
+            if self.correction == "fresh":
+                raise ValueError("support_size: correction='fresh' does not apply to a subset softmax; use 'logq'")
+            if self.false_negative_margin is not None:
+                raise ValueError("support_size: the false-negative filter does not apply to a subset softmax")
         if not -1.0 <= self.near_duplicate_cosine <= 1.0:
             raise ValueError(f"near_duplicate_cosine: expected a cosine in [-1, 1], got {self.near_duplicate_cosine!r}")
 
