@@ -87,6 +87,7 @@ ALL_SAMPLERS = (
     "tree_approx_noprefetch",
     "tree_exact_prefetch",
     "tree_exact_noprefetch",
+    "tree_approx_batched_prefetch",
 )
 
 
@@ -224,7 +225,9 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
         extra_ms = info["reencode_ms_per_step"] = a.encode_all_s * 1e3
     else:
         mode = name.split("_")[1]
-        inner = SoftmaxSampler(index, temperature=T, mode=mode, budget=a.budget)
+        batched = "_batched" in name
+        budget = a.batched_budget if batched and a.batched_budget is not None else a.budget
+        inner = SoftmaxSampler(index, temperature=T, mode=mode, budget=budget, batched=batched)
         sampler = TreeNegativeSampler(
             inner, k=a.k, temperature=T, mode=mode, prefetch=True, seed=a.seed, threads=a.sampler_threads or None
         )
@@ -327,7 +330,9 @@ def run_sampler(name, model0, tokens, vectors, index, a, warm, max_timed, quiet)
     return out
 
 
-def approx_quality(model, tokens, vectors, index, a, n_queries: int = 8, draws: int = 20000) -> dict:
+def approx_quality(
+    model, tokens, vectors, index, a, n_queries: int = 8, draws: int = 20000, batched: bool = False
+) -> dict:
     """How far approx mode's proposal is from the exact softmax for this model's queries.
 
     TV(P, Q) = E_{y~Q}[max(0, 1 - P(y)/Q(y))]: approx mode returns the exact log Q of
@@ -338,7 +343,9 @@ def approx_quality(model, tokens, vectors, index, a, n_queries: int = 8, draws: 
     with torch.no_grad():
         q = model.query(qtok).numpy()
     log_p = np.stack(exact_log_softmax(q, vectors.numpy(), 1.0 / a.temperature))
-    r = SoftmaxSampler(index, temperature=a.temperature, mode="approx", budget=a.budget).sample(q, draws, seed=a.seed)
+    budget = a.batched_budget if batched and a.batched_budget is not None else a.budget
+    sampler = SoftmaxSampler(index, temperature=a.temperature, mode="approx", budget=budget, batched=batched)
+    r = sampler.sample(q, draws, seed=a.seed)
     tv_is, tv_is_se = tv_importance(np.take_along_axis(log_p, r.ids, 1), r.log_q)
     perplexity = np.exp(-(np.exp(log_p) * log_p).sum(axis=1))
     return dict(
@@ -375,6 +382,12 @@ def main(argv=None) -> dict:
         help="the tree mode the 10%% target is checked on (both are reported)",
     )
     p.add_argument("--budget", type=int, default=None, help="tree approx budget (default: treeidx's)")
+    p.add_argument(
+        "--batched-budget",
+        type=int,
+        default=None,
+        help="tree_approx_batched's budget (default: --budget, else treeidx's)",
+    )
     p.add_argument(
         "--refresh",
         type=int,
@@ -452,12 +465,15 @@ def main(argv=None) -> dict:
         warm_idx = TreeIndex.build(vx[:3000])  # compile the kernels outside the timings
         for m in ("exact", "approx"):
             SoftmaxSampler(warm_idx, temperature=a.temperature, mode=m).sample(vx[:4], 4, seed=0)
+            SoftmaxSampler(warm_idx, temperature=a.temperature, mode=m, batched=True).sample(vx[:4], 4, seed=0)
         t = time.perf_counter()
         index = TreeIndex.build(vx, seed=a.seed)
         a.build_s = res["build_s"] = time.perf_counter() - t
         res["index_bytes"] = index.nbytes
         log(f"tree build: {a.build_s:.1f} s, {index.nbytes / 2**20:.0f} MiB", quiet)
         res["approx_quality"] = approx_quality(model, tokens, vectors, index, a)
+        if any("_batched" in name for name in samplers):
+            res["approx_batched_quality"] = approx_quality(model, tokens, vectors, index, a, batched=True)
         log(
             f"approx mode: TV to the exact softmax {res['approx_quality']['tv_is']:.3f} "
             f"(certified bound {res['approx_quality']['tv_bound_mean']:.3f})",

@@ -46,9 +46,12 @@ from ._kernels.frontier import proposal_log_weight
 from ._threads import run_parallel
 from .tree import TreeIndex, TreeView
 
-# Scores held at once per group of queries (float32): bounds the flat buffer.
-BLOCK_BYTES = 1 << 28
-MAX_GROUP = 256  # queries per group: enough to share each cluster's read among many
+# Queries sampled together: the more share a cluster, the better its product runs
+# (1,024 queries at 10% of 1M ran the products 1.5x faster than groups of 256). The flat
+# score buffer (group x budget float32) is held under BLOCK_BYTES, as the dense pass
+# holds its own score buffer near 1 GB.
+BLOCK_BYTES = 1 << 30
+MAX_GROUP = 1024
 
 
 def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
