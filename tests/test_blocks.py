@@ -76,14 +76,18 @@ def edited(seed=0, n=3000, dim=16):
     return index, x[keep], ids[keep], q
 
 
+def index_of(where, seed, n=3000, dim=16):
+    """(index, vectors, ids, queries): freshly built over sparse ids, or `edited`."""
+    if where == "edited":
+        return edited(seed=seed)
+    x, q = clustered(n, dim, seed=seed)
+    ids = sparse_ids(n, seed)
+    return TreeIndex.build(x, ids, seed=1, leaf_size=16), x, ids, q
+
+
 @pytest.mark.parametrize("where", ["built", "edited"])
 def test_draws_follow_the_returned_log_q(where):
-    if where == "built":
-        x, q = clustered(3000, 16, seed=2)
-        ids = sparse_ids(3000, 2)
-        index = TreeIndex.build(x, ids, seed=1, leaf_size=16)
-    else:
-        index, x, ids, q = edited(seed=3)
+    index, x, ids, q = index_of(where, 2 if where == "built" else 3, n=3000, dim=16)
     beta = beta_for_perplexity(x, q, 100)
     exclude = [{int(ids[b * 11])} for b in range(q.shape[0])]
     sampler = SoftmaxSampler(index, temperature=1 / beta, mode="approx", batched=True, budget=400)
@@ -111,12 +115,7 @@ def test_draws_follow_the_returned_log_q(where):
 
 @pytest.mark.parametrize("where", ["built", "edited"])
 def test_a_budget_over_n_is_the_exact_softmax(where):
-    if where == "built":
-        x, q = clustered(2000, 8, seed=4)
-        ids = sparse_ids(2000, 4)
-        index = TreeIndex.build(x, ids, seed=1, leaf_size=16)
-    else:
-        index, x, ids, q = edited(seed=5)
+    index, x, ids, q = index_of(where, 4 if where == "built" else 5, n=2000, dim=8)
     beta = beta_for_perplexity(x, q, 30)
     exclude = [{int(ids[3 * b + 1]), int(ids[-b - 1])} for b in range(q.shape[0])]
     sampler = SoftmaxSampler(index, temperature=1 / beta, mode="approx", batched=True, budget=10 * len(index))
@@ -218,12 +217,7 @@ def test_exact_batched_draws_the_softmax(where, ppl):
     """plan="tree" keeps every query on the block envelope (no dense pass): the draws fit
     the exact softmax over the allowed ids, and log_q is it up to the log Z estimate,
     which lies in the certified interval."""
-    if where == "built":
-        x, q = clustered(3000, 16, seed=12)
-        ids = sparse_ids(3000, 12)
-        index = TreeIndex.build(x, ids, seed=1, leaf_size=16)
-    else:
-        index, x, ids, q = edited(seed=13)
+    index, x, ids, q = index_of(where, 12 if where == "built" else 13, n=3000, dim=16)
     beta = beta_for_perplexity(x, q, ppl)
     reps = 400
     qq = np.repeat(q, reps, axis=0)

@@ -174,6 +174,15 @@ def _build_level(view: TreeView, max_size: int) -> Level:
     return Level(nodes, centers, counts, ptr, order, start, slot_node, slot_pos)
 
 
+def query_groups(B: int, per_query: int, ptr: np.ndarray, ex_slots: np.ndarray):
+    """(lo, hi, excluded-slot CSR of rows lo:hi) for groups of queries whose scores, at
+    most per_query each, fit BLOCK_BYTES."""
+    group = int(max(1, min(MAX_GROUP, BLOCK_BYTES // (4 * max(per_query, 1)))))
+    for lo in range(0, B, group):
+        hi = min(lo + group, B)
+        yield lo, hi, ptr[lo : hi + 1] - ptr[lo], ex_slots[ptr[lo] : ptr[hi]]
+
+
 @dataclass
 class BlockResult:
     """Per query: slots (B, k), log_q (B, k), log_z (B, 2) certified, tv_bound, tv_estimate,
@@ -217,11 +226,7 @@ def sample_blocks(
         opened=np.empty(B, np.int64),
         dots=np.empty(B, np.int64),
     )
-    group = int(max(1, min(MAX_GROUP, BLOCK_BYTES // (4 * max(budget, 1)))))
-    for lo in range(0, B, group):
-        hi = min(lo + group, B)
-        sub = ex_slots[ptr[lo] : ptr[hi]]
-        sub_ptr = ptr[lo : hi + 1] - ptr[lo]
+    for lo, hi, sub_ptr, sub in query_groups(B, budget, ptr, ex_slots):
         _sample_group(level, A, q[lo:hi], qidx[lo:hi], k, beta, budget, tv_draws, seed, sub_ptr, sub, out, lo)
     return out
 
@@ -461,11 +466,7 @@ def sample_blocks_exact(
         dense=np.zeros(B, bool),
     )
     most = len(index) if plan_ratio is None else max(1, int(plan_ratio * len(index)))
-    group = int(max(1, min(MAX_GROUP, BLOCK_BYTES // (4 * most))))
-    for lo in range(0, B, group):
-        hi = min(lo + group, B)
-        sub = ex_slots[ptr[lo] : ptr[hi]]
-        sub_ptr = ptr[lo : hi + 1] - ptr[lo]
+    for lo, hi, sub_ptr, sub in query_groups(B, most, ptr, ex_slots):
         _exact_group(level, A, q[lo:hi], qidx[lo:hi], k, beta, draw_cost, plan_ratio, seed, sub_ptr, sub, out, lo)
     return out
 

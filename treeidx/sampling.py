@@ -495,41 +495,24 @@ class SoftmaxSampler:
                     stats[dense, ST_PROPOSALS] = 0
                     self._sample_dense(q, dense, k, ptr, ex_slots, seed, ids, log_q, log_z, tv, stats, status)
             return
+
+        def blocks(rows: np.ndarray, budget: int):
+            sub_ptr, sub_ex = permute_rows(ptr, ex_slots, rows)
+            return sample_blocks(
+                self.index, q[rows], rows, k, beta=self.beta, budget=budget, tv_draws=self.tv_draws, seed=seed,
+                ptr=sub_ptr, ex_slots=sub_ex, block_size=self.block_size,
+            )  # fmt: skip
+
         rows = np.arange(B)
         budget = self._budget()
-        res = sample_blocks(
-            self.index,
-            q,
-            rows,
-            k,
-            beta=self.beta,
-            budget=budget,
-            tv_draws=self.tv_draws,
-            seed=seed,
-            ptr=ptr,
-            ex_slots=ex_slots,
-            block_size=self.block_size,
-        )
+        res = blocks(rows, budget)
         dots = res.dots.copy()
         target = self.target_tv
         redo = res.tv_estimate > target if target is not None else np.zeros(B, bool)
         while redo.any() and budget < self._max_budget():
             rows = rows[redo]
             budget = min(4 * budget, self._max_budget())
-            sub_ptr, sub_ex = permute_rows(ptr, ex_slots, rows)
-            new = sample_blocks(
-                self.index,
-                q[rows],
-                rows,
-                k,
-                beta=self.beta,
-                budget=budget,
-                tv_draws=self.tv_draws,
-                seed=seed,
-                ptr=sub_ptr,
-                ex_slots=sub_ex,
-                block_size=self.block_size,
-            )
+            new = blocks(rows, budget)
             for name in ("slots", "log_q", "log_z", "tv_bound", "tv_estimate", "opened"):
                 getattr(res, name)[rows] = getattr(new, name)
             dots[rows] += new.dots

@@ -105,9 +105,7 @@ def draw_blocks(logm, pair_of, P, L, beta, u, order, out):
     K = logm.shape[1]
     k = order.shape[1]
     beta32 = np.float32(beta)
-    wmax = 1
-    for j in range(counts.shape[0]):
-        wmax = max(wmax, counts[j])
+    wmax = max(1, np.max(counts))  # the largest node: one weight buffer per query
     for b in nb.prange(logm.shape[0]):
         w = np.empty(wmax, np.float32)
         w_of = -1  # the pair whose weights w holds: draws arrive grouped by node
@@ -212,9 +210,7 @@ def reject_blocks(q, vecs, logenv, lup, pair_of, P, L, beta, keys, cap, out):
     K = logenv.shape[1]
     k = out_slot.shape[1]
     beta32 = np.float32(beta)
-    wmax = 1
-    for j in range(counts.shape[0]):
-        wmax = max(wmax, counts[j])
+    wmax = max(1, np.max(counts))  # the largest node: one weight buffer per query
     for b in nb.prange(logenv.shape[0]):
         w = np.empty(wmax, np.float32)
         w_of = -1
