@@ -240,7 +240,7 @@ def run_one(a, x, queries, index, brute, peer, beta, ppl, kind, value, quiet) ->
         lowp = BruteForce(x, precision=prec)
         lowp.sample(queries[:8], k, temperature=1.0 / beta, seed=0)
         lowp_s[prec], _ = timed(lambda lp=lowp: lp.sample(queries, k, temperature=1.0 / beta, seed=1), repeat=2)
-        tv = lowp.tv_to_exact(queries[: a.lowp_tv_queries], beta)
+        tv = lowp.tv_to_exact(queries[: a.lowp_tv_queries], temperature=1.0 / beta)
         out[f"brute_force_{prec}"] = dict(
             ms_per_query=1e3 * lowp_s[prec] / nq,
             speedup_vs_brute=bf_s / lowp_s[prec],
