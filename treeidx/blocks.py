@@ -231,18 +231,46 @@ def sample_blocks(
     return out
 
 
+def node_log_masses(A, nodes: np.ndarray, q: np.ndarray, dots, blo, bup, beta: float):
+    """Per query and node, from <q, center> (dots) and the certified score bounds below
+    the node (blo, bup): (certified log lower mass, certified log upper mass, approx mode's
+    estimate clipped between them), n e^(beta lo) <= Z_v <= n e^(beta up)."""
+    count = A.count[nodes]
+    with np.errstate(divide="ignore"):  # an empty node: no mass
+        lc = np.log(count.astype(np.float64))
+    flo, fup = lc + beta * blo, lc + beta * bup
+    qn2 = np.einsum("ij,ij->i", q, q, dtype=np.float64)[:, None]
+    msd = A.sqsum[nodes] / np.maximum(count, 1)
+    # the kernels' own formula (numpy ufuncs inside), evaluated on whole arrays
+    w = proposal_log_weight.py_func(lc, beta, dots, qn2, msd, q.shape[1], flo, fup)
+    return flo, fup, w
+
+
+def rejection_draws(eu: np.ndarray, el: np.ndarray, ew: np.ndarray, k: int, draw_cost: float) -> np.ndarray:
+    """(B, K) what leaving each node unopened would cost in rejection draws, in inner
+    products: k draw_cost U_j / Z, from each node's upper, lower and estimated mass under
+    one shift per row. Z is the geometric mean of the certified lower total L = sum el and
+    the estimate W = sum ew (W overshoots where a weight is clipped to its upper bound, L
+    undershoots where the bounds are loose). The exact mode's cost rule opens a node when
+    this reaches its targets."""
+    z = np.sqrt(el.sum(axis=1) * ew.sum(axis=1))[:, None]
+    z = np.maximum(z, np.finfo(np.float64).tiny)
+    with np.errstate(over="ignore"):  # inf: a node no draw can afford, opened
+        return k * draw_cost * eu / z
+
+
+def cost_rule_work(opened: np.ndarray, counts: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """(B,) predicted work: the opened nodes' targets plus the draws against the rest."""
+    return (np.where(opened, counts, 0.0) + np.where(opened, 0.0, draws)).sum(axis=1)
+
+
 def _cluster_weights(level: Level, A, q: np.ndarray, beta: float):
     """Per query and cluster: (estimated log mass, certified log lower and upper mass)."""
     dots = np.ascontiguousarray(q @ level.centers.T)  # one BLAS product for the level
     blo = np.empty(dots.shape, np.float64)
     bup = np.empty(dots.shape, np.float64)
     run_parallel(top_level_bounds, A, q, dots, level.nodes, blo, bup)
-    with np.errstate(divide="ignore"):
-        lc = np.log(level.counts.astype(np.float64))
-    flo, fup = lc + beta * blo, lc + beta * bup
-    qn2 = np.einsum("ij,ij->i", q, q, dtype=np.float64)[:, None]
-    msd = A.sqsum[level.nodes] / np.maximum(A.count[level.nodes], 1)
-    w = proposal_log_weight.py_func(lc, beta, dots, qn2, msd, q.shape[1], flo, fup)
+    flo, fup, w = node_log_masses(A, level.nodes, q, dots, blo, bup, beta)
     return w, flo, fup
 
 
@@ -472,20 +500,16 @@ def sample_blocks_exact(
 
 
 def _open_exact(level: Level, w, flo, fup, k: int, draw_cost: float, ex_rows, ex_slots):
-    """(opened (B, K), predicted work (B,)): a cluster is opened when the rejection draws
-    it would otherwise cost, k draw_cost U_j / Z, reach its targets (Z: the geometric mean
-    of the certified lower total and the estimate, as the exact mode's plan models it)."""
+    """(opened (B, K), predicted work (B,)): the exact mode's cost rule at the cluster
+    level (`rejection_draws`), plus every cluster holding an excluded slot."""
     shift = fup.max(axis=1, keepdims=True)
     eu, el, ew = (np.exp(a - shift) for a in (fup, flo, w))
-    z = np.maximum(np.sqrt(el.sum(axis=1) * ew.sum(axis=1)), np.finfo(np.float64).tiny)[:, None]
-    with np.errstate(over="ignore"):  # inf: a cluster no draw can afford, opened
-        draws = k * draw_cost * eu / z
+    draws = rejection_draws(eu, el, ew, k, draw_cost)
     counts = level.counts[None, :]
     opened = draws >= counts
     opened[ex_rows, level.slot_node[ex_slots]] = True
     opened &= counts > 0
-    work = np.where(opened, counts, 0).sum(axis=1) + np.where(opened, 0.0, draws).sum(axis=1)
-    return opened, work
+    return opened, cost_rule_work(opened, counts, draws)
 
 
 def _exact_group(level, A, q, qidx, k, beta, draw_cost, plan_ratio, seed, ptr, ex_slots, out, lo) -> None:

@@ -47,7 +47,6 @@ from ._kernels.frontier import (
     ST_PROPOSALS,
     Params,
     log_gap,
-    proposal_log_weight,
 )
 from ._kernels.sample import SampleOut, TopLevel, TrialOut, sample_batch, score_top_level, trial_batch
 from ._threads import run_parallel
@@ -62,7 +61,15 @@ from ._validate import (
     check_score_range,
     check_seed,
 )
-from .blocks import level_nodes, level_of, sample_blocks, sample_blocks_exact
+from .blocks import (
+    cost_rule_work,
+    level_nodes,
+    level_of,
+    node_log_masses,
+    rejection_draws,
+    sample_blocks,
+    sample_blocks_exact,
+)
 from .brute import BF16_MIN_DIM, Bf16Codes, certified_softmax, dense_softmax, native_bf16
 from .tree import TreeIndex, locality_order
 
@@ -127,21 +134,16 @@ def plan_work(
 
     bup: (B, K) upper bounds of the score below each node; eu, el, ew: (B, K) each node's
     upper, lower and estimated mass (the approx-mode weight), under one shift per row;
-    counts: (K,) targets per node. Model: Z is estimated by the geometric mean of the
-    certified lower total L = Σ el and the estimate W = Σ ew (W overshoots where a weight
-    is clipped to its upper bound, L undershoots where the bounds are loose); a node is
-    opened whole when the rejection draws it would otherwise cost, k · draw_cost · eu / Z,
-    exceed its targets (the exact mode's cost-aware rule, one level at once), and the
-    predicted work is the opened targets plus the draws against the rest. Pessimistic
-    where bounds tighten below the level (the tree opens nodes partially), and cheap: a
-    few array operations per query, depending on that query alone.
+    counts: (K,) targets per node. A node is opened whole when the rejection draws it
+    would otherwise cost (`treeidx.blocks.rejection_draws`) reach its targets (the exact
+    mode's cost-aware rule, one level at once), and the predicted work is the opened
+    targets plus the draws against the rest. Pessimistic where bounds tighten below the
+    level (the tree opens nodes partially), and cheap: a few array operations per query,
+    depending on that query alone.
     """
     counts = np.asarray(counts, np.float64)[None, :]
-    z = np.sqrt(el.sum(axis=1) * ew.sum(axis=1))[:, None]
-    z = np.maximum(z, np.finfo(np.float64).tiny)
-    draws = k * draw_cost * eu / z
-    opened = draws >= counts
-    return (np.where(opened, counts, 0.0) + np.where(opened, 0.0, draws)).sum(axis=1)
+    draws = rejection_draws(eu, el, ew, k, draw_cost)
+    return cost_rule_work(draws >= counts, counts, draws)
 
 
 @dataclass(frozen=True)
@@ -765,12 +767,7 @@ class SoftmaxSampler:
         blo = np.empty(dots.shape, np.float64)
         bup = np.empty(dots.shape, np.float64)
         run_parallel(level_bounds, A, q, centers, nodes, dots, blo, bup)
-        beta = self.beta
-        lc = np.log(A.count[nodes].astype(np.float64))
-        flo, fup = lc + beta * blo, lc + beta * bup
-        qn2 = np.einsum("ij,ij->i", q, q, dtype=np.float64)[:, None]
-        msd = A.sqsum[nodes] / A.count[nodes]
-        w = proposal_log_weight.py_func(lc, beta, dots, qn2, msd, q.shape[1], flo, fup)
+        flo, fup, w = node_log_masses(A, nodes, q, dots, blo, bup, self.beta)
         shift = fup.max(axis=1, keepdims=True)
         eu, el, ew = (np.exp(a - shift) for a in (fup, flo, w))
         return plan_work(bup, eu, el, ew, A.count[nodes], k, self.draw_cost)
@@ -902,13 +899,7 @@ class SoftmaxSampler:
         blo = np.empty(top_dots.shape, np.float64)
         bup = np.empty(top_dots.shape, np.float64)
         run_parallel(top_level_bounds, A, q, top_dots, top_nodes, blo, bup)
-        lc = np.log(A.count[top_nodes].astype(np.float64))
-        flo = lc + beta * blo
-        fup = lc + beta * bup
-        qn2 = np.einsum("ij,ij->i", q, q, dtype=np.float64)[:, None]
-        msd = A.sqsum[top_nodes] / A.count[top_nodes]
-        # the kernels' own formulas (numpy ufuncs inside), evaluated on whole arrays
-        w = proposal_log_weight.py_func(lc, beta, top_dots, qn2, msd, q.shape[1], flo, fup)
+        flo, fup, w = node_log_masses(A, top_nodes, q, top_dots, blo, bup, beta)
         # exact mode refines where the envelope wastes most; approx mode the largest mass
         prio = log_gap.py_func(flo, fup) if self.mode == "exact" else w
         # shifted weights, exponentiated here in bulk rather than per query in the kernel
