@@ -33,7 +33,9 @@ the last float32 bit, but not always bit for bit.
 
 from __future__ import annotations
 
+import functools
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -310,6 +312,32 @@ class Pairs:
         return PairScores(self.scores, self.off, self.size, self.max, self.sum)
 
 
+@functools.cache
+def _torch():
+    """torch if installed, else None. Its sgemm is the faster on the blocks' small
+    products (tens of queries by one cluster), numpy's on the dense pass's large ones."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    with warnings.catch_warnings():
+        # The index's vectors are read-only and are only read; torch says so once per process.
+        warnings.simplefilter("ignore", UserWarning)
+        ro = np.zeros(1, np.float32)
+        ro.setflags(write=False)
+        torch.from_numpy(ro)
+    return torch
+
+
+def _matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out = a @ b.T (float32)."""
+    torch = _torch()
+    if torch is None:
+        np.matmul(a, b.T, out=out)
+    else:
+        torch.matmul(torch.from_numpy(a), torch.from_numpy(b).T, out=torch.from_numpy(out))
+
+
 def _score_pairs(level: Level, A, q: np.ndarray, opened: np.ndarray, beta: float, ex_rows, ex_slots) -> Pairs:
     """Each opened cluster scored once for every query that opened it (one BLAS product)."""
     B, K = opened.shape
@@ -323,7 +351,7 @@ def _score_pairs(level: Level, A, q: np.ndarray, opened: np.ndarray, beta: float
         j = pj[s]
         n = level.counts[j]
         block = scores[off[s] : off[s] + (e - s) * n].reshape(e - s, n)
-        np.matmul(q[pb[s:e]], level.vectors(A.vecs, j).T, out=block)
+        _matmul_into(q[pb[s:e]], level.vectors(A.vecs, j), block)
     pair_of = np.full((B, K), -1, np.int64)
     pair_of[pb, pj] = np.arange(pj.size)
     if ex_slots.size:
