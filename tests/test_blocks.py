@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from scipy import stats
 from scipy.special import logsumexp
 
-from treeidx import SoftmaxSampler, TreeIndex
+from treeidx import SoftmaxSampler, TreeIndex, blocks
 
 from .test_sampling import beta_for_perplexity, chi2_pvalue, clustered
 
@@ -113,8 +113,13 @@ def test_draws_follow_the_returned_log_q(where):
     assert (r.tv_estimate <= r.tv_bound + 1e-12).all()
 
 
+@pytest.mark.parametrize("products", ["torch", "numpy"])
 @pytest.mark.parametrize("where", ["built", "edited"])
-def test_a_budget_over_n_is_the_exact_softmax(where):
+def test_a_budget_over_n_is_the_exact_softmax(where, products, monkeypatch):
+    if products == "numpy":  # as without torch installed
+        monkeypatch.setattr(blocks, "_torch", lambda: None)
+    else:
+        pytest.importorskip("torch")
     index, x, ids, q = index_of(where, 4 if where == "built" else 5, n=2000, dim=8)
     beta = beta_for_perplexity(x, q, 30)
     exclude = [{int(ids[3 * b + 1]), int(ids[-b - 1])} for b in range(q.shape[0])]
@@ -172,14 +177,21 @@ def test_same_seed_same_samples_whatever_the_thread_count():
     q = np.repeat(q, 8, axis=0) + 0.01 * np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
     index = TreeIndex.build(x, seed=1, leaf_size=16)
     sampler = SoftmaxSampler(index, temperature=0.1, mode="approx", batched=True, budget=300)
-    before = numba.get_num_threads()
+    torch = blocks._torch()  # the block products' threads count too, when torch does them
+    before, before_torch = numba.get_num_threads(), torch.get_num_threads() if torch else None
     try:
         numba.set_num_threads(1)
+        if torch:
+            torch.set_num_threads(1)
         a = sampler.sample(q, 32, seed=4)
         numba.set_num_threads(max(2, before))
+        if torch:
+            torch.set_num_threads(2)
         b = sampler.sample(q, 32, seed=4)
     finally:
         numba.set_num_threads(before)
+        if torch:
+            torch.set_num_threads(before_torch)
     for f in ("ids", "log_q", "log_z", "tv_estimate", "tv_bound", "inner_products"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
     c = sampler.sample(q, 32, seed=5)
