@@ -266,7 +266,7 @@ def cost_rule_work(opened: np.ndarray, counts: np.ndarray, draws: np.ndarray) ->
     return (np.where(opened, counts, 0.0) + np.where(opened, 0.0, draws)).sum(axis=1)
 
 
-def _cluster_weights(level: Level, A, q: np.ndarray, beta: float):
+def cluster_log_masses(level: Level, A, q: np.ndarray, beta: float):
     """Per query and cluster: (estimated log mass, certified log lower and upper mass)."""
     dots = np.ascontiguousarray(q @ level.centers.T)  # one BLAS product for the level
     blo = np.empty(dots.shape, np.float64)
@@ -383,7 +383,7 @@ def _log_z_interval(level, A, q, beta, opened, pairs: Pairs, flo, fup):
 
 def _sample_group(level, A, q, qidx, k, beta, budget, tv_draws, seed, ptr, ex_slots, out, lo) -> None:
     B, K = q.shape[0], level.nodes.size
-    w, flo, fup = _cluster_weights(level, A, q, beta)
+    w, flo, fup = cluster_log_masses(level, A, q, beta)
     ex_rows = np.repeat(np.arange(B), np.diff(ptr))
     opened = _open(level, w, max(budget - K, 1), ex_rows, ex_slots)
     pairs = _score_pairs(level, A, q, opened, beta, ex_rows, ex_slots)
@@ -542,7 +542,7 @@ def _open_exact(level: Level, w, flo, fup, k: int, draw_cost: float, ex_rows, ex
 
 def _exact_group(level, A, q, qidx, k, beta, draw_cost, plan_ratio, seed, ptr, ex_slots, out, lo) -> None:
     B, K = q.shape[0], level.nodes.size
-    w, flo, fup = _cluster_weights(level, A, q, beta)
+    w, flo, fup = cluster_log_masses(level, A, q, beta)
     ex_rows = np.repeat(np.arange(B), np.diff(ptr))
     opened, work = _open_exact(level, w, flo, fup, k, draw_cost, ex_rows, ex_slots)
     dense = work > plan_ratio * A.count[0] if plan_ratio is not None else np.zeros(B, bool)
