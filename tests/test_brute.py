@@ -160,3 +160,16 @@ def test_errors(bf: BruteForce) -> None:
         BruteForce(np.array([[np.inf, 0.0]], np.float32))
     with pytest.raises(ValueError):
         bf.probabilities(q, 1.0)  # two queries
+
+
+def test_the_default_batch_keeps_the_score_buffer_near_a_gigabyte():
+    from treeidx.brute import BUFFER_BYTES, MAX_BATCH, default_batch_size
+
+    assert default_batch_size(1000) == MAX_BATCH
+    for n in (1_000_000, 4_000_000, 10_000_000, 300_000_000):
+        rows = default_batch_size(n)
+        assert rows >= 1 and (rows == 1 or rows * n * 4 <= BUFFER_BYTES)
+        assert rows == MAX_BATCH or (rows + 1) * n * 4 > BUFFER_BYTES
+    assert BruteForce(_data()).batch_size == default_batch_size(len(_data()))
+    with pytest.raises(ValueError, match="batch_size"):
+        BruteForce(_data(), batch_size=0)

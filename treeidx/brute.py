@@ -73,6 +73,16 @@ MAX_TWO_BETA_EPS = 3.0
 # the CPUs measured (bench/README.md: 1M x 64, bf16 9.9 vs fp32 5.9 ms/query), so an
 # "auto" choice of the certified bf16 pass needs at least this many coordinates.
 BF16_MIN_DIM = 128
+# The default batch_size: up to 256 queries per block, fewer where N is so large that
+# 256 rows of float32 scores would pass this many bytes (10M targets: 26 rows, 1 GB).
+BUFFER_BYTES = 1 << 30
+MAX_BATCH = 256
+
+
+def default_batch_size(n: int) -> int:
+    """Queries per block of the (batch_size x N) score buffer: at most MAX_BATCH, and at
+    most BUFFER_BYTES of float32 scores."""
+    return max(1, min(MAX_BATCH, BUFFER_BYTES // max(1, 4 * n)))
 
 
 def quantize_int8(x: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -382,7 +392,9 @@ class BruteForce:
 
     Holds a float32 C-contiguous copy of the vectors and one reused (batch_size x N)
     score buffer, allocated on first use, so repeated calls do not allocate large
-    arrays. Not thread-safe (the buffer is shared).
+    arrays. Not thread-safe (the buffer is shared). batch_size None: 256 queries per
+    block, fewer where that buffer would pass 1 GB (`default_batch_size`); results do
+    not depend on it.
 
     precision: how the softmax methods (`sample`, `log_partition`, `probabilities`)
     score the targets.
@@ -403,13 +415,18 @@ class BruteForce:
     """
 
     def __init__(
-        self, vectors: np.ndarray, ids: np.ndarray | None = None, *, batch_size: int = 256, precision: str = "fp32"
+        self,
+        vectors: np.ndarray,
+        ids: np.ndarray | None = None,
+        *,
+        batch_size: int | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.precision = check_precision(precision)
         self.vectors = np.array(as_vectors(vectors, None, "vectors"), dtype=np.float32, order="C", copy=True)
         n, self.dim = self.vectors.shape
         self.ids = np.arange(n, dtype=np.int64) if ids is None else as_ids(ids, n).copy()
-        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.batch_size = default_batch_size(n) if batch_size is None else check_positive_int(batch_size, "batch_size")
         order = np.argsort(self.ids, kind="stable")
         self._sorted_ids = self.ids[order]
         self._sorted_rows = order.astype(np.int64)
