@@ -11,7 +11,9 @@ with either source replaced by the truth, and with the shape (and mass) taken fr
 per-target scores, <q, c> + <U'q, U'(y - c)> with U the top r principal directions of the
 residuals y - c (a rank-r code of each target):
 
-* `batched`: the sampler's proposal as it is;
+* `batched`: the sampler's proposal as it is (clusters opened by estimated mass per
+  target); `batched_opened_by_mass`: opened by estimated mass alone (the order before);
+  `batched_opened_by_true_mass_per_target`: opened in the order of the true masses;
 * `true_mass_uniform`: the true mass of every unopened cluster, spread uniformly;
 * `estimated_mass_true_shape`: the estimated mass, spread as the softmax spreads it;
 * `estimated_mass_rank_r` / `true_mass_rank_r`: the shape from the rank-r scores;
@@ -70,15 +72,24 @@ def one_query(q, x, centers, cluster, counts, w, beta, shares, codes) -> dict:
         e = np.exp(st - lz)
         mass = np.bincount(cluster, weights=e, minlength=counts.size)
         shapes[r], masses[r] = e / np.maximum(mass[cluster], np.finfo(float).tiny), mass
-    rank = np.argsort(-w, kind="stable")
-    out: dict = {}
-    for share in shares:
+    log_n = np.log(counts)
+
+    def opened_by(key: np.ndarray, share: float) -> np.ndarray:
+        """Targets of the clusters opened in decreasing key until they hold share * N."""
+        rank = np.argsort(-key, kind="stable")
         m = int(np.searchsorted(np.cumsum(counts[rank]), share * x.shape[0])) + 1
         opened = np.zeros(counts.size, bool)
         opened[rank[:m]] = True
-        o = opened[cluster]
+        return opened[cluster]
+
+    out: dict = {}
+    for share in shares:
+        o = opened_by(w - log_n, share)  # the sampler's order: estimated mass per target
+        true_order = opened_by(np.log(np.maximum(true_mass, np.finfo(float).tiny)) - log_n, share)
         row = {
             "batched": proposal_tv(p, o, est_mass[cluster], uniform),
+            "batched_opened_by_mass": proposal_tv(p, opened_by(w, share), est_mass[cluster], uniform),
+            "batched_opened_by_true_mass_per_target": proposal_tv(p, true_order, est_mass[cluster], uniform),
             "true_mass_uniform": proposal_tv(p, o, true_mass[cluster], uniform),
             "estimated_mass_true_shape": proposal_tv(p, o, est_mass[cluster], true_shape),
         }
