@@ -213,6 +213,30 @@ def test_tree_sampler_excludes_positive_and_log_q_is_log_softmax(tree):
     assert (s2.sample(q_on, torch.tensor([100, 101])).ids == torch.tensor([[100], [101]])).any()
 
 
+@pytest.mark.parametrize("mode", ["approx", "exact"])
+def test_batched_tree_sampler_excludes_positive_and_log_q_is_log_softmax(tree, mode):
+    x, index = tree
+    T = 0.1
+    q, pos = queries(x, dtype=torch.bfloat16)  # as a bf16 training loop sends them
+    budget = 10 * len(index) if mode == "approx" else None  # every cluster opened: the softmax
+    s = TreeNegativeSampler(index, k=200, temperature=T, mode=mode, budget=budget, batched=True, prefetch=False)
+    assert s.sampler.batched
+    negs = s.sample(q, pos)
+    assert not (negs.ids == pos[:, None]).any()
+    scores = q.double().numpy() @ x.T.astype(np.float64) / T
+    scores[np.arange(6), pos.numpy() - 100] = -np.inf
+    exact = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+    got = np.take_along_axis(exact, negs.ids.numpy() - 100, 1)
+    width = negs.result.log_z[:, 1] - negs.result.log_z[:, 0]
+    assert (np.abs(negs.log_q.double().numpy() - got) <= width[:, None] + 1e-4).all()
+    # a checkpoint at another temperature rebuilds the sampler, and keeps the option
+    s2 = TreeNegativeSampler(index, k=200, temperature=2 * T, mode=mode, budget=budget, batched=True)
+    s2.load_state_dict(s.state_dict())
+    assert s2.sampler.batched and s2.sampler is not s.sampler and s2.temperature == T
+    with pytest.raises(TypeError, match="batched"):
+        TreeNegativeSampler(index, k=2, temperature=T, batched="yes")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_device_and_dtype_round_trip(tree, dtype):
     x, index = tree

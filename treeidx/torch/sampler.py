@@ -107,6 +107,9 @@ class TreeNegativeSampler:
         dynamic index, `TreeIndex.vectors` otherwise), so the positive must be in the
         index and the index must support `search`. None: no filter. `Negatives.excluded`
         then holds the number of targets each row excluded beside its positive.
+    batched: with a TreeIndex, sample each call's queries together, whole clusters scored
+        as dense blocks (`SoftmaxSampler(batched=True)`): on real embeddings at training
+        temperatures, the approx mode that pays (docs/sampling.md, "Batched mode").
     threads: numba threads the sampling may use (None: numba's setting for the calling
         thread, by default every core). On a CPU-only machine, leave the training step
         its cores: e.g. torch.set_num_threads(cores - 1) and threads=1 with prefetch.
@@ -129,6 +132,7 @@ class TreeNegativeSampler:
         threads: int | None = None,
         proposal_temperature: float | None = None,
         false_negative_margin: float | None = None,
+        batched: bool = False,
     ) -> None:
         self.k = check_k(k)
         self.temperature = check_temperature(temperature)
@@ -148,10 +152,13 @@ class TreeNegativeSampler:
         self.mode = mode
         self.tolerance = tolerance
         self.budget = budget
+        if not isinstance(batched, bool):
+            raise TypeError(f"batched: expected True or False, got {batched!r}")
+        self.batched = batched
         if isinstance(index, TreeIndex):
             self._owns_sampler = True
             self.sampler: HostSampler = SoftmaxSampler(
-                index, temperature=self.temperature, mode=mode, tolerance=tolerance, budget=budget
+                index, temperature=self.temperature, mode=mode, tolerance=tolerance, budget=budget, batched=batched
             )
         elif callable(getattr(index, "sample", None)):
             if false_negative_margin is not None and getattr(index, "collective", False):
@@ -403,7 +410,12 @@ class TreeNegativeSampler:
         if self._owns_sampler:
             if (t, mode) != (self.temperature, self.mode):
                 self.sampler = SoftmaxSampler(
-                    self.sampler.index, temperature=t, mode=mode, tolerance=self.tolerance, budget=self.budget
+                    self.sampler.index,
+                    temperature=t,
+                    mode=mode,
+                    tolerance=self.tolerance,
+                    budget=self.budget,
+                    batched=self.batched,
                 )
         else:
             self._check_foreign(t, mode)
