@@ -22,6 +22,8 @@ def test_the_core_works_without_torch_or_scipy():
         "s, i = idx.search(x[:3], 5)\n"
         "assert (i == BruteForce(x).search(x[:3], 5)[1]).all()\n"
         "r = treeidx.SoftmaxSampler(idx, temperature=1.0).sample(x[:2], 4, seed=0)\n"
+        "b = treeidx.SoftmaxSampler(idx, temperature=1.0, mode='approx', batched=True).sample(x[:2], 4, seed=0)\n"
+        "assert b.ids.shape == (2, 4)  # the block products fall back to numpy's\n"
         "print(r.ids.shape, 'torch' in sys.modules and sys.modules['torch'] is not None)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
