@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
     quiet = a.json
     dim = {"minilm": 384, "static": STATIC_DIM}.get(a.dataset, a.dim)
     x, queries = load(a.dataset, a.n if a.n > 0 else None, dim, n_queries=max(a.queries, 256), seed=a.seed)
-    queries = queries[: a.queries]  # bench.sample sets its temperature on the first 16 of 256 too
+    queries = queries[: a.queries]
     t = time.perf_counter()
     index = TreeIndex.build(x, seed=a.seed)
     log(f"built {x.shape} in {time.perf_counter() - t:.0f} s", quiet)
@@ -123,7 +123,8 @@ def main(argv=None) -> dict:
     xs = np.asarray(view.arrays.vecs[slots], np.float64)
     centers = level.centers.astype(np.float64)
     counts = np.bincount(cluster, minlength=level.nodes.size).astype(np.float64)
-    beta = beta_for(exact_scores(queries, x), a.perplexity)
+    # the temperature as bench.sample sets it: median perplexity over the first 16 queries
+    beta = beta_for(exact_scores(queries[:16], x), a.perplexity)
     codes = {}
     for r in (int(v) for v in a.ranks.split(",") if v):
         basis = residual_basis(xs, centers[cluster], r, a.seed)
