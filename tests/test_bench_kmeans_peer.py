@@ -143,14 +143,14 @@ def test_peer_flags_unequal_work(data):
 
 
 def test_sample_bench_max_items_reaches_minilm(monkeypatch, capsys):
-    """--max-items goes through load() to minilm(max_items=...) (faked: no encoding)."""
+    """--max-items and --max-seq-length go through load() to minilm(...) (faked: no encoding)."""
     from bench import datasets
     from bench.sample import main
 
     seen = {}
 
-    def fake_minilm(*, n_queries, seed, max_items):
-        seen["max_items"] = max_items
+    def fake_minilm(*, n_queries, seed, max_items, max_seq_length=256, progress=False):
+        seen["max_items"], seen["max_seq_length"] = max_items, max_seq_length
         rng = np.random.default_rng(1)
         return _unit(rng.standard_normal((max_items, 384))), _unit(rng.standard_normal((n_queries, 384)))
 
@@ -161,6 +161,8 @@ def test_sample_bench_max_items_reaches_minilm(monkeypatch, capsys):
             "minilm",
             "--max-items",
             "800",
+            "--max-seq-length",
+            "128",
             "--n",
             "0",
             "--queries",
@@ -178,5 +180,6 @@ def test_sample_bench_max_items_reaches_minilm(monkeypatch, capsys):
         ]
     )
     assert seen["max_items"] == 800 and res["max_items"] == 800 and res["n"] == 800
+    assert seen["max_seq_length"] == 128 and res["max_seq_length"] == 128
     assert "kmeans_peer" not in res["runs"][0]["approx_curve"][0]
     assert "kmeans_peer_reference" not in res["runs"][0]
