@@ -203,6 +203,13 @@ def as_exclude(exclude, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
     return ptr, (np.concatenate(parts) if parts else np.empty(0, np.int64))
 
 
+def check_bool(x, what: str) -> bool:
+    """True or False (numpy booleans too), else a TypeError."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{what}: expected True or False, got {x!r}")
+    return bool(x)
+
+
 def check_int(x, what: str, *, minimum: int) -> int:
     """An integer >= minimum (numpy integers too; bool rejected)."""
     if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < minimum:

@@ -73,16 +73,22 @@ MAX_TWO_BETA_EPS = 3.0
 # the CPUs measured (bench/README.md: 1M x 64, bf16 9.9 vs fp32 5.9 ms/query), so an
 # "auto" choice of the certified bf16 pass needs at least this many coordinates.
 BF16_MIN_DIM = 128
-# The default batch_size: up to 256 queries per block, fewer where N is so large that
-# 256 rows of float32 scores would pass this many bytes (10M targets: 26 rows, 1 GB).
+# A (rows x N) score buffer, kept between calls, holds up to MAX_BATCH queries, fewer
+# where N is so large that they would pass BUFFER_BYTES (float32 at 10M: 26 rows, 1 GB).
 BUFFER_BYTES = 1 << 30
 MAX_BATCH = 256
 
 
+def buffer_rows(n_queries: int, n_targets: int, itemsize: int, min_rows: int = 1) -> int:
+    """Queries per block of a (rows x n_targets) buffer of itemsize-byte scores: at most
+    n_queries and MAX_BATCH, and within BUFFER_BYTES unless that is below min_rows."""
+    fit = BUFFER_BYTES // max(1, n_targets * itemsize)
+    return max(1, min(n_queries, MAX_BATCH, max(min_rows, fit)))
+
+
 def default_batch_size(n: int) -> int:
-    """Queries per block of the (batch_size x N) score buffer: at most MAX_BATCH, and at
-    most BUFFER_BYTES of float32 scores."""
-    return max(1, min(MAX_BATCH, BUFFER_BYTES // max(1, 4 * n)))
+    """BruteForce's default batch_size: `buffer_rows` for float32 scores of n targets."""
+    return buffer_rows(MAX_BATCH, n, 4)
 
 
 def quantize_int8(x: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:

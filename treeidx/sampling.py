@@ -53,6 +53,7 @@ from ._threads import run_parallel
 from ._validate import (
     as_exclude,
     as_vectors,
+    check_bool,
     check_int,
     check_k,
     check_number,
@@ -70,7 +71,7 @@ from .blocks import (
     sample_blocks,
     sample_blocks_exact,
 )
-from .brute import BF16_MIN_DIM, Bf16Codes, certified_softmax, dense_softmax, native_bf16
+from .brute import BF16_MIN_DIM, Bf16Codes, buffer_rows, certified_softmax, dense_softmax, native_bf16
 from .tree import TreeIndex, locality_order
 
 # bfloat16 codes per index, shared by its samplers: (index version, codes)
@@ -105,19 +106,16 @@ def plan_level(index: TreeIndex) -> tuple[np.ndarray, np.ndarray]:
         return got[1], got[2]
 
 
-# Queries per block of the dense pass: BruteForce's default, whose sgemm it matches (64
-# rows made the float32 product ~1.2-1.8x slower per query on 1M x 64). The buffer is
-# rows x N scores and is kept between calls, so its rows shrink with N to hold it near
-# DENSE_BYTES (1 GB: 256 rows at 1M in float32, 64 at 4M), never below DENSE_MIN_ROWS.
-DENSE_ROWS = 256
+# Queries per block of the dense pass: BruteForce's buffer policy (`buffer_rows`: up to
+# 256 rows, fewer to hold the kept rows x N buffer near 1 GB), whose sgemm it matches, but
+# never below DENSE_MIN_ROWS (64 rows made the float32 product ~1.2-1.8x slower per query
+# on 1M x 64).
 DENSE_MIN_ROWS = 32
-DENSE_BYTES = 1 << 30
 
 
 def dense_rows(n_queries: int, n_targets: int, itemsize: int) -> int:
     """Queries per block of the dense pass for n_targets scores of itemsize bytes each."""
-    fit = DENSE_BYTES // max(1, n_targets * itemsize)
-    return max(1, min(n_queries, DENSE_ROWS, max(DENSE_MIN_ROWS, fit)))
+    return buffer_rows(n_queries, n_targets, itemsize, DENSE_MIN_ROWS)
 
 
 # Exact mode's plan: a query whose predicted tree work exceeds PLAN_RATIO x N goes dense.
@@ -346,9 +344,7 @@ class SoftmaxSampler:
             max_budget = check_positive_int(max_budget, "max_budget")
         self.target_tv = target_tv
         self.max_budget = max_budget
-        if not isinstance(batched, (bool, np.bool_)):
-            raise TypeError(f"batched: expected True or False, got {batched!r}")
-        self.batched = bool(batched)
+        self.batched = check_bool(batched, "batched")
         self.block_size = 0 if block_size is None else check_positive_int(block_size, "block_size")
         if plan not in ("auto", "tree", "dense"):
             raise ValueError(f"plan: expected 'auto', 'tree' or 'dense', got {plan!r}")

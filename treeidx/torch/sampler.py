@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .._threads import numba_threads
+from .._validate import check_bool
 from ..sampling import SampleResult, SoftmaxSampler
 from ..tree import TreeIndex
 from ._common import (
@@ -152,9 +153,7 @@ class TreeNegativeSampler:
         self.mode = mode
         self.tolerance = tolerance
         self.budget = budget
-        if not isinstance(batched, bool):
-            raise TypeError(f"batched: expected True or False, got {batched!r}")
-        self.batched = batched
+        self.batched = check_bool(batched, "batched")
         if isinstance(index, TreeIndex):
             self._owns_sampler = True
             self.sampler: HostSampler = SoftmaxSampler(
