@@ -278,6 +278,8 @@ def minilm(
     """
     from treeidx.codesearch.corpus import corpus_cache_key, default_cache_dir, mine_code_corpus
 
+    if not 1 <= max_seq_length <= 256:  # before the corpus is mined
+        raise ValueError(f"max_seq_length must be in 1..256 (the model's limit), got {max_seq_length}")
     cache_dir = cache_dir or default_cache_dir()
     key = corpus_cache_key(roots, max_files)
     tag = hashlib.blake2b(
@@ -296,8 +298,6 @@ def minilm(
     if max_items is not None:
         items = items[:max_items]
     os.makedirs(cache_dir, exist_ok=True)
-    if not 1 <= max_seq_length <= 256:
-        raise ValueError(f"max_seq_length must be in 1..256 (the model's limit), got {max_seq_length}")
     model = _minilm_model(device, max_seq_length)
     if queries is None:
         qid = code_query_ids(items, n_queries, seed)

@@ -35,7 +35,7 @@ from bench._common import base_parser, emit, log, machine
 from bench.datasets import STATIC_DIM, load
 from bench.sample import beta_for, exact_scores
 from treeidx import TreeIndex
-from treeidx.blocks import cluster_log_masses, level_of
+from treeidx.blocks import cluster_log_masses, level_of, opening_order
 
 
 def residual_basis(x: np.ndarray, centers: np.ndarray, rank: int, seed: int, sample: int = 100_000) -> np.ndarray:
@@ -54,9 +54,10 @@ def proposal_tv(p: np.ndarray, opened: np.ndarray, cluster_mass: np.ndarray, sha
     return float(0.5 * np.abs(q - p).sum())
 
 
-def one_query(q, x, centers, cluster, counts, w, beta, shares, codes) -> dict:
-    """TV of every proposal variant for one query (see the module docstring); codes: rank ->
-    (per-target rank-r residual codes, the basis)."""
+def one_query(q, x, centers, cluster, counts, w, order, beta, shares, codes) -> dict:
+    """TV of every proposal variant for one query (see the module docstring); order: the
+    sampler's opening order of the clusters; codes: rank -> (per-target rank-r residual
+    codes, the basis)."""
     s = beta * (x @ q).astype(np.float64)  # float32 products: their rounding is far below any TV here
     lz = logsumexp(s)
     p = np.exp(s - lz)
@@ -73,17 +74,19 @@ def one_query(q, x, centers, cluster, counts, w, beta, shares, codes) -> dict:
         shapes[r], masses[r] = e / np.maximum(mass[cluster], np.finfo(float).tiny), mass
     log_n = np.log(counts)
 
-    def opened_by(key: np.ndarray, share: float) -> np.ndarray:
-        """Targets of the clusters opened in decreasing key until they hold share * N."""
-        rank = np.argsort(-key, kind="stable")
+    def opened_in(rank: np.ndarray, share: float) -> np.ndarray:
+        """Targets of the clusters opened in the order rank until they hold share * N."""
         m = int(np.searchsorted(np.cumsum(counts[rank]), share * x.shape[0])) + 1
         opened = np.zeros(counts.size, bool)
         opened[rank[:m]] = True
         return opened[cluster]
 
+    def opened_by(key: np.ndarray, share: float) -> np.ndarray:
+        return opened_in(np.argsort(-key, kind="stable"), share)
+
     out: dict = {}
     for share in shares:
-        o = opened_by(w - log_n, share)  # the sampler's order: estimated mass per target
+        o = opened_in(order, share)
         true_order = opened_by(np.log(np.maximum(true_mass, np.finfo(float).tiny)) - log_n, share)
         row = {
             "batched": proposal_tv(p, o, est_mass[cluster], uniform),
@@ -121,7 +124,7 @@ def main(argv=None) -> dict:
     cluster = level.slot_node[slots]
     xs = np.ascontiguousarray(view.arrays.vecs[slots])  # float32, in the clusters' order
     centers = level.centers
-    counts = np.bincount(cluster, minlength=level.nodes.size).astype(np.float64)
+    counts = level.counts.astype(np.float64)
     # the temperature as bench.sample sets it: median perplexity over the first 16 queries
     beta = beta_for(exact_scores(queries[:16], x), a.perplexity)
     codes = {}
@@ -130,9 +133,10 @@ def main(argv=None) -> dict:
         codes[r] = (np.ascontiguousarray((xs - centers[cluster]) @ basis.T, np.float32), basis.astype(np.float32))
     shares = [float(v) for v in a.shares.split(",") if v]
     w, _, _ = cluster_log_masses(level, view.arrays, queries, beta)
+    order = opening_order(level, w)
     rows = []
     for b in range(queries.shape[0]):
-        rows.append(one_query(queries[b], xs, centers, cluster, counts, w[b], beta, shares, codes))
+        rows.append(one_query(queries[b], xs, centers, cluster, counts, w[b], order[b], beta, shares, codes))
         log(f"query {b}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1][str(shares[-1])].items()), quiet)
     mean = {sh: {k: float(np.mean([r[sh][k] for r in rows])) for k in rows[0][sh]} for sh in rows[0]}
     res = dict(
