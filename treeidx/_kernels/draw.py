@@ -253,7 +253,7 @@ def uniform_descendant(T, v, r):
     return T.leaf_start[v] + r
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True, _nrt=False)  # no allocation here: see sample.refine_in_place
 def draw(T, Q, P, X, cut, prop, key, ids, log_q, stats):
     """k draws into ids / log_q (exact mode: beta <q, y>, normalised by the caller)."""
     # the loop indexes locals (see search._walk_cluster)
@@ -454,7 +454,7 @@ def draw_stage(T, Q, P, X, cut, key, out, b):
     return OK
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, _nrt=False)  # no allocation here: see sample.refine_in_place
 def draw_trials(T, Q, P, X, cut, prop, key, m, ids, w, trial, stats):
     """The draw stage as independent trials, for a sampler spread over several indexes.
 

@@ -223,21 +223,20 @@ def grow_entries(E, n):
 
 
 @nb.njit(cache=True, inline="always")
-def reserve(cut, entries, scores, queued):
-    """The cut with room for entry index `entries`, score index `scores` and heap index
-    `queued`: the same cut when it has it (the common case), else a grown copy."""
-    if (
+def has_room(cut, entries, scores, queued):
+    """Whether the cut has room for entry index `entries`, score index `scores` and heap
+    index `queued` (else `grown` makes a copy that has)."""
+    return (
         entries < cut.entries.node.shape[0]
         and entries < cut.sums.up.shape[0] >> 1
         and scores < cut.scores.w.shape[0]
         and queued < cut.heap.key.shape[0]
-    ):
-        return cut
-    return grown(cut, entries, scores, queued)
+    )
 
 
 @nb.njit(cache=True)
 def grown(cut, entries, scores, queued):
+    """A copy of the cut with room for those indices; its arrays grow."""
     E, S, H, sums = cut.entries, cut.scores, cut.heap, cut.sums
     if entries >= E.node.shape[0]:
         E = grow_entries(E, entries)
@@ -252,7 +251,7 @@ def grown(cut, entries, scores, queued):
 
 @nb.njit(cache=True, inline="always")
 def push(cut, key, entry):
-    """Queue an entry for refinement (the heap has room: see reserve)."""
+    """Queue an entry for refinement (the heap has room: see has_room)."""
     H = cut.heap
     i = cut.n[QUEUED]
     cut.n[QUEUED] = i + 1

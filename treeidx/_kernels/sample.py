@@ -46,12 +46,13 @@ from .frontier import (
     Query,
     Scores,
     Sums,
+    grown,
+    has_room,
     hidden_excluded_mass,
     log_gap,
     lse_shifted,
     proposal_log_weight,
     push,
-    reserve,
     reshift,
     seg_build,
     seg_set,
@@ -187,7 +188,29 @@ def plan(top_nodes, top, b):
 def refine(T, Q, P, X, cut, stats):
     """Open entries in priority order until the cut is tight enough (U <= (1 + tol) L),
     the budget is spent, or (exact mode) further refinement would cost more than the
-    rejection draws it saves. Returns the cut and OK, or GAVE_UP."""
+    rejection draws it saves. Returns the cut (a grown copy when it ran out of room) and
+    OK, or GAVE_UP."""
+    while True:
+        status, ne, ns, nq = refine_in_place(T, Q, P, X, cut, stats)
+        if status != NEED_ROOM:
+            break
+        cut = grown(cut, ne, ns, nq)
+    if status != OK:
+        return cut, status
+    return open_hidden_excluded(T, Q, P, X, cut, stats)
+
+
+# refine_in_place's answer when the cut must grow before the next opening
+NEED_ROOM = 1
+
+
+@nb.njit(cache=True, _nrt=False)
+def refine_in_place(T, Q, P, X, cut, stats):
+    """refine's loop, on a cut it never rebinds: rebinding a cut (growing it) costs an
+    atomic reference-count update for each of its arrays, which numba then repeats on
+    every pass of a loop that may rebind. Returns (OK or GAVE_UP, 0, 0, 0), or
+    (NEED_ROOM, entries, scores, queued) when the next opening needs a cut with room
+    for those indices (`grown`); the caller grows it and calls again."""
     while cut.n[QUEUED] > 0:
         M = cut.shift[0]
         exw = hidden_excluded_mass(X, M)
@@ -198,7 +221,13 @@ def refine(T, Q, P, X, cut, stats):
         if stats[ST_DOTS] >= P.budget:
             break
         if P.exact and stats[ST_DOTS] >= P.give_up:
-            return cut, GAVE_UP  # the work so far is wasted, and reported
+            return GAVE_UP, 0, 0, 0  # the work so far is wasted, and reported
+        top = cut.heap.entry[0]  # opened next, unless it is dead or massless
+        if cut.entries.alive[top] and cut.heap.key[0] != NEG_INF:
+            v = cut.entries.node[top]
+            ne, ns, nq = room_to_open(T, cut, v, node_cost(T, v))
+            if not has_room(cut, ne, ns, nq):
+                return NEED_ROOM, ne, ns, nq
         gk, e, queued = heap_pop(cut.heap.key, cut.heap.entry, cut.n[QUEUED])
         cut.n[QUEUED] = queued
         if not cut.entries.alive[e] or gk == NEG_INF:
@@ -211,25 +240,35 @@ def refine(T, Q, P, X, cut, stats):
             if saved < cost:
                 push(cut, gk, e)  # keep it queued; its mass is still drawable
                 break
-        cut = open_entry(T, Q, P, X, cut, e, cost, stats)
-    return open_hidden_excluded(T, Q, P, X, cut, stats)
+        open_entry(T, Q, P, X, cut, e, cost, stats)
+    return OK, 0, 0, 0
+
+
+@nb.njit(cache=True, inline="always")
+def room_to_open(T, cut, v, cost):
+    """(entry, score, heap) indices the cut must have room for to open node v: a leaf
+    adds one entry and its targets' scores, a node its `cost` children, each queued."""
+    nf = cut.n[ENTRIES]
+    if T.leaf_start[v] >= 0:
+        return nf, cut.n[SCORES] + T.leaf_size[v], 0
+    return nf + cost, 0, cut.n[QUEUED] + cost
 
 
 @nb.njit(cache=True, inline="always")
 def open_entry(T, Q, P, X, cut, e, cost, stats):
-    """Replace entry e by its refinement: a leaf's exact scores, or a node's children."""
+    """Replace entry e by its refinement: a leaf's exact scores, or a node's children,
+    in place: the cut must have room for it (`room_to_open`)."""
     v = cut.entries.node[e]
     cut.entries.alive[e] = False
     stats[ST_OPENED] += 1
     seg_set(cut.sums, e, 0.0, 0.0)
     if T.leaf_start[v] >= 0:
-        cut = open_leaf(T, Q, P, X, cut, v, stats)
+        open_leaf(T, Q, P, X, cut, v, stats)
     else:
-        cut = open_children(T, Q, P, cut, e, v, cost, stats)
+        open_children(T, Q, P, cut, e, v, cost, stats)
     # precision guard: everything shrank far below the shift, re-shift
     if cut.sums.up[1] < 1e-250:
         reshift(cut)
-    return cut
 
 
 @nb.njit(cache=True)
@@ -247,7 +286,12 @@ def open_hidden_excluded(T, Q, P, X, cut, stats):
             if e < 0:  # not inside an unopened node (cannot happen while hidden)
                 X.hidden[j] = False
                 break
-            cut = open_entry(T, Q, P, X, cut, e, node_cost(T, cut.entries.node[e]), stats)
+            v = cut.entries.node[e]
+            cost = node_cost(T, v)
+            ne, ns, nq = room_to_open(T, cut, v, cost)
+            if not has_room(cut, ne, ns, nq):
+                cut = grown(cut, ne, ns, nq)
+            open_entry(T, Q, P, X, cut, e, cost, stats)
     return cut, OK
 
 
@@ -271,7 +315,6 @@ def open_leaf(T, Q, P, X, cut, v, stats):
     left, so the entry is never refined again."""
     nf, nsc = cut.n[ENTRIES], cut.n[SCORES]
     m = T.leaf_size[v]
-    cut = reserve(cut, nf, nsc + m, 0)
     E, S = cut.entries, cut.scores
     mx = score_leaf(T, Q.vec, P.beta, X, v, S, nsc)
     stats[ST_DOTS] += m
@@ -293,7 +336,6 @@ def open_leaf(T, Q, P, X, cut, v, stats):
     cut.n[ENTRIES] = nf + 1
     cut.n[SCORES] = nsc + m
     seg_set(cut.sums, nf, lse_shifted(E.up[nf], M), lse_shifted(E.lo[nf], M))
-    return cut
 
 
 @nb.njit(cache=True, inline="always")
@@ -322,7 +364,6 @@ def open_children(T, Q, P, cut, e, v, cost, stats):
     """Replace entry e (node v) by its children, each bounded (clipped into v's own
     bounds, which hold for them too), weighted and queued."""
     nf = cut.n[ENTRIES]
-    cut = reserve(cut, nf + cost, 0, cut.n[QUEUED] + cost)
     E = cut.entries
     node, f_lo, f_up, f_w, off, alive, blo, bup, ew = E  # the loop indexes locals
     center, count, sqsum, next_sibling = T.center, T.count, T.sqsum, T.next_sibling
@@ -350,7 +391,6 @@ def open_children(T, Q, P, cut, e, v, cost, stats):
         c = next_sibling[c]
     cut.n[ENTRIES] = nf
     stats[ST_DOTS] += cost
-    return cut
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
