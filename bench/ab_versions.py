@@ -6,8 +6,10 @@ The `--before` revision's `treeidx/` is exported with `git archive` into a tempo
 folder and imported as `treeidx_before` (its modules import each other relatively); the
 checkout's `treeidx` is "after". Both build an index over the same clustered data (64-d),
 then each round times, in alternating order, exact search (k = 10, 1000 queries) and
-exact and approx sampling (k = 64, 256 queries) at perplexities 10 and 100. Wall and
-process CPU time are both reported: on a busy machine CPU time is the steadier ratio.
+exact and approx sampling (k = 64, 256 queries) at perplexities 10 and 100, and exact
+sampling with plan="tree" (`exact_tree_*`: every query through the tree; the "before"
+revision must know `plan`). Wall and process CPU time are both reported: on a busy
+machine CPU time is the steadier ratio.
 `identical` says whether both versions returned the same ids.
 """
 
@@ -83,6 +85,10 @@ def main(argv=None) -> dict:
                 ops[f"{mode}_ppl{ppl}"] = lambda m, i, t=t, mode=mode: m.SoftmaxSampler(
                     i, temperature=t, mode=mode
                 ).sample(qs, 64, seed=1)
+            # every query through the tree: the default plan may send them all dense
+            ops[f"exact_tree_ppl{ppl}"] = lambda m, i, t=t: m.SoftmaxSampler(i, temperature=t, plan="tree").sample(
+                qs, 64, seed=1
+            )
         times = {op: {"before": [], "after": []} for op in ops}
         identical = dict.fromkeys(ops, True)
         for r in range(a.rounds):

@@ -255,7 +255,11 @@ class SoftmaxSampler:
         clusters, the tree's work is predicted (`plan_work`, `predicted_work`); above
         `plan_ratio` · N the query goes to the dense pass. "tree": never (the
         dense_fallback give-up still applies). "dense": every query. The choice depends
-        on the query alone, never on the batch, its order or the thread count.
+        on the query alone, never on the batch, its order or the thread count. The
+        prediction is pessimistic, far more so as N grows: on large indexes with a
+        concentrated softmax "auto" goes dense where "tree" is several times faster
+        (docs/sampling.md, "Predicting the tree's work"; compare `predicted_work` with
+        the `inner_products` of a plan="tree" call on your data).
     plan_ratio: the tree-work share of N above which "auto" goes dense (about the ratio
         of a dense pass's cost per target to the tree's).
     dense_precision: how the dense pass scores the targets. "bf16": bfloat16 codes of
