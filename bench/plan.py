@@ -22,7 +22,7 @@ import numpy as np
 
 from bench._common import base_parser, emit, log, machine, timed
 from bench.datasets import STATIC_DIM, load
-from bench.sample import beta_for, exact_scores, perplexity
+from bench.sample import beta_for, perplexity, probe_scores_of
 from treeidx import SoftmaxSampler, TreeIndex
 from treeidx.brute import BruteForce
 
@@ -97,8 +97,7 @@ def main(argv=None) -> dict:
     res["machine"] = machine()
     res["build_s"], index = timed(lambda: TreeIndex.build(x, seed=a.seed))
     brute = BruteForce(x)
-    probe = queries[: min(16, queries.shape[0])]
-    probe_scores = exact_scores(probe, x) if x.shape[0] <= 2_000_000 else (probe @ x.T).astype(np.float64)
+    probe_scores = probe_scores_of(queries, x)
     res["runs"] = []
     for target in [float(t) for t in a.perplexities.split(",") if t]:
         beta = beta_for(probe_scores, target)

@@ -85,6 +85,14 @@ def exact_scores(queries: np.ndarray, x: np.ndarray, chunk: int = 65536) -> np.n
     return z
 
 
+def probe_scores_of(queries: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Scores of the first 16 queries against every target, from which a run's
+    temperatures are found (`beta_for`); exact (float64) up to 2M targets, the float32
+    product above (the float64 product would not fit memory)."""
+    probe = queries[: min(16, queries.shape[0])]
+    return exact_scores(probe, x) if x.shape[0] <= 2_000_000 else (probe @ x.T).astype(np.float64)
+
+
 def exact_log_softmax(queries: np.ndarray, x: np.ndarray, beta: float, chunk: int = 65536) -> list[np.ndarray]:
     """Exact float64 log-softmax of beta <q, x> over all targets, one (N,) row per query."""
     z = exact_scores(queries, x, chunk)
@@ -221,8 +229,7 @@ def main(argv=None) -> dict:
         res["kmeans_peer_build_s"], peer = timed(lambda: KMeansListProposal(x, seed=a.seed))
         res["kmeans_peer_lists"] = peer.n_lists
     brute = BruteForce(x)
-    probe = queries[: min(16, queries.shape[0])]
-    probe_scores = exact_scores(probe, x) if n <= 2_000_000 else (probe @ x.T).astype(np.float64)
+    probe_scores = probe_scores_of(queries, x)
     settings = [("perplexity", float(t_)) for t_ in a.perplexities.split(",") if t_]
     settings += [("temperature", t_) for t_ in (a.temperature or [])]
     res["runs"] = []

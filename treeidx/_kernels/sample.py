@@ -223,18 +223,17 @@ def refine_in_place(T, Q, P, X, cut, stats):
             break
         if P.exact and stats[ST_DOTS] >= P.give_up:
             return GAVE_UP, 0, 0, 0  # the work so far is wasted, and reported
-        top = cut.heap.entry[0]  # opened next, unless it is dead or massless
-        if cut.entries.alive[top] and cut.heap.key[0] != NEG_INF:
-            v = cut.entries.node[top]
-            ne, ns, nq = room_to_open(T, cut, v, node_cost(T, v))
-            if not has_room(cut, ne, ns, nq):
-                return NEED_ROOM, ne, ns, nq
-        gk, e, queued = heap_pop(cut.heap.key, cut.heap.entry, cut.n[QUEUED])
-        cut.n[QUEUED] = queued
-        if not cut.entries.alive[e] or gk == NEG_INF:
+        e = cut.heap.entry[0]  # the top: popped next, and opened unless dead or massless
+        if not cut.entries.alive[e] or cut.heap.key[0] == NEG_INF:
+            cut.n[QUEUED] = heap_pop(cut.heap.key, cut.heap.entry, cut.n[QUEUED])[2]
             continue
         v = cut.entries.node[e]
         cost = node_cost(T, v)
+        ne, ns, nq = room_to_open(T, cut, v, cost)
+        if not has_room(cut, ne, ns, nq):
+            return NEED_ROOM, ne, ns, nq  # e stays on top: the next call opens it
+        gk, e, queued = heap_pop(cut.heap.key, cut.heap.entry, cut.n[QUEUED])
+        cut.n[QUEUED] = queued
         if P.exact and La > 0.0:
             # cost-aware: refining e saves at most k * gap/La proposals of draw_cost each
             saved = P.k * math.exp(gk - M) / La * P.draw_cost
