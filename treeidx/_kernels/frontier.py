@@ -118,6 +118,15 @@ def log_gap(lo, up):
 
 
 @nb.njit(cache=True, inline="always")
+def entry_log_gap(lo, up):
+    """log_gap of one entry. Where lo < up - 40, -expm1(lo - up) rounds to exactly 1, so
+    the gap is up itself: the two transcendental calls are skipped, the value is the same."""
+    if lo - up < -40.0:
+        return up
+    return log_gap(lo, up)
+
+
+@nb.njit(cache=True, inline="always")
 def proposal_log_weight(log_count, beta, dot, qn2, msd, dim, log_lo, log_up):
     """Approx mode's log-mass estimate of a node, clipped into its certified interval.
 
@@ -168,6 +177,24 @@ def seg_set(sums, j, u, l):
         segU[i] = segU[2 * i] + segU[2 * i + 1]
         segL[i] = segL[2 * i] + segL[2 * i + 1]
         i >>= 1
+
+
+@nb.njit(cache=True, inline="always")
+def seg_set_leaves(sums, j0, j1):
+    """Recompute the ancestors' sums of entries j0..j1-1, whose leaves were just written.
+
+    One pass per level over the range's parents: the same sums as a seg_set per entry
+    (each internal node is the sum of its two children, whatever the order of updates),
+    at about 2 (j1 - j0) + 2 log2(cap) additions instead of (j1 - j0) log2(cap)."""
+    segU, segL = sums.up, sums.lo
+    cap = segU.shape[0] >> 1
+    a, z = (cap + j0) >> 1, (cap + j1 - 1) >> 1
+    while a >= 1:
+        for i in range(a, z + 1):
+            segU[i] = segU[2 * i] + segU[2 * i + 1]
+            segL[i] = segL[2 * i] + segL[2 * i + 1]
+        a >>= 1
+        z >>= 1
 
 
 @nb.njit(cache=True)

@@ -46,16 +46,17 @@ from .frontier import (
     Query,
     Scores,
     Sums,
+    entry_log_gap,
     grown,
     has_room,
     hidden_excluded_mass,
-    log_gap,
     lse_shifted,
     proposal_log_weight,
     push,
     reshift,
     seg_build,
     seg_set,
+    seg_set_leaves,
 )
 from .heaps import heap_pop, heapify
 from .rng import U64, splitmix64
@@ -363,11 +364,13 @@ def score_leaf(T, q, beta, X, v, S, at):
 def open_children(T, Q, P, cut, e, v, cost, stats):
     """Replace entry e (node v) by its children, each bounded (clipped into v's own
     bounds, which hold for them too), weighted and queued."""
-    nf = cut.n[ENTRIES]
+    nf0 = nf = cut.n[ENTRIES]
     E = cut.entries
     node, f_lo, f_up, f_w, off, alive, blo, bup, ew = E  # the loop indexes locals
     center, count, sqsum, next_sibling = T.center, T.count, T.sqsum, T.next_sibling
     q, beta, exact, M = Q.vec, P.beta, P.exact, cut.shift[0]
+    cap = cut.sums.up.shape[0] >> 1
+    seg_up, seg_lo = cut.sums.up, cut.sums.lo
     plo, pup = blo[e], bup[e]
     c = T.first_child[v]
     while c >= 0:
@@ -380,15 +383,24 @@ def open_children(T, Q, P, cut, e, v, cost, stats):
         node[nf], off[nf], alive[nf] = c, -1, True
         f_lo[nf], f_up[nf] = lc + beta * lo, lc + beta * up
         blo[nf], bup[nf] = lo, up
-        msd = sqsum[c] / max(count[c], 1)
-        f_w[nf] = proposal_log_weight(lc, beta, a, Q.norm2, msd, q.shape[0], f_lo[nf], f_up[nf])
-        seg_set(cut.sums, nf, lse_shifted(f_up[nf], M), lse_shifted(f_lo[nf], M))
-        ew[nf] = lse_shifted(f_w[nf], M)
-        # exact mode refines where the envelope wastes most (the gap); approx mode
-        # where the estimated mass is largest, as an IVF probes its best lists
-        push(cut, log_gap(f_lo[nf], f_up[nf]) if exact else f_w[nf], nf)
+        seg_up[cap + nf] = lse_shifted(f_up[nf], M)
+        seg_lo[cap + nf] = lse_shifted(f_lo[nf], M)
+        if exact:
+            # exact mode draws an unopened node by its upper bound (the envelope), so
+            # its proposal weight is that bound; it refines where the envelope wastes
+            # most (the gap)
+            f_w[nf], ew[nf] = f_up[nf], seg_up[cap + nf]
+            push(cut, entry_log_gap(f_lo[nf], f_up[nf]), nf)
+        else:
+            # approx mode: the estimated mass, and refinement where it is largest, as
+            # an IVF probes its best lists
+            msd = sqsum[c] / max(count[c], 1)
+            f_w[nf] = proposal_log_weight(lc, beta, a, Q.norm2, msd, q.shape[0], f_lo[nf], f_up[nf])
+            ew[nf] = lse_shifted(f_w[nf], M)
+            push(cut, f_w[nf], nf)
         nf += 1
         c = next_sibling[c]
+    seg_set_leaves(cut.sums, nf0, nf)
     cut.n[ENTRIES] = nf
     stats[ST_DOTS] += cost
 
