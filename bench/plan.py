@@ -3,11 +3,11 @@ what each choice costs, against the fp32 brute-force sampler in the same process
 
     python -m bench.plan --n 4000000 --dim 64 --perplexities 10,100,1000 --json
 
-For each target perplexity (temperature found as in bench.sample), per-query
-milliseconds of SoftmaxSampler(mode="exact") with plan="tree" (every query through
-the tree; the dense_fallback give-up still applies), plan="dense" (every query through
-the dense pass) and plan="auto" (the default: the plan chooses per query), beside
-BruteForce.sample. For plan="tree" the inner products each query really spent
+For each target perplexity (temperature found as in bench.sample), the library's
+`SoftmaxSampler.compare_plans`: per-query milliseconds of exact mode with plan="tree"
+(every query through the tree; the dense_fallback give-up still applies), plan="dense"
+(every query through the dense pass) and plan="auto" (the default: the plan chooses per
+query), beside BruteForce.sample. For plan="tree" the inner products each query really spent
 (`tree_work`), and how many queries gave up; beside it the plan's prediction
 (`SoftmaxSampler.predicted_work`) and the share of queries plan="auto" sends dense.
 `prediction_over_work` is prediction / real work over the queries that did not give up
@@ -40,37 +40,29 @@ def run_one(index, brute, queries, beta: float, k: int, quiet: bool) -> dict:
     brute.sample(queries[:8], k, temperature=1.0 / beta, seed=0)
     bf_s, _ = timed(lambda: brute.sample(queries, k, temperature=1.0 / beta, seed=1), repeat=2)
     out: dict = dict(temperature=1.0 / beta, brute_force_ms_per_query=1e3 * bf_s / nq)
-    ms, results = {}, {}
+    c = SoftmaxSampler(index, temperature=1.0 / beta).compare_plans(queries, k, seed=1, repeats=2)
+    ms = c.ms_per_query
     for plan in ("tree", "dense", "auto"):
-        s = SoftmaxSampler(index, temperature=1.0 / beta, plan=plan)
-        s.sample(queries[:8], k, seed=0)  # first-call buffers outside the timing
-        t, results[plan] = timed(lambda: s.sample(queries, k, seed=1), repeat=2)
-        ms[plan] = 1e3 * t / nq
         out[f"{plan}_ms_per_query"] = ms[plan]
-        out[f"{plan}_speedup_vs_brute"] = bf_s / t
-    tree = results["tree"]
-    # a query answered by the dense pass has no cut: under plan="tree" that is a give-up
-    kept = tree.frontier_size > 0
-    work = tree.inner_products[kept].astype(np.float64)
-    predicted = SoftmaxSampler(index, temperature=1.0 / beta).predicted_work(queries, k)
-    ratio = predicted[kept] / np.maximum(work, 1.0)
+        out[f"{plan}_speedup_vs_brute"] = 1e3 * bf_s / nq / ms[plan]
+    kept = ~c.tree_gave_up
+    work = c.tree_work[kept].astype(np.float64)
+    ratio = c.predicted_work[kept] / np.maximum(work, 1.0)
     out.update(
         tree_work=spread(work),
         tree_work_share_of_n=spread(work / len(index)),
         tree_gave_up_share=float(1.0 - kept.mean()),
-        predicted_work=spread(predicted),
+        predicted_work=spread(c.predicted_work),
         prediction_over_work=spread(ratio),
-        log_correlation=float(np.corrcoef(np.log(predicted[kept]), np.log(np.maximum(work, 1.0)))[0, 1])
+        log_correlation=float(np.corrcoef(np.log(c.predicted_work[kept]), np.log(np.maximum(work, 1.0)))[0, 1])
         if kept.sum() > 2
         else None,
-        auto_planned_dense_share=float((results["auto"].frontier_size == 0).mean()),
+        auto_planned_dense_share=c.auto_dense_share,
         # per inner product only when no query gave up (a give-up's time is mostly its dense pass)
-        tree_ns_per_inner_product=1e6 * ms["tree"] / max(float(tree.inner_products.mean()), 1.0)
-        if kept.all()
-        else None,
+        tree_ns_per_inner_product=1e6 * ms["tree"] / max(float(c.tree_work.mean()), 1.0) if kept.all() else None,
         dense_ns_per_target=1e6 * ms["dense"] / len(index),
     )
-    out["best_plan"] = min(("tree", "dense"), key=lambda p: ms[p])
+    out["best_plan"] = c.best_plan
     out["auto_vs_best"] = ms[out["best_plan"]] / ms["auto"]
     log(
         f"  brute {out['brute_force_ms_per_query']:.2f} ms/q; tree {ms['tree']:.2f} (work median "

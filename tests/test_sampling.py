@@ -204,6 +204,36 @@ def test_statistics_are_reported():
     assert (r.inner_products < 5000).all(), "a peaked softmax must not touch every target"
 
 
+def test_compare_plans_times_copies_with_the_same_settings_and_reports_the_tree_work():
+    x, _ = clustered(6000, 16, seed=3)
+    index = TreeIndex.build(x, seed=0)
+    rng = np.random.default_rng(5)
+    q = x[rng.choice(6000, 24, replace=False)] + 0.05 * rng.standard_normal((24, 16)).astype(np.float32)
+    settings_ = dict(temperature=0.05, draw_cost=5.0, dense_fallback=0.2)
+    sampler = SoftmaxSampler(index, **settings_)
+    c = sampler.compare_plans(q, 16, seed=7, repeats=1)
+    assert set(c.ms_per_query) == {"tree", "dense", "auto"}
+    assert all(np.isfinite(v) and v > 0 for v in c.ms_per_query.values())
+    assert c.best_plan == min(("tree", "dense"), key=c.ms_per_query.get)
+    tree = SoftmaxSampler(index, plan="tree", **settings_).sample(q, 16, seed=7)
+    np.testing.assert_array_equal(c.tree_work, tree.inner_products)
+    np.testing.assert_array_equal(c.tree_gave_up, tree.frontier_size == 0)
+    np.testing.assert_array_equal(c.predicted_work, sampler.predicted_work(q, 16))
+    auto = sampler.sample(q, 16, seed=7)
+    assert c.auto_dense_share == np.mean(auto.frontier_size == 0)
+    assert c.auto_dense_share >= np.mean(c.predicted_work > sampler.plan_ratio * len(index))
+    assert sampler.plan == "auto", "compare_plans must not change the sampler"
+    # the tree-work check above can tell settings apart: the copies kept draw_cost
+    other = SoftmaxSampler(index, plan="tree", temperature=0.05, draw_cost=0.5, dense_fallback=0.2)
+    assert not np.array_equal(other.sample(q, 16, seed=7).inner_products, tree.inner_products)
+    with pytest.raises(ValueError, match="exact mode only"):
+        SoftmaxSampler(index, temperature=0.05, mode="approx").compare_plans(q, 16)
+    with pytest.raises(ValueError, match="dimension"):
+        sampler.compare_plans(q[:, :3], 16)
+    with pytest.raises(ValueError, match="repeats"):
+        sampler.compare_plans(q, 16, repeats=0)
+
+
 def test_results_do_not_depend_on_chunking():
     x, q = clustered(3000, 16, seed=4)
     index = TreeIndex.build(x)

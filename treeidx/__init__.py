@@ -23,7 +23,7 @@ from .drift import DriftFit, DriftModel, DriftReport
 from .dynamic import DynamicIndex, RefreshPolicy
 from .io import IndexFileError
 from .nystrom import DriftError, NystromDrift
-from .sampling import SampleResult, SoftmaxSampler
+from .sampling import PlanComparison, SampleResult, SoftmaxSampler
 from .tree import InvariantError, SearchWork, TreeIndex
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "SearchWork",
     "SoftmaxSampler",
     "SampleResult",
+    "PlanComparison",
     "NystromDrift",
     "CorrectorDrift",
     "DriftModel",

@@ -25,6 +25,7 @@ rule fires. Then:
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -186,6 +187,30 @@ class SampleResult:
 
 
 @dataclass(frozen=True)
+class PlanComparison:
+    """What `SoftmaxSampler.compare_plans` returns: exact mode's plans timed on the
+    caller's queries (arrays over B queries).
+
+    ms_per_query:   {"tree", "dense", "auto"}: milliseconds per query of `sample` with
+                    that plan (the fastest of `repeats` calls), everything else as set.
+    tree_work:      (B,) inner products each query spent with plan="tree".
+    tree_gave_up:   (B,) whether the query reached the dense_fallback give-up under
+                    plan="tree" (its tree work was wasted and the dense pass answered).
+    predicted_work: (B,) the plan's prediction of the tree work (`predicted_work`).
+    auto_dense_share: share of the queries plan="auto" answered by the dense pass.
+    best_plan:      "tree" or "dense", whichever was faster on these queries: pass it as
+                    `plan` (or keep "auto" when ms_per_query["auto"] is as fast).
+    """
+
+    ms_per_query: dict
+    tree_work: np.ndarray
+    tree_gave_up: np.ndarray
+    predicted_work: np.ndarray
+    auto_dense_share: float
+    best_plan: str
+
+
+@dataclass(frozen=True)
 class Trials:
     """What `SoftmaxSampler.trials` returns (arrays over B queries).
 
@@ -258,8 +283,8 @@ class SoftmaxSampler:
         on the query alone, never on the batch, its order or the thread count. The
         prediction is pessimistic, far more so as N grows: on large indexes with a
         concentrated softmax "auto" goes dense where "tree" is several times faster
-        (docs/sampling.md, "Predicting the tree's work"; compare `predicted_work` with
-        the `inner_products` of a plan="tree" call on your data).
+        (docs/sampling.md, "Predicting the tree's work"): `compare_plans` times the
+        plans on your own queries and says which pays.
     plan_ratio: the tree-work share of N above which "auto" goes dense (about the ratio
         of a dense pass's cost per target to the tree's).
     dense_precision: how the dense pass scores the targets. "bf16": bfloat16 codes of
@@ -759,6 +784,69 @@ class SoftmaxSampler:
         `sample` call reports (`inner_products`) to check the plan on your data."""
         q = as_vectors(queries, self.index.dim, "queries")
         return self._predicted_work(self.index.view().arrays, q, check_k(k))
+
+    def compare_plans(self, queries, k: int, *, seed: int = 0, repeats: int = 2) -> PlanComparison:
+        """Time exact mode's three plans on your own queries and say which pays.
+
+        The plan's prediction is cautious: on a large index with a concentrated softmax,
+        "auto" can send every query to the dense pass where "tree" is several times
+        faster (docs/sampling.md, "Predicting the tree's work"). Call this once with a
+        few hundred representative queries, at the temperature and k you train with,
+        then construct the sampler with `plan=result.best_plan`. Nothing of this
+        sampler changes: the plans run on copies with the same settings.
+
+        queries: (B, d) as for `sample`. seed: the samples' seed (every plan draws with
+        it). repeats: timed calls per plan, in turn (the fastest counts); a first,
+        untimed call on a few queries sets up buffers and compiled kernels.
+        Exact mode only (approx mode has no plan: ValueError).
+        """
+        if self.mode != "exact":
+            raise ValueError("compare_plans: exact mode only (approx mode has no plan)")
+        q = as_vectors(queries, self.index.dim, "queries")
+        k = check_k(k)
+        seed = check_seed(seed)
+        repeats = check_positive_int(repeats, "repeats")
+        samplers = {plan: self._with_plan(plan) for plan in ("tree", "dense", "auto")}
+        for s in samplers.values():
+            s.sample(q[:8], k, seed=seed)  # buffers and first-call costs outside the timing
+        best: dict = {plan: np.inf for plan in samplers}
+        results: dict = {}
+        for _ in range(repeats):
+            for plan, s in samplers.items():
+                t = time.perf_counter()
+                results[plan] = s.sample(q, k, seed=seed)
+                best[plan] = min(best[plan], time.perf_counter() - t)
+        ms = {plan: 1e3 * t / q.shape[0] for plan, t in best.items()}
+        # a query answered by the dense pass has no cut: under plan="tree", a give-up
+        return PlanComparison(
+            ms_per_query=ms,
+            tree_work=results["tree"].inner_products,
+            tree_gave_up=results["tree"].frontier_size == 0,
+            predicted_work=self.predicted_work(q, k),
+            auto_dense_share=float(np.mean(results["auto"].frontier_size == 0)),
+            best_plan=min(("tree", "dense"), key=lambda p: ms[p]),
+        )
+
+    def _with_plan(self, plan: str) -> SoftmaxSampler:
+        """A sampler with this one's settings and another plan."""
+        return SoftmaxSampler(
+            self.index,
+            temperature=self.temperature,
+            mode=self.mode,
+            tolerance=self.tolerance,
+            budget=self.budget,
+            draw_cost=self.draw_cost,
+            chunk_size=self.chunk_size,
+            dense_fallback=self.dense_fallback,
+            plan=plan,
+            plan_ratio=self.plan_ratio,
+            dense_precision=self.dense_precision,
+            tv_draws=self.tv_draws,
+            target_tv=self.target_tv,
+            max_budget=self.max_budget,
+            batched=self.batched,
+            block_size=self.block_size or None,
+        )
 
     def _predicted_work(self, A, q: np.ndarray, k: int) -> np.ndarray:
         B = q.shape[0]
