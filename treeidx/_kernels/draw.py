@@ -253,51 +253,138 @@ def uniform_descendant(T, v, r):
     return T.leaf_start[v] + r
 
 
+# A draw batch's proposal kinds: a target of an evaluated leaf (by its exact weight), a
+# uniform target of an unopened node, or one that landed on an excluded target.
+PROPOSED_LEAF, PROPOSED_NODE, PROPOSED_EXCLUDED = 0, 1, 2
+DRAW_BATCH = 512  # proposals drawn ahead of their acceptance, at most
+
+
+class DrawBatch(NamedTuple):
+    """Proposals drawn ahead of their acceptance. Exact mode scores a batch's node
+    proposals in one tight loop: their targets are random rows of the vectors, and
+    independent loads in a short loop overlap their cache misses, which the accept /
+    reject branches of one-at-a-time draws serialised."""
+
+    kind: np.ndarray  # int64 PROPOSED_*
+    entry: np.ndarray  # int64 the cut entry drawn
+    at: np.ndarray  # int64 leaf: score index (-1 on an excluded target); node: slot
+    u: np.ndarray  # float64 exact mode: the acceptance uniform of a node proposal
+    wy: np.ndarray  # float64 exact mode: beta <q, y> of a node proposal's target
+
+
+@nb.njit(cache=True)
+def draw_batch_buffers():
+    n = DRAW_BATCH
+    return DrawBatch(
+        np.empty(n, np.int64),
+        np.empty(n, np.int64),
+        np.empty(n, np.int64),
+        np.empty(n, np.float64),
+        np.empty(n, np.float64),
+    )
+
+
+@nb.njit(cache=True, inline="always")
+def propose(T, P, X, cut, prop, key, ctr, B, m):
+    """m proposals into B[:m]. Each takes the same counters of the stream as when
+    proposals were drawn and accepted one at a time (an entry, a target, and for an
+    exact-mode node proposal its acceptance uniform), so a batch changes no sample.
+    Returns the next counter."""
+    node, off = cut.entries.node, cut.entries.off
+    count, leaf_size = T.count, T.leaf_size
+    for t in range(m):
+        j = alias_pick(prop, uniform01(key + ctr))
+        ctr += U64(1)
+        B.entry[t] = j
+        v = node[j]
+        if off[j] >= 0:
+            B.kind[t] = PROPOSED_LEAF
+            B.at[t] = leaf_pick(cut, off[j], off[j] + leaf_size[v], uniform01(key + ctr))
+            ctr += U64(1)
+            continue
+        s = uniform_descendant(T, v, int(uniform01(key + ctr) * count[v]))
+        ctr += U64(1)
+        B.at[t] = s
+        if is_excluded_slot(X, s):
+            B.kind[t] = PROPOSED_EXCLUDED
+            continue
+        B.kind[t] = PROPOSED_NODE
+        if P.exact:
+            B.u[t] = uniform01(key + ctr)
+            ctr += U64(1)
+    return ctr
+
+
+@nb.njit(cache=True, inline="always")
+def score_proposals(T, Q, P, B, m):
+    """Exact mode: beta <q, y> of the node proposals' targets (approx mode scores none)."""
+    if P.exact:
+        vecs, q, beta, kind, at, wy = T.vecs, Q.vec, P.beta, B.kind, B.at, B.wy
+        for t in range(m):
+            if kind[t] == PROPOSED_NODE:
+                wy[t] = beta * dot32(q, vecs[at[t]])
+
+
+@nb.njit(cache=True, inline="always")
+def next_batch_size(k, acc, props):
+    """Proposals to draw ahead: the expected need for the k - acc samples left at the
+    acceptance rate so far, a quarter more, within [16, DRAW_BATCH]."""
+    if acc == 0:
+        return DRAW_BATCH if props > 0 else min(DRAW_BATCH, max(16, 2 * k))
+    need = (k - acc) * props / acc
+    return min(DRAW_BATCH, max(16, int(1.25 * need) + 1))
+
+
 @nb.njit(cache=True, _nrt=False)  # no allocation here: see sample.refine_in_place
-def draw(T, Q, P, X, cut, prop, key, ids, log_q, stats):
-    """k draws into ids / log_q (exact mode: beta <q, y>, normalised by the caller)."""
+def draw(T, Q, P, X, cut, prop, key, B, ids, log_q, stats):
+    """k draws into ids / log_q (exact mode: beta <q, y>, normalised by the caller),
+    proposed in batches (B: draw_batch_buffers). A batch's proposals are taken in
+    order until k are accepted; node proposals scored but not reached count as work."""
     # the loop indexes locals (see search._walk_cluster)
-    node, off, up, w = cut.entries.node, cut.entries.off, cut.entries.up, cut.entries.w
+    node, up, w = cut.entries.node, cut.entries.up, cut.entries.w
     sw, sslot = cut.scores.w, cut.scores.slot
-    vecs, slot_id, count, leaf_size = T.vecs, T.slot_id, T.count, T.leaf_size
+    slot_id, count = T.slot_id, T.count
     log_allowed = math.log(prop.total - prop.excluded)
     props, acc = 0, 0
     ctr = U64(0)
     max_props = 1000 * P.k + 100000
     while acc < P.k:
-        if props >= max_props:
-            return COLLAPSED  # cannot happen with valid bounds
-        if P.exact and stats[ST_DOTS] >= P.give_up:  # loose bounds: cheaper to go dense
-            return GAVE_UP
-        props += 1
-        j = alias_pick(prop, uniform01(key + ctr))
-        ctr += U64(1)
-        v = node[j]
-        if off[j] >= 0:  # evaluated leaf: a target by its exact weight
-            i = leaf_pick(cut, off[j], off[j] + leaf_size[v], uniform01(key + ctr))
-            ctr += U64(1)
-            if i < 0:
+        m = next_batch_size(P.k, acc, props)
+        ctr = propose(T, P, X, cut, prop, key, ctr, B, m)
+        score_proposals(T, Q, P, B, m)
+        for t in range(m):
+            if acc == P.k:  # the rest of the batch was scored for nothing
+                if P.exact and B.kind[t] == PROPOSED_NODE:
+                    stats[ST_DOTS] += 1
                 continue
-            s = sslot[i]
-            w_y = sw[i]
-            lq = sw[i] - prop.shift - log_allowed
-        else:  # unopened node: a uniform target below it
-            s = uniform_descendant(T, v, int(uniform01(key + ctr) * count[v]))
-            ctr += U64(1)
-            if is_excluded_slot(X, s):
+            if props >= max_props:
+                return COLLAPSED  # cannot happen with valid bounds
+            if P.exact and stats[ST_DOTS] >= P.give_up:  # loose bounds: cheaper to go dense
+                return GAVE_UP
+            props += 1
+            kind, j = B.kind[t], B.entry[t]
+            if kind == PROPOSED_EXCLUDED:
                 continue
-            w_y = 0.0
-            if P.exact:  # approx mode's log q is the proposal's: no score needed
-                w_y = P.beta * dot32(Q.vec, vecs[s])
-                stats[ST_DOTS] += 1
-                accept = uniform01(key + ctr) < math.exp(w_y - up[j] + math.log(count[v]))
-                ctr += U64(1)
-                if not accept:
+            if kind == PROPOSED_LEAF:
+                i = B.at[t]
+                if i < 0:
                     continue
-            lq = w[j] - math.log(count[v]) - prop.shift - log_allowed
-        ids[acc] = slot_id[s]
-        log_q[acc] = w_y if P.exact else lq
-        acc += 1
+                s = sslot[i]
+                w_y = sw[i]
+                lq = sw[i] - prop.shift - log_allowed
+            else:
+                s = B.at[t]
+                v = node[j]
+                w_y = 0.0
+                if P.exact:  # approx mode's log q is the proposal's: no score needed
+                    w_y = B.wy[t]
+                    stats[ST_DOTS] += 1
+                    if not B.u[t] < math.exp(w_y - up[j] + math.log(count[v])):
+                        continue
+                lq = w[j] - math.log(count[v]) - prop.shift - log_allowed
+            ids[acc] = slot_id[s]
+            log_q[acc] = w_y if P.exact else lq
+            acc += 1
     stats[ST_PROPOSALS] = props
     stats[ST_ACCEPTED] = acc
     return OK
@@ -429,7 +516,7 @@ def draw_stage(T, Q, P, X, cut, key, out, b):
         return COLLAPSED  # every proposal weight underflowed (ruled out by the callers' checks)
     out.tv[b] = 0.0 if P.exact else tv_bound(cut, prop, Ua)
     stats = out.stats[b]
-    status = draw(T, Q, P, X, cut, prop, key, out.ids[b], out.log_q[b], stats)
+    status = draw(T, Q, P, X, cut, prop, key, draw_batch_buffers(), out.ids[b], out.log_q[b], stats)
     if status != OK:
         return status
     out.tv_est[b] = 0.0
