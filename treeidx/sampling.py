@@ -202,7 +202,7 @@ class PlanComparison:
                     `plan` (or keep "auto" when ms_per_query["auto"] is as fast).
     """
 
-    ms_per_query: dict
+    ms_per_query: dict[str, float]
     tree_work: np.ndarray
     tree_gave_up: np.ndarray
     predicted_work: np.ndarray
