@@ -542,7 +542,7 @@ def draw_stage(T, Q, P, X, cut, key, out, b):
 
 
 @nb.njit(cache=True, _nrt=False)  # no allocation here: see sample.refine_in_place
-def draw_trials(T, Q, P, X, cut, prop, key, m, ids, w, trial, stats):
+def draw_trials(T, Q, P, X, cut, prop, key, B, m, ids, w, trial, stats):
     """The draw stage as independent trials, for a sampler spread over several indexes.
 
     Exact mode: m trials against the cut (fewer if ids fills up first); each is accepted with probability
@@ -550,47 +550,51 @@ def draw_trials(T, Q, P, X, cut, prop, key, m, ids, w, trial, stats):
     the allowed ids. Approx mode: proposals until m are kept (excluded ones are
     discarded, as in `draw`). Accepted ids go to ids[:n], with beta <q, y> (exact) or
     their log-proposal probability (approx) in w[:n] and the number of the trial that
-    accepted each (from 0) in trial[:n]. Returns n, or -1 when approx mode stalls."""
-    node, off, up, wj = cut.entries.node, cut.entries.off, cut.entries.up, cut.entries.w
+    accepted each (from 0) in trial[:n]. Returns n, or -1 when approx mode stalls.
+    Proposed in batches as in `draw` (B: draw_batch_buffers), with the same samples."""
+    node, up, wj = cut.entries.node, cut.entries.up, cut.entries.w
     sw, sslot = cut.scores.w, cut.scores.slot
-    vecs, slot_id, count, leaf_size = T.vecs, T.slot_id, T.count, T.leaf_size
+    slot_id, count = T.slot_id, T.count
     log_allowed = math.log(prop.total - prop.excluded)
     props, acc = 0, 0
     ctr = U64(0)
     max_props = 1000 * m + 100000
     cap = ids.shape[0]
     while (props < m and acc < cap) if P.exact else (acc < m):
-        if props >= max_props:
-            return -1
-        props += 1
-        j = alias_pick(prop, uniform01(key + ctr))
-        ctr += U64(1)
-        v = node[j]
-        if off[j] >= 0:  # evaluated leaf: a target by its exact weight
-            i = leaf_pick(cut, off[j], off[j] + leaf_size[v], uniform01(key + ctr))
-            ctr += U64(1)
-            if i < 0:
+        n = min(DRAW_BATCH, m - props) if P.exact else next_batch_size(m, acc, props)
+        ctr = propose(T, P, X, cut, prop, key, ctr, B, n)
+        score_proposals(T, Q, P, B, n)
+        for t in range(n):
+            if (acc == cap) if P.exact else (acc == m):  # the rest was scored for nothing
+                if P.exact and B.kind[t] == PROPOSED_NODE:
+                    stats[ST_DOTS] += 1
                 continue
-            s = sslot[i]
-            w_y = sw[i] if P.exact else sw[i] - prop.shift - log_allowed
-        else:  # unopened node: a uniform target below it
-            s = uniform_descendant(T, v, int(uniform01(key + ctr) * count[v]))
-            ctr += U64(1)
-            if is_excluded_slot(X, s):
+            if props >= max_props:
+                return -1
+            props += 1
+            kind, j = B.kind[t], B.entry[t]
+            if kind == PROPOSED_EXCLUDED:
                 continue
-            if P.exact:
-                w_y = P.beta * dot32(Q.vec, vecs[s])
-                stats[ST_DOTS] += 1
-                accept = uniform01(key + ctr) < math.exp(w_y - up[j] + math.log(count[v]))
-                ctr += U64(1)
-                if not accept:
+            if kind == PROPOSED_LEAF:
+                i = B.at[t]
+                if i < 0:
                     continue
+                s = sslot[i]
+                w_y = sw[i] if P.exact else sw[i] - prop.shift - log_allowed
             else:
-                w_y = wj[j] - math.log(count[v]) - prop.shift - log_allowed
-        ids[acc] = slot_id[s]
-        w[acc] = w_y
-        trial[acc] = props - 1
-        acc += 1
+                s = B.at[t]
+                v = node[j]
+                if P.exact:
+                    w_y = B.wy[t]
+                    stats[ST_DOTS] += 1
+                    if not B.u[t] < math.exp(w_y - up[j] + math.log(count[v])):
+                        continue
+                else:
+                    w_y = wj[j] - math.log(count[v]) - prop.shift - log_allowed
+            ids[acc] = slot_id[s]
+            w[acc] = w_y
+            trial[acc] = props - 1
+            acc += 1
     stats[ST_PROPOSALS] += props
     stats[ST_ACCEPTED] += acc
     return acc

@@ -20,6 +20,7 @@ from .bounds import dot32, dot_error, node_bounds_of, squared_norm
 from .draw import (
     build_proposal,
     certificate,
+    draw_batch_buffers,
     draw_stage,
     draw_trials,
     find_entry,
@@ -481,7 +482,7 @@ def trial_one(T, q, b, top_nodes, top, P, key, ex_slots, m, out):
     stats[ST_FRONTIER] = prop.entry.shape[0]
     if m < 0:
         m = auto_trials(P, out.log_env[b] - log_lo, out.ids.shape[1])
-    n = draw_trials(T, Q, P, X, cut, prop, key, m, out.ids[b], out.w[b], out.trial[b], stats)
+    n = draw_trials(T, Q, P, X, cut, prop, key, draw_batch_buffers(), m, out.ids[b], out.w[b], out.trial[b], stats)
     if n < 0:
         return COLLAPSED
     out.n[b] = n
