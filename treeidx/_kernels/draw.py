@@ -259,6 +259,14 @@ PROPOSED_LEAF, PROPOSED_NODE, PROPOSED_EXCLUDED = 0, 1, 2
 DRAW_BATCH = 512  # proposals drawn ahead of their acceptance, at most
 
 
+class TrialRow(NamedTuple):
+    """One query's accepted trials (`draw_trials`): rows of the batch's outputs."""
+
+    ids: np.ndarray  # int64 accepted ids
+    w: np.ndarray  # float64 beta <q, y> (exact) or log-proposal probability (approx)
+    trial: np.ndarray  # int64 the trial that accepted each
+
+
 class DrawBatch(NamedTuple):
     """Proposals drawn ahead of their acceptance. Exact mode scores a batch's node
     proposals in one tight loop: their targets are random rows of the vectors, and
@@ -542,19 +550,21 @@ def draw_stage(T, Q, P, X, cut, key, out, b):
 
 
 @nb.njit(cache=True, _nrt=False)  # no allocation here: see sample.refine_in_place
-def draw_trials(T, Q, P, X, cut, prop, key, B, m, ids, w, trial, stats):
+def draw_trials(T, Q, P, X, cut, prop, key, B, m, kept, stats):
     """The draw stage as independent trials, for a sampler spread over several indexes.
 
     Exact mode: m trials against the cut (fewer if ids fills up first); each is accepted with probability
     Z / (the proposal's total), and an accepted target is distributed as the softmax over
     the allowed ids. Approx mode: proposals until m are kept (excluded ones are
-    discarded, as in `draw`). Accepted ids go to ids[:n], with beta <q, y> (exact) or
-    their log-proposal probability (approx) in w[:n] and the number of the trial that
-    accepted each (from 0) in trial[:n]. Returns n, or -1 when approx mode stalls.
+    discarded, as in `draw`). Accepted ids go to kept.ids[:n] (kept: TrialRow), with
+    beta <q, y> (exact) or their log-proposal probability (approx) in kept.w[:n] and the
+    number of the trial that accepted each (from 0) in kept.trial[:n]. Returns n, or -1
+    when approx mode stalls.
     Proposed in batches as in `draw` (B: draw_batch_buffers), with the same samples."""
     node, up, wj = cut.entries.node, cut.entries.up, cut.entries.w
     sw, sslot = cut.scores.w, cut.scores.slot
     slot_id, count = T.slot_id, T.count
+    ids, w, trial = kept
     log_allowed = math.log(prop.total - prop.excluded)
     props, acc = 0, 0
     ctr = U64(0)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .bounds import dot32, dot_error, node_bounds_of, squared_norm
 from .draw import (
+    TrialRow,
     build_proposal,
     certificate,
     draw_batch_buffers,
@@ -482,7 +483,8 @@ def trial_one(T, q, b, top_nodes, top, P, key, ex_slots, m, out):
     stats[ST_FRONTIER] = prop.entry.shape[0]
     if m < 0:
         m = auto_trials(P, out.log_env[b] - log_lo, out.ids.shape[1])
-    n = draw_trials(T, Q, P, X, cut, prop, key, draw_batch_buffers(), m, out.ids[b], out.w[b], out.trial[b], stats)
+    kept = TrialRow(out.ids[b], out.w[b], out.trial[b])
+    n = draw_trials(T, Q, P, X, cut, prop, key, draw_batch_buffers(), m, kept, stats)
     if n < 0:
         return COLLAPSED
     out.n[b] = n
