@@ -343,15 +343,46 @@ def next_batch_size(k, acc, props):
     return min(DRAW_BATCH, max(16, int(1.25 * need) + 1))
 
 
+@nb.njit(cache=True, inline="always")
+def take_proposal(T, P, cut, prop, B, t, log_allowed, stats):
+    """Proposal t of batch B, taken in its turn: (its slot, its value) where the value
+    is beta <q, y> in exact mode and the proposal's log-probability in approx mode, or
+    (-1, 0.0) when it is dropped (an excluded target, or rejected)."""
+    kind = B.kind[t]
+    if kind == PROPOSED_EXCLUDED:
+        return -1, 0.0
+    if kind == PROPOSED_LEAF:
+        i = B.at[t]
+        if i < 0:
+            return -1, 0.0
+        w_y = cut.scores.w[i]
+        return cut.scores.slot[i], (w_y if P.exact else w_y - prop.shift - log_allowed)
+    j = B.entry[t]
+    log_count = math.log(T.count[cut.entries.node[j]])
+    if P.exact:  # approx mode's log q is the proposal's: no score needed
+        stats[ST_DOTS] += 1
+        if not B.u[t] < math.exp(B.wy[t] - cut.entries.up[j] + log_count):
+            return -1, 0.0
+        return B.at[t], B.wy[t]
+    return B.at[t], cut.entries.w[j] - log_count - prop.shift - log_allowed
+
+
+@nb.njit(cache=True, inline="always")
+def unreached_scores(P, B, t0, m):
+    """Node proposals of B[t0:m] that exact mode scored but never took: work all the same."""
+    n = 0
+    if P.exact:
+        for t in range(t0, m):
+            n += B.kind[t] == PROPOSED_NODE
+    return n
+
+
 @nb.njit(cache=True, _nrt=False)  # no allocation here: see sample.refine_in_place
 def draw(T, Q, P, X, cut, prop, key, B, ids, log_q, stats):
     """k draws into ids / log_q (exact mode: beta <q, y>, normalised by the caller),
     proposed in batches (B: draw_batch_buffers). A batch's proposals are taken in
     order until k are accepted; node proposals scored but not reached count as work."""
-    # the loop indexes locals (see search._walk_cluster)
-    node, up, w = cut.entries.node, cut.entries.up, cut.entries.w
-    sw, sslot = cut.scores.w, cut.scores.slot
-    slot_id, count = T.slot_id, T.count
+    slot_id = T.slot_id
     log_allowed = math.log(prop.total - prop.excluded)
     props, acc = 0, 0
     ctr = U64(0)
@@ -361,38 +392,20 @@ def draw(T, Q, P, X, cut, prop, key, B, ids, log_q, stats):
         ctr = propose(T, P, X, cut, prop, key, ctr, B, m)
         score_proposals(T, Q, P, B, m)
         for t in range(m):
-            if acc == P.k:  # the rest of the batch was scored for nothing
-                if P.exact and B.kind[t] == PROPOSED_NODE:
-                    stats[ST_DOTS] += 1
-                continue
             if props >= max_props:
                 return COLLAPSED  # cannot happen with valid bounds
             if P.exact and stats[ST_DOTS] >= P.give_up:  # loose bounds: cheaper to go dense
                 return GAVE_UP
             props += 1
-            kind, j = B.kind[t], B.entry[t]
-            if kind == PROPOSED_EXCLUDED:
+            s, value = take_proposal(T, P, cut, prop, B, t, log_allowed, stats)
+            if s < 0:
                 continue
-            if kind == PROPOSED_LEAF:
-                i = B.at[t]
-                if i < 0:
-                    continue
-                s = sslot[i]
-                w_y = sw[i]
-                lq = sw[i] - prop.shift - log_allowed
-            else:
-                s = B.at[t]
-                v = node[j]
-                w_y = 0.0
-                if P.exact:  # approx mode's log q is the proposal's: no score needed
-                    w_y = B.wy[t]
-                    stats[ST_DOTS] += 1
-                    if not B.u[t] < math.exp(w_y - up[j] + math.log(count[v])):
-                        continue
-                lq = w[j] - math.log(count[v]) - prop.shift - log_allowed
             ids[acc] = slot_id[s]
-            log_q[acc] = w_y if P.exact else lq
+            log_q[acc] = value
             acc += 1
+            if acc == P.k:
+                stats[ST_DOTS] += unreached_scores(P, B, t + 1, m)
+                break
     stats[ST_PROPOSALS] = props
     stats[ST_ACCEPTED] = acc
     return OK
@@ -561,9 +574,7 @@ def draw_trials(T, Q, P, X, cut, prop, key, B, m, kept, stats):
     number of the trial that accepted each (from 0) in kept.trial[:n]. Returns n, or -1
     when approx mode stalls.
     Proposed in batches as in `draw` (B: draw_batch_buffers), with the same samples."""
-    node, up, wj = cut.entries.node, cut.entries.up, cut.entries.w
-    sw, sslot = cut.scores.w, cut.scores.slot
-    slot_id, count = T.slot_id, T.count
+    slot_id = T.slot_id
     ids, w, trial = kept
     log_allowed = math.log(prop.total - prop.excluded)
     props, acc = 0, 0
@@ -575,36 +586,19 @@ def draw_trials(T, Q, P, X, cut, prop, key, B, m, kept, stats):
         ctr = propose(T, P, X, cut, prop, key, ctr, B, n)
         score_proposals(T, Q, P, B, n)
         for t in range(n):
-            if (acc == cap) if P.exact else (acc == m):  # the rest was scored for nothing
-                if P.exact and B.kind[t] == PROPOSED_NODE:
-                    stats[ST_DOTS] += 1
-                continue
             if props >= max_props:
                 return -1
             props += 1
-            kind, j = B.kind[t], B.entry[t]
-            if kind == PROPOSED_EXCLUDED:
+            s, value = take_proposal(T, P, cut, prop, B, t, log_allowed, stats)
+            if s < 0:
                 continue
-            if kind == PROPOSED_LEAF:
-                i = B.at[t]
-                if i < 0:
-                    continue
-                s = sslot[i]
-                w_y = sw[i] if P.exact else sw[i] - prop.shift - log_allowed
-            else:
-                s = B.at[t]
-                v = node[j]
-                if P.exact:
-                    w_y = B.wy[t]
-                    stats[ST_DOTS] += 1
-                    if not B.u[t] < math.exp(w_y - up[j] + math.log(count[v])):
-                        continue
-                else:
-                    w_y = wj[j] - math.log(count[v]) - prop.shift - log_allowed
             ids[acc] = slot_id[s]
-            w[acc] = w_y
+            w[acc] = value
             trial[acc] = props - 1
             acc += 1
+            if (acc == cap) if P.exact else (acc == m):
+                stats[ST_DOTS] += unreached_scores(P, B, t + 1, n)
+                break
     stats[ST_PROPOSALS] += props
     stats[ST_ACCEPTED] += acc
     return acc
